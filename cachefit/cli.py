@@ -1,0 +1,182 @@
+"""The `cachefit` command line.
+
+Exit codes: 0 success, 1 no plan (INFEASIBLE/UNKNOWN) or a plan with
+violations, 2 bad input.  Bad input never prints a Python traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CachefitError, InputError
+from .units import format_bytes
+
+console = Console()
+error_console = Console(stderr=True)
+
+EXIT_OK, EXIT_NO_PLAN, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def friendly(function):
+    """Turn cachefit's input errors into a one-line message and exit code 2."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (InputError, CachefitError, FileNotFoundError) as exc:
+            error_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cachefit")
+def main():
+    """Cut a neural network into ordered groups that each fit on-chip memory."""
+
+
+@main.command()
+@friendly
+def models():
+    """List the embedded models (no download)."""
+    from . import instances
+
+    table = Table(title="embedded models")
+    for column in ("name", "params", "weight bytes", "layers", "source"):
+        table.add_column(column, justify="right" if column in ("params", "weight bytes", "layers") else "left")
+    for name in instances.names():
+        info = instances.info(name)
+        table.add_row(name, f"{info['params']:,}", format_bytes(info["weight_bytes"], binary=False),
+                      str(info["layers"]), str(info["source"]))
+    console.print(table)
+
+
+def model_options(function):
+    options = [
+        click.option("--batch", type=int, default=None, help="Batch size (default: the model's, else 1)."),
+        click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: the model's, else 2048)."),
+        click.option("--dtype", default="bf16", show_default=True,
+                     type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8"])),
+        click.option("--granularity", default="block", show_default=True, type=click.Choice(["block", "op"]),
+                     help="One node per transformer block, or per operator."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _bytes_both(num_bytes):
+    text = format_bytes(num_bytes)
+    return text if num_bytes < 1024 else f"{text} ({num_bytes:,} B)"
+
+
+def print_plan(plan, *, max_rows=40):
+    """Print a plan's groups and summary as tables."""
+    from .result import Status
+
+    if plan.ok:
+        table = Table(title=f"{plan.k} group(s), capacity {format_bytes(plan.capacity)}")
+        for column in ("group", "first .. last node", "nodes", "size", "% of capacity"):
+            table.add_column(column, justify="left" if column.startswith("first") else "right")
+        rows = list(enumerate(zip(plan.partitions, plan.sizes)))
+        shown = rows if len(rows) <= max_rows else rows[: max_rows - 5] + [None] + rows[-5:]
+        for row in shown:
+            if row is None:
+                table.add_row("…", f"{len(rows) - max_rows + 4} more groups", "", "", "")
+                continue
+            index, (group, size) = row
+            span = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
+            table.add_row(str(index), span, str(len(group)), format_bytes(size),
+                          f"{100 * size / plan.capacity:.1f}%")
+        console.print(table)
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    colour = {Status.OPTIMAL: "green", Status.FEASIBLE: "yellow"}.get(plan.status, "red")
+    summary.add_row("status", f"[{colour}]{plan.status}[/]")
+    summary.add_row("solver", plan.solver + (f" (auto chose {plan.stats['auto']})" if "auto" in plan.stats else ""))
+    summary.add_row("k", str(plan.k))
+    summary.add_row("lower bound", str(plan.lower_bound))
+    if plan.ok:
+        summary.add_row("bottleneck", _bytes_both(plan.bottleneck))
+        summary.add_row("balance", f"{plan.balance:.3f} (largest / mean group)" if plan.balance else "-")
+    summary.add_row("memory model", plan.memory + (f", chunk fraction {plan.chunk_fraction:g}"
+                                                   if plan.memory == "liveness" else ""))
+    summary.add_row("capacity", _bytes_both(plan.capacity))
+    summary.add_row("time", f"{plan.wall_s * 1000:.1f} ms")
+    if plan.reason:
+        summary.add_row("reason", plan.reason)
+    console.print(summary)
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--capacity", "-c", required=True,
+              help="Bytes ('50MiB', '50MB', 4096) or a device: h100-l2, h200-l2, a100-l2, h100-hbm, ...")
+@click.option("--solver", default="auto", show_default=True, help="A registered solver (see `cachefit solvers`).")
+@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
+@click.option("--chunk-fraction", type=float, default=1.0, show_default=True,
+              help="Fraction of the activations resident at once (liveness model).")
+@model_options
+@click.option("--k", "k", type=int, default=None, help="Exactly k groups, balanced (default: the fewest).")
+@click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the plan (self-contained JSON) here.")
+@friendly
+def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k,
+                 time_limit, json_path):
+    """Plan MODEL (an embedded model name or a file) for a capacity."""
+    from .api import plan as make_plan
+    from .devices import parse_capacity
+    from .loading import load_model
+
+    capacity = parse_capacity(capacity)
+    graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+    console.print(f"[bold]{graph.graph.get('name', model)}[/]: {graph.number_of_nodes()} nodes, "
+                  f"{graph.number_of_edges()} edges", highlight=False)
+    result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                       time_limit_s=time_limit)
+    print_plan(result)
+    if json_path:
+        result.to_json(json_path)
+        console.print(f"plan written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
+
+
+@main.command("check")
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@friendly
+def check_command(plan_file):
+    """Check PLAN_FILE independently: coverage, order, sizes, capacity."""
+    from .checker import check
+    from .result import Plan
+
+    plan = Plan.from_json(plan_file)
+    report = check(plan)
+    if report.ok:
+        console.print(f"[green]ok[/]: {plan.k} group(s), status {plan.status}, all sizes recomputed "
+                      f"and within {format_bytes(plan.capacity)}", highlight=False)
+        sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)
+    console.print(f"[red]{len(report.violations)} violation(s)[/]:")
+    for violation in report.violations:
+        console.print(f"  - {violation}", highlight=False)
+    sys.exit(EXIT_NO_PLAN)
+
+
+@main.command("solvers")
+def solvers_command():
+    """List the registered solvers."""
+    from .solvers import SOLVERS
+
+    for name, function in SOLVERS.items():
+        summary = (function.__doc__ or "").strip().splitlines()[0]
+        console.print(f"[bold]{name}[/]: {summary}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,275 @@
+"""The `Plan` every solver returns, its `Status`, and its JSON form (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+import networkx as nx
+
+from .errors import InputError
+from .memory import LayerTable
+
+__all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "graph_to_data", "graph_from_data",
+           "write_text_atomic"]
+
+PLAN_FORMAT = "cachefit.plan"
+PLAN_VERSION = 1
+
+
+class Status(str, Enum):
+    """Outcome of a solve; a `str`, equal to its name.
+
+    OPTIMAL
+        A plan whose k is proved minimal (k equals the proven lower bound),
+        or, for an explicit k, whose balance is proved optimal.
+    FEASIBLE
+        A valid plan, not proved optimal.
+    INFEASIBLE
+        Proved: no plan exists; `Plan.reason` says why.
+    UNKNOWN
+        No plan was found and none was proved impossible (time ran out, or a
+        heuristic found no plan in the order it searched).
+    """
+
+    OPTIMAL = "OPTIMAL"
+    FEASIBLE = "FEASIBLE"
+    INFEASIBLE = "INFEASIBLE"
+    UNKNOWN = "UNKNOWN"
+
+    def __str__(self):
+        return self.value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered partition of a model graph into groups, and what is proved of it.
+
+    Attributes
+    ----------
+    partitions : tuple of tuple of str
+        Node ids of each group, groups in execution order, nodes in a
+        topological order within each group.  Empty when there is no plan.
+    sizes : tuple of int
+        S of each group in bytes under `memory`.
+    capacity : int
+        The capacity C in bytes.
+    memory : str
+        ``"additive"`` or ``"liveness"``.
+    chunk_fraction : float
+        The streaming fraction f used by the liveness model.
+    solver : str
+        Name of the solver that made the plan.
+    status : Status
+    k : int
+        Number of groups (0 when there is no plan).
+    lower_bound : int
+        The best proven lower bound on the number of groups.
+    bottleneck : int
+        The largest group size in bytes (0 when there is no plan).
+    wall_s : float
+        Solver wall time in seconds.
+    stats : dict
+        Solver-specific counters (JSON-serialisable).
+    reason : str
+        Why the plan is INFEASIBLE or UNKNOWN (empty otherwise).
+    graph : networkx.DiGraph or LayerTable or None
+        The graph the plan was made for (not compared, not in the repr).
+    """
+
+    partitions: tuple
+    sizes: tuple
+    capacity: int
+    memory: str
+    chunk_fraction: float
+    solver: str
+    status: Status
+    k: int
+    lower_bound: int
+    bottleneck: int
+    wall_s: float
+    stats: dict = field(default_factory=dict, hash=False)
+    reason: str = ""
+    graph: object = field(default=None, compare=False, repr=False, hash=False)
+
+    @property
+    def ok(self):
+        """True when the plan holds groups (status OPTIMAL or FEASIBLE)."""
+        return self.status in (Status.OPTIMAL, Status.FEASIBLE)
+
+    @property
+    def gap(self):
+        """k − lower_bound (0 means k is proved minimal); None without a plan."""
+        return self.k - self.lower_bound if self.ok else None
+
+    @property
+    def balance(self):
+        """bottleneck / mean group size (1.0 is perfectly balanced); None without a plan."""
+        if not self.ok or not sum(self.sizes):
+            return None
+        return self.bottleneck * self.k / sum(self.sizes)
+
+    def with_stats(self, **stats):
+        """A copy with `stats` updated."""
+        return replace(self, stats={**self.stats, **stats})
+
+    # -- JSON ---------------------------------------------------------------
+    def to_dict(self):
+        """The JSON object of the plan (DESIGN.md §5)."""
+        if self.graph is None:
+            raise InputError("this plan carries no graph, so it cannot be written self-contained")
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "graph": graph_to_data(self.graph),
+            "capacity": self.capacity,
+            "memory": self.memory,
+            "chunk_fraction": self.chunk_fraction,
+            "solver": self.solver,
+            "status": str(self.status),
+            "k": self.k,
+            "lower_bound": self.lower_bound,
+            "partitions": [list(group) for group in self.partitions],
+            "sizes": list(self.sizes),
+            "bottleneck": self.bottleneck,
+            "wall_s": self.wall_s,
+            "reason": self.reason,
+            "stats": self.stats,
+        }
+
+    def to_json(self, path=None, *, indent=None):
+        """Return the plan as JSON text; with `path`, also write it atomically."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source):
+        """Read a plan from JSON text or from a path to a plan file.
+
+        Raises
+        ------
+        InputError
+            Not JSON, not a cachefit plan, an unsupported version, or a field
+            missing or of the wrong type.
+        """
+        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            try:
+                text = Path(source).read_text()
+            except OSError as exc:
+                raise InputError(f"cannot read plan file {str(source)!r}: {exc.strerror}") from None
+        else:
+            text = source
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"plan is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data):
+        """Build a plan from its JSON object (see `from_json`)."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise InputError(f"not a cachefit plan: expected \"format\": \"{PLAN_FORMAT}\"")
+        if data.get("version") != PLAN_VERSION:
+            raise InputError(f"unsupported plan version {data.get('version')!r}; this cachefit reads version {PLAN_VERSION}")
+        expected = {"graph": dict, "capacity": int, "memory": str, "chunk_fraction": (int, float),
+                    "solver": str, "status": str, "k": int, "lower_bound": int, "partitions": list,
+                    "sizes": list, "bottleneck": int, "wall_s": (int, float)}
+        for key, kind in expected.items():
+            if key not in data:
+                raise InputError(f"plan field {key!r} is missing")
+            if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                raise InputError(f"plan field {key!r} has the wrong type: {type(data[key]).__name__}")
+        if data["status"] not in Status.__members__:
+            raise InputError(f"plan field 'status' must be one of {', '.join(Status.__members__)}, got {data['status']!r}")
+        partitions = data["partitions"]
+        if not all(isinstance(group, list) and all(isinstance(node, str) for node in group) for group in partitions):
+            raise InputError("plan field 'partitions' must be a list of lists of node ids (strings)")
+        if not all(isinstance(size, int) and not isinstance(size, bool) for size in data["sizes"]):
+            raise InputError("plan field 'sizes' must be a list of integers")
+        return cls(
+            partitions=tuple(tuple(group) for group in partitions),
+            sizes=tuple(data["sizes"]),
+            capacity=data["capacity"],
+            memory=data["memory"],
+            chunk_fraction=float(data["chunk_fraction"]),
+            solver=data["solver"],
+            status=Status(data["status"]),
+            k=data["k"],
+            lower_bound=data["lower_bound"],
+            bottleneck=data["bottleneck"],
+            wall_s=float(data["wall_s"]),
+            stats=dict(data.get("stats", {})),
+            reason=str(data.get("reason", "")),
+            graph=graph_from_data(data["graph"]),
+        )
+
+
+def graph_to_data(graph):
+    """networkx node-link data of `graph` (a DiGraph or a LayerTable), JSON-ready."""
+    if isinstance(graph, LayerTable):
+        graph = graph.to_graph()
+    return {
+        "directed": True,
+        "multigraph": False,
+        "graph": _jsonable(dict(graph.graph)),
+        "nodes": [{"id": node, **_jsonable(dict(data))} for node, data in graph.nodes(data=True)],
+        "edges": [{"source": u, "target": v, **_jsonable(dict(data))} for u, v, data in graph.edges(data=True)],
+    }
+
+
+def graph_from_data(data):
+    """The DiGraph of node-link `data` (inverse of `graph_to_data`)."""
+    try:
+        graph = nx.DiGraph()
+        graph.graph.update(data.get("graph", {}))
+        for node in data["nodes"]:
+            attributes = {key: value for key, value in node.items() if key != "id"}
+            if isinstance(attributes.get("tile"), list):
+                attributes["tile"] = tuple(attributes["tile"])
+            graph.add_node(node["id"], **attributes)
+        links = data.get("edges", data.get("links", []))
+        for link in links:
+            graph.add_edge(link["source"], link["target"],
+                           **{key: value for key, value in link.items() if key not in ("source", "target")})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"plan field 'graph' is not node-link data: {exc!r}") from None
+    return graph
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_text_atomic(path, text):
+    """Write `text` to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,113 @@
+"""Byte quantities: parse ``"50MiB"``/``"50MB"``/ints, format sizes with a unit.
+
+Binary prefixes (KiB, MiB, GiB, TiB, PiB) are powers of 1024; decimal ones
+(KB, MB, GB, TB, PB) are powers of 1000.  A bare number is bytes.  Parsing is
+exact (decimal arithmetic): ``"1.5GiB"`` is 1610612736 bytes, and a value that
+is not a whole number of bytes is refused rather than rounded.
+
+Examples
+--------
+>>> parse_bytes("50MiB")
+52428800
+>>> parse_bytes("50MB")
+50000000
+>>> format_bytes(52428800)
+'50.0 MiB'
+>>> format_bytes(999)
+'999 B'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+from .errors import InputError
+
+__all__ = ["UNITS", "DTYPE_BYTES", "parse_bytes", "format_bytes", "dtype_bytes"]
+
+#: Multiplier of every accepted unit suffix (case-insensitive on the prefix).
+UNITS = {
+    "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50,
+}
+
+#: Bytes per element of the dtypes the builders accept.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+_FORMS = "an int of bytes or a string such as '50MiB', '50MB', '1.5GiB' or '4096'"
+
+
+def parse_bytes(value, *, name="capacity"):
+    """Return `value` as a non-negative whole number of bytes.
+
+    Parameters
+    ----------
+    value : int or str
+        Bytes as an int, or a string: a number and an optional unit
+        (B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB).
+    name : str
+        The argument's name, used in error messages.
+
+    Raises
+    ------
+    InputError
+        `value` is negative, not finite, not a whole number of bytes, or not
+        in an accepted form.
+    """
+    if isinstance(value, bool):
+        raise InputError(f"`{name}` must be {_FORMS}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InputError(f"`{name}` must be a non-negative number of bytes, got {value}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise InputError(f"`{name}` must be a non-negative whole number of bytes, got {value!r}")
+        return int(value)
+    if not isinstance(value, str):
+        raise InputError(f"`{name}` must be {_FORMS}, got {type(value).__name__} {value!r}")
+    match = _QUANTITY.match(value)
+    unit = match.group(2).upper() if match else None
+    if match is None or (unit and unit not in UNITS):
+        raise InputError(f"`{name}` must be {_FORMS}, got {value!r}")
+    try:
+        number = Decimal(match.group(1)) * UNITS[unit or "B"]
+    except InvalidOperation:  # pragma: no cover - the regex admits only numbers
+        raise InputError(f"`{name}` must be {_FORMS}, got {value!r}") from None
+    if not number.is_finite() or number > Decimal(2) ** 80:
+        raise InputError(f"`{name}` is too large to be a number of bytes: {value!r}")
+    if number != number.to_integral_value():
+        raise InputError(f"`{name}` must be a whole number of bytes, got {value!r} = {number} B")
+    return int(number)
+
+
+def format_bytes(num_bytes, *, binary=True, precision=1):
+    """Format a byte count with its unit: ``'50.0 MiB'``, ``'1.2 GB'``, ``'999 B'``.
+
+    `binary` chooses KiB/MiB/GiB (powers of 1024) or KB/MB/GB (powers of 1000).
+    """
+    base = 1024 if binary else 1000
+    suffixes = ["KiB", "MiB", "GiB", "TiB", "PiB"] if binary else ["KB", "MB", "GB", "TB", "PB"]
+    num_bytes = int(num_bytes)
+    if abs(num_bytes) < base:
+        return f"{num_bytes} B"
+    value = float(num_bytes)
+    for suffix in suffixes:
+        value /= base
+        if abs(value) < base or suffix == suffixes[-1]:
+            return f"{value:.{precision}f} {suffix}"
+    raise AssertionError("unreachable")
+
+
+def dtype_bytes(dtype):
+    """Bytes per element of `dtype` (one of `DTYPE_BYTES`)."""
+    try:
+        return DTYPE_BYTES[str(dtype).lower()]
+    except KeyError:
+        raise InputError(
+            f"`dtype` must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}") from None

@@ -1,0 +1,153 @@
+"""What every solver shares: input normalisation and Plan assembly.
+
+A public solver validates and normalises all its input in one place
+(`Problem.make`), runs its algorithm on positions of a `LayerTable`, and
+hands the result to `finish`, which computes sizes with the memory model and
+fills every field of the `Plan`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..devices import parse_capacity
+from ..errors import InputError
+from ..memory import (Intervals, LayerTable, as_table, check_chunk_fraction, check_memory,
+                      group_sizes, scale_activation)
+from ..result import Plan, Status
+from .bounds import lower_bound
+
+__all__ = ["Problem", "finish", "no_plan", "oversize_node", "check_k"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A solver's normalised input."""
+
+    table: LayerTable
+    capacity: int
+    memory: str
+    chunk_fraction: float
+    k: int | None
+    time_limit_s: float | None
+    seed: int
+    started: float
+
+    @classmethod
+    def make(cls, graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed):
+        started = time.perf_counter()
+        table = as_table(graph)
+        capacity = parse_capacity(capacity)
+        memory = check_memory(memory)
+        chunk_fraction = check_chunk_fraction(chunk_fraction)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise InputError(f"`k` must be a positive integer or None, got {k!r}")
+        if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                         or not time_limit_s > 0):
+            raise InputError(f"`time_limit_s` must be a positive number of seconds or None, got {time_limit_s!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InputError(f"`seed` must be an integer, got {seed!r}")
+        return cls(table, capacity, memory, chunk_fraction, None if k is None else int(k),
+                   time_limit_s, int(seed), started)
+
+    def intervals(self):
+        return Intervals(self.table, self.memory, self.chunk_fraction)
+
+    def lower_bound(self):
+        return lower_bound(self.table, self.capacity, memory=self.memory, chunk_fraction=self.chunk_fraction)
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+
+def oversize_node(problem):
+    """The reason no plan can exist because a node cannot fit alone, or None.
+
+    A node alone in a group still needs its own weights, its buffer, its own
+    output and (liveness) every input it consumes; if that exceeds C, no
+    grouping of any order can hold it.
+    """
+    table = problem.table
+    if problem.memory == "additive":
+        alone = table.weight + table.activation + table.buffer
+    else:
+        inputs = np.zeros(table.n, dtype=np.int64)
+        np.add.at(inputs, table.targets, table.activation[table.sources])
+        live = table.activation + inputs
+        alone = table.weight + table.buffer + (live if problem.chunk_fraction == 1.0 else np.array(
+            [scale_activation(int(x), problem.chunk_fraction) for x in live], dtype=np.int64))
+    over = np.flatnonzero(alone > problem.capacity)
+    if not over.size:
+        return None
+    index = int(over[np.argmax(alone[over])])
+    from ..units import format_bytes
+    parts = f"weights {format_bytes(int(table.weight[index]))}"
+    if problem.memory == "liveness":
+        parts += f" + buffer {format_bytes(int(table.buffer[index]))} + live activations"
+    else:
+        parts += f" + activation {format_bytes(int(table.activation[index]))} + buffer {format_bytes(int(table.buffer[index]))}"
+    return (f"node {table.ids[index]!r} needs {format_bytes(int(alone[index]))} ({int(alone[index])} B) alone "
+            f"({parts}) > capacity {format_bytes(problem.capacity)} ({problem.capacity} B)"
+            + (f"; {over.size} node(s) are oversize in all" if over.size > 1 else "")
+            + "; tile it (tile=True) or raise the capacity")
+
+
+def check_k(problem, minimum_k):
+    """The reason an explicit k is impossible, or None."""
+    if problem.k is None:
+        return None
+    if problem.k > problem.table.n:
+        return f"k = {problem.k} non-empty groups need at least {problem.k} nodes; the graph has {problem.table.n}"
+    if problem.k < minimum_k:
+        return f"k = {problem.k} is below the minimum number of groups, {minimum_k}"
+    return None
+
+
+def no_plan(problem, solver, status, reason, *, lower=None, stats=None):
+    """A Plan without groups (INFEASIBLE or UNKNOWN) that states its reason."""
+    if lower is None:
+        lower = problem.lower_bound()
+    logger.info("%s: %s: %s", solver, status, reason)
+    return Plan((), (), problem.capacity, problem.memory, problem.chunk_fraction, solver, Status(status),
+                0, int(lower), 0, problem.elapsed(), dict(stats or {}), reason, problem.table.graph or problem.table)
+
+
+def finish(problem, solver, groups, *, status=None, lower=None, stats=None, sizes=None):
+    """Assemble the Plan of `groups` (lists of positions, in execution order).
+
+    Sizes come from `cachefit.memory`; a group over capacity or an empty group
+    here is a solver bug and raises.  Status is OPTIMAL when k equals the
+    lower bound (for k=None), else the `status` given (default FEASIBLE).
+    """
+    table = problem.table
+    ids = table.ids
+    partitions = tuple(ids[group.start:group.stop] if isinstance(group, range) and group.step == 1
+                       else tuple(ids[p] for p in group) for group in groups)
+    if sizes is None:
+        sizes = group_sizes(table, partitions, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
+    sizes = tuple(int(size) for size in sizes)
+    if any(not group for group in partitions) or any(size > problem.capacity for size in sizes):
+        raise AssertionError(f"{solver} produced an empty or oversize group: sizes {sizes}, capacity {problem.capacity}")
+    lower = problem.lower_bound() if lower is None else lower
+    k = len(partitions)
+    lower = int(lower)
+    if lower > k:
+        raise AssertionError(f"{solver}: lower bound {lower} exceeds the k = {k} of a valid plan")
+    if status is None:
+        status = Status.FEASIBLE
+    if problem.k is None and k == lower:
+        status = Status.OPTIMAL
+    return Plan(partitions, sizes, problem.capacity, problem.memory, problem.chunk_fraction, solver,
+                Status(status), k, lower, max(sizes) if sizes else 0, problem.elapsed(), dict(stats or {}), "",
+                table.graph if table.graph is not None else table)
+
+
+def contiguous_groups(bounds):
+    """Groups of positions from boundary positions [0, b1, ..., n]."""
+    return [range(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
