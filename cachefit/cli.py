@@ -11,7 +11,9 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .errors import CachefitError, InputError
 from .units import format_bytes
@@ -29,7 +31,7 @@ def friendly(function):
         try:
             return function(*args, **kwargs)
         except (InputError, CachefitError, FileNotFoundError) as exc:
-            error_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            error_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_BAD_INPUT)
     return wrapper
 
@@ -91,7 +93,7 @@ def print_plan(plan, *, max_rows=40):
                 continue
             index, (group, size) = row
             span = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
-            table.add_row(str(index), span, str(len(group)), format_bytes(size),
+            table.add_row(str(index), Text(span), str(len(group)), format_bytes(size),
                           f"{100 * size / plan.capacity:.1f}%")
         console.print(table)
     summary = Table.grid(padding=(0, 2))
@@ -110,7 +112,7 @@ def print_plan(plan, *, max_rows=40):
     summary.add_row("capacity", _bytes_both(plan.capacity))
     summary.add_row("time", f"{plan.wall_s * 1000:.1f} ms")
     if plan.reason:
-        summary.add_row("reason", plan.reason)
+        summary.add_row("reason", Text(plan.reason))
     console.print(summary)
 
 
@@ -164,7 +166,7 @@ def check_command(plan_file):
         sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)
     console.print(f"[red]{len(report.violations)} violation(s)[/]:")
     for violation in report.violations:
-        console.print(f"  - {violation}", highlight=False)
+        console.print(Text(f"  - {violation}"), highlight=False)
     sys.exit(EXIT_NO_PLAN)
 
 

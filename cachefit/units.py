@@ -63,7 +63,7 @@ def parse_bytes(value, *, name="capacity"):
         raise InputError(f"`{name}` must be {_FORMS}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
-            raise InputError(f"`{name}` must be a non-negative number of bytes, got {value}")
+            raise InputError(f"`{name}` must be a non-negative number of bytes, got {value}; expected {_FORMS}")
         return value
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0 or value != int(value):
@@ -80,7 +80,7 @@ def parse_bytes(value, *, name="capacity"):
     except InvalidOperation:  # pragma: no cover - the regex admits only numbers
         raise InputError(f"`{name}` must be {_FORMS}, got {value!r}") from None
     if not number.is_finite() or number > Decimal(2) ** 80:
-        raise InputError(f"`{name}` is too large to be a number of bytes: {value!r}")
+        raise InputError(f"`{name}` is too large to be a number of bytes, got {value!r}; expected {_FORMS}")
     if number != number.to_integral_value():
         raise InputError(f"`{name}` must be a whole number of bytes, got {value!r} = {number} B")
     return int(number)

@@ -272,7 +272,7 @@ def normalize_config(config):
     layers = _field(config, "num_hidden_layers", what="the number of transformer blocks")
     heads = _field(config, "num_attention_heads", what="the number of attention heads")
     kv_default = heads
-    if (model_type == "falcon" and config.get("multi_query")
+    if (model_type == "falcon" and config.get("multi_query", True)
             and not config.get("new_decoder_architecture")):
         kv_default = 1
     kv_heads = _field(config, "num_key_value_heads", default=kv_default)

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cachefit import Plan, check
+from cachefit.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def layers_file(tmp_path):
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps([100, 200, 300, 400]))
+    return path
+
+
+class TestPlanCommand:
+    def test_plan_layers_file_and_json(self, runner, layers_file, tmp_path):
+        out = tmp_path / "plan.json"
+        result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "500B", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "OPTIMAL" in result.output and "lower bound" in result.output and "% of capacity" in result.output
+        plan = Plan.from_json(out)
+        assert plan.k == 3 and check(plan).ok
+
+    def test_infeasible_exit_1(self, runner, layers_file):
+        result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "300B"])
+        assert result.exit_code == 1
+        assert "INFEASIBLE" in result.output and "node '3' needs 400 B" in result.output
+
+    def test_bad_capacity_exit_2_without_traceback(self, runner, layers_file):
+        result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "fifty"])
+        assert result.exit_code == 2
+        assert "error:" in result.output and "`capacity` must be" in result.output
+        assert "Traceback" not in result.output
+
+    def test_unknown_model_exit_2(self, runner):
+        result = runner.invoke(main, ["plan", "no-such-model", "--capacity", "1MiB"])
+        assert result.exit_code == 2 and "is neither a file nor an embedded model" in result.output
+
+    def test_bad_file_exit_2(self, runner, tmp_path):
+        path = tmp_path / "junk.json"
+        path.write_text("{not json")
+        result = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB"])
+        assert result.exit_code == 2 and "is not readable JSON" in result.output
+
+    def test_help_everywhere(self, runner):
+        for command in ([], ["plan"], ["check"], ["models"], ["solvers"]):
+            result = runner.invoke(main, [*command, "--help"])
+            assert result.exit_code == 0 and "Usage:" in result.output
+
+
+class TestCheckCommand:
+    def test_ok_and_violations(self, runner, layers_file, tmp_path):
+        out = tmp_path / "plan.json"
+        runner.invoke(main, ["plan", str(layers_file), "--capacity", "500B", "--json", str(out)])
+        result = runner.invoke(main, ["check", str(out)])
+        assert result.exit_code == 0 and result.output.startswith("ok:")
+        data = json.loads(out.read_text())
+        data["sizes"][0] += 1
+        out.write_text(json.dumps(data))
+        result = runner.invoke(main, ["check", str(out)])
+        assert result.exit_code == 1 and "violation" in result.output and "differ from recomputed" in result.output
+
+    def test_not_a_plan_exit_2(self, runner, layers_file):
+        result = runner.invoke(main, ["check", str(layers_file)])
+        assert result.exit_code == 2 and "not a cachefit plan" in result.output
+
+
+class TestModelsCommand:
+    def test_lists_embedded_models(self, runner):
+        result = runner.invoke(main, ["models"], terminal_width=200)
+        assert result.exit_code == 0
+        for name in ("gpt2", "llama-3.1-70b", "paper-4x15gb"):
+            assert name in result.output

@@ -1,0 +1,64 @@
+import pytest
+
+from cachefit import InputError, format_bytes, parse_bytes, parse_capacity
+from cachefit.devices import DEVICES
+
+
+class TestParseBytes:
+    @pytest.mark.parametrize("text, expected", [
+        ("50MiB", 50 * 2**20), ("50MB", 50 * 10**6), ("1.5GiB", 3 * 2**29), ("64KiB", 65536),
+        ("4096", 4096), (" 2 kb ", 2000), ("1e3B", 1000), (123, 123), (0, 0), ("3TB", 3 * 10**12),
+    ])
+    def test_accepted_forms(self, text, expected):
+        assert parse_bytes(text) == expected
+
+    @pytest.mark.parametrize("bad", ["fifty", "-3MB", "", "12 parsecs", "MB", "1.2.3MB"])
+    def test_bad_strings_name_argument_and_forms(self, bad):
+        with pytest.raises(InputError, match=r"`capacity` must be an int of bytes or a string such as '50MiB'"):
+            parse_bytes(bad)
+
+    def test_overflow(self):
+        with pytest.raises(InputError, match=r"`capacity` is too large to be a number of bytes, got '1e400'"):
+            parse_bytes("1e400")
+
+    def test_fractional_bytes_refused(self):
+        with pytest.raises(InputError, match=r"`size` must be a whole number of bytes, got '0.3KiB' = 307.2 B"):
+            parse_bytes("0.3KiB", name="size")
+
+    @pytest.mark.parametrize("bad", [True, None, [1], -5, float("nan"), 2.5])
+    def test_bad_types(self, bad):
+        with pytest.raises(InputError, match="`capacity`"):
+            parse_bytes(bad)
+
+    def test_is_value_error(self):
+        with pytest.raises(ValueError):
+            parse_bytes("fifty")
+
+
+class TestParseCapacity:
+    def test_devices(self):
+        assert parse_capacity("h100-l2") == 50 * 2**20
+        assert parse_capacity("H200-L2") == 60 * 2**20
+        assert parse_capacity("a100-l2") == 40 * 2**20
+        assert parse_capacity("h100-hbm") == 80 * 10**9
+        assert parse_capacity("h200-hbm") == 141 * 10**9
+        assert parse_capacity("a100-hbm") == 80 * 10**9
+        assert set(DEVICES) == {"h100-l2", "h200-l2", "a100-l2", "h100-hbm", "h200-hbm", "a100-hbm"}
+
+    @pytest.mark.parametrize("bad", ["fifty", "-3MB", "1e400", ""])
+    def test_bad_strings_list_devices(self, bad):
+        with pytest.raises(InputError, match=r"`capacity`.*or a device name: h100-l2, h200-l2"):
+            parse_capacity(bad)
+
+    def test_zero_refused(self):
+        with pytest.raises(InputError, match=r"`capacity` must be a positive number of bytes, got 0"):
+            parse_capacity(0)
+
+
+class TestFormatBytes:
+    @pytest.mark.parametrize("value, binary, text", [
+        (0, True, "0 B"), (1023, True, "1023 B"), (1024, True, "1.0 KiB"), (50 * 2**20, True, "50.0 MiB"),
+        (50 * 10**6, False, "50.0 MB"), (141 * 10**9, False, "141.0 GB"), (3 * 2**50, True, "3.0 PiB"),
+    ])
+    def test_format(self, value, binary, text):
+        assert format_bytes(value, binary=binary) == text
