@@ -43,18 +43,22 @@ def main():
 
 
 @main.command()
+@click.option("--sources", is_flag=True, help="Also show where each model's figures come from.")
 @friendly
-def models():
+def models(sources):
     """List the embedded models (no download)."""
     from . import instances
 
-    table = Table(title="embedded models")
-    for column in ("name", "params", "weight bytes", "layers", "source"):
-        table.add_column(column, justify="right" if column in ("params", "weight bytes", "layers") else "left")
+    table = Table(title="embedded models (BF16 weights)")
+    table.add_column("name")
+    for column in ("params", "weight bytes", "layers"):
+        table.add_column(column, justify="right")
+    if sources:
+        table.add_column("source", overflow="fold")
     for name in instances.names():
         info = instances.info(name)
-        table.add_row(name, f"{info['params']:,}", format_bytes(info["weight_bytes"], binary=False),
-                      str(info["layers"]), str(info["source"]))
+        row = [name, f"{info['params']:,}", format_bytes(info["weight_bytes"], binary=False), str(info["layers"])]
+        table.add_row(*row, *([Text(str(info["source"]))] if sources else []))
     console.print(table)
 
 

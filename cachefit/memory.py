@@ -24,7 +24,7 @@ run's size does not depend on where the other cuts fall.
 
 from __future__ import annotations
 
-import math
+import bisect
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -188,6 +188,14 @@ class LayerTable:
         return preds
 
 
+def _subtract_at(target, positions, values):
+    """target[positions] -= values, with repeated positions accumulated (exact integers)."""
+    if positions.size and np.all(positions[1:] > positions[:-1]):
+        target[positions] -= values  # strictly increasing: no repeats (the chain case)
+    else:
+        np.subtract.at(target, positions, values)
+
+
 def _byte_array(values, name):
     array = np.asarray(values)
     if array.ndim != 1:
@@ -235,13 +243,26 @@ class Intervals:
         self.prefix_activation = np.concatenate(([0], np.cumsum(table.activation)))
         # incoming[s] = Σ activation(u) over u < s with last_use(u) >= s.
         delta = np.zeros(n + 2, dtype=np.int64)
-        reaching = table.last_use > np.arange(n)
-        producers = np.flatnonzero(reaching)
-        np.add.at(delta, producers + 1, table.activation[producers])
-        np.add.at(delta, table.last_use[producers] + 1, -table.activation[producers])
+        producers = np.flatnonzero(table.last_use > np.arange(n))
+        delta[producers + 1] = table.activation[producers]  # positions are distinct
+        _subtract_at(delta, table.last_use[producers] + 1, table.activation[producers])
         self.incoming = np.cumsum(delta)[: n + 1]
         self._levels = None
-        if n and table.buffer.any():
+        self._fit_prefix = None
+        if n and not table.buffer.any():
+            # Without buffers, size(s, e) <= C  <=>  W(s, e) + f·A(s, e) <= C - f·incoming[s]
+            # (W and C are integers, so W + ⌈x⌉ <= C  <=>  x <= C - W): a prefix-sum search.
+            # For f < 1 the float prefix is only a first guess that `longest_fit` corrects exactly.
+            if chunk_fraction == 1.0:
+                fit = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(table.weight + table.activation, out=fit[1:])
+                self._fit_incoming = memoryview(self.incoming.copy())
+            else:
+                fit = np.zeros(n + 1, dtype=np.float64)
+                np.cumsum(table.weight + chunk_fraction * table.activation, out=fit[1:])
+                self._fit_incoming = memoryview(self.incoming * chunk_fraction)
+            self._fit_prefix = memoryview(fit)
+        elif n:
             levels = [table.buffer]
             width = 1
             while 2 * width <= n:
@@ -275,6 +296,17 @@ class Intervals:
         if self.memory == "additive":
             prefix = self.prefix_total
             return int(prefix.searchsorted(prefix[start] + capacity, side="right")) - 1
+        if self._fit_prefix is not None and start < n:
+            prefix = self._fit_prefix
+            end = bisect.bisect_right(prefix, prefix[start] - self._fit_incoming[start] + capacity, start) - 1
+            end = min(max(end, start), n)
+            if self.chunk_fraction == 1.0:  # integer prefix sums: the search is exact
+                return end
+            while end > start and self.size(start, end) > capacity:
+                end -= 1
+            while end < n and self.size(start, end + 1) <= capacity:
+                end += 1
+            return end
         if start >= n or self.size(start, start + 1) > capacity:
             return start
         low, step = start + 1, 1  # size(start, low) fits
@@ -295,6 +327,10 @@ class Intervals:
         bounds = np.asarray(bounds, dtype=np.int64)
         if self.memory == "additive":
             return np.diff(self.prefix_total[bounds])
+        if self._levels is None:
+            starts = bounds[:-1]
+            live = np.diff(self.prefix_activation[bounds]) + self.incoming[starts]
+            return np.diff(self.prefix_weight[bounds]) + _scale_array(live, self.chunk_fraction)
         return np.array([self.size(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])], dtype=np.int64)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import (Intervals, LayerTable, as_table, check_chunk_fraction, check_memory,
-                      group_sizes, scale_activation)
+from ..memory import (Intervals, LayerTable, _scale_array, as_table, check_chunk_fraction, check_memory,
+                      group_sizes)
 from ..result import Plan, Status
 from .bounds import lower_bound
 
@@ -78,10 +78,11 @@ def oversize_node(problem):
         alone = table.weight + table.activation + table.buffer
     else:
         inputs = np.zeros(table.n, dtype=np.int64)
-        np.add.at(inputs, table.targets, table.activation[table.sources])
-        live = table.activation + inputs
-        alone = table.weight + table.buffer + (live if problem.chunk_fraction == 1.0 else np.array(
-            [scale_activation(int(x), problem.chunk_fraction) for x in live], dtype=np.int64))
+        if table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
+            inputs[table.targets] = table.activation[table.sources]  # one input each (chains)
+        else:
+            np.add.at(inputs, table.targets, table.activation[table.sources])
+        alone = table.weight + table.buffer + _scale_array(table.activation + inputs, problem.chunk_fraction)
     over = np.flatnonzero(alone > problem.capacity)
     if not over.size:
         return None
