@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 from .errors import InputError
 
 __all__ = ["plan"]
 
 
 def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.0, k=None,
-         time_limit_s=None, seed=0):
+         time_limit_s=None, seed=0, tile=False, chunk_tokens=None):
     """Partition `graph` into ordered groups that each fit `capacity`.
 
     Parameters
@@ -30,12 +33,36 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
         Time limit for solvers that search.
     seed : int
         Seed for solvers that randomise.
+    tile : bool
+        Split every node too large for the capacity into tiles that fit
+        (`cachefit.graphs.tile`, at the plan's memory model and chunk) before
+        solving; the plan's ``graph`` is then the tiled graph.
+    chunk_tokens : int or "auto", optional
+        Tokens per streaming pass: sets ``chunk_fraction = chunk_tokens /
+        (batch × seq_len)`` from the graph's attributes.  ``"auto"`` picks the
+        largest chunk among those giving the fewest groups
+        (`cachefit.chunks.choose_chunk_tokens`, probed with greedy, tiling
+        at each chunk when `tile` is set).
 
     Returns
     -------
     Plan
         Always a plan; ``status`` says whether it is OPTIMAL, FEASIBLE,
-        INFEASIBLE (with ``reason``) or UNKNOWN.
+        INFEASIBLE (with ``reason``) or UNKNOWN.  With `chunk_tokens`,
+        ``stats["chunk_tokens"]`` (and for ``"auto"`` ``stats["chunk_probes"]``,
+        chunk → k of each probe, None where no plan); with `tile`,
+        ``stats["tiled_nodes"]`` (nodes split), ``stats["tiles"]`` (tiles
+        made), ``stats["untiled"]`` (oversize nodes left whole, with why) and
+        ``stats["expanded_blocks"]`` (transformer blocks replaced by their
+        operators first); with either, ``stats["prepare_s"]``, the seconds
+        spent choosing the chunk and tiling (not part of ``wall_s``, which
+        times the solver).
+
+    Raises
+    ------
+    InputError
+        A bad argument; `chunk_tokens` on a graph without ``batch`` and
+        ``seq_len``; both `chunk_tokens` and a `chunk_fraction` other than 1.
 
     Examples
     --------
@@ -44,10 +71,53 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     >>> p = cachefit.plan(g, "50MiB")
     >>> p.k, p.status, [cachefit.format_bytes(s) for s in p.sizes]
     (3, <Status.OPTIMAL: 'OPTIMAL'>, ['40.0 MiB', '40.0 MiB', '40.0 MiB'])
+    >>> big = cachefit.graphs.from_layers([{"name": "fc", "weight_bytes": 120 * 2**20, "op": "linear"}])
+    >>> big.nodes["fc"]["out_features"] = 1024
+    >>> p = cachefit.plan(big, "50MiB", tile=True)
+    >>> p.k, p.stats["tiled_nodes"], p.stats["tiles"], len(p.graph)
+    (3, 1, 3, 4)
     """
     from .solvers import SOLVERS
 
     if solver not in SOLVERS:
         raise InputError(f"`solver` must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    return SOLVERS[solver](graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                           time_limit_s=time_limit_s, seed=seed)
+    if not isinstance(tile, bool):
+        raise InputError(f"`tile` must be True or False, got {tile!r}")
+    stats = {}
+    started = time.perf_counter()
+    if chunk_tokens is not None:
+        from .chunks import choose_chunk_tokens, graph_tokens
+
+        if chunk_fraction != 1.0:
+            raise InputError(f"give `chunk_tokens` or `chunk_fraction`, not both (got chunk_tokens="
+                             f"{chunk_tokens!r} and chunk_fraction={chunk_fraction!r})")
+        tokens = graph_tokens(graph)
+        if chunk_tokens == "auto":
+            choice = choose_chunk_tokens(graph, capacity, memory=memory, tile=tile)
+            chunk_tokens = choice.chunk_tokens
+            stats["chunk_probes"] = {str(chunk): probe_k for chunk, probe_k in choice.probes}
+        elif (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+              or not 1 <= chunk_tokens <= tokens):
+            raise InputError(f"`chunk_tokens` must be 'auto' or an integer from 1 to batch × seq_len = "
+                             f"{tokens}, got {chunk_tokens!r}")
+        chunk_fraction = chunk_tokens / tokens
+        stats["chunk_tokens"] = chunk_tokens
+    if tile:
+        from .graphs import tile as tile_graph
+
+        graph = tile_graph(graph, capacity, memory=memory, chunk_fraction=chunk_fraction)
+        tiled, untiled = graph.graph["tiled"], graph.graph["untiled"]
+        stats.update(tiled_nodes=len(tiled), tiles=sum(entry["tiles"] for entry in tiled.values()),
+                     untiled=dict(untiled), expanded_blocks=len(graph.graph.get("expanded_blocks", ())))
+    if stats:
+        stats["prepare_s"] = time.perf_counter() - started
+    result = SOLVERS[solver](graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                             time_limit_s=time_limit_s, seed=seed)
+    if tile and stats["untiled"] and not result.ok:
+        untiled = stats["untiled"]
+        # explain the node the solver named, if it is one tiling had to leave whole
+        example = next((why for node, why in untiled.items() if repr(node) in result.reason),
+                       next(iter(untiled.values())))
+        result = replace(result, reason=f"{result.reason}; {len(untiled)} oversize node(s) "
+                                        f"could not be tiled, e.g. {example}")
+    return result.with_stats(**stats) if stats else result

@@ -133,9 +133,14 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the plan (self-contained JSON) here.")
+@click.option("--tile", is_flag=True, default=False,
+              help="Split layers too large for the capacity into tiles that fit (matmul-like ops).")
+@click.option("--chunk-tokens", default=None, metavar="N|auto",
+              help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
+                   "'auto' picks the largest chunk among those giving the fewest groups.")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k,
-                 time_limit, json_path):
+                 time_limit, json_path, tile, chunk_tokens):
     """Plan MODEL (an embedded model name or a file) for a capacity."""
     from .api import plan as make_plan
     from .devices import parse_capacity
@@ -145,8 +150,24 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
     console.print(f"[bold]{graph.graph.get('name', model)}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)
+    if chunk_tokens is not None and chunk_tokens != "auto":
+        if not chunk_tokens.isdigit():
+            raise InputError(f"`--chunk-tokens` must be a positive integer or 'auto', got {chunk_tokens!r}")
+        chunk_tokens = int(chunk_tokens)
     result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                       time_limit_s=time_limit)
+                       time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens)
+    if tile:
+        expanded = result.stats["expanded_blocks"]
+        console.print((f"split {expanded} whole-block node(s) into their operators; " if expanded else "")
+                      + f"tiled {result.stats['tiled_nodes']} node(s) into {result.stats['tiles']} tiles; "
+                      f"{len(result.stats['untiled'])} oversize node(s) could not be tiled", highlight=False)
+    if chunk_tokens is not None:
+        tokens = graph.graph["batch"] * graph.graph["seq_len"]
+        console.print(f"chunk: {result.stats['chunk_tokens']:,} of {tokens:,} tokens per pass "
+                      f"(fraction {result.chunk_fraction:.6g})", highlight=False)
+    if tile or chunk_tokens is not None:
+        console.print(f"tiling and chunk search took {result.stats['prepare_s'] * 1000:.1f} ms "
+                      "(not in the solver time below)", highlight=False)
     print_plan(result)
     if json_path:
         result.to_json(json_path)
