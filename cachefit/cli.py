@@ -205,5 +205,15 @@ def solvers_command():
         console.print(f"[bold]{name}[/]: {summary}", highlight=False)
 
 
+def _register_commands():
+    """Commands defined in their own modules (they import their heavy parts lazily)."""
+    from .cli_run import run
+
+    main.add_command(run)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

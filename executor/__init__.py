@@ -1,1 +1,46 @@
-"""placeholder"""
+"""Run a plan with PyTorch: group by group, chunk by chunk (DESIGN.md §8); extra ``torch``.
+
+`build` materialises a graph as PyTorch modules with seeded random weights of
+the graph's exact shapes; `run` executes a plan's groups over the chunks of
+one pass under a schedule (``partition-major``, the plan's own, and the
+baselines ``token-major``, ``batched`` and ``eager``), checks every output
+against the unpartitioned model and times it: CUDA graphs per group on a GPU,
+the same schedules eagerly on the CPU (the numerical reference).
+`graph_fingerprint` identifies the graph a plan belongs to; `linear_stack`
+builds the executor's benchmark model.
+
+torch is imported only when a name that needs it is used, so
+``import cachefit.executor`` works without torch.
+
+Examples
+--------
+>>> from cachefit.executor import graph_fingerprint, linear_stack
+>>> len(graph_fingerprint(linear_stack(2, 8)))
+64
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .fingerprint import check_plan_groups, graph_fingerprint
+from .results import BASELINES, SCHEDULES, GroupReport, RunResult, ScheduleResult
+from .stack import linear_stack
+
+__all__ = ["build", "run", "BuiltModel", "GroupRunner", "RunResult", "ScheduleResult", "GroupReport",
+           "graph_fingerprint", "check_plan_groups", "linear_stack", "render", "SCHEDULES", "BASELINES"]
+
+# name -> submodule that defines it (imported on first use: these import torch or rich)
+_LAZY = {"build": "model", "BuiltModel": "model", "run": "api", "GroupRunner": "runner", "render": "report"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -62,6 +62,9 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     if reason:
         return no_plan(problem, "brute", Status.INFEASIBLE, reason)
     if n == 0:
+        reason = check_k(problem, 0)
+        if reason:
+            return no_plan(problem, "brute", Status.INFEASIBLE, reason, lower=0)
         return finish(problem, "brute", [], status=Status.OPTIMAL, lower=0)
     weight = table.weight.tolist()
     activation = table.activation.tolist()

@@ -12,10 +12,18 @@ import cachefit
 OPTIONAL = {"torch", "onnx", "matplotlib"}
 
 
+SUBPACKAGES = ("graphs", "solvers", "instances", "executor", "bench")  # mapped from their own folders
+
+
 def modules():
-    names = ["cachefit"]
+    names = {"cachefit"}
     for info in pkgutil.walk_packages(cachefit.__path__, "cachefit."):
-        names.append(info.name)
+        names.add(info.name)
+    for sub in SUBPACKAGES:
+        package = importlib.import_module(f"cachefit.{sub}")
+        names.add(package.__name__)
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            names.add(info.name)
     return sorted(names)
 
 

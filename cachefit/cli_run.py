@@ -1,0 +1,121 @@
+"""``cachefit run``: execute a plan with PyTorch and compare it with its baselines.
+
+Registered in the main group by ``cachefit/cli.py`` (``main.add_command(run)``);
+also runs standalone as ``python -m cachefit.cli_run``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .cli import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
+from .errors import InputError
+
+__all__ = ["run"]
+
+_SCHEDULE_CHOICES = ("all", "partition-major", "token-major", "batched", "eager", "partition-major-fused",
+                     "partition-major-replay")
+
+
+def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granularity, chunk_tokens,
+               micro_batches, tile=False):
+    """A plan file as it is, or MODEL planned for `capacity` at the run's chunk fraction."""
+    from pathlib import Path
+
+    from .api import plan as make_plan
+    from .devices import parse_capacity
+    from .loading import load_model
+    from .result import PLAN_FORMAT, Plan
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            head = path.read_text()[:4096]
+        except (OSError, UnicodeDecodeError):
+            head = ""
+        if f'"{PLAN_FORMAT}"' in head:
+            if capacity is not None:
+                raise InputError("`--capacity` applies to a MODEL; a plan file already has its capacity")
+            return Plan.from_json(path)
+    graph = load_model(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+    tokens = int(graph.graph.get("batch", 1)) * int(graph.graph.get("seq_len", 1))
+    if chunk_tokens is not None:
+        fraction = min(1.0, chunk_tokens / tokens)
+    elif micro_batches is not None:
+        fraction = 1.0 / micro_batches
+    else:
+        fraction = 1.0
+    options = {"tile": True} if tile else {}
+    return make_plan(graph, parse_capacity(capacity or "h100-l2"), solver=solver, memory=memory,
+                     chunk_fraction=fraction, **options)
+
+
+@click.command("run")
+@click.argument("model")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--chunk-tokens", type=int, default=None,
+              help="Tokens per chunk (a multiple of seq_len for models with attention).")
+@click.option("--micro-batches", type=int, default=None,
+              help="Chunks per pass; chunk-tokens × micro-batches = batch × seq_len.")
+@click.option("--schedule", type=click.Choice(_SCHEDULE_CHOICES), default="all", show_default=True,
+              help="Which schedule(s) to run; 'all' runs the plan's and every baseline.")
+@click.option("--l2-persist", is_flag=True,
+              help="CUDA: persisting-L2 window over each group's weights on its graph's kernel nodes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full result as JSON here.")
+@click.option("--capacity", "-c", default=None,
+              help="For a MODEL: plan for this capacity (bytes, '50MiB', or a device such as h100-l2; "
+                   "default h100-l2).")
+@click.option("--solver", default="greedy", show_default=True, help="For a MODEL: the solver.")
+@click.option("--tile", is_flag=True, help="For a MODEL: split nodes too large for the capacity (graphs.tile).")
+@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
+@click.option("--batch", type=int, default=None, help="For a MODEL: batch size (default: the model's, else 1).")
+@click.option("--seq-len", type=int, default=None, help="For a MODEL: tokens per sequence.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8"]),
+              help="For a MODEL: the graph's dtype (bytes planned per element).")
+@click.option("--granularity", default="op", show_default=True, type=click.Choice(["block", "op"]))
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Dtype to compute in (default: the graph's on CUDA, fp32 on the CPU).")
+@click.option("--warmup", type=int, default=None, help="Untimed passes per schedule (CPU 2, CUDA 5).")
+@click.option("--iters", type=int, default=None, help="Timed passes per schedule (CPU 10, CUDA 20).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly
+def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_path, capacity, solver, tile, memory,
+        batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed):
+    """Run MODEL (a plan file, or a model to plan first) group by group and time it against its baselines.
+
+    Every schedule's output is checked against the unpartitioned model's.
+    Exit codes: 0 all outputs equivalent, 1 no plan or an output differs,
+    2 bad input.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("`cachefit run` needs PyTorch: pip install 'cachefit[torch]'") from None
+    from .executor import render
+    from .executor import run as execute
+    from .units import format_bytes
+
+    plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
+                      dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
+                      micro_batches=micro_batches, tile=tile)
+    if not plan.ok:
+        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
+    console.print(f"plan: {plan.k} group(s) ({plan.solver}, {plan.status}) within "
+                  f"{format_bytes(plan.capacity)}; running on {device}", highlight=False)
+    result = execute(plan, device=device, chunk_tokens=chunk_tokens, micro_batches=micro_batches,
+                     schedule=schedule, l2_persist=l2_persist, seed=seed, dtype=compute_dtype,
+                     warmup=warmup, iters=iters)
+    for renderable in render(result):
+        console.print(renderable)
+    if json_path:
+        result.to_json(json_path)
+        console.print(f"result written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if result.equivalent else EXIT_NO_PLAN)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,215 @@
+"""What a run measured: `RunResult`, `ScheduleResult`, `GroupReport` and their JSON (no torch).
+
+Every figure says how it was measured (``*_method`` fields), and every
+schedule's output carries its equivalence check against the unpartitioned
+model, so a JSON file read alone is enough to judge a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..result import write_text_atomic
+
+__all__ = ["ScheduleResult", "GroupReport", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT"]
+
+RESULT_FORMAT = "cachefit.run"
+
+#: Schedule names accepted by `cachefit.executor.run` (``"all"`` runs each that applies).
+SCHEDULES = ("partition-major", "token-major", "batched", "eager", "partition-major-fused",
+             "partition-major-replay")
+
+#: The baselines every schedule is compared with.
+BASELINES = ("token-major", "batched", "eager")
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """One schedule's timing and equivalence check.
+
+    Attributes
+    ----------
+    name : str
+        A name in `SCHEDULES`.
+    ms_per_pass : float
+        Median wall time of one pass (all micro-batches through the whole
+        model), milliseconds.
+    ms_min, ms_max : float
+        Fastest and slowest timed pass.
+    tokens_per_s : float
+        Tokens per pass / median pass time.
+    per_group_ms : tuple of float or None
+        Median time of each group (all chunks through it); partition-major only.
+    launches_per_pass : int or None
+        Kernels (CUDA) or module calls (CPU) per pass; see `launch_method`.
+    launch_method : str
+    graph_replays_per_pass : int
+        CUDA graph launches per pass (0 on CPU and for ``eager``).
+    graph_kernel_nodes : int or None
+        Kernel nodes in the graphs one pass replays (cuda-bindings), when known.
+    max_abs_diff, rel_error : float
+        Against the unpartitioned model's output: max |out − ref| and
+        ‖out − ref‖₂ / ‖ref‖₂ over all outputs.
+    equivalent : bool
+        ``torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)`` passed.
+    rtol, atol : float
+    hbm_floor_ratio : float or None
+        ms_per_pass / the run's HBM floor (weight bytes / copy bandwidth).
+    l2_windows : int
+        Kernel nodes of this schedule's graphs given an L2 access-policy window.
+    """
+
+    name: str
+    ms_per_pass: float
+    ms_min: float
+    ms_max: float
+    tokens_per_s: float
+    per_group_ms: tuple | None
+    launches_per_pass: int | None
+    launch_method: str
+    graph_replays_per_pass: int
+    graph_kernel_nodes: int | None
+    max_abs_diff: float
+    rel_error: float
+    equivalent: bool
+    rtol: float
+    atol: float
+    hbm_floor_ratio: float | None
+    l2_windows: int = 0
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """A plan group: its planned size and what it held when it ran.
+
+    Attributes
+    ----------
+    index : int
+    nodes : int
+        Node count.
+    first, last : str
+        First and last node id.
+    planned_bytes : int
+        The plan's size S of the group (under the plan's memory model and
+        chunk fraction).
+    weight_bytes : int
+        Bytes of the group's parameters as allocated (tied tables once, in
+        the first group that uses them).
+    measured_bytes : int or None
+        CUDA: the group's weights + the bytes of the chunk's values live when
+        the group starts + the peak of ``torch.cuda.max_memory_allocated``
+        above the allocation before it, while one chunk ran through the
+        group eagerly.  None on the CPU (not measured).
+    """
+
+    index: int
+    nodes: int
+    first: str
+    last: str
+    planned_bytes: int
+    weight_bytes: int
+    measured_bytes: int | None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything `cachefit.executor.run` measured.
+
+    Attributes
+    ----------
+    model : str
+        The graph's name.
+    device, device_name : str
+        ``"cpu"``/``"cuda:0"`` and the processor's name.
+    dtype : str
+        The torch dtype the run computed in.
+    chunk_tokens, micro_batches, tokens_per_pass : int
+    run_chunk_fraction : float
+        chunk_tokens / tokens_per_pass.
+    plan : dict
+        ``k``, ``solver``, ``status``, ``capacity``, ``memory``,
+        ``chunk_fraction`` of the plan that ran.
+    groups : tuple of GroupReport
+    schedules : tuple of ScheduleResult
+        In the order they ran.
+    speedups : dict
+        ``speedups[s][b]`` = ms of baseline b / ms of schedule s.
+    weight_bytes : int
+        Parameter bytes of the whole model.
+    copy_bandwidth : float
+        Bytes/s (read + written) of a measured copy; see `bandwidth_method`.
+    bandwidth_method : str
+    hbm_floor_ms : float
+        weight_bytes / copy_bandwidth: the time to read every weight once.
+    replay_overhead_us_per_group : float or None
+        CUDA: (partition-major − partition-major-fused) / k, µs; the cost of a
+        group boundary (one graph launch) when both ran.
+    replay_overhead_us_per_chunk : float or None
+        CUDA: (partition-major-replay − partition-major-fused) / (k × micro_batches),
+        µs; the cost of replaying a group's one-chunk graph per chunk,
+        copies in and out included.
+    l2 : dict
+        L2 persistence: requested, status, set-aside and window counts.
+    timing_method : str
+    warmup, iters : int
+    notes : tuple of str
+    machine : dict
+    """
+
+    model: str
+    device: str
+    device_name: str
+    dtype: str
+    chunk_tokens: int
+    micro_batches: int
+    tokens_per_pass: int
+    run_chunk_fraction: float
+    plan: dict
+    groups: tuple
+    schedules: tuple
+    speedups: dict
+    weight_bytes: int
+    copy_bandwidth: float
+    bandwidth_method: str
+    hbm_floor_ms: float
+    replay_overhead_us_per_group: float | None
+    l2: dict
+    timing_method: str
+    warmup: int
+    iters: int
+    notes: tuple = ()
+    machine: dict = field(default_factory=dict)
+    replay_overhead_us_per_chunk: float | None = None
+
+    @property
+    def equivalent(self):
+        """Every schedule's output passed the equivalence check."""
+        return all(schedule.equivalent for schedule in self.schedules)
+
+    def schedule(self, name):
+        """The `ScheduleResult` named `name` (KeyError if it did not run)."""
+        for schedule in self.schedules:
+            if schedule.name == name:
+                return schedule
+        raise KeyError(name)
+
+    @property
+    def best(self):
+        """The fastest schedule that passed the equivalence check (None if none did)."""
+        passed = [schedule for schedule in self.schedules if schedule.equivalent]
+        return min(passed, key=lambda schedule: schedule.ms_per_pass) if passed else None
+
+    def to_dict(self):
+        """The JSON object: ``{"format": "cachefit.run", "version": 1, ...}``."""
+        data = asdict(self)
+        data["equivalent"] = self.equivalent
+        data["best"] = self.best.name if self.best else None
+        return {"format": RESULT_FORMAT, "version": 1, **data}
+
+    def to_json(self, path=None, *, indent=2):
+        """The JSON text; with `path`, also written atomically."""
+        text = json.dumps(self.to_dict(), indent=indent, default=str)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
