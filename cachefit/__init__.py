@@ -12,12 +12,12 @@ from .errors import CachefitError, InputError
 from .memory import MEMORY_MODELS, LayerTable, group_sizes
 from .result import Plan, Status
 from .units import format_bytes, parse_bytes
-from . import graphs, solvers  # noqa: E402  (subpackages users reach as attributes)
+from . import graphs, instances, solvers  # noqa: E402  (subpackages users reach as attributes)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "plan", "check", "CheckReport", "Plan", "Status", "LayerTable", "group_sizes", "MEMORY_MODELS",
     "DEVICES", "parse_capacity", "parse_bytes", "format_bytes", "CachefitError", "InputError",
-    "graphs", "solvers", "__version__",
+    "graphs", "instances", "solvers", "__version__",
 ]
