@@ -207,8 +207,10 @@ def solvers_command():
 
 def _register_commands():
     """Commands defined in their own modules (they import their heavy parts lazily)."""
+    from .cli_bench import bench
     from .cli_run import run
 
+    main.add_command(bench)
     main.add_command(run)
 
 
