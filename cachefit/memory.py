@@ -41,6 +41,7 @@ __all__ = [
     "check_memory",
     "check_chunk_fraction",
     "scale_activation",
+    "scale_activation_array",
     "group_sizes",
 ]
 
@@ -76,19 +77,38 @@ def scale_activation(total, chunk_fraction):
     return -((-int(total) * numerator) // denominator)
 
 
-def _scale_array(totals, chunk_fraction):
-    """`scale_activation` over an int64 array: float estimate, exact where it matters."""
-    totals = np.asarray(totals, dtype=np.int64)
+def scale_activation_array(values, chunk_fraction, *, ceil=True):
+    """⌈f·x⌉ (or ⌊f·x⌋ with ``ceil=False``) elementwise, exactly, as int64.
+
+    f's float is taken as the rational it denotes, like `scale_activation`.
+    When numerator × max(x) fits in int64 (every dyadic f such as 0.25, and
+    byte counts < 2⁶³ / numerator) it is pure integer arithmetic; otherwise a
+    float64 product, redone in exact integer arithmetic for the entries within
+    rounding distance of an integer.
+
+    Examples
+    --------
+    >>> scale_activation_array([10, 7, 0], 0.25).tolist(), scale_activation_array([10, 7, 0], 0.25, ceil=False).tolist()
+    ([3, 2, 0], [2, 1, 0])
+    >>> scale_activation_array([3, 4], 1 / 3).tolist()
+    [1, 2]
+    """
+    values = np.asarray(values, dtype=np.int64)
     if chunk_fraction == 1.0:
-        return totals
-    product = totals.astype(np.float64) * chunk_fraction
-    scaled = np.ceil(product).astype(np.int64)
-    # The float product is within a few ulps of the true one; only values close
-    # to an integer can round to the wrong side.  Redo those exactly.
-    near = np.abs(product - np.rint(product)) <= 1e-6 * np.maximum(1.0, np.abs(product))
-    for index in np.flatnonzero(near):
-        scaled[index] = scale_activation(int(totals[index]), chunk_fraction)
-    return scaled
+        return values.copy()
+    numerator, denominator = float(chunk_fraction).as_integer_ratio()
+    top = int(values.max()) if values.size else 0
+    if top * numerator < 2**62:
+        if ceil:
+            return -((-values * numerator) // denominator)
+        return (values * numerator) // denominator
+    product = values.astype(np.float64) * chunk_fraction
+    result = (np.ceil(product) if ceil else np.floor(product)).astype(np.int64)
+    near = np.flatnonzero(np.abs(product - np.rint(product)) <= 1e-6 * np.maximum(1.0, product))
+    if near.size:
+        exact = values[near].astype(object) * numerator  # Python ints: no overflow
+        result[near] = (-((-exact) // denominator) if ceil else exact // denominator).astype(np.int64)
+    return result
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,7 +350,7 @@ class Intervals:
         if self._levels is None:
             starts = bounds[:-1]
             live = np.diff(self.prefix_activation[bounds]) + self.incoming[starts]
-            return np.diff(self.prefix_weight[bounds]) + _scale_array(live, self.chunk_fraction)
+            return np.diff(self.prefix_weight[bounds]) + scale_activation_array(live, self.chunk_fraction)
         return np.array([self.size(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])], dtype=np.int64)
 
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import (Intervals, LayerTable, _scale_array, as_table, check_chunk_fraction, check_memory,
+from ..memory import (Intervals, LayerTable, as_table, scale_activation_array, check_chunk_fraction, check_memory,
                       group_sizes)
 from ..result import Plan, Status
 from .bounds import lower_bound
 
-__all__ = ["Problem", "finish", "no_plan", "oversize_node", "check_k"]
+__all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "check_k"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,23 @@ class Problem:
         return time.perf_counter() - self.started
 
 
+def alone_sizes(problem):
+    """Size of each node alone in a group, a lower bound on any group holding it.
+
+    Additive: w + a + b.  Liveness: w + b + ⌈f·(a + Σ inputs' a)⌉, since the
+    node's own output and every input it consumes are live in its group.
+    """
+    table = problem.table
+    if problem.memory == "additive":
+        return table.weight + table.activation + table.buffer
+    inputs = np.zeros(table.n, dtype=np.int64)
+    if table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
+        inputs[table.targets] = table.activation[table.sources]  # one input each (chains)
+    else:
+        np.add.at(inputs, table.targets, table.activation[table.sources])
+    return table.weight + table.buffer + scale_activation_array(table.activation + inputs, problem.chunk_fraction)
+
+
 def oversize_node(problem):
     """The reason no plan can exist because a node cannot fit alone, or None.
 
@@ -74,15 +91,7 @@ def oversize_node(problem):
     grouping of any order can hold it.
     """
     table = problem.table
-    if problem.memory == "additive":
-        alone = table.weight + table.activation + table.buffer
-    else:
-        inputs = np.zeros(table.n, dtype=np.int64)
-        if table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
-            inputs[table.targets] = table.activation[table.sources]  # one input each (chains)
-        else:
-            np.add.at(inputs, table.targets, table.activation[table.sources])
-        alone = table.weight + table.buffer + _scale_array(table.activation + inputs, problem.chunk_fraction)
+    alone = alone_sizes(problem)
     over = np.flatnonzero(alone > problem.capacity)
     if not over.size:
         return None

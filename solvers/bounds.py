@@ -5,36 +5,403 @@ groups; `lower_bound` returns the best of them and every solver reports it.
 
 Notes
 -----
-Sum bound.  Additive: Σ_p S(p) = Σ_v (w + a + b), so k ≥ ⌈Σ(w+a+b) / C⌉.
-Liveness: Σ_p S(p) ≥ Σ_v w + max_v b + ⌈f Σ_v a⌉, because every node is
-live in at least its own group, every group holds its own largest buffer
-(so the sum of maxima is at least the global maximum), and ⌈x⌉ + ⌈y⌉ ≥ ⌈x + y⌉;
-hence k ≥ ⌈(Σw + max b + ⌈fΣa⌉) / C⌉.  Both are at least ⌈Σw / C⌉.
+Write S(P) for the size of a group under the chosen model (DESIGN.md §4) and
+f for the chunk fraction.
+
+**Sum bound** (`sum_bound`).  Additive: Σ_p S(p) = Σ_v (w + a + b), so
+k ≥ ⌈Σ(w+a+b) / C⌉.  Liveness: Σ_p S(p) ≥ Σ_v w + max_v b + ⌈f Σ_v a⌉,
+because every node is live in at least its own group, every group holds its
+own largest buffer (so the sum of the maxima is at least the global maximum),
+and ⌈x⌉ + ⌈y⌉ ≥ ⌈x + y⌉; hence k ≥ ⌈(Σw + max b + ⌈fΣa⌉) / C⌉.
+
+**Item sizes** (`item_sizes`).  The L2 and head–tail bounds need a size per node,
+item(v), with Σ_{v∈P} item(v) ≤ S(P) for every group P of every valid plan,
+whatever the other groups are.  Additive: item(v) = w + a + b, and the sum
+is S(P) itself.  Liveness: item(v) = w + ⌊f·a⌋.  Every member of P is live
+in P (part(v) = p ≤ last(v)), so S(P) ≥ Σ_{v∈P} w + ⌈f Σ_{v∈P} a⌉ ≥
+Σ_{v∈P} w + Σ_{v∈P} ⌊f a⌋ (the floor of each term is at most its share of
+the sum).  The buffer term is a maximum, not a sum, so it is not spread over
+the items; instead every group holds at least one node, hence at least the
+smallest buffer, and the bin capacity is taken as C − min_v b.
+
+**Martello–Toth L2** (`l2_bound`).  With those items, every plan is a
+packing of the items into k bins of capacity C' (precedence dropped), so any
+bin-packing lower bound is a lower bound on k.  L2 = max over α ∈ {0} ∪
+{item sizes ≤ C'/2} of |J1| + |J2| + max(0, ⌈(ΣJ3 − (|J2|·C' − ΣJ2)) / C'⌉),
+with J1 = {items > C' − α}, J2 = {C' − α ≥ items > C'/2} and
+J3 = {C'/2 ≥ items ≥ α}: no two items of J1 ∪ J2 share a bin, no item of J3
+shares a bin with one of J1, and what of J3 does not fit in the free space
+of the J2 bins needs further bins.
+
+**Head–tail bound** (`head_tail_bound`).  All ancestors of v and v itself
+lie in groups 0..part(v), each holding at most C' of item sizes, so
+part(v) + 1 ≥ H_v = ⌈items(ancestors(v) ∪ {v}) / C'⌉; v and its descendants
+lie in groups part(v)..k−1, so k − part(v) ≥ T_v, the same with
+descendants.  Adding, k ≥ H_v + T_v − 1 for every v (the station bounds of
+assembly-line balancing).  Needs the reachability matrix (`reachability`:
+O(n·e) vectorised row unions, n² bytes), so it is computed for
+n ≤ `MAX_REACH_NODES` only.
+
+**Heaviest-path bound** (`path_bound`).  Along any directed path
+v₁ → v₂ → … → v_m, part() never decreases, so the path splits into
+contiguous runs, each inside one group, distinct runs in distinct groups:
+k ≥ the number of runs.  Give each run R a size L(R) ≤ S(group holding R)
+that never shrinks when R grows: additive L(R) = Σ_{v∈R}(w + a + b);
+liveness L(R) = Σ_{v∈R} w + max_{v∈R} b + ⌈f·Σ_{u ∈ R ∪ pred(R)} a_u⌉, valid
+because every member of R is in the group and every predecessor u of a member
+is either in the group or in an earlier one with a consumer in this group,
+so live in it either way.  Greedy cutting is optimal for such monotone run
+sizes (the argument of `cachefit.solvers.greedy`), so greedy's count of runs
+on the path with capacity C is at most the number of runs in any plan, hence
+at most k.  The path used is the heaviest by item size (longest path in the
+DAG, O(n + e)).  For a chain the path is the whole chain and L(R) is exactly
+S(R), so the bound equals the optimal k; `lower_bound` then returns it
+without computing the others, which cannot exceed it.
 """
 
 from __future__ import annotations
 
-from ..memory import scale_activation
+import bisect
 
-__all__ = ["sum_bound", "lower_bound"]
+import numpy as np
+
+from ..memory import Intervals, scale_activation, scale_activation_array
+
+__all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
+           "path_bound", "reachability", "lower_bound", "all_bounds", "MAX_REACH_NODES"]
+
+#: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
+MAX_REACH_NODES = 4000
 
 
 def _ceil_div(numerator, denominator):
     return -((-int(numerator)) // int(denominator))
 
 
-def sum_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
-    """⌈total forced bytes / C⌉ (see the module notes for the argument)."""
+def forced_bytes(table, *, memory="liveness", chunk_fraction=1.0):
+    """A lower bound on Σ_p S(P_p) over the groups of any plan (module notes, sum bound).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> forced_bytes(LayerTable.chain([10, 20], [4, 4], [3, 1]), chunk_fraction=0.5)
+    37
+    """
     if table.n == 0:
         return 0
     if memory == "additive":
-        total = int(table.weight.sum()) + int(table.activation.sum()) + int(table.buffer.sum())
-    else:
-        total = (int(table.weight.sum()) + int(table.buffer.max())
-                 + scale_activation(int(table.activation.sum()), chunk_fraction))
-    return max(1, _ceil_div(total, capacity))
+        return int(table.weight.sum()) + int(table.activation.sum()) + int(table.buffer.sum())
+    return (int(table.weight.sum()) + int(table.buffer.max())
+            + scale_activation(int(table.activation.sum()), chunk_fraction))
 
 
-def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
-    """The best proven lower bound on k for `table` under `memory`."""
-    return sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
+def sum_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
+    """⌈total forced bytes / C⌉ (see the module notes for the argument).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> sum_bound(LayerTable.chain([30, 30, 30]), 60, memory="additive")
+    2
+    """
+    if table.n == 0:
+        return 0
+    return max(1, _ceil_div(forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction), capacity))
+
+
+def item_sizes(table, *, memory="liveness", chunk_fraction=1.0):
+    """Per-node sizes whose sum over any group is at most the group's size, and the bin slack.
+
+    Returns
+    -------
+    items : numpy.ndarray of int64
+        item(v) (module notes): ``w + a + b`` (additive) or ``w + ⌊f·a⌋`` (liveness).
+    reserved : int
+        Bytes every group needs beyond its items (liveness: the smallest buffer; additive: 0).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> items, reserved = item_sizes(LayerTable.chain([10, 20], [5, 5], [1, 3]), chunk_fraction=0.5)
+    >>> items.tolist(), reserved
+    ([12, 22], 1)
+    """
+    if memory == "additive":
+        return table.weight + table.activation + table.buffer, 0
+    items = table.weight + scale_activation_array(table.activation, chunk_fraction, ceil=False)
+    reserved = int(table.buffer.min()) if table.n else 0
+    return items, reserved
+
+
+def l2_bound(items, capacity):
+    """Martello–Toth L2 lower bound on the bins needed to pack `items` into bins of `capacity`.
+
+    Parameters
+    ----------
+    items : array of int
+        Item sizes (bytes).
+    capacity : int
+        Bin capacity (bytes), positive.
+
+    Returns
+    -------
+    int
+
+    Notes
+    -----
+    O(n log n): the items are sorted once and every candidate α is evaluated
+    with prefix sums and `numpy.searchsorted`.  See the module notes.
+
+    References
+    ----------
+    S. Martello and P. Toth, "Lower bounds and reduction procedures for the
+    bin packing problem", Discrete Applied Mathematics 28 (1990) 59–70.
+
+    Examples
+    --------
+    >>> l2_bound([6, 6, 6, 2, 2, 2], 10)  # sum bound says 3; no two 6s share a bin
+    3
+    >>> l2_bound([6, 6, 6, 5, 5, 5], 10)  # sum bound 4; the 6s go alone, no 5 joins them
+    5
+    """
+    sizes = np.sort(np.asarray(items, dtype=np.int64))
+    if sizes.size == 0:
+        return 0
+    if capacity <= 0:
+        return int(sizes.size)
+    prefix = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=prefix[1:])
+    n = sizes.size
+    half_index = int(np.searchsorted(sizes, capacity // 2, side="right"))  # items <= C/2 are sizes[:half_index]
+    n_half = n - half_index  # items > C/2
+    small = sizes[:half_index]
+    alphas = np.unique(np.concatenate(([0], small)))
+    over_index = np.searchsorted(sizes, capacity - alphas, side="right")  # items <= C - α
+    n1 = n - over_index
+    n2 = n_half - n1
+    sum2 = prefix[over_index] - prefix[half_index]
+    start3 = np.searchsorted(sizes, alphas, side="left")
+    sum3 = prefix[half_index] - prefix[start3]
+    spill = sum3 - (n2 * capacity - sum2)
+    extra = np.where(spill > 0, -((-spill) // capacity), 0)
+    return int((n1 + n2 + extra).max())
+
+
+def _heaviest_path(table, weights):
+    """Positions of a path of the DAG with the largest total of `weights` (O(n + e))."""
+    n = table.n
+    best = weights.astype(np.int64).tolist()
+    parent = [-1] * n
+    predecessors = table.predecessors()
+    for v in range(n):
+        top, top_parent = 0, -1
+        for u in predecessors[v]:
+            if best[u] > top or (best[u] == top and top_parent == -1):
+                top, top_parent = best[u], u
+        best[v] += top
+        parent[v] = top_parent
+    v = int(np.argmax(best))
+    path = []
+    while v != -1:
+        path.append(v)
+        v = parent[v]
+    path.reverse()
+    return path, predecessors
+
+
+def reachability(table):
+    """Boolean n×n matrix with ``reach[u, v]`` when a path u ⇝ v exists (u ≠ v); None above `MAX_REACH_NODES`.
+
+    O(n·e) vectorised row unions in reverse topological order.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> reachability(LayerTable.chain([1, 1, 1])).astype(int).tolist()
+    [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+    """
+    n = table.n
+    if n > MAX_REACH_NODES:
+        return None
+    reach = np.zeros((n, n), dtype=bool)
+    successors = [[] for _ in range(n)]
+    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
+        successors[u].append(v)
+    for u in range(n - 1, -1, -1):  # reverse topological order
+        row = reach[u]
+        for v in successors[u]:
+            row[v] = True
+            row |= reach[v]
+    return reach
+
+
+def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+    """(H, T): per node, the groups needed up to and including its own, and from its own on.
+
+    See the module notes.  Returns None when the reachability matrix is not
+    available (too many nodes) or no byte of a group is free for items.
+    """
+    if reach is None:
+        reach = reachability(table)
+    if reach is None or table.n == 0:
+        return None
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room = int(capacity) - reserved
+    if room <= 0:
+        return None
+    # Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
+    n = table.n
+    before = items.astype(np.int64).copy()
+    after = items.astype(np.int64).copy()
+    for start in range(0, n, 256):
+        block = slice(start, min(start + 256, n))
+        before[block] += items @ reach[:, block].astype(np.int64)
+        after[block] += reach[block].astype(np.int64) @ items
+    return -((-before) // room), -((-after) // room)
+
+
+def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+    """max over v of H_v + T_v − 1 (module notes); 0 when not computed.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([51, 50, 51])
+    >>> head_tail_bound(table, 100, memory="additive"), sum_bound(table, 100, memory="additive")
+    (3, 2)
+    """
+    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    if result is None:
+        return 0
+    head, tail = result
+    return int((head + tail - 1).max())
+
+
+def path_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
+    """Greedy run count along the heaviest path (module notes); exact for a chain.
+
+    Examples
+    --------
+    >>> import networkx as nx
+    >>> from cachefit.memory import LayerTable
+    >>> g = nx.DiGraph()
+    >>> for name in "abcd":
+    ...     g.add_node(name, weight_bytes=40, activation_bytes=0, buffer_bytes=0)
+    >>> g.add_edges_from([("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
+    >>> path_bound(LayerTable.from_graph(g), 100, memory="additive")  # a-b-d: 40+40 | 40
+    2
+    """
+    n = table.n
+    if n == 0:
+        return 0
+    if table.is_chain:
+        intervals = Intervals(table, memory, chunk_fraction)
+        count, start = 0, 0
+        if memory == "additive":
+            prefix = memoryview(intervals.prefix_total)
+            while start < n:
+                end = bisect.bisect_right(prefix, prefix[start] + capacity, start) - 1
+                start = max(end, start + 1)  # an oversize node counts as a group of its own
+                count += 1
+            return count
+        while start < n:
+            start = max(intervals.longest_fit(start, capacity), start + 1)
+            count += 1
+        return count
+    items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    path, predecessors = _heaviest_path(table, items)
+    weight = table.weight.tolist()
+    activation = table.activation.tolist()
+    buffer = table.buffer.tolist()
+    additive = memory == "additive"
+    count = 0
+    index = 0
+    while index < len(path):
+        count += 1
+        run_weight, run_buffer, live = 0, 0, 0
+        counted = set()
+        first = True
+        while index < len(path):
+            v = path[index]
+            if additive:
+                size = run_weight + weight[v] + activation[v] + buffer[v]
+                new_live = 0
+                new_nodes = ()
+            else:
+                new_nodes = [u for u in [v, *predecessors[v]] if u not in counted]
+                new_live = live + sum(activation[u] for u in new_nodes)
+                size = (run_weight + weight[v] + max(run_buffer, buffer[v])
+                        + scale_activation(new_live, chunk_fraction))
+            if size > capacity and not first:
+                break
+            # Take v into the run (alone if it is oversize: that run is one group anyway).
+            first = False
+            if additive:
+                run_weight = size
+            else:
+                run_weight += weight[v]
+                run_buffer = max(run_buffer, buffer[v])
+                live = new_live
+                counted.update(new_nodes)
+            index += 1
+    return count
+
+
+def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ...}``.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> all_bounds(LayerTable.chain([6, 6, 6, 2, 2, 2]), 10, memory="additive")
+    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3}
+    """
+    if table.n == 0:
+        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0}
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    return {
+        "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
+        "l2": max(1, l2_bound(items, capacity - reserved)),
+        "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
+        "head_tail": head_tail_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
+    }
+
+
+def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+    """The best proven lower bound on k for `table` under `memory`: the max of all bounds.
+
+    For a chain this is the path bound alone, which is then the optimal k
+    (module notes); the others never exceed it.
+
+    Parameters
+    ----------
+    table : LayerTable
+    capacity : int
+        C in bytes.
+    memory : {"liveness", "additive"}
+    chunk_fraction : float in (0, 1]
+    reach : numpy.ndarray, optional
+        A `reachability` matrix to reuse.
+
+    Returns
+    -------
+    int
+        0 for an empty table, else at least 1.
+
+    Notes
+    -----
+    O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
+    pass along the path, the reachability matrix for the head–tail bound
+    (pass `reach` to reuse one).  For chains, O(k log n).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> lower_bound(LayerTable.chain([40, 30, 20, 50, 10]), 60, memory="additive")
+    3
+    """
+    if table.n == 0:
+        return 0
+    if table.is_chain:
+        return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
+    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach).values())

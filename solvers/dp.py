@@ -1,0 +1,501 @@
+"""Balanced partition of a fixed node order: fewest groups, then the smallest bottleneck, then Σ S².
+
+The three stages (`dp` runs them in order):
+
+1. the fewest contiguous runs (greedy cut count, `greedy_bounds`);
+2. the smallest bottleneck B* for exactly k runs: bisection over integer
+   bottleneck values with a greedy probe (`_Probe.count`);
+3. among the partitions into k runs of size ≤ B*, the smallest Σ S² (an
+   exact dynamic programme restricted to the feasible window of every
+   boundary, `_min_sum_squares`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import numpy as np
+
+from ..result import Status
+from ..memory import Intervals, scale_activation_array
+from .bounds import forced_bytes
+from ._common import Problem, contiguous_groups, finish, no_plan, oversize_node
+from .greedy import greedy_bounds, split_to_k
+
+__all__ = ["dp", "balanced_cut", "min_bottleneck", "DP_PAIR_BUDGET"]
+
+logger = logging.getLogger(__name__)
+
+#: The most (start, end) pairs the Σ S² stage evaluates before it falls back
+#: to a bottleneck-optimal but not Σ S²-optimal plan (stats say which).
+DP_PAIR_BUDGET = 20_000_000
+
+_CHUNK_PAIRS = 1_000_000
+
+
+class _Probe:
+    """Greedy reach of runs of one node order under one memory model.
+
+    ``end(start, cap)`` is the largest end with size(start, end) ≤ cap,
+    ``begin(end, cap)`` the smallest start with size(start, end) ≤ cap, and
+    ``sizes_of(starts, ends)`` the sizes of many runs at once (numpy).
+
+    Three modes, by how a run's size can be searched:
+
+    ``"exact"``
+        size(s, e) = E[e] − B[s] with non-decreasing int64 arrays E and B:
+        the additive model (E = B = prefix of w + a + b) and the liveness
+        model without buffers at f = 1 (E = prefix of w + a,
+        B = E − incoming).  ``end`` and ``begin`` are one C-level bisection
+        over a memoryview: no per-node Python work.
+    ``"float"``
+        The liveness model without buffers at f < 1.  ⌈f·x⌉ ≤ m ⇔ f·x ≤ m for
+        an integer m, so size(s, e) ≤ cap ⇔ W[e] + f·A[e] ≤ cap + W[s] +
+        f·(A[s] − incoming[s]); one bisection over those keys in float64,
+        then an exact check (and a galloping correction, if rounding put it
+        off by some positions) with integer arithmetic.
+    ``"search"``
+        Otherwise (buffers: the max term does not separate):
+        `Intervals.longest_fit`, O(log n) size evaluations.
+    """
+
+    def __init__(self, intervals):
+        self.intervals = intervals
+        table = intervals.table
+        self.n = table.n
+        self.memory = intervals.memory
+        self.fraction = intervals.chunk_fraction
+        if self.memory == "additive":
+            self.mode = "exact"
+            self.ends = self.starts = intervals.prefix_total
+        elif intervals._levels is None and self.fraction == 1.0:
+            self.mode = "exact"
+            key = intervals.prefix_weight + intervals.prefix_activation
+            self.ends = np.ascontiguousarray(key, dtype=np.int64)
+            self.starts = np.ascontiguousarray(key - intervals.incoming, dtype=np.int64)
+        elif intervals._levels is None:
+            self.mode = "float"
+            fraction = self.fraction
+            self.ends = intervals.prefix_weight + fraction * intervals.prefix_activation.astype(np.float64)
+            self.starts = intervals.prefix_weight + fraction * (
+                intervals.prefix_activation - intervals.incoming).astype(np.float64)
+            self._numerator, self._denominator = float(fraction).as_integer_ratio()
+            self._weight = memoryview(np.ascontiguousarray(intervals.prefix_weight, dtype=np.int64))
+            self._activation = memoryview(np.ascontiguousarray(intervals.prefix_activation, dtype=np.int64))
+            self._incoming = memoryview(np.ascontiguousarray(intervals.incoming, dtype=np.int64))
+        else:
+            self.mode = "search"
+            self.ends = self.starts = None
+        if self.ends is not None:
+            self._ends_view = memoryview(np.ascontiguousarray(self.ends))
+            self._starts_view = memoryview(np.ascontiguousarray(self.starts))
+
+    def size(self, start, end):
+        """S of the run [start, end), exactly."""
+        if self.mode == "exact":
+            return self._ends_view[end] - self._starts_view[start]
+        if self.mode == "float":
+            live = self._activation[end] - self._activation[start] + self._incoming[start]
+            return (self._weight[end] - self._weight[start]
+                    - ((-live * self._numerator) // self._denominator))
+        return self.intervals.size(start, end)
+
+    def _gallop_end(self, start, guess, cap):
+        """Largest end ≥ start with size(start, end) ≤ cap (start when none), from a guess."""
+        n, size = self.n, self.size
+        guess = min(max(guess, start), n)
+        if guess > start and size(start, guess) > cap:
+            high, step = guess, 1  # high does not fit
+            low = guess - 1
+            while low > start and size(start, low) > cap:
+                high = low
+                step *= 2
+                low = max(start, guess - step)
+        else:
+            low, step = guess, 1  # low fits (or is start)
+            while low + step <= n and size(start, low + step) <= cap:
+                low += step
+                step *= 2
+            high = min(low + step, n + 1)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if size(start, middle) <= cap:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def _gallop_begin(self, end, guess, cap):
+        """Smallest start < end with size(start, end) ≤ cap (end when none), from a guess."""
+        size = self.size
+        if end == 0 or size(end - 1, end) > cap:
+            return end
+        guess = min(max(guess, 0), end - 1)
+        if size(guess, end) <= cap:
+            high, step = guess, 1  # high fits
+            low = guess - 1
+            while low >= 0 and size(low, end) <= cap:
+                high = low
+                step *= 2
+                low = guess - step
+            low = max(low, -1)  # low does not fit, or is -1
+        else:
+            low, step = guess, 1  # low does not fit
+            while low + step < end - 1 and size(low + step, end) > cap:
+                low += step
+                step *= 2
+            high = min(low + step, end - 1)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if size(middle, end) <= cap:
+                high = middle
+            else:
+                low = middle
+        return high
+
+    def end(self, start, cap):
+        if self.mode == "exact":
+            return bisect.bisect_right(self._ends_view, self._starts_view[start] + cap, start) - 1
+        if self.mode == "float":
+            guess = bisect.bisect_right(self._ends_view, self._starts_view[start] + cap, start) - 1
+            return self._gallop_end(start, guess, cap)
+        return self.intervals.longest_fit(start, cap)
+
+    def begin(self, end, cap):
+        """Smallest start ≤ end − 1 with size(start, end) ≤ cap (end when none)."""
+        if self.mode == "exact":
+            return bisect.bisect_left(self._starts_view, self._ends_view[end] - cap, 0, end)
+        guess = end - 1
+        if self.mode == "float":
+            guess = bisect.bisect_left(self._starts_view, self._ends_view[end] - cap, 0, end)
+        return self._gallop_begin(end, guess, cap)
+
+    def count(self, cap, limit):
+        """Greedy runs of size ≤ cap, stopping past `limit`: (count, largest run size)."""
+        n, start, count, largest = self.n, 0, 0, 0
+        if self.mode == "exact":
+            ends, starts = self._ends_view, self._starts_view
+            while start < n:
+                base = starts[start]
+                end = bisect.bisect_right(ends, base + cap, start) - 1
+                if end <= start:
+                    return limit + 1, largest
+                largest = max(largest, ends[end] - base)
+                count += 1
+                if count > limit:
+                    return count, largest
+                start = end
+            return count, largest
+        size, reach = self.size, self.end
+        while start < n:
+            end = reach(start, cap)
+            if end <= start:
+                return limit + 1, largest
+            largest = max(largest, size(start, end))
+            count += 1
+            if count > limit:
+                return count, largest
+            start = end
+        return count, largest
+
+    def sizes_of(self, starts, ends):
+        """Sizes of runs [starts[i], ends[i]) (arrays, ends > starts)."""
+        if self.mode == "exact":
+            return self.ends[ends] - self.starts[starts]
+        iv = self.intervals
+        weights = iv.prefix_weight[ends] - iv.prefix_weight[starts]
+        live = iv.prefix_activation[ends] - iv.prefix_activation[starts] + iv.incoming[starts]
+        sizes = weights + scale_activation_array(live, self.fraction)
+        if iv._levels is not None:
+            lengths = ends - starts
+            level = np.frexp(lengths.astype(np.float64))[1] - 1  # ⌊log2(length)⌋
+            buffers = np.empty_like(sizes)
+            for value in np.unique(level):
+                rows = np.flatnonzero(level == value)
+                row = iv._levels[int(value)]
+                buffers[rows] = np.maximum(row[starts[rows]], row[ends[rows] - (1 << int(value))])
+            sizes = sizes + buffers
+        return sizes
+
+    def begins(self, ends, cap, floor):
+        """``begin`` for many ends at once, searching starts ≥ floor (numpy)."""
+        if self.mode == "exact":
+            found = np.searchsorted(self.starts, self.ends[ends] - cap, side="left")
+            return np.maximum(found, floor)
+        low = np.full(ends.shape, floor, dtype=np.int64)
+        high = ends - 1  # the one-node run [end-1, end) always fits cap ≥ every single
+        while True:
+            active = low < high
+            if not active.any():
+                return low
+            middle = (low + high) // 2
+            fits = self.sizes_of(middle, ends) <= cap
+            high = np.where(active & fits, middle, high)
+            low = np.where(active & ~fits, middle + 1, low)
+
+
+def min_bottleneck(probe, k, low, high):
+    """Smallest integer B in [low, high] with at most k greedy runs of size ≤ B.
+
+    `high` must be feasible.  Returns (B, number of probes).  Each probe is a
+    greedy pass that stops after k + 1 runs: O(k log n).
+    """
+    probes = 0
+    while low < high:
+        middle = (low + high) // 2
+        count, largest = probe.count(middle, k)
+        probes += 1
+        if count <= k:
+            high = largest  # feasible, and no run is larger: a tighter feasible value
+        else:
+            low = middle + 1
+    return high, probes
+
+
+def _windows(probe, k, cap):
+    """For each boundary j = 0..k, the interval of positions a partition into
+    exactly k non-empty runs of size ≤ cap can put it at.
+
+    Forward greedy gives the farthest reach F_j after j runs, backward greedy
+    the nearest start G_{k−j} from which k − j runs reach the end; together
+    with one node per run: W_j = [max(j, G_{k−j}), min(F_j, n − (k − j))].
+    Every position in W_j is reachable from the start in exactly j runs and
+    reaches the end in exactly k − j (truncate the greedy boundaries), so the
+    restricted programme loses no partition.
+    """
+    n = probe.n
+    forward = [0] * (k + 1)
+    for j in range(1, k + 1):
+        forward[j] = n if forward[j - 1] >= n else probe.end(forward[j - 1], cap)
+    backward = [n] * (k + 1)
+    for t in range(1, k + 1):
+        backward[t] = 0 if backward[t - 1] <= 0 else probe.begin(backward[t - 1], cap)
+    low = [max(j, backward[k - j]) for j in range(k + 1)]
+    high = [min(forward[j], n - (k - j)) for j in range(k + 1)]
+    low[0] = high[0] = 0
+    low[k] = high[k] = n
+    return low, high
+
+
+def _min_sum_squares(probe, k, cap, budget):
+    """Boundaries [0, b1, ..., n] of k runs of size ≤ cap with the smallest Σ S², or None over budget.
+
+    D_j(e) = min over feasible s of D_{j−1}(s) + size(s, e)², evaluated one
+    layer at a time over every (s, e) pair of adjacent windows with
+    size(s, e) ≤ cap, flattened into numpy arrays.  Ties go to the smallest s.
+    Returns (bounds, pairs evaluated, exact integer arithmetic?).
+    """
+    n = probe.n
+    low, high = _windows(probe, k, cap)
+    widths = [h - l + 1 for l, h in zip(low, high)]
+    if min(widths) < 1:
+        raise AssertionError(f"dp: empty boundary window for k = {k}, cap = {cap}")
+    if sum(widths) > budget:
+        return None, sum(widths), True
+    exact = k * float(cap) * float(cap) < 2.0 ** 62
+    dtype = np.int64 if exact else np.float64
+    previous = np.zeros(1, dtype=dtype)  # D_0 over W_0 = [0, 0]
+    choices = []
+    pairs = 0
+    for j in range(1, k + 1):
+        ends = np.arange(low[j], high[j] + 1, dtype=np.int64)
+        first = np.maximum(probe.begins(ends, cap, low[j - 1]), low[j - 1])
+        last = np.minimum(ends - 1, high[j - 1])
+        counts = last - first + 1
+        if (counts < 1).any():
+            raise AssertionError(f"dp: boundary {j} has a position with no feasible predecessor")
+        total = int(counts.sum())
+        pairs += total
+        if pairs > budget:
+            return None, pairs, exact
+        best = np.empty(ends.size, dtype=dtype)
+        choice = np.empty(ends.size, dtype=np.int64)
+        # Rows in chunks of about _CHUNK_PAIRS pairs.
+        cumulative = np.cumsum(counts)
+        row = 0
+        while row < ends.size:
+            stop = int(np.searchsorted(cumulative, (cumulative[row] - counts[row]) + _CHUNK_PAIRS, side="right"))
+            stop = max(stop, row + 1)
+            chunk_counts = counts[row:stop]
+            chunk_total = int(chunk_counts.sum())
+            offsets = np.zeros(stop - row, dtype=np.int64)
+            np.cumsum(chunk_counts[:-1], out=offsets[1:])
+            rows = np.repeat(np.arange(stop - row), chunk_counts)
+            starts = first[row:stop][rows] + (np.arange(chunk_total) - offsets[rows])
+            sizes = probe.sizes_of(starts, ends[row:stop][rows]).astype(dtype)
+            cost = previous[starts - low[j - 1]] + sizes * sizes
+            if (sizes > cap).any():  # cannot happen: `begins` is exact
+                raise AssertionError("dp: a run in the band exceeds the bottleneck")
+            minima = np.minimum.reduceat(cost, offsets)
+            hits = np.flatnonzero(cost == minima[rows])
+            _, first_hit = np.unique(rows[hits], return_index=True)
+            best[row:stop] = minima
+            choice[row:stop] = starts[hits[first_hit]]
+            row = stop
+        choices.append(choice)
+        previous = best
+    bounds = [n]
+    for j in range(k, 0, -1):
+        bounds.append(int(choices[j - 1][bounds[-1] - low[j]]))
+    bounds.reverse()
+    return np.asarray(bounds, dtype=np.int64), pairs, exact
+
+
+def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0):
+    """Balanced partition of the graph's node order into contiguous runs.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph or LayerTable
+        The model graph; groups are contiguous runs of its node order.
+    capacity : int, str
+        C in bytes, a byte string (``"50MiB"``) or a device name (``"h100-l2"``).
+    memory : {"liveness", "additive"}
+    chunk_fraction : float in (0, 1]
+    k : int, optional
+        Exactly k non-empty groups, balanced.  Default: the fewest.
+    time_limit_s, seed
+        Accepted for the common signature; dp is exact and deterministic and
+        uses neither.
+
+    Returns
+    -------
+    Plan
+        For a chain: OPTIMAL (the fewest groups, or the given k, with the
+        smallest possible bottleneck).  For a DAG the node order is fixed, so
+        the plan is optimal only among plans that keep that order: FEASIBLE
+        unless k meets the lower bound; ``stats["balance_optimal_for_order"]``
+        is True.  INFEASIBLE with a reason when a node cannot fit alone or an
+        explicit k exceeds the number of nodes or is below the minimum;
+        UNKNOWN for a DAG when the given order cannot reach what another
+        order might (use ``cpsat``).  ``stats["sum_squares_optimal"]`` says
+        whether the third stage finished within `DP_PAIR_BUDGET`.
+
+    Notes
+    -----
+    Sizes of runs are monotone (a run never shrinks when it grows at either
+    end), which gives every stage its argument:
+
+    - *k*: greedy cutting needs the fewest runs (see `cachefit.solvers.greedy`).
+    - *bottleneck*: a bottleneck B admits exactly k non-empty runs iff greedy
+      with capacity B needs at most k runs and n ≥ k (split runs until there
+      are k; parts of a run fit wherever the run does).  That predicate is
+      monotone in B, so bisection over the integers between the largest
+      ⌈(a lower bound on Σ S)/k⌉ and the bottleneck of a feasible k-run plan finds the
+      smallest B.  After a feasible probe the upper end drops to the largest
+      run the probe made, itself feasible.  At most ~log2(C) probes of
+      O(k log n) each.
+    - *Σ S²*: an exact DP over boundary positions, restricted to windows
+      W_j (see `_windows`) that contain every boundary of every partition
+      with runs ≤ B*; for e ∈ W_j only starts s with size(s, e) ≤ B* are
+      visited.  When B* is tight the windows are a few positions wide and the
+      stage is near-linear.  Σ S² is exact in int64 while k·B*² < 2⁶²,
+      otherwise it is minimised in float64 (ties within rounding may then
+      break either way).  Above `DP_PAIR_BUDGET` pairs the plan is the greedy
+      one at B* (same k and bottleneck) and ``sum_squares_optimal`` is False.
+
+    Complexity: O(n) to build prefix sums, O(k log n · log C) for the first
+    two stages (C-level bisections on prefix sums for the additive model and
+    for the liveness model without buffers at f = 1), and O(Σ_j |W_j| ·
+    window width) for the third.
+
+    Examples
+    --------
+    >>> from cachefit.graphs import from_layers
+    >>> plan = dp(from_layers([40, 30, 20, 50, 10]), 60, memory="additive")
+    >>> plan.sizes, plan.status
+    ((40, 50, 60), <Status.OPTIMAL: 'OPTIMAL'>)
+    >>> dp(from_layers([40, 30, 20, 50, 10]), 100, memory="additive", k=2).sizes
+    (70, 80)
+    """
+    problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                           time_limit_s=time_limit_s, seed=seed)
+    table = problem.table
+    n = table.n
+    reason = oversize_node(problem)
+    if reason:
+        return no_plan(problem, "dp", Status.INFEASIBLE, reason)
+    if problem.k is not None and problem.k > n:
+        return no_plan(problem, "dp", Status.INFEASIBLE,
+                       f"k = {problem.k} non-empty groups need at least {problem.k} nodes; the graph has {n}")
+    if n == 0:
+        return finish(problem, "dp", [], status=Status.OPTIMAL, lower=0)
+    intervals = problem.intervals()
+    bounds, stuck = greedy_bounds(intervals, problem.capacity)
+    if bounds is None:  # only for a DAG: activations of earlier nodes pass through this one
+        return no_plan(problem, "dp", Status.UNKNOWN,
+                       f"node {table.ids[stuck]!r} does not fit even alone in the given node order "
+                       "(activations of earlier nodes pass through it); another order may fit: try solver='cpsat'")
+    order_k = len(bounds) - 1
+    lower = order_k if table.is_chain else problem.lower_bound()
+    if problem.k is not None and problem.k < lower:
+        return no_plan(problem, "dp", Status.INFEASIBLE,
+                       f"k = {problem.k} is below the minimum number of groups, {lower}", lower=lower)
+    if problem.k is not None and problem.k < order_k:
+        return no_plan(problem, "dp", Status.UNKNOWN,
+                       f"k = {problem.k}: the given node order needs {order_k} groups; "
+                       "another order may need fewer: try solver='cpsat'", lower=lower)
+    target = problem.k or order_k
+    result, stats = _balance(intervals, bounds, target,
+                             forced_bytes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction))
+    sizes = intervals.sizes(result)
+    status = Status.OPTIMAL if table.is_chain else Status.FEASIBLE
+    stats = {"order": "given", "min_k_for_order": order_k, **stats}
+    return finish(problem, "dp", contiguous_groups(result), status=status, lower=lower, sizes=sizes, stats=stats)
+
+
+def _balance(intervals, bounds, target, forced):
+    """Stages 2 and 3 from greedy's `bounds`: boundaries of `target` runs, and stats."""
+    order_k = len(bounds) - 1
+    probe = _Probe(intervals)
+    feasible = split_to_k(bounds, target) if target > order_k else bounds
+    high = int(intervals.sizes(feasible).max())
+    # k runs hold every node, so k·B* ≥ Σ S ≥ the sum bound's total (see `bounds.forced_bytes`).
+    low = -(-forced // target)
+    bottleneck, probes = min_bottleneck(probe, target, min(low, high), high)
+    result, pairs, exact = _min_sum_squares(probe, target, bottleneck, DP_PAIR_BUDGET)
+    sum_squares_optimal = result is not None
+    if result is None:
+        logger.info("dp: Σ S² stage over budget (%d pairs); using the greedy plan at the bottleneck", pairs)
+        greedy_at, _ = greedy_bounds(intervals, bottleneck)
+        result = split_to_k(greedy_at, target) if len(greedy_at) - 1 < target else greedy_at
+    return result, {"probes": probes, "balance_optimal_for_order": True,
+                    "sum_squares_optimal": sum_squares_optimal, "sum_squares_pairs": int(pairs),
+                    "sum_squares_exact_arithmetic": bool(exact), "probe": probe.mode}
+
+
+def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=None):
+    """Boundaries of dp's partition of `table`'s node order, without building a Plan.
+
+    The building block `cpsat` uses to turn any topological order into a
+    balanced hint.  Inputs are taken as already validated (capacity in bytes).
+
+    Returns
+    -------
+    bounds : numpy.ndarray or None
+        [0, b1, ..., n] for `k` runs (default: the fewest), or None when the
+        order cannot hold a node or needs more than `k` runs.
+    order_k : int or None
+        The fewest runs this order needs (None when a node does not fit).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> bounds, order_k = balanced_cut(LayerTable.chain([40, 30, 20, 50, 10]), 100, memory="additive")
+    >>> bounds.tolist(), order_k
+    ([0, 2, 5], 2)
+    """
+    intervals = Intervals(table, memory, chunk_fraction)
+    bounds, _ = greedy_bounds(intervals, capacity)
+    if bounds is None:
+        return None, None
+    order_k = len(bounds) - 1
+    target = order_k if k is None else k
+    if target < order_k or target > table.n:
+        return None, order_k
+    if table.n == 0:
+        return bounds, order_k
+    result, _ = _balance(intervals, bounds, target,
+                         forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction))
+    return result, order_k
