@@ -124,7 +124,8 @@ def print_plan(plan, *, max_rows=40):
 @click.argument("model")
 @click.option("--capacity", "-c", required=True,
               help="Bytes ('50MiB', '50MB', 4096) or a device: h100-l2, h200-l2, a100-l2, h100-hbm, ...")
-@click.option("--solver", default="auto", show_default=True, help="A registered solver (see `cachefit solvers`).")
+@click.option("--solver", default="auto", show_default=True,
+              help="A registered solver (see `cachefit solvers`), or 'all' to run every one side by side.")
 @click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
 @click.option("--chunk-fraction", type=float, default=1.0, show_default=True,
               help="Fraction of the activations resident at once (liveness model).")
@@ -154,6 +155,9 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
         if not chunk_tokens.isdigit():
             raise InputError(f"`--chunk-tokens` must be a positive integer or 'auto', got {chunk_tokens!r}")
         chunk_tokens = int(chunk_tokens)
+    if solver == "all":
+        sys.exit(compare_solvers(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                                 time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path))
     result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
                        time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens)
     if tile:
@@ -173,6 +177,46 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
         result.to_json(json_path)
         console.print(f"plan written to {json_path}", highlight=False)
     sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
+
+
+def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, tile, chunk_tokens, json_path):
+    """`plan --solver all`: every solver on the same (tiled, chunked) problem, side by side.
+
+    Returns the exit code.  With `json_path`, the best plan (fewest groups,
+    then smallest bottleneck) is written.
+    """
+    from .api import plan as make_plan
+    from .checker import check
+    from .solvers import compare
+
+    if tile or chunk_tokens is not None:  # prepare once (tiling, chunk choice), then compare on that problem
+        prepared = make_plan(graph, capacity, solver="greedy", memory=memory, chunk_fraction=chunk_fraction,
+                             tile=tile, chunk_tokens=chunk_tokens)
+        graph, chunk_fraction = prepared.graph, prepared.chunk_fraction
+    plans = compare(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s)
+    table = Table(title=f"every solver, capacity {format_bytes(capacity)}")
+    for column in ("solver", "status", "k", "lower bound", "bottleneck", "balance", "time", "check"):
+        table.add_column(column, justify="left" if column in ("solver", "status") else "right")
+    for result in plans:
+        report = check(result)
+        table.add_row(result.solver, str(result.status), str(result.k), str(result.lower_bound),
+                      format_bytes(result.bottleneck) if result.ok else "-",
+                      f"{result.balance:.3f}" if result.balance else "-", f"{result.wall_s * 1000:.1f} ms",
+                      "ok" if report.ok else f"[red]{len(report.violations)} violation(s)[/]")
+    console.print(table)
+    found = [result for result in plans if result.ok]
+    if not found:
+        console.print(Text(f"no plan: {plans[0].reason}"))
+        return EXIT_NO_PLAN
+    best = min(found, key=lambda result: (result.k, result.bottleneck, result.status != "OPTIMAL"))
+    proven = max(result.lower_bound for result in plans)
+    console.print(f"best: {best.solver} (k = {best.k}, bottleneck {format_bytes(best.bottleneck)}); "
+                  f"best proven lower bound {proven}" + (": k is optimal" if best.k == proven else ""),
+                  highlight=False)
+    if json_path:
+        best.to_json(json_path)
+        console.print(f"plan written to {json_path}", highlight=False)
+    return EXIT_OK
 
 
 @main.command("check")

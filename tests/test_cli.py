@@ -78,3 +78,20 @@ class TestModelsCommand:
         assert result.exit_code == 0
         for name in ("gpt2", "llama-3.1-70b", "paper-4x15gb"):
             assert name in result.output
+
+
+class TestSolverAll:
+    def test_side_by_side_and_best_written(self, runner, layers_file, tmp_path):
+        out = tmp_path / "best.json"
+        result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "500B", "--solver", "all",
+                                      "--json", str(out)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        for name in ("greedy", "dp", "cpsat", "brute"):
+            assert name in result.output
+        assert "best proven lower bound 3: k is optimal" in result.output
+        plan = Plan.from_json(out)
+        assert plan.k == 3 and check(plan).ok
+
+    def test_all_infeasible_exit_1(self, runner, layers_file):
+        result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "300B", "--solver", "all"])
+        assert result.exit_code == 1 and "no plan:" in result.output
