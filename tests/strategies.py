@@ -1,26 +1,23 @@
-"""Small local strategies for the core tests (cachefit.testing has the public ones)."""
+"""The core tests' graph draws, on top of the public `cachefit.testing` strategies.
 
-import networkx as nx
+`graphs` picks chains or DAGs; `capacities` draws a capacity around the
+largest single node so that infeasible, exact-fit and loose cases all occur.
+"""
+
 from hypothesis import strategies as st
 
-byte_values = st.one_of(st.just(0), st.integers(0, 100))
+from cachefit.testing import chains, dags
+
+SCALE = 100  # the byte scale the public strategies draw sizes around
 
 
-@st.composite
-def graphs(draw, *, min_nodes=0, max_nodes=10, chain=False, activations=True, buffers=True):
-    n = draw(st.integers(min_nodes, max_nodes))
-    graph = nx.DiGraph(name="drawn")
-    for index in range(n):
-        graph.add_node(f"n{index}", weight_bytes=draw(byte_values),
-                       activation_bytes=draw(byte_values) if activations else 0,
-                       buffer_bytes=draw(byte_values) if buffers else 0)
-    for index in range(1, n):
-        if chain:
-            graph.add_edge(f"n{index - 1}", f"n{index}")
-        else:
-            for source in draw(st.sets(st.integers(0, index - 1), max_size=3)):
-                graph.add_edge(f"n{source}", f"n{index}")
-    return graph
+def graphs(*, min_nodes=0, max_nodes=10, chain=False, activations=True, buffers=True):
+    options = {"min_nodes": min_nodes, "max_nodes": max_nodes, "capacity": SCALE}
+    if not activations:
+        options["max_activation"] = 0
+    if not buffers:
+        options["max_buffer"] = 0
+    return chains(**options) if chain else dags(**options)
 
 
 @st.composite
