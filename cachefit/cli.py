@@ -6,34 +6,15 @@ violations, 2 bad input.  Bad input never prints a Python traceback.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .errors import CachefitError, InputError
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
+from .errors import InputError
 from .units import format_bytes
-
-console = Console()
-error_console = Console(stderr=True)
-
-EXIT_OK, EXIT_NO_PLAN, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def friendly(function):
-    """Turn cachefit's input errors into a one-line message and exit code 2."""
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (InputError, CachefitError, FileNotFoundError) as exc:
-            error_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_BAD_INPUT)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,20 +41,6 @@ def models(sources):
         row = [name, f"{info['params']:,}", format_bytes(info["weight_bytes"], binary=False), str(info["layers"])]
         table.add_row(*row, *([Text(str(info["source"]))] if sources else []))
     console.print(table)
-
-
-def model_options(function):
-    options = [
-        click.option("--batch", type=int, default=None, help="Batch size (default: the model's, else 1)."),
-        click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: the model's, else 2048)."),
-        click.option("--dtype", default="bf16", show_default=True,
-                     type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8"])),
-        click.option("--granularity", default="block", show_default=True, type=click.Choice(["block", "op"]),
-                     help="One node per transformer block, or per operator."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
 
 
 def _bytes_both(num_bytes):

@@ -11,35 +11,15 @@ runs `cachefit.bench.solvers.run_benchmark` with a progress bar and writes
 
 from __future__ import annotations
 
-import functools
 import shlex
 import sys
 
 import click
-from rich.console import Console
 
-from .errors import CachefitError, InputError
+from .clikit import console, friendly
+from .errors import InputError
 
 __all__ = ["bench"]
-
-console = Console()
-error_console = Console(stderr=True)
-
-
-def friendly(function):
-    """Input errors become a one-line message and exit code 2 (as in `cachefit.cli`).
-
-    Kept here rather than imported from `cachefit.cli` so that module can
-    import this one at its top without a cycle.
-    """
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (InputError, CachefitError, FileNotFoundError) as exc:
-            error_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-            sys.exit(2)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

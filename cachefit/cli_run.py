@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cli import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
 from .errors import InputError
 
 __all__ = ["run"]

@@ -315,7 +315,29 @@ class EagerSchedule:
         self.result = None
 
 
-class GraphSchedule:
+class _CudaTimed:
+    """Timing and read-back shared by the CUDA-graph schedules (they define `replay` and `graphs`)."""
+
+    def time(self, warmup, iters):
+        for _ in range(warmup):
+            self.replay()
+        torch.cuda.synchronize(self.model.device)
+        totals, per_segment = [], []
+        for _ in range(iters):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.graphs) + 1)]
+            events[0].record()
+            self.replay(events)
+            events[-1].synchronize()
+            totals.append(events[0].elapsed_time(events[-1]))
+            per_segment.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
+        return _Timing(totals, per_segment)
+
+    def outputs(self):
+        torch.cuda.synchronize(self.model.device)
+        return _outputs(self.model, self.stores)
+
+
+class GraphSchedule(_CudaTimed):
     """A schedule on CUDA: each segment captured once as a CUDA graph and replayed per pass."""
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
@@ -377,24 +399,6 @@ class GraphSchedule:
             if events is not None:
                 events[index + 1].record()
 
-    def time(self, warmup, iters):
-        for _ in range(warmup):
-            self.replay()
-        torch.cuda.synchronize(self.model.device)
-        totals, per_segment = [], []
-        for _ in range(iters):
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.graphs) + 1)]
-            events[0].record()
-            self.replay(events)
-            events[-1].synchronize()
-            totals.append(events[0].elapsed_time(events[-1]))
-            per_segment.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
-        return _Timing(totals, per_segment)
-
-    def outputs(self):
-        torch.cuda.synchronize(self.model.device)
-        return _outputs(self.model, self.stores)
-
     def launches(self):
         """Kernels per pass: the kernel nodes of the replayed graphs (exact, cuda-bindings), else the
         CUDA kernel events torch.profiler records over one pass."""
@@ -416,7 +420,7 @@ class GraphSchedule:
         torch.cuda.empty_cache()
 
 
-class ReplaySchedule:
+class ReplaySchedule(_CudaTimed):
     """partition-major with one-chunk graphs (CUDA): each group captured once for one chunk, through
     static input and output buffers, and replayed once per chunk.
 
@@ -505,24 +509,6 @@ class ReplaySchedule:
                     del store[name]
             if events is not None:
                 events[index + 1].record()
-
-    def time(self, warmup, iters):
-        for _ in range(warmup):
-            self.replay()
-        torch.cuda.synchronize(self.model.device)
-        totals, per_segment = [], []
-        for _ in range(iters):
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.graphs) + 1)]
-            events[0].record()
-            self.replay(events)
-            events[-1].synchronize()
-            totals.append(events[0].elapsed_time(events[-1]))
-            per_segment.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
-        return _Timing(totals, per_segment)
-
-    def outputs(self):
-        torch.cuda.synchronize(self.model.device)
-        return _outputs(self.model, self.stores)
 
     def launches(self):
         """Kernels per pass: graph kernel nodes × chunks plus one copy kernel per static buffer per
