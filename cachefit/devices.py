@@ -1,8 +1,11 @@
 """Named capacities of common devices, and `parse_capacity`.
 
 L2 sizes are the ones NVIDIA documents (H100: 50 MiB, H200: 60 MiB as the
-driver reports it, A100: 40 MiB); HBM sizes are the marketed decimal
-figures (H100 80 GB, H200 141 GB, A100 80 GB).
+driver reports it, A100: 40 MiB).  HBM sizes are the product names' figures
+read as decimal gigabytes (H100 80 GB, H200 141 GB, A100 80 GB = 80·10⁹ B).
+That is a little below what the driver reports (an H100 80GB shows 81,559 MiB
+≈ 85.5·10⁹ B; an H200 143,771 MiB ≈ 150.8·10⁹ B), so plans made with these
+names are conservative; pass the exact byte count for a tighter plan.
 
 Examples
 --------

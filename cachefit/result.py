@@ -14,6 +14,7 @@ import networkx as nx
 
 from .errors import InputError
 from .memory import LayerTable
+from .validation import validate
 
 __all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "graph_to_data", "graph_from_data",
            "write_text_atomic"]
@@ -208,7 +209,7 @@ class Plan:
             wall_s=float(data["wall_s"]),
             stats=dict(data.get("stats", {})),
             reason=str(data.get("reason", "")),
-            graph=graph_from_data(data["graph"]),
+            graph=validate(graph_from_data(data["graph"])),
         )
 
 

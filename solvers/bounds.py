@@ -361,7 +361,9 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     return {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
-        "l2": max(1, l2_bound(items, capacity - reserved)),
+        # With no room left after the reserved part, every item must be 0 (else no plan
+        # exists and the solvers say so first), and one bin may hold them all.
+        "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         "head_tail": head_tail_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
     }

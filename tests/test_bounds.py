@@ -145,3 +145,16 @@ def test_scale_array_is_exact(values, fraction):
 def test_scale_array_large_values_take_the_float_path_exactly():
     values = np.array([2**50, 3 * 2**48 + 1, 10**15], dtype=np.int64)
     assert scale_array(values, 1 / 3).tolist() == [scale_activation(int(v), 1 / 3) for v in values]
+
+
+def test_buffer_only_nodes_at_exact_capacity():
+    """Regression: the L2 bound's bin is C − min buffer; at 0 it must not claim n bins."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for name in "ab":
+        graph.add_node(name, weight_bytes=0, activation_bytes=0, buffer_bytes=10)
+    assert lower_bound(LayerTable.from_graph(graph), 10) == 1
+    for solver in (greedy, brute, cpsat):
+        plan = solver(graph, 10)
+        assert plan.k == 1 and plan.status == "OPTIMAL"

@@ -80,3 +80,11 @@ class TestProperties:
         assert plan.gap == 0 and plan.balance == pytest.approx(30 * 2 / 60)
         infeasible = greedy(from_layers([100]), 30)
         assert infeasible.gap is None and infeasible.balance is None and not infeasible.ok
+
+
+class TestFromJsonValidatesTheGraph:
+    def test_fractional_bytes_in_file(self):
+        data = json.loads(greedy(from_layers([10, 20]), 30).to_json())
+        data["graph"]["nodes"][0]["activation_bytes"] = 4.5
+        with pytest.raises(InputError, match=r"node '0': `activation_bytes` must be a non-negative integer, got 4.5"):
+            Plan.from_json(json.dumps(data))
