@@ -11,13 +11,14 @@ from .devices import DEVICES, parse_capacity
 from .errors import CachefitError, InputError
 from .memory import MEMORY_MODELS, LayerTable, group_sizes
 from .result import Plan, Status
+from .stages import stages
 from .units import format_bytes, parse_bytes
 from . import graphs, instances, solvers  # noqa: E402  (subpackages users reach as attributes)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "plan", "check", "CheckReport", "Plan", "Status", "LayerTable", "group_sizes", "MEMORY_MODELS",
+    "plan", "stages", "check", "CheckReport", "Plan", "Status", "LayerTable", "group_sizes", "MEMORY_MODELS",
     "DEVICES", "parse_capacity", "parse_bytes", "format_bytes", "CachefitError", "InputError",
     "graphs", "instances", "solvers", "__version__",
 ]

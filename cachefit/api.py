@@ -11,7 +11,7 @@ __all__ = ["plan"]
 
 
 def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.0, k=None,
-         time_limit_s=None, seed=0, tile=False, chunk_tokens=None):
+         time_limit_s=None, seed=0, tile=False, chunk_tokens=None, balance="memory"):
     """Partition `graph` into ordered groups that each fit `capacity`.
 
     Parameters
@@ -43,6 +43,16 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
         largest chunk among those giving the fewest groups
         (`cachefit.chunks.choose_chunk_tokens`, probed with greedy, tiling
         at each chunk when `tile` is set).
+    balance : {"memory", "flops"}
+        What is balanced once k is fixed: the largest group's bytes (the
+        default), or its Σ ``flops`` (node attribute: `graphs.transformer`,
+        the embedded models and `from_hf_config` fill it; a node without one,
+        e.g. from `from_torch` or `from_layers`, counts 0), every group
+        still within `capacity`.  With ``"flops"`` the plan records
+        ``stats["balance"]``, ``stats["flops"]`` (per group) and
+        ``stats["bottleneck_flops"]``; ``plan.bottleneck`` stays the largest
+        size in bytes.  ``dp`` is exact for the node order, ``cpsat`` and
+        ``brute`` over every grouping; ``greedy`` does not balance.
 
     Returns
     -------
@@ -61,8 +71,10 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     Raises
     ------
     InputError
-        A bad argument; `chunk_tokens` on a graph without ``batch`` and
-        ``seq_len``; both `chunk_tokens` and a `chunk_fraction` other than 1.
+        A bad argument (an unknown `balance`, a node's ``flops`` that is not
+        a non-negative number when balancing by flops); `chunk_tokens` on a
+        graph without ``batch`` and ``seq_len``; both `chunk_tokens` and a
+        `chunk_fraction` other than 1.
 
     Examples
     --------
@@ -78,9 +90,11 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     (3, 1, 3, 4)
     """
     from .solvers import SOLVERS
+    from .solvers._common import check_balance
 
     if solver not in SOLVERS:
         raise InputError(f"`solver` must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    check_balance(balance)
     if not isinstance(tile, bool):
         raise InputError(f"`tile` must be True or False, got {tile!r}")
     stats = {}
@@ -112,7 +126,7 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     if stats:
         stats["prepare_s"] = time.perf_counter() - started
     result = SOLVERS[solver](graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                             time_limit_s=time_limit_s, seed=seed)
+                             time_limit_s=time_limit_s, seed=seed, balance=balance)
     if tile and stats["untiled"] and not result.ok:
         untiled = stats["untiled"]
         # explain the node the solver named, if it is one tiling had to leave whole

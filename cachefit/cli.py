@@ -220,9 +220,12 @@ def _register_commands():
     """Commands defined in their own modules (they import their heavy parts lazily)."""
     from .cli_bench import bench
     from .cli_run import run
+    from .cli_stages import pipeline_command, stages_command
 
     main.add_command(bench)
     main.add_command(run)
+    main.add_command(stages_command)
+    main.add_command(pipeline_command)
 
 
 _register_commands()

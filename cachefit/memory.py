@@ -25,6 +25,7 @@ run's size does not depend on where the other cuts fall.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -129,6 +130,11 @@ class LayerTable:
     is_chain : bool
         Every consecutive pair of positions is an edge, so the order is the
         only topological order and the only valid groups are contiguous runs.
+    graph : networkx.DiGraph or None
+        The graph the table was made from.
+    flops : numpy.ndarray of int64 or None
+        Per-position compute, for balancing by flops; None means: read the
+        graph's ``flops`` attributes when asked (`flops_array`).
     """
 
     ids: tuple
@@ -140,6 +146,7 @@ class LayerTable:
     targets: np.ndarray
     is_chain: bool
     graph: nx.DiGraph | None = field(default=None, repr=False)
+    flops: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n(self):
@@ -168,11 +175,11 @@ class LayerTable:
                    bool(linked.all()), graph)
 
     @classmethod
-    def chain(cls, weight, activation=None, buffer=None, *, ids=None):
+    def chain(cls, weight, activation=None, buffer=None, *, ids=None, flops=None):
         """A chain straight from arrays, without building a graph.
 
         This is the fast path for very long chains: ``ids`` default to
-        ``"0", "1", ...``.
+        ``"0", "1", ...``; `flops` (non-negative integers) defaults to none.
         """
         weight = _byte_array(weight, "weight")
         n = len(weight)
@@ -184,9 +191,50 @@ class LayerTable:
             ids = [str(index) for index in range(n)]
         elif len(ids) != n:
             raise InputError(f"`ids` must have {n} entries, got {len(ids)}")
+        if flops is not None:
+            flops = _byte_array(flops, "flops")
+            if len(flops) != n:
+                raise InputError(f"`flops` must have {n} entries, got {len(flops)}")
         last_use = np.minimum(np.arange(1, n + 1, dtype=np.int64), max(n - 1, 0))
         sources = np.arange(max(n - 1, 0), dtype=np.int64)
-        return cls(tuple(ids), weight, activation, buffer, last_use, sources, sources + 1, True)
+        return cls(tuple(ids), weight, activation, buffer, last_use, sources, sources + 1, True, flops=flops)
+
+    def flops_array(self):
+        """The ``flops`` of every position as int64: the table's own, else the graph's attributes.
+
+        A node without ``flops`` (or with None) counts 0.
+
+        Raises
+        ------
+        InputError
+            A ``flops`` attribute that is not a non-negative finite number,
+            naming the node; or a total beyond 2⁶² (int64 headroom).
+
+        Examples
+        --------
+        >>> LayerTable.chain([1, 2], flops=[5, 0]).flops_array().tolist()
+        [5, 0]
+        >>> LayerTable.chain([1, 2]).flops_array().tolist()
+        [0, 0]
+        """
+        if self.flops is not None:
+            return self.flops
+        values = np.zeros(self.n, dtype=np.int64)
+        if self.graph is not None:
+            for index, node in enumerate(self.ids):
+                value = self.graph.nodes[node].get("flops")
+                if value is None:
+                    continue
+                if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                        or not math.isfinite(value) or value < 0):
+                    raise InputError(f"node {node!r}: `flops` must be a non-negative finite number, got {value!r}")
+                if value >= 2**62:
+                    raise InputError(f"node {node!r}: `flops` {value!r} is beyond 2**62; scale the graph's flops "
+                                     "down (only ratios matter)")
+                values[index] = int(round(value))
+        if values.size and sum(values.tolist()) >= 2**62:
+            raise InputError("the graph's `flops` add up beyond 2**62; scale them down (only ratios matter)")
+        return values
 
     def to_graph(self):
         """The graph this table stands for (the original one when it has it)."""

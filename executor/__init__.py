@@ -7,7 +7,9 @@ baselines ``token-major``, ``batched`` and ``eager``), checks every output
 against the unpartitioned model and times it: CUDA graphs per group on a GPU,
 the same schedules eagerly on the CPU (the numerical reference).
 `graph_fingerprint` identifies the graph a plan belongs to; `linear_stack`
-builds the executor's benchmark model.
+builds the executor's benchmark model.  `split_spec` and `run_pipeline`
+hand a stage plan to ``torch.distributed.pipelining`` and run it with one
+process per stage.
 
 torch is imported only when a name that needs it is used, so
 ``import cachefit.executor`` works without torch.
@@ -28,10 +30,13 @@ from .results import BASELINES, SCHEDULES, GroupReport, RunResult, ScheduleResul
 from .stack import linear_stack
 
 __all__ = ["build", "run", "BuiltModel", "GroupRunner", "RunResult", "ScheduleResult", "GroupReport",
-           "graph_fingerprint", "check_plan_groups", "linear_stack", "render", "SCHEDULES", "BASELINES"]
+           "graph_fingerprint", "check_plan_groups", "linear_stack", "render", "SCHEDULES", "BASELINES",
+           "split_spec", "run_pipeline", "pipeline_module", "StepsModule", "PipelineResult"]
 
 # name -> submodule that defines it (imported on first use: these import torch or rich)
-_LAZY = {"build": "model", "BuiltModel": "model", "run": "api", "GroupRunner": "runner", "render": "report"}
+_LAZY = {"build": "model", "BuiltModel": "model", "run": "api", "GroupRunner": "runner", "render": "report",
+         "split_spec": "pipeline", "run_pipeline": "pipeline", "pipeline_module": "pipeline",
+         "StepsModule": "pipeline", "PipelineResult": "pipeline"}
 
 
 def __getattr__(name):

@@ -1,7 +1,12 @@
 """Partitioning solvers, all with one signature and one result type.
 
 ``solver(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None,
-time_limit_s=None, seed=0) -> Plan``
+time_limit_s=None, seed=0, balance="memory") -> Plan``
+
+``balance="flops"`` minimises the largest group's Σ ``flops`` (node
+attribute, 0 where absent) after k instead of its bytes; every group still
+fits the capacity in bytes, and ``plan.bottleneck`` stays the largest size
+(``stats["bottleneck_flops"]`` holds the flops one).
 
 `SOLVERS` maps each name to its function; `cachefit.plan` looks solvers up
 there.  A solver validates its input, never mutates the graph, and reports
@@ -40,7 +45,8 @@ logger = logging.getLogger(__name__)
 AUTO_CPSAT_MAX_CELLS = 500_000
 
 
-def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0):
+def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
+         balance="memory"):
     """Pick a solver for the graph and run it.
 
     Chains (and graphs of at most one node) go to ``dp``, which is exact for
@@ -64,7 +70,8 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     >>> plan.solver, plan.stats["auto"], plan.sizes
     ('dp', 'dp (chain)', (70, 80))
     """
-    options = dict(memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s, seed=seed)
+    options = dict(memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s, seed=seed,
+                   balance=balance)
     table = as_table(graph)
     if table.is_chain or table.n <= 1:
         return dp(table, capacity, **options).with_stats(auto="dp (chain)")
@@ -105,7 +112,7 @@ def compare(graph, capacity, *, solvers=None, **options):
         ``auto`` (which only repeats one of them), leaving out ``brute`` when
         the graph has more than 12 nodes.
     **options
-        Passed to every solver (memory, chunk_fraction, k, time_limit_s, seed).
+        Passed to every solver (memory, chunk_fraction, k, time_limit_s, seed, balance).
 
     Returns
     -------
@@ -137,7 +144,8 @@ def compare(graph, capacity, *, solvers=None, **options):
     table = as_table(graph)
     Problem.make(table, capacity, memory=options.get("memory", "liveness"),
                  chunk_fraction=options.get("chunk_fraction", 1.0), k=options.get("k"),
-                 time_limit_s=options.get("time_limit_s"), seed=options.get("seed", 0))
+                 time_limit_s=options.get("time_limit_s"), seed=options.get("seed", 0),
+                 balance=options.get("balance", "memory"))
     plans = []
     for name in names:
         if name == "brute" and table.n > MAX_BRUTE_NODES and not explicit:

@@ -21,14 +21,30 @@ from ..memory import (Intervals, LayerTable, as_table, scale_activation_array, c
 from ..result import Plan, Status
 from .bounds import lower_bound
 
-__all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "check_k"]
+__all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "check_k", "check_balance", "BALANCES"]
+
+#: What a balanced plan minimises after k: the largest group's bytes, or its ``flops``.
+BALANCES = ("memory", "flops")
+
+
+def check_balance(balance):
+    """Return `balance` if it names a balance, else raise `InputError`."""
+    if balance not in BALANCES:
+        raise InputError(f"`balance` must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
+    return balance
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A solver's normalised input."""
+    """A solver's normalised input.
+
+    ``balance`` is ``"memory"`` (the bottleneck is the largest group's
+    bytes) or ``"flops"`` (the largest group's flops, every group still
+    within the capacity); ``flops`` is then the per-position array
+    (`LayerTable.flops_array`), else None.
+    """
 
     table: LayerTable
     capacity: int
@@ -38,10 +54,13 @@ class Problem:
     time_limit_s: float | None
     seed: int
     started: float
+    balance: str = "memory"
+    flops: np.ndarray | None = None
 
     @classmethod
-    def make(cls, graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed):
+    def make(cls, graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed, balance="memory"):
         started = time.perf_counter()
+        balance = check_balance(balance)
         table = as_table(graph)
         capacity = parse_capacity(capacity)
         memory = check_memory(memory)
@@ -53,8 +72,15 @@ class Problem:
             raise InputError(f"`time_limit_s` must be a positive number of seconds or None, got {time_limit_s!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise InputError(f"`seed` must be an integer, got {seed!r}")
+        flops = table.flops_array() if balance == "flops" else None
         return cls(table, capacity, memory, chunk_fraction, None if k is None else int(k),
-                   time_limit_s, int(seed), started)
+                   time_limit_s, int(seed), started, balance, flops)
+
+    def group_flops(self, groups):
+        """Σ flops of each group (lists or ranges of positions); needs ``balance="flops"``."""
+        flops = self.flops
+        return [int(flops[group.start:group.stop].sum()) if isinstance(group, range) and group.step == 1
+                else int(sum(int(flops[p]) for p in group)) for group in groups]
 
     def intervals(self):
         return Intervals(self.table, self.memory, self.chunk_fraction)
@@ -124,8 +150,11 @@ def no_plan(problem, solver, status, reason, *, lower=None, stats=None):
     if lower is None:
         lower = problem.lower_bound()
     logger.info("%s: %s: %s", solver, status, reason)
+    stats = dict(stats or {})
+    if problem.balance == "flops":
+        stats["balance"] = "flops"
     return Plan((), (), problem.capacity, problem.memory, problem.chunk_fraction, solver, Status(status),
-                0, int(lower), 0, problem.elapsed(), dict(stats or {}), reason, problem.table.graph or problem.table)
+                0, int(lower), 0, problem.elapsed(), stats, reason, problem.table.graph or problem.table)
 
 
 def finish(problem, solver, groups, *, status=None, lower=None, stats=None, sizes=None):
@@ -134,6 +163,8 @@ def finish(problem, solver, groups, *, status=None, lower=None, stats=None, size
     Sizes come from `cachefit.memory`; a group over capacity or an empty group
     here is a solver bug and raises.  Status is OPTIMAL when k equals the
     lower bound (for k=None), else the `status` given (default FEASIBLE).
+    With ``balance="flops"`` the stats get ``balance``, ``flops`` (per
+    group) and ``bottleneck_flops``.
     """
     table = problem.table
     ids = table.ids
@@ -153,8 +184,12 @@ def finish(problem, solver, groups, *, status=None, lower=None, stats=None, size
         status = Status.FEASIBLE
     if problem.k is None and k == lower:
         status = Status.OPTIMAL
+    stats = dict(stats or {})
+    if problem.balance == "flops":
+        flops = problem.group_flops(groups)
+        stats.update(balance="flops", flops=flops, bottleneck_flops=max(flops, default=0))
     return Plan(partitions, sizes, problem.capacity, problem.memory, problem.chunk_fraction, solver,
-                Status(status), k, lower, max(sizes) if sizes else 0, problem.elapsed(), dict(stats or {}), "",
+                Status(status), k, lower, max(sizes) if sizes else 0, problem.elapsed(), stats, "",
                 table.graph if table.graph is not None else table)
 
 

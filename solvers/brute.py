@@ -30,7 +30,8 @@ def _downsets(n, pred_mask):
     return closed
 
 
-def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0):
+def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
+          balance="memory"):
     """Exact plan by exhaustive search over all valid groupings of a DAG (n ≤ 12).
 
     Every valid ordered grouping is a chain of predecessor-closed node sets
@@ -41,6 +42,9 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     (at most 3ⁿ) and runs three exact dynamic programmes over them: the
     fewest groups (or the given k), then the smallest bottleneck (bisection
     over the sizes that occur), then the smallest Σ S² under that bottleneck.
+    With ``balance="flops"`` the bottleneck is the largest group's Σ
+    ``flops`` (every group still within the capacity in bytes), and Σ S² of
+    the bytes breaks ties.
 
     It shares no code with the other solvers beyond the Plan assembly, so it
     serves as their oracle.  Refuses graphs of more than 12 nodes.
@@ -53,7 +57,7 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     ((40, 50, 60), <Status.OPTIMAL: 'OPTIMAL'>)
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                           time_limit_s=time_limit_s, seed=seed)
+                           time_limit_s=time_limit_s, seed=seed, balance=balance)
     table = problem.table
     n = table.n
     if n > MAX_BRUTE_NODES:
@@ -81,7 +85,9 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     def members(mask):
         return [v for v in range(n) if mask >> v & 1]
 
-    # Edges of the search: (D, D') with D ⊂ D' both closed, and S(D' \ D).
+    flops = problem.flops.tolist() if problem.flops is not None else [0] * n
+    # Edges of the search: (D, D') with D ⊂ D' both closed, S(D' \ D), and the value the
+    # bottleneck is taken over: S itself, or Σ flops (balance="flops").
     transitions = {}
     for before in downsets:
         outside = full & ~before
@@ -97,7 +103,8 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
                     size = (sum(weight[v] for v in group) + max(buffer[v] for v in group)
                             + scale_activation(carried + sum(activation[v] for v in group), problem.chunk_fraction))
                 if size <= problem.capacity:
-                    transitions.setdefault(before, []).append((after, size))
+                    key = sum(flops[v] for v in group) if problem.balance == "flops" else size
+                    transitions.setdefault(before, []).append((after, size, key))
             sub = (sub - 1) & outside
 
     def fewest(limit):
@@ -106,16 +113,16 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         for before in downsets:  # increasing masks: a superset comes later
             if before not in best:
                 continue
-            for after, size in transitions.get(before, ()):
+            for after, size, _ in transitions.get(before, ()):
                 if size <= limit and best.get(after, n + 1) > best[before] + 1:
                     best[after] = best[before] + 1
         return best.get(full)
 
     def reachable_with(count, limit):
-        """Is V reachable in exactly `count` groups of size <= limit?"""
+        """Is V reachable in exactly `count` groups whose bottleneck value is <= limit?"""
         layer = {0}
         for _ in range(count):
-            layer = {after for before in layer for after, size in transitions.get(before, ()) if size <= limit}
+            layer = {after for before in layer for after, _, key in transitions.get(before, ()) if key <= limit}
         return full in layer
 
     minimum_k = fewest(problem.capacity)
@@ -126,10 +133,10 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     if reason:
         return no_plan(problem, "brute", Status.INFEASIBLE, reason, lower=minimum_k)
     target = problem.k or minimum_k
-    if not reachable_with(target, problem.capacity):
+    if not reachable_with(target, float("inf")):
         return no_plan(problem, "brute", Status.INFEASIBLE,
                        f"no valid grouping has exactly k = {target} groups within the capacity", lower=minimum_k)
-    candidates = sorted({size for edges in transitions.values() for _, size in edges})
+    candidates = sorted({key for edges in transitions.values() for _, _, key in edges})
     low, high = 0, len(candidates) - 1  # candidates[high] always works
     while low < high:
         middle = (low + high) // 2
@@ -143,8 +150,8 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     for _ in range(target):
         following = {}
         for before, (cost, path) in layer.items():
-            for after, size in transitions.get(before, ()):
-                if size <= bottleneck:
+            for after, size, key in transitions.get(before, ()):
+                if key <= bottleneck:
                     candidate = cost + size * size
                     if after not in following or candidate < following[after][0]:
                         following[after] = (candidate, path + [after])

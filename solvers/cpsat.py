@@ -104,11 +104,13 @@ class _Model:
     - ``buffer[p]`` ≥ b_v·x[v][p]: the largest buffer of group p.
     - ``act[p]``: den·act[p] ≥ num·Σ_u a_u·live[u][p] (`activation_scale`).
     - ``size[p]`` = Σ w·x + buffer[p] + act[p] (liveness) or Σ (w+a+b)·x
-      (additive), ≤ C, and ≤ the bottleneck variable in phase 2.
+      (additive), ≤ C, and ≤ the bottleneck variable in phase 2; with
+      `flops` (balance by flops) phase 2 bounds Σ flops·x[v][p] by the
+      bottleneck instead, sizes staying ≤ C.
     """
 
     def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
-                 minimum_groups=1, bottleneck_low=0):
+                 minimum_groups=1, bottleneck_low=0, flops=None):
         from ortools.sat.python import cp_model
 
         self.cp_model = cp_model
@@ -260,7 +262,15 @@ class _Model:
         for p in range(K):
             model.Add(sizes[p] <= capacity)
         self.bottleneck = None
-        if exact_k:
+        if exact_k and flops is not None:
+            # bottleneck = the largest group's Σ flops; the sizes are only capped by C
+            total = int(sum(flops))
+            self.bottleneck = model.NewIntVar(min(bottleneck_low, total), total, "bottleneck_flops")
+            for p in range(K):
+                work = sum(flops[v] * x[v][p] for v in range(n) if flops[v] and not isinstance(x[v][p], int))
+                model.Add(self.bottleneck >= work)
+            model.Minimize(self.bottleneck)
+        elif exact_k:
             self.bottleneck = model.NewIntVar(min(bottleneck_low, capacity), capacity, "bottleneck")
             for p in range(K):
                 model.Add(sizes[p] <= self.bottleneck)
@@ -416,17 +426,21 @@ def _reorder(table, order):
                       table.buffer[order], last_use, sources, targets, bool(linked.all()), None)
 
 
-def _cut_order(table, order, capacity, memory, chunk_fraction, k):
-    """dp's balanced groups (positions of `table`) for the topological `order`, or None."""
+def _cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
+    """dp's balanced groups (positions of `table`) for the topological `order`, or None.
+
+    With `flops` (per position of `table`) the runs are balanced by flops.
+    """
     reordered = _reorder(table, order)
-    bounds, _ = balanced_cut(reordered, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k)
+    bounds, _ = balanced_cut(reordered, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)])
     if bounds is None:
         return None
     order = list(order)
     return [sorted(order[i] for i in range(int(s), int(e))) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def _starts(table, capacity, memory, chunk_fraction, scale, k, seed):
+def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders."""
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
@@ -457,20 +471,23 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed):
         if key in seen:
             continue
         seen.add(key)
-        groups = _cut_order(table, order, capacity, memory, chunk_fraction, k)
+        groups = _cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
         if groups is not None:
             starts.append((name, groups))
     return starts
 
 
-def _bottleneck(table, groups, memory, chunk_fraction):
+def _bottleneck(table, groups, memory, chunk_fraction, flops=None):
+    """The largest group's size, or with `flops` its Σ flops."""
+    if flops is not None:
+        return max(int(sum(int(flops[v]) for v in group)) for group in groups)
     ids = table.ids
     return max(group_sizes(table, [[ids[v] for v in group] for group in groups], memory=memory,
                            chunk_fraction=chunk_fraction))
 
 
 def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-          workers=None):
+          workers=None, balance="memory"):
     """Exact partition over every valid grouping of a DAG with OR-Tools CP-SAT.
 
     Parameters
@@ -490,6 +507,10 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         CP-SAT's ``random_seed`` and the seed of the randomised hints.
     workers : int, optional
         CP-SAT's ``num_workers`` (default: the machine's cores).
+    balance : {"memory", "flops"}
+        The bottleneck of the second solve: the largest group's bytes, or its
+        Σ ``flops`` with every group still within the capacity
+        (``stats["bottleneck_bound"]`` is then in flops).
 
     Returns
     -------
@@ -558,7 +579,7 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     (2, <Status.OPTIMAL: 'OPTIMAL'>, (('a', 'c'), ('b', 'd')))
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                           time_limit_s=time_limit_s, seed=seed)
+                           time_limit_s=time_limit_s, seed=seed, balance=balance)
     if workers is None:
         workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
@@ -594,10 +615,11 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         scale = Fraction(fraction).as_integer_ratio()
 
     # Phase 0: hints.
-    starts = _starts(table, capacity, memory, fraction, scale, problem.k, problem.seed)
+    flops = problem.flops
+    starts = _starts(table, capacity, memory, fraction, scale, problem.k, problem.seed, flops)
     best = None
     for name, groups in starts:
-        key = (len(groups), _bottleneck(table, groups, memory, fraction))
+        key = (len(groups), _bottleneck(table, groups, memory, fraction, flops))
         if best is None or key < best[0]:
             best = (key, name, groups)
     stats["hint"] = f"{best[1]}, k={best[0][0]}" if best else "none"
@@ -642,7 +664,7 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
                 if best_groups is None or len(found) < len(best_groups):
                     # Rebalance within the order CP-SAT found (dp on it needs no more groups).
                     order = [v for group in found for v in group]
-                    best_groups = _cut_order(table, order, capacity, memory, fraction, None) or found
+                    best_groups = _cut_order(table, order, capacity, memory, fraction, None, flops) or found
                 lower = max(lower, min(result["bound"], len(best_groups)))
                 proven = result["status"] == "OPTIMAL"
             if best_groups is None:
@@ -662,10 +684,13 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     estimate = build_s if build_s is not None else 3e-5 * (n + len(table.sources)) * target
     if remaining > 1.5 * estimate + 0.05:
         earliest, latest = _domains(table, capacity, memory, fraction, target, reach)
-        low = max(int(alone_sizes(problem).max()),
-                  -(-forced_bytes(table, memory=memory, chunk_fraction=fraction) // target))
+        if flops is not None:
+            low = max(int(flops.max()), -(-int(flops.sum()) // target))
+        else:
+            low = max(int(alone_sizes(problem).max()),
+                      -(-forced_bytes(table, memory=memory, chunk_fraction=fraction) // target))
         model = _Model(table, capacity, memory, scale, target, earliest, latest, reach,
-                       exact_k=True, bottleneck_low=low)
+                       exact_k=True, bottleneck_low=low, flops=None if flops is None else flops.tolist())
         if groups is not None:
             model.hint(_part_from(groups, n))
         result = model.solve(deadline - time.perf_counter(), workers, problem.seed)
@@ -677,8 +702,8 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
                            lower=lower, stats=stats)
         if "part" in result:
             found = _groups_of(result["part"])
-            if len(found) == target and (groups is None or _bottleneck(table, found, memory, fraction)
-                                         <= _bottleneck(table, groups, memory, fraction)):
+            if len(found) == target and (groups is None or _bottleneck(table, found, memory, fraction, flops)
+                                         <= _bottleneck(table, groups, memory, fraction, flops)):
                 groups = found
             stats["bottleneck_bound"] = result["bound"]
             bottleneck_optimal = result["status"] == "OPTIMAL"

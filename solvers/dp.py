@@ -342,7 +342,8 @@ def _min_sum_squares(probe, k, cap, budget):
     return np.asarray(bounds, dtype=np.int64), pairs, exact
 
 
-def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0):
+def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
+       balance="memory"):
     """Balanced partition of the graph's node order into contiguous runs.
 
     Parameters
@@ -358,6 +359,10 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     time_limit_s, seed
         Accepted for the common signature; dp is exact and deterministic and
         uses neither.
+    balance : {"memory", "flops"}
+        The bottleneck minimised after k: the largest group's bytes, or its
+        Σ ``flops`` (node attribute, 0 where absent) with every group still
+        within the capacity in bytes.  Σ S² of the bytes breaks ties either way.
 
     Returns
     -------
@@ -395,6 +400,15 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
       break either way).  Above `DP_PAIR_BUDGET` pairs the plan is the greedy
       one at B* (same k and bottleneck) and ``sum_squares_optimal`` is False.
 
+    - *flops bottleneck* (``balance="flops"``): a flops bound F admits
+      exactly k non-empty runs, each within C bytes and F flops, iff the
+      greedy pass that cuts when either bound would be exceeded needs at
+      most k runs: a run's flops, like its size, never shrink when it
+      grows, so the greedy argument holds for the pair of bounds, and
+      splitting runs keeps both.  Bisection over the integers between
+      max(largest node flops, ⌈Σ flops / k⌉) and the flops bottleneck of a
+      feasible k-run plan; the Σ S² stage then runs with both bounds.
+
     Complexity: O(n) to build prefix sums, O(k log n · log C) for the first
     two stages (C-level bisections on prefix sums for the additive model and
     for the liveness model without buffers at f = 1), and O(Σ_j |W_j| ·
@@ -410,7 +424,7 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     (70, 80)
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                           time_limit_s=time_limit_s, seed=seed)
+                           time_limit_s=time_limit_s, seed=seed, balance=balance)
     table = problem.table
     n = table.n
     reason = oversize_node(problem)
@@ -437,8 +451,11 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
                        f"k = {problem.k}: the given node order needs {order_k} groups; "
                        "another order may need fewer: try solver='cpsat'", lower=lower)
     target = problem.k or order_k
-    result, stats = _balance(intervals, bounds, target,
-                             forced_bytes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction))
+    if problem.balance == "flops":
+        result, stats = _balance_flops(intervals, bounds, target, problem.flops, problem.capacity)
+    else:
+        result, stats = _balance(intervals, bounds, target,
+                                 forced_bytes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction))
     sizes = intervals.sizes(result)
     status = Status.OPTIMAL if table.is_chain else Status.FEASIBLE
     stats = {"order": "given", "min_k_for_order": order_k, **stats}
@@ -465,11 +482,103 @@ def _balance(intervals, bounds, target, forced):
                     "sum_squares_exact_arithmetic": bool(exact), "probe": probe.mode}
 
 
-def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=None):
+class _FlopsCapped:
+    """A `_Probe` whose runs must also stay within `limit` flops: the reach under both bounds.
+
+    ``end``, ``begin`` and ``begins`` take the tighter of the byte bound
+    (`capacity`, whatever cap the caller passes) and the flops bound
+    (bisection over the flops prefix sums); sizes are the byte probe's.  Runs
+    feasible under both bounds are closed under containment (both measures
+    are monotone), which is all `_windows` and `_min_sum_squares` rely on.
+    """
+
+    def __init__(self, probe, prefix_flops, capacity, limit):
+        self.probe = probe
+        self.n = probe.n
+        self.prefix = prefix_flops
+        self._prefix_view = memoryview(prefix_flops)
+        self.capacity = capacity
+        self.limit = limit
+
+    def flops_end(self, start, limit):
+        prefix = self._prefix_view
+        return bisect.bisect_right(prefix, prefix[start] + limit, start) - 1
+
+    def end(self, start, _cap=None):
+        return min(self.probe.end(start, self.capacity), self.flops_end(start, self.limit))
+
+    def begin(self, end, _cap=None):
+        prefix = self._prefix_view
+        by_flops = bisect.bisect_left(prefix, prefix[end] - self.limit, 0, end)
+        return max(self.probe.begin(end, self.capacity), by_flops)
+
+    def begins(self, ends, _cap, floor):
+        by_flops = np.searchsorted(self.prefix, self.prefix[ends] - self.limit, side="left")
+        return np.maximum(self.probe.begins(ends, self.capacity, floor), by_flops)
+
+    def sizes_of(self, starts, ends):
+        return self.probe.sizes_of(starts, ends)
+
+    def count(self, limit, most):
+        """Greedy runs within the capacity and `limit` flops, stopping past `most`: (count, largest run flops)."""
+        n, start, count, largest = self.n, 0, 0, 0
+        prefix = self._prefix_view
+        while start < n:
+            end = min(self.probe.end(start, self.capacity), self.flops_end(start, limit))
+            if end <= start:
+                return most + 1, largest
+            largest = max(largest, prefix[end] - prefix[start])
+            count += 1
+            if count > most:
+                return count, largest
+            start = end
+        return count, largest
+
+
+def _balance_flops(intervals, bounds, target, flops, capacity):
+    """Boundaries of `target` runs within `capacity` bytes with the smallest largest Σ flops, then Σ S².
+
+    `bounds` is greedy's byte plan (the fewest runs).  Returns (bounds, stats).
+    """
+    order_k = len(bounds) - 1
+    probe = _Probe(intervals)
+    prefix = np.zeros(len(flops) + 1, dtype=np.int64)
+    np.cumsum(flops, out=prefix[1:])
+    feasible = split_to_k(bounds, target) if target > order_k else np.asarray(bounds, dtype=np.int64)
+    high = int(np.diff(prefix[feasible]).max())
+    low = max(int(flops.max()), -(-int(prefix[-1]) // target))
+    capped = _FlopsCapped(probe, prefix, capacity, high)
+    probes = 0
+    while low < high:  # the smallest flops bound F with at most `target` greedy runs (see `dp`, Notes)
+        middle = (low + high) // 2
+        count, largest = capped.count(middle, target)
+        probes += 1
+        if count <= target:
+            high = largest
+        else:
+            low = middle + 1
+    capped.limit = high
+    result, pairs, exact = _min_sum_squares(capped, target, capacity, DP_PAIR_BUDGET)
+    sum_squares_optimal = result is not None
+    if result is None:
+        logger.info("dp: Σ S² stage over budget (%d pairs); using the greedy plan at the flops bottleneck", pairs)
+        cuts, start = [0], 0
+        while start < capped.n:
+            start = capped.end(start)
+            cuts.append(start)
+        result = split_to_k(cuts, target) if len(cuts) - 1 < target else np.asarray(cuts, dtype=np.int64)
+    return result, {"probes": probes, "balance_optimal_for_order": True, "sum_squares_optimal": sum_squares_optimal,
+                    "sum_squares_pairs": int(pairs), "sum_squares_exact_arithmetic": bool(exact),
+                    "probe": probe.mode}
+
+
+def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, flops=None):
     """Boundaries of dp's partition of `table`'s node order, without building a Plan.
 
     The building block `cpsat` uses to turn any topological order into a
     balanced hint.  Inputs are taken as already validated (capacity in bytes).
+    With `flops` (an int64 array per position) the runs are balanced by flops
+    (``balance="flops"``), else by bytes.
 
     Returns
     -------
@@ -496,6 +605,9 @@ def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=No
         return None, order_k
     if table.n == 0:
         return bounds, order_k
-    result, _ = _balance(intervals, bounds, target,
-                         forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction))
+    if flops is not None:
+        result, _ = _balance_flops(intervals, bounds, target, flops, capacity)
+    else:
+        result, _ = _balance(intervals, bounds, target,
+                             forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction))
     return result, order_k

@@ -57,7 +57,8 @@ def split_to_k(bounds, k):
     return np.asarray(bounds, dtype=np.int64)
 
 
-def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0):
+def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
+           balance="memory"):
     """Greedy layer aggregation over the graph's node order.
 
     Parameters
@@ -73,6 +74,10 @@ def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         there are k (not balanced; use ``dp`` for that).
     time_limit_s, seed
         Accepted for the common signature; greedy neither needs nor uses them.
+    balance : {"memory", "flops"}
+        Greedy balances neither: with ``"flops"`` the plan only records each
+        group's flops (``stats["flops"]``, ``stats["bottleneck_flops"]``); with
+        an explicit k it is FEASIBLE, never proved balanced.
 
     Returns
     -------
@@ -103,7 +108,7 @@ def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     ((('0',), ('1', '2'), ('3', '4')), (40, 50, 60), <Status.OPTIMAL: 'OPTIMAL'>)
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                           time_limit_s=time_limit_s, seed=seed)
+                           time_limit_s=time_limit_s, seed=seed, balance=balance)
     reason = oversize_node(problem)
     if reason:
         return no_plan(problem, "greedy", Status.INFEASIBLE, reason)

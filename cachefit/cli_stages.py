@@ -1,0 +1,226 @@
+"""``cachefit stages`` and ``cachefit pipeline``: plan pipeline stages, and run them on PyTorch's runtime.
+
+Registered in the main group by ``cachefit/cli.py``; also runs standalone as
+``python -m cachefit.cli_stages stages|pipeline ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, model_options
+from .errors import CachefitError, InputError
+from .units import format_bytes
+
+__all__ = ["stages_command", "pipeline_command", "format_count", "stage_table"]
+
+
+def format_count(value, unit=""):
+    """A count with an SI prefix: ``format_count(1.3e13, "FLOP")`` is ``'13.0 TFLOP'``.
+
+    Examples
+    --------
+    >>> format_count(13194139533312, "FLOP"), format_count(3187703808), format_count(512)
+    ('13.2 TFLOP', '3.19 G', '512')
+    """
+    value = float(value)
+    for threshold, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            scaled = value / threshold
+            digits = 1 if unit else (2 if scaled < 10 else 1)
+            return f"{scaled:.{digits}f} {prefix}{unit}"
+    return f"{value:.0f}" + (f" {unit}" if unit else "")
+
+
+def stage_table(plan, *, title=None):
+    """The rich table of a stage plan: stage, first .. last, nodes, params, flops, bytes, % of capacity."""
+    flops = plan.stats.get("flops") or [0] * plan.k
+    params = plan.stats.get("params") or [0] * plan.k
+    table = Table(title=title)
+    for column in ("stage", "first .. last", "nodes", "params", "flops", "bytes", "% of capacity"):
+        table.add_column(column, justify="left" if column.startswith("first") else "right",
+                         no_wrap=column.startswith("first"))
+    for index, (group, size) in enumerate(zip(plan.partitions, plan.sizes)):
+        span = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
+        table.add_row(str(index), Text(span), str(len(group)), format_count(params[index]),
+                      format_count(flops[index], "FLOP"), format_bytes(size),
+                      f"{100 * size / plan.capacity:.1f}%")
+    return table
+
+
+@click.command("stages")
+@click.argument("model")
+@click.option("--devices", "-n", type=int, required=True, help="Number of pipeline stages, one per device.")
+@click.option("--device-capacity", required=True,
+              help="Memory of one device: a name (h100-hbm, h200-hbm, a100-hbm) or bytes ('80GB', '75GiB').")
+@click.option("--reserve", default="0", show_default=True,
+              help="Bytes kept free on every device (KV cache, workspace), e.g. 10GiB.")
+@click.option("--balance", type=click.Choice(["flops", "memory"]), default="flops", show_default=True,
+              help="Minimise the largest stage's flops or its bytes (every stage fits either way).")
+@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
+@click.option("--solver", default="dp", show_default=True,
+              help="dp keeps the execution order (what a pipeline runtime needs) and is exact for it.")
+@model_options
+@click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the stage plan (self-contained JSON, runnable with `cachefit pipeline`) here.")
+@friendly
+def stages_command(model, devices, device_capacity, reserve, balance, memory, solver, batch, seq_len, dtype,
+                   granularity, time_limit, json_path):
+    """Cut MODEL into DEVICES pipeline stages that each fit one device, balanced by compute."""
+    from .loading import load_model
+    from .stages import format_device, stages
+
+    graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+    name = graph.graph.get("name", model)
+    plan = stages(graph, devices=devices, device_capacity=device_capacity, balance=balance, reserve=reserve,
+                  memory=memory, solver=solver, time_limit_s=time_limit)
+    stats = plan.stats
+    total, reserved = stats["device_capacity"], stats["reserve"]
+    console.print(f"[bold]{name}[/]: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges; "
+                  f"{devices} device(s) of {format_device(total)} − {format_bytes(reserved)} reserve = "
+                  f"{format_bytes(plan.capacity)} each", highlight=False)
+    if plan.ok:
+        console.print(stage_table(plan, title=f"{plan.k} stage(s), balanced by {balance}"))
+        mean_flops = sum(stats["flops"]) / plan.k
+        mean_bytes = sum(plan.sizes) / plan.k
+        status = f"{plan.status} ({plan.solver}"
+        if plan.status != "OPTIMAL" and stats.get("balance_optimal_for_order"):
+            status += "; the balance is optimal for the model's execution order"
+        minimised = {"flops": " (minimised)", "memory": ""}
+        summary = [
+            ("status", status + ")"),
+            ("largest stage flops", f"{format_count(stats['bottleneck_flops'], 'FLOP')}, "
+                                    f"{stats['bottleneck_flops'] / mean_flops:.3f} × the mean" + minimised[balance]
+             if mean_flops else f"{format_count(0, 'FLOP')} (no node has flops)"),
+            ("largest stage bytes", f"{format_bytes(plan.bottleneck)}, {plan.bottleneck / mean_bytes:.3f} × the "
+                                    f"mean, {100 * plan.bottleneck / plan.capacity:.1f}% of capacity"
+                                    + ("" if balance == "flops" else " (minimised)")),
+        ]
+    else:
+        summary = [("status", f"[red]{plan.status}[/] ({plan.solver})"), ("reason", plan.reason)]
+    fewest = stats.get("min_devices")
+    summary.append(("smallest device count that fits",
+                    "none (a node exceeds one device)" if fewest is None else
+                    f"{fewest} (in the model's execution order)"))
+    summary.append(("capacity per stage", f"{format_bytes(plan.capacity)} ({plan.capacity:,} B)"))
+    summary.append(("memory model", memory))
+    summary.append(("time", f"{plan.wall_s * 1000:.1f} ms"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in summary:
+        grid.add_row(key, Text.from_markup(value) if value.startswith("[red]") else Text(value))
+    console.print(grid)
+    if json_path and plan.ok:
+        plan.to_json(json_path)
+        console.print(f"stage plan written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)
+
+
+def _pipeline_table(result):
+    table = Table(title=f"{result.stages} stage(s), {result.schedule}, {result.microbatches} micro-batch(es), "
+                        f"{result.backend} on {result.device}")
+    for column in ("stage", "first .. last", "nodes", "params", "bytes", "flops", "busy ms", "step ms", "idle"):
+        table.add_column(column, justify="left" if column.startswith("first") else "right",
+                         no_wrap=column.startswith("first"))
+    for stage in result.stage_reports:
+        span = stage.first if stage.nodes == 1 else f"{stage.first} .. {stage.last}"
+        table.add_row(str(stage.index), Text(span), str(stage.nodes), format_count(stage.params),
+                      format_bytes(stage.planned_bytes), format_count(stage.flops, "FLOP"),
+                      f"{stage.busy_ms:.2f}", f"{stage.step_ms:.2f}", f"{100 * stage.idle_fraction:.0f}%")
+    return table
+
+
+@click.command("pipeline")
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True)
+@click.option("--microbatches", "-m", type=int, required=True, help="Micro-batches per step.")
+@click.option("--backend", type=click.Choice(["gloo", "nccl"]), default="gloo", show_default=True,
+              help="gloo: every stage on the CPU; nccl: stage i on GPU i.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps.")
+@click.option("--iters", type=int, default=3, show_default=True, help="Timed steps.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Seconds before the run is stopped (processes and collectives).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per stage process.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the weights and the inputs.")
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Dtype to compute in (default fp32 on the CPU, the graph's on CUDA).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the result as JSON here.")
+@friendly
+def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, timeout_s, threads, seed,
+                     compute_dtype, json_path):
+    """Run the stages of PLAN_FILE on torch.distributed.pipelining, one process per stage, and check them.
+
+    Started plainly, it spawns one process per stage on this machine
+    (127.0.0.1).  Started by torchrun (RANK and WORLD_SIZE set, one process
+    per stage, any number of nodes), each process runs its own stage and the
+    last one reports.  Exit codes: 0 the output equals the single-process
+    model's, 1 it differs or the run failed, 2 bad input.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("`cachefit pipeline` needs PyTorch: pip install 'cachefit[torch]'") from None
+    from .executor.pipeline import run_pipeline
+    from .result import Plan
+
+    plan = Plan.from_json(plan_file)
+    if not plan.ok:
+        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
+    torchrun = all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    last = not torchrun or int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
+    name = plan.graph.graph.get("name", plan_file)
+    if last:
+        where = "torchrun ranks" if torchrun else "processes on 127.0.0.1"
+        console.print(f"{name}: {plan.k} stage(s) from {plan_file}; {plan.k} {where}, {backend}",
+                      highlight=False)
+    try:
+        result = run_pipeline(plan, schedule=schedule, microbatches=microbatches, backend=backend, seed=seed,
+                              dtype=compute_dtype, warmup=warmup, iters=iters, timeout_s=timeout_s,
+                              threads=threads, launcher="torchrun" if torchrun else "spawn")
+    except InputError:
+        raise
+    except CachefitError as exc:
+        error_console.print(f"[bold red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
+    if result is None:  # a torchrun rank other than the last
+        sys.exit(EXIT_OK)
+    console.print(_pipeline_table(result))
+    lines = [
+        "busy: the stage's forward over all micro-batches; step: barrier to the stage's end; idle: "
+        "1 − busy / slowest step",
+        f"step: {result.makespan_ms:.2f} ms median (min {result.makespan_min_ms:.2f}, max "
+        f"{result.makespan_max_ms:.2f}) over {result.iters} step(s) after {result.warmup} warm-up; "
+        f"{result.tokens:,} tokens per step, {result.tokens_per_s:,.0f} tokens/s",
+        f"bubble: {100 * result.bubble_theoretical:.1f}% in theory ((S−1)/(M+S−1) = {result.stages - 1}/"
+        f"{result.microbatches + result.stages - 1}), {100 * result.bubble_measured:.1f}% measured "
+        "(mean idle share of the stages)",
+        result.equivalence_line,
+        *(f"note: {note}" for note in result.notes),
+    ]
+    console.print(Text("\n".join(lines)), highlight=False)
+    if json_path:
+        result.to_json(json_path)
+        console.print(f"result written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if result.equivalent else EXIT_NO_PLAN)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _standalone():
+    """cachefit stages and pipeline (standalone)."""
+
+
+_standalone.add_command(stages_command)
+_standalone.add_command(pipeline_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _standalone()

@@ -1,0 +1,199 @@
+"""`stages`: cut a model into pipeline stages, one per device, balanced by compute under a memory cap.
+
+When a model outgrows one accelerator it runs as a pipeline: stage i on
+device i, the activations handed from stage to stage.  A stage plan is an
+ordinary `Plan` with exactly one group per device, each group within the
+device's memory less a reserve (for the KV cache, the runtime's workspace,
+fragmentation), balanced by ``flops`` (the stage times) or by bytes.
+`cachefit.executor.pipeline` hands such a plan to
+``torch.distributed.pipelining``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from numbers import Integral
+
+from .devices import parse_capacity
+from .errors import InputError
+from .memory import LayerTable
+from .units import format_bytes, parse_bytes
+
+__all__ = ["stages", "min_devices", "format_device", "BALANCES"]
+
+logger = logging.getLogger(__name__)
+
+#: What a stage plan balances: the largest stage's ``flops``, or its bytes.
+BALANCES = ("flops", "memory")
+
+
+def _node_values(graph, key):
+    if isinstance(graph, LayerTable):
+        graph = graph.graph
+    if graph is None:
+        return None
+    return {node: int(data.get(key) or 0) for node, data in graph.nodes(data=True)}
+
+
+def min_devices(graph, device_capacity, *, reserve=0, memory="liveness"):
+    """The fewest devices of `device_capacity` − `reserve` that hold `graph` as stages in its node order.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph or LayerTable
+    device_capacity : int or str
+        Bytes, a byte string or a device name (``"h100-hbm"``).
+    reserve : int or str
+        Bytes kept free on every device.
+    memory : {"liveness", "additive"}
+
+    Returns
+    -------
+    int or None
+        The fewest contiguous runs of the node order that each fit (greedy
+        cutting, exact for a fixed order since sizes are monotone); None when
+        a node does not fit one device even alone.
+
+    Examples
+    --------
+    >>> from cachefit.graphs import from_layers
+    >>> min_devices(from_layers([30, 30, 30, 30]), 100, reserve=50, memory="additive")
+    4
+    """
+    from .solvers import greedy
+
+    capacity = _stage_capacity(device_capacity, reserve)
+    plan = greedy(graph, capacity, memory=memory)
+    return plan.k if plan.ok else None
+
+
+def format_device(num_bytes):
+    """A device's memory in the units it is sold in: decimal (``'80.0 GB'``) when a whole number of
+    MB and not of MiB, else binary.
+
+    Examples
+    --------
+    >>> format_device(80 * 10**9), format_device(80 * 2**30), format_device(100)
+    ('80.0 GB', '80.0 GiB', '100 B')
+    """
+    decimal = num_bytes % 10**6 == 0 and num_bytes % 2**20 != 0
+    return format_bytes(num_bytes, binary=not decimal)
+
+
+def _stage_capacity(device_capacity, reserve):
+    total = parse_capacity(device_capacity, name="device_capacity")
+    reserved = parse_bytes(reserve, name="reserve")
+    if reserved >= total:
+        raise InputError(f"`reserve` ({format_bytes(reserved)}) must be less than `device_capacity` "
+                         f"({format_bytes(total)})")
+    return total - reserved
+
+
+def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memory="liveness", solver="dp",
+           time_limit_s=None):
+    """A pipeline-stage plan: exactly `devices` groups, each within one device, balanced.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph or LayerTable
+        The model graph (``flops`` node attributes for ``balance="flops"``:
+        `cachefit.graphs.transformer`, the embedded models and
+        `from_hf_config` fill them; a node without one counts 0, so a graph
+        without any, e.g. from `from_torch`, is balanced by Σ S² of its bytes).
+    devices : int
+        Number of stages (one per device).
+    device_capacity : int or str
+        Memory of one device: bytes, a byte string (``"80GB"``) or a device
+        name (``"h100-hbm"``, ``"h200-hbm"``, ``"a100-hbm"``).
+    balance : {"flops", "memory"}
+        Minimise the largest stage's ``flops`` (the slowest stage sets a
+        pipeline's pace) or its bytes; either way every stage fits.
+    reserve : int or str
+        Bytes kept free on every device (KV cache, workspace); the plan's
+        capacity is ``device_capacity − reserve``.
+    memory : {"liveness", "additive"}
+        The memory model (DESIGN.md §4); liveness counts every activation a
+        stage holds or passes on.
+    solver : str
+        A solver of `cachefit.solvers.SOLVERS`; ``"dp"`` (the default) keeps
+        the node order, which a pipeline runtime needs, and is exact for it.
+    time_limit_s : float, optional
+        For solvers that search.
+
+    Returns
+    -------
+    Plan
+        ``k == devices`` groups within ``device_capacity − reserve`` bytes (the
+        plan's ``capacity``, so `cachefit.check` checks every stage against
+        it).  ``stats``: ``devices``, ``device_capacity``, ``reserve``,
+        ``min_devices`` (the fewest devices that fit in the node order, None
+        when a node exceeds one device), ``balance``, ``flops`` and
+        ``params`` per stage, ``bottleneck_flops``.  INFEASIBLE when the model
+        cannot be cut into `devices` stages that fit, with the reason and the
+        smallest device count that would fit (also when `devices` exceeds the
+        number of nodes: a stage cannot be empty).
+
+    Raises
+    ------
+    InputError
+        `devices` not a positive integer, an unknown `balance` or `solver`,
+        a bad capacity or a reserve not below it.
+
+    Notes
+    -----
+    The solver gets ``k=devices`` and ``balance``.  With ``"flops"`` and
+    ``dp``, the bottleneck is the smallest possible largest stage flops among
+    partitions of the node order into `devices` runs that each fit (a
+    greedy probe that cuts when either the flops bound or the capacity would
+    be exceeded is exact, both being monotone in the run), then Σ S² of the
+    bytes is minimised among those.  `min_devices` is one greedy pass:
+    O(n log n).
+
+    Examples
+    --------
+    >>> from cachefit.graphs import from_layers
+    >>> graph = from_layers([30] * 6)
+    >>> for node, flops in zip(graph, [1, 1, 1, 1, 4, 4]):
+    ...     graph.nodes[node]["flops"] = flops
+    >>> plan = stages(graph, devices=3, device_capacity=100, memory="additive")
+    >>> plan.partitions, plan.stats["flops"], plan.stats["min_devices"]
+    ((('0', '1', '2'), ('3', '4'), ('5',)), [3, 5, 4], 2)
+    >>> bad = stages(graph, devices=1, device_capacity=100, memory="additive")
+    >>> bad.status, bad.stats["min_devices"]
+    (<Status.INFEASIBLE: 'INFEASIBLE'>, 2)
+    """
+    from .solvers import SOLVERS
+
+    if isinstance(devices, bool) or not isinstance(devices, Integral) or devices < 1:
+        raise InputError(f"`devices` must be a positive integer, got {devices!r}")
+    devices = int(devices)
+    if balance not in BALANCES:
+        raise InputError(f"`balance` must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
+    if solver not in SOLVERS:
+        raise InputError(f"`solver` must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    capacity = _stage_capacity(device_capacity, reserve)
+    total = parse_capacity(device_capacity, name="device_capacity")
+    fewest = min_devices(graph, total, reserve=total - capacity, memory=memory)
+    result = SOLVERS[solver](graph, capacity, memory=memory, k=devices, time_limit_s=time_limit_s,
+                             balance=balance)
+    stats = {"devices": devices, "device_capacity": total, "reserve": total - capacity, "min_devices": fewest,
+             "balance": balance}
+    if not result.ok:
+        where = (f"{devices} device(s) of {format_device(total)} − {format_bytes(total - capacity)} reserve "
+                 f"= {format_bytes(capacity)} each")
+        if fewest is None:
+            hint = "no number of devices fits: a node exceeds one device alone"
+        else:
+            hint = f"the smallest device count that fits is {fewest}"
+            nodes = result.graph.number_of_nodes() if hasattr(result.graph, "number_of_nodes") else None
+            if nodes is not None and devices > nodes:
+                hint += f" (and at most {nodes}, one node per stage)"
+        logger.info("stages: %s: %s", where, result.reason)
+        return replace(result, reason=f"{where}: {result.reason}; {hint}", stats={**result.stats, **stats})
+    flops = _node_values(result.graph, "flops")
+    params = _node_values(result.graph, "params")
+    group_flops = [sum(flops[node] for node in group) for group in result.partitions] if flops else []
+    stats.update(flops=group_flops, bottleneck_flops=max(group_flops, default=0),
+                 params=[sum(params[node] for node in group) for group in result.partitions] if params else [])
+    return result.with_stats(**stats)
