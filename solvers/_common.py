@@ -8,6 +8,7 @@ fills every field of the `Plan`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ class Problem:
         if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
                                          or not time_limit_s > 0):
             raise InputError(f"`time_limit_s` must be a positive number of seconds or None, got {time_limit_s!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InputError(f"`seed` must be an integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+            raise InputError(f"`seed` must be an integer from 0 to 2**31 - 1, got {seed!r}")
         flops = table.flops_array() if balance == "flops" else None
         return cls(table, capacity, memory, chunk_fraction, None if k is None else int(k),
                    time_limit_s, int(seed), started, balance, flops)
@@ -82,8 +83,13 @@ class Problem:
         return [int(flops[group.start:group.stop].sum()) if isinstance(group, range) and group.step == 1
                 else int(sum(int(flops[p]) for p in group)) for group in groups]
 
-    def intervals(self):
+    @functools.cached_property
+    def _intervals(self):
         return Intervals(self.table, self.memory, self.chunk_fraction)
+
+    def intervals(self):
+        """Sizes of runs of the node order (built once per problem)."""
+        return self._intervals
 
     def lower_bound(self):
         return lower_bound(self.table, self.capacity, memory=self.memory, chunk_fraction=self.chunk_fraction)
@@ -96,13 +102,18 @@ def alone_sizes(problem):
     """Size of each node alone in a group, a lower bound on any group holding it.
 
     Additive: w + a + b.  Liveness: w + b + ⌈f·(a + Σ inputs' a)⌉, since the
-    node's own output and every input it consumes are live in its group.
+    node's own output and every input it consumes are live in its group.  On
+    a chain (one valid order) every activation that passes the node is live
+    in its group as well, so the inputs are everything incoming at its
+    position (`Intervals.incoming`): what a group starting there must hold.
     """
     table = problem.table
     if problem.memory == "additive":
         return table.weight + table.activation + table.buffer
     inputs = np.zeros(table.n, dtype=np.int64)
-    if table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
+    if table.is_chain:
+        inputs = problem.intervals().incoming[:table.n]
+    elif table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
         inputs[table.targets] = table.activation[table.sources]  # one input each (chains)
     else:
         np.add.at(inputs, table.targets, table.activation[table.sources])

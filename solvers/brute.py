@@ -46,8 +46,11 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     ``flops`` (every group still within the capacity in bytes), and Σ S² of
     the bytes breaks ties.
 
-    It shares no code with the other solvers beyond the Plan assembly, so it
-    serves as their oracle.  Refuses graphs of more than 12 nodes.
+    Its search shares no code with the other solvers (only input
+    normalisation, the wording of reasons and the Plan assembly), so it serves
+    as their oracle: it decides infeasibility by its own search, and only
+    borrows `oversize_node`'s sentence to say why.  Refuses graphs of more
+    than 12 nodes.
 
     Examples
     --------
@@ -62,9 +65,6 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     n = table.n
     if n > MAX_BRUTE_NODES:
         raise InputError(f"`graph` has {n} nodes; brute force handles at most {MAX_BRUTE_NODES}")
-    reason = oversize_node(problem)
-    if reason:
-        return no_plan(problem, "brute", Status.INFEASIBLE, reason)
     if n == 0:
         reason = check_k(problem, 0)
         if reason:
@@ -126,9 +126,10 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         return full in layer
 
     minimum_k = fewest(problem.capacity)
-    if minimum_k is None:  # every node fits alone, but no grouping does (liveness pass-through)
-        return no_plan(problem, "brute", Status.INFEASIBLE,
-                       "no valid grouping fits: activations passing through every order overflow the capacity")
+    if minimum_k is None:  # proved by the search above; say why in the common words when one node is to blame
+        reason = oversize_node(problem) or ("no valid grouping fits: activations passing through every order "
+                                            "overflow the capacity")
+        return no_plan(problem, "brute", Status.INFEASIBLE, reason)
     reason = check_k(problem, minimum_k)
     if reason:
         return no_plan(problem, "brute", Status.INFEASIBLE, reason, lower=minimum_k)

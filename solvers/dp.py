@@ -20,7 +20,7 @@ import numpy as np
 from ..result import Status
 from ..memory import Intervals, scale_activation_array
 from .bounds import forced_bytes
-from ._common import Problem, contiguous_groups, finish, no_plan, oversize_node
+from ._common import Problem, check_k, contiguous_groups, finish, no_plan, oversize_node
 from .greedy import greedy_bounds, split_to_k
 
 __all__ = ["dp", "balanced_cut", "min_bottleneck", "DP_PAIR_BUDGET"]
@@ -430,9 +430,9 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     reason = oversize_node(problem)
     if reason:
         return no_plan(problem, "dp", Status.INFEASIBLE, reason)
-    if problem.k is not None and problem.k > n:
-        return no_plan(problem, "dp", Status.INFEASIBLE,
-                       f"k = {problem.k} non-empty groups need at least {problem.k} nodes; the graph has {n}")
+    reason = check_k(problem, 0)  # k > n is the one explicit k judged before the search
+    if reason:
+        return no_plan(problem, "dp", Status.INFEASIBLE, reason)
     if n == 0:
         return finish(problem, "dp", [], status=Status.OPTIMAL, lower=0)
     intervals = problem.intervals()

@@ -115,16 +115,13 @@ def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     intervals = problem.intervals()
     bounds, stuck = greedy_bounds(intervals, problem.capacity)
     table = problem.table
-    if bounds is None:
-        if table.is_chain:  # cannot happen: oversize_node covers chains; kept for safety
-            return no_plan(problem, "greedy", Status.INFEASIBLE, f"node {table.ids[stuck]!r} does not fit")
+    if bounds is None:  # on a chain `oversize_node` has already said INFEASIBLE
         return no_plan(problem, "greedy", Status.UNKNOWN,
                        f"node {table.ids[stuck]!r} does not fit even alone in the given node order "
                        "(activations of earlier nodes pass through it); another order may fit: try solver='cpsat'")
     minimum_k = len(bounds) - 1
-    lower = problem.lower_bound()
-    if table.is_chain:
-        lower = max(lower, minimum_k)
+    # On a chain greedy's k is itself proved minimal (Notes), so no bound can beat it.
+    lower = minimum_k if table.is_chain else problem.lower_bound()
     reason = check_k(problem, minimum_k if table.is_chain else lower)
     if reason:
         return no_plan(problem, "greedy", Status.INFEASIBLE, reason, lower=lower)

@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 from hypothesis import given, settings
 
-from cachefit import Status, check
+from cachefit import InputError, Status, check
 from cachefit.graphs import from_layers
 from cachefit.result import graph_to_data
 from cachefit.solvers import SOLVERS
@@ -104,3 +104,20 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+class TestReviewRegressions:
+    def test_chain_with_skip_edge_is_infeasible_for_every_solver(self):
+        """Node 2 must hold node 0's output passing by to node 3: 30 + 20 > 40 in the only order."""
+        graph = nx.DiGraph()
+        for index, (weight, activation) in enumerate([(0, 20), (0, 0), (30, 0), (0, 0)]):
+            graph.add_node(str(index), weight_bytes=weight, activation_bytes=activation, buffer_bytes=0)
+        graph.add_edges_from([("0", "1"), ("1", "2"), ("2", "3"), ("0", "3")])
+        for name in NAMES:
+            plan = run(name, graph, 40)
+            assert plan.status == Status.INFEASIBLE and "node '2' needs 50 B" in plan.reason, name
+
+    @pytest.mark.parametrize("seed", [-1, 2**40, 1.5])
+    def test_seed_range(self, seed):
+        with pytest.raises(InputError, match=r"`seed` must be an integer from 0 to 2\*\*31 - 1"):
+            run("greedy", from_layers([1]), 10, seed=seed)
