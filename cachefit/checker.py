@@ -73,7 +73,8 @@ def check(plan, graph=None):
     -------
     CheckReport
         ``ok`` is True when the plan is consistent: for a plan with groups,
-        every node is in exactly one non-empty group, no edge goes backwards,
+        every node is in exactly one non-empty group, no edge goes backwards
+        (between groups, or inside a group's listed order),
         every recomputed size equals the stated one and fits the capacity,
         and k, bottleneck and lower bound agree; for a plan without groups
         (INFEASIBLE or UNKNOWN), it holds none and states a reason.
@@ -123,9 +124,13 @@ def check(plan, graph=None):
         violations.append(f"{len(missing)} node(s) in no group, first {missing[0]!r}")
     if violations:
         return CheckReport(False, tuple(violations), ())
+    place = {node: index for group in plan.partitions for index, node in enumerate(group)}
     for u, v in graph.edges:
         if group_of[u] > group_of[v]:
             violations.append(f"edge {u!r} -> {v!r} goes backwards: group {group_of[u]} -> {group_of[v]}")
+        elif group_of[u] == group_of[v] and place[u] > place[v]:
+            violations.append(f"edge {u!r} -> {v!r} goes backwards inside group {group_of[u]}: "
+                              "a group lists its nodes in execution order")
     groups = [list(group) for group in plan.partitions]
     sizes = tuple(_sizes_from_definition(graph, groups, group_of, plan.memory, plan.chunk_fraction))
     for index, size in enumerate(sizes):

@@ -336,6 +336,17 @@ class _CudaTimed:
         torch.cuda.synchronize(self.model.device)
         return _outputs(self.model, self.stores)
 
+    def release(self):
+        """Reset the captured graphs and give their memory pool back."""
+        for graph in self.graphs:
+            try:
+                graph.reset()
+            except Exception:  # noqa: BLE001 - best effort before freeing the pool
+                pass
+        self.graphs, self.stores = [], None
+        torch.cuda.synchronize(self.model.device)
+        torch.cuda.empty_cache()
+
 
 class GraphSchedule(_CudaTimed):
     """A schedule on CUDA: each segment captured once as a CUDA graph and replayed per pass."""
@@ -409,15 +420,6 @@ class GraphSchedule(_CudaTimed):
             return count, "torch.profiler: CUDA kernels in one pass of graph replays", None
         return None, "not measured (no cuda-bindings, no profiler kernel events)", None
 
-    def release(self):
-        for graph in self.graphs:
-            try:
-                graph.reset()
-            except Exception:  # noqa: BLE001 - best effort before freeing the pool
-                pass
-        self.graphs, self.stores = [], None
-        torch.cuda.synchronize(self.model.device)
-        torch.cuda.empty_cache()
 
 
 class ReplaySchedule(_CudaTimed):
@@ -524,14 +526,8 @@ class ReplaySchedule(_CudaTimed):
         return None, "not measured (no cuda-bindings, no profiler kernel events)", None
 
     def release(self):
-        for graph in self.graphs:
-            try:
-                graph.reset()
-            except Exception:  # noqa: BLE001 - best effort before freeing the pool
-                pass
-        self.graphs, self.stores, self.static_in, self.static_out, self.out_store = [], None, [], [], None
-        torch.cuda.synchronize(self.model.device)
-        torch.cuda.empty_cache()
+        self.static_in, self.static_out, self.out_store = [], [], None
+        super().release()
 
 
 def _tensor_bytes(values):

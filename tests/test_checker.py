@@ -30,6 +30,8 @@ class TestCheck:
             "wrong k": replace(plan, k=plan.k + 1),
             "wrong bottleneck": replace(plan, bottleneck=plan.bottleneck + 1),
             "bound above k": replace(plan, lower_bound=plan.k + 1),
+            "order inside group": replace(plan, partitions=(tuple(reversed(plan.partitions[0])),)
+                                          + plan.partitions[1:]),
         }
         expected = {
             "missing node": "node(s) in no group",
@@ -42,6 +44,7 @@ class TestCheck:
             "wrong k": "but the plan holds",
             "wrong bottleneck": "differs from the largest group",
             "bound above k": "exceeds k",
+            "order inside group": "goes backwards inside group 0",
         }
         for name, bad in cases.items():
             report = check(bad, g)
