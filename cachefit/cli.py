@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
 from .errors import InputError
-from .units import format_bytes
+from .units import format_bytes, format_count
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,6 +77,8 @@ def print_plan(plan, *, max_rows=40):
     summary.add_row("lower bound", str(plan.lower_bound))
     if plan.ok:
         summary.add_row("bottleneck", _bytes_both(plan.bottleneck))
+        if plan.stats.get("balance") == "flops":
+            summary.add_row("largest group flops", format_count(plan.stats["bottleneck_flops"], "FLOP") + " (minimised)")
         summary.add_row("balance", f"{plan.balance:.3f} (largest / mean group)" if plan.balance else "-")
     summary.add_row("memory model", plan.memory + (f", chunk fraction {plan.chunk_fraction:g}"
                                                    if plan.memory == "liveness" else ""))
@@ -98,6 +100,8 @@ def print_plan(plan, *, max_rows=40):
               help="Fraction of the activations resident at once (liveness model).")
 @model_options
 @click.option("--k", "k", type=int, default=None, help="Exactly k groups, balanced (default: the fewest).")
+@click.option("--balance", default="memory", show_default=True, type=click.Choice(["memory", "flops"]),
+              help="Once k is fixed, minimise the largest group's bytes or its flops (groups still fit in bytes).")
 @click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the plan (self-contained JSON) here.")
@@ -107,7 +111,7 @@ def print_plan(plan, *, max_rows=40):
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
 @friendly
-def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k,
+def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, balance,
                  time_limit, json_path, tile, chunk_tokens):
     """Plan MODEL (an embedded model name or a file) for a capacity."""
     from .api import plan as make_plan
@@ -124,9 +128,10 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
         chunk_tokens = int(chunk_tokens)
     if solver == "all":
         sys.exit(compare_solvers(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                                 time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path))
+                                 time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path,
+                                 balance=balance))
     result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                       time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens)
+                       time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, balance=balance)
     if tile:
         expanded = result.stats["expanded_blocks"]
         console.print((f"split {expanded} whole-block node(s) into their operators; " if expanded else "")
@@ -146,7 +151,8 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
 
 
-def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, tile, chunk_tokens, json_path):
+def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, tile, chunk_tokens, json_path,
+                    balance="memory"):
     """`plan --solver all`: every solver on the same (tiled, chunked) problem, side by side.
 
     Returns the exit code.  With `json_path`, the best plan (fewest groups,
@@ -160,7 +166,8 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
         prepared = make_plan(graph, capacity, solver="greedy", memory=memory, chunk_fraction=chunk_fraction,
                              tile=tile, chunk_tokens=chunk_tokens)
         graph, chunk_fraction = prepared.graph, prepared.chunk_fraction
-    plans = compare(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s)
+    plans = compare(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s,
+                    balance=balance)
     table = Table(title=f"every solver, capacity {format_bytes(capacity)}")
     for column in ("solver", "status", "k", "lower bound", "bottleneck", "balance", "time", "check"):
         table.add_column(column, justify="left" if column in ("solver", "status") else "right")

@@ -15,26 +15,9 @@ from rich.text import Text
 
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, model_options
 from .errors import CachefitError, InputError
-from .units import format_bytes
+from .units import format_bytes, format_count
 
-__all__ = ["stages_command", "pipeline_command", "format_count", "stage_table"]
-
-
-def format_count(value, unit=""):
-    """A count with an SI prefix: ``format_count(1.3e13, "FLOP")`` is ``'13.0 TFLOP'``.
-
-    Examples
-    --------
-    >>> format_count(13194139533312, "FLOP"), format_count(3187703808), format_count(512)
-    ('13.2 TFLOP', '3.19 G', '512')
-    """
-    value = float(value)
-    for threshold, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            scaled = value / threshold
-            digits = 1 if unit else (2 if scaled < 10 else 1)
-            return f"{scaled:.{digits}f} {prefix}{unit}"
-    return f"{value:.0f}" + (f" {unit}" if unit else "")
+__all__ = ["stages_command", "pipeline_command", "stage_table"]
 
 
 def stage_table(plan, *, title=None):

@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 
 from .errors import InputError
 
-__all__ = ["UNITS", "DTYPE_BYTES", "parse_bytes", "format_bytes", "dtype_bytes"]
+__all__ = ["UNITS", "DTYPE_BYTES", "parse_bytes", "format_bytes", "format_count", "dtype_bytes"]
 
 #: Multiplier of every accepted unit suffix (case-insensitive on the prefix).
 UNITS = {
@@ -102,6 +102,23 @@ def format_bytes(num_bytes, *, binary=True, precision=1):
         if abs(value) < base or suffix == suffixes[-1]:
             return f"{value:.{precision}f} {suffix}"
     raise AssertionError("unreachable")
+
+
+def format_count(value, unit=""):
+    """A count with an SI prefix: ``format_count(1.3e13, "FLOP")`` is ``'13.0 TFLOP'``.
+
+    Examples
+    --------
+    >>> format_count(13194139533312, "FLOP"), format_count(3187703808), format_count(512)
+    ('13.2 TFLOP', '3.19 G', '512')
+    """
+    value = float(value)
+    for threshold, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            scaled = value / threshold
+            digits = 1 if unit else (2 if scaled < 10 else 1)
+            return f"{scaled:.{digits}f} {prefix}{unit}"
+    return f"{value:.0f}" + (f" {unit}" if unit else "")
 
 
 def dtype_bytes(dtype):

@@ -21,7 +21,7 @@ def from_layers(layers, *, name=None):
         Each entry is either an int (the layer's weight bytes; activation and
         buffer 0) or a mapping with ``weight_bytes``, ``activation_bytes`` and
         ``buffer_bytes`` (missing ones are 0) and optionally ``name`` (the node
-        id, default its index) and ``op``.
+        id, default its index), ``op`` and ``flops`` (for ``balance="flops"``).
     name : str, optional
         The graph's name.
 
@@ -43,13 +43,12 @@ def from_layers(layers, *, name=None):
     for index, layer in enumerate(layers):
         if isinstance(layer, Mapping):
             node = str(layer.get("name", index))
-            unknown = set(layer) - set(BYTE_ATTRIBUTES) - {"name", "op"}
+            unknown = set(layer) - set(BYTE_ATTRIBUTES) - {"name", "op", "flops"}
             if unknown:
                 raise InputError(f"`layers[{index}]` has unknown keys {sorted(unknown)}; "
-                                 f"expected {', '.join(BYTE_ATTRIBUTES)}, name, op")
+                                 f"expected {', '.join(BYTE_ATTRIBUTES)}, name, op, flops")
             attributes = {key: layer.get(key, 0) for key in BYTE_ATTRIBUTES}
-            if "op" in layer:
-                attributes["op"] = layer["op"]
+            attributes.update({key: layer[key] for key in ("op", "flops") if key in layer})
         else:
             node = str(index)
             attributes = {"weight_bytes": layer, "activation_bytes": 0, "buffer_bytes": 0}

@@ -95,3 +95,16 @@ class TestSolverAll:
     def test_all_infeasible_exit_1(self, runner, layers_file):
         result = runner.invoke(main, ["plan", str(layers_file), "--capacity", "300B", "--solver", "all"])
         assert result.exit_code == 1 and "no plan:" in result.output
+
+
+class TestBalanceOption:
+    def test_flops_balance_reported(self, runner, tmp_path):
+        path = tmp_path / "layers.json"
+        layers = [{"weight_bytes": 10, "flops": flops} for flops in (1, 1, 1, 9, 1, 1)]
+        path.write_text(json.dumps(layers))
+        result = runner.invoke(main, ["plan", str(path), "--capacity", "100B", "--k", "2", "--solver", "dp",
+                                      "--balance", "flops", "--json", str(tmp_path / "p.json")], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "largest group flops" in result.output
+        plan = Plan.from_json(tmp_path / "p.json")
+        assert plan.stats["bottleneck_flops"] == 11 and check(plan).ok  # 1+1+1 | 9+1+1: the best cut in two

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import cachefit
 from cachefit import InputError, Status
-from cachefit.cli_stages import format_count, pipeline_command, stages_command
+from cachefit.cli_stages import pipeline_command, stages_command
+from cachefit.units import format_count
 from cachefit.graphs import from_layers
 from cachefit.result import graph_to_data
 from cachefit.solvers import brute, cpsat, dp
