@@ -100,6 +100,8 @@ def print_plan(plan, *, max_rows=40):
               help="Fraction of the activations resident at once (liveness model).")
 @model_options
 @click.option("--k", "k", type=int, default=None, help="Exactly k groups, balanced (default: the fewest).")
+@click.option("--dims", default=None, metavar="NAME=N,...",
+              help="Sizes of an ONNX file's dynamic dimensions, e.g. 'batch=1,seq=128'.")
 @click.option("--balance", default="memory", show_default=True, type=click.Choice(["memory", "flops"]),
               help="Once k is fixed, minimise the largest group's bytes or its flops (groups still fit in bytes).")
 @click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
@@ -111,15 +113,16 @@ def print_plan(plan, *, max_rows=40):
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
 @friendly
-def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, balance,
+def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
                  time_limit, json_path, tile, chunk_tokens):
     """Plan MODEL (an embedded model name or a file) for a capacity."""
     from .api import plan as make_plan
     from .devices import parse_capacity
-    from .loading import load_model
+    from .loading import load_model, parse_dims
 
     capacity = parse_capacity(capacity)
-    graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+    graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
+                       dims=parse_dims(dims) if dims else None)
     console.print(f"[bold]{graph.graph.get('name', model)}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)
     if chunk_tokens is not None and chunk_tokens != "auto":

@@ -14,11 +14,15 @@ from .errors import InputError
 from .result import PLAN_FORMAT, graph_from_data
 from .validation import validate
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "parse_dims"]
 
 
-def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block"):
-    """The graph that `spec` names (see the module docstring)."""
+def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None):
+    """The graph that `spec` names (see the module docstring).
+
+    `dims` maps the dynamic dimensions of an ONNX file to sizes
+    (`cachefit.graphs.from_onnx`); it is ignored for other inputs.
+    """
     from . import instances
 
     path = Path(spec)
@@ -29,7 +33,7 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
                          f"embedded models: {', '.join(instances.names())}")
     if path.suffix == ".onnx":
         from .graphs import from_onnx
-        return from_onnx(path)
+        return from_onnx(path, dims=dims)
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -51,3 +55,18 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
         return from_hf_config(data, **kwargs)
     raise InputError(f"`MODEL` file {str(path)!r} is not a plan, a node-link graph, a list of layer sizes "
                      "or an HF config.json")
+
+
+def parse_dims(text):
+    """``"batch=1,seq=128"`` → ``{"batch": 1, "seq": 128}`` (for ``--dims``).
+
+    >>> parse_dims("batch=1, seq=128")
+    {'batch': 1, 'seq': 128}
+    """
+    dims = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"`--dims` must look like 'batch=1,seq=128' (positive integers), got {text!r}")
+        dims[name.strip()] = int(value)
+    return dims

@@ -179,3 +179,16 @@ class TestTiling:
         assert plan.ok and cachefit.check(plan).ok
         assert plan.stats["tiled_nodes"] >= 1
         assert sum(d["weight_bytes"] for _, d in plan.graph.nodes(data=True)) == (16 * 32 + 32 * 8) * 4
+
+
+class TestCommandLine:
+    def test_dims_option(self, tmp_path):
+        path = tmp_path / "chain.onnx"
+        onnx.save(matmul_chain(), str(path))
+        runner = CliRunner()
+        missing = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB"])
+        assert missing.exit_code == 2 and "dynamic dimension 'batch'" in missing.output
+        result = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB", "--dims", "batch=4"])
+        assert result.exit_code == 0, result.output
+        bad = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB", "--dims", "batch"])
+        assert bad.exit_code == 2 and "`--dims` must look like 'batch=1,seq=128'" in bad.output
