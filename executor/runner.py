@@ -215,18 +215,23 @@ class _Timing:
                             if per_segment and per_segment[0] else None)
 
 
+def _segment(schedule, name, model, runners, chunk_tokens, micro_batches):
+    """Set what every segment-based schedule holds (``batched`` runs the whole batch as one chunk)."""
+    schedule.name, schedule.model, schedule.runners = name, model, runners
+    if name == "batched":
+        schedule.chunk_tokens, schedule.micro_batches = model.tokens, 1
+    else:
+        schedule.chunk_tokens, schedule.micro_batches = chunk_tokens, micro_batches
+    schedule.segments = segments(name, len(runners), schedule.micro_batches)
+
+
 class CpuSchedule:
     """A schedule run eagerly (the CPU path): tasks in order, timed with ``time.perf_counter``."""
 
     graph_replays = 0
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
-        self.name, self.model, self.runners = name, model, runners
-        if name == "batched":
-            self.chunk_tokens, self.micro_batches = model.tokens, 1
-        else:
-            self.chunk_tokens, self.micro_batches = chunk_tokens, micro_batches
-        self.segments = segments(name, len(runners), self.micro_batches)
+        _segment(self, name, model, runners, chunk_tokens, micro_batches)
         self.stores = None
 
     def prepare(self, l2=None, spans=None):
@@ -352,12 +357,7 @@ class GraphSchedule(_CudaTimed):
     """A schedule on CUDA: each segment captured once as a CUDA graph and replayed per pass."""
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
-        self.name, self.model, self.runners = name, model, runners
-        if name == "batched":
-            self.chunk_tokens, self.micro_batches = model.tokens, 1
-        else:
-            self.chunk_tokens, self.micro_batches = chunk_tokens, micro_batches
-        self.segments = segments(name, len(runners), self.micro_batches)
+        _segment(self, name, model, runners, chunk_tokens, micro_batches)
         self.graphs, self.stores, self.kernel_nodes = [], None, None
         self.graph_replays = len(self.segments)
 
