@@ -307,13 +307,14 @@ def _context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _died(outcome, phase, exitcode):
+def _fail(outcome, phase, status, why):
+    """Record a run that ended without an answer: as its status while solving, as an unknown check after."""
     if phase == "solve":
-        outcome["status"] = "crashed"
-        outcome["error"] = f"the run's process died (exit code {exitcode})"
+        outcome["status"] = status
+        outcome["error"] = why
     else:
         outcome["check_ok"] = None
-        outcome["violations"] = [f"the process died while checking the plan (exit code {exitcode})"]
+        outcome["violations"] = [f"check: {why}"]
 
 
 def _execute(job, *, solve_timeout_s, check_timeout_s):
@@ -333,7 +334,7 @@ def _execute(job, *, solve_timeout_s, check_timeout_s):
                     message = receiver.recv()
                 except (EOFError, OSError):
                     process.join(1.0)
-                    _died(outcome, phase, process.exitcode)
+                    _fail(outcome, phase, "crashed", f"the process died (exit code {process.exitcode})")
                     break
                 if message["phase"] == "error":
                     outcome.update(status="error" if phase == "solve" else outcome.get("status", "error"),
@@ -353,15 +354,11 @@ def _execute(job, *, solve_timeout_s, check_timeout_s):
                     break
             if not process.is_alive() and not receiver.poll(0.05):
                 process.join()
-                _died(outcome, phase, process.exitcode)
+                _fail(outcome, phase, "crashed", f"the process died (exit code {process.exitcode})")
                 break
             if time.monotonic() > deadline:
-                if phase == "solve":
-                    outcome["status"] = "timeout"
-                    outcome["error"] = f"no result within {solve_timeout_s:g} s; killed"
-                else:
-                    outcome["check_ok"] = None
-                    outcome["violations"] = [f"check did not finish within {check_timeout_s:g} s"]
+                limit = solve_timeout_s if phase == "solve" else check_timeout_s
+                _fail(outcome, phase, "timeout", f"no result within {limit:g} s; killed")
                 break
     finally:
         if process.is_alive():

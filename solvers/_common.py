@@ -22,7 +22,7 @@ from ..memory import (Intervals, LayerTable, as_table, scale_activation_array, c
 from ..result import Plan, Status
 from .bounds import lower_bound
 
-__all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "check_k", "check_balance", "BALANCES"]
+__all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "refuse", "check_k", "check_balance", "BALANCES"]
 
 #: What a balanced plan minimises after k: the largest group's bytes, or its ``flops``.
 BALANCES = ("memory", "flops")
@@ -143,6 +143,16 @@ def oversize_node(problem):
             f"({parts}) > capacity {format_bytes(problem.capacity)} ({problem.capacity} B)"
             + (f"; {over.size} node(s) are oversize in all" if over.size > 1 else "")
             + "; tile it (tile=True) or raise the capacity")
+
+
+def refuse(problem, solver):
+    """The INFEASIBLE plan every solver gives before searching, or None.
+
+    A node that cannot fit alone (`oversize_node`), or an explicit k above
+    the number of nodes: both are proved without a search.
+    """
+    reason = oversize_node(problem) or check_k(problem, 0)
+    return no_plan(problem, solver, Status.INFEASIBLE, reason) if reason else None
 
 
 def check_k(problem, minimum_k):

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..result import Status
 from ..memory import LayerTable, group_sizes
-from ._common import Problem, check_k, alone_sizes, finish, no_plan, oversize_node
+from ._common import Problem, alone_sizes, finish, no_plan, refuse
 from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
 from .dp import balanced_cut
 
@@ -591,12 +591,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     n = table.n
     capacity = problem.capacity
     memory, fraction = problem.memory, problem.chunk_fraction
-    reason = oversize_node(problem)
-    if reason:
-        return no_plan(problem, "cpsat", Status.INFEASIBLE, reason)
-    reason = check_k(problem, 0)  # k > n is the one explicit k judged before the search
-    if reason:
-        return no_plan(problem, "cpsat", Status.INFEASIBLE, reason)
+    refused = refuse(problem, "cpsat")
+    if refused:
+        return refused
     if n == 0:
         return finish(problem, "cpsat", [], status=Status.OPTIMAL, lower=0,
                       stats={"bottleneck_optimal": True, "gap": 0})

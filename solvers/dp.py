@@ -20,7 +20,7 @@ import numpy as np
 from ..result import Status
 from ..memory import Intervals, scale_activation_array
 from .bounds import forced_bytes
-from ._common import Problem, check_k, contiguous_groups, finish, no_plan, oversize_node
+from ._common import Problem, contiguous_groups, finish, no_plan, refuse
 from .greedy import greedy_bounds, split_to_k
 
 __all__ = ["dp", "balanced_cut", "min_bottleneck", "DP_PAIR_BUDGET"]
@@ -427,12 +427,9 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
     table = problem.table
     n = table.n
-    reason = oversize_node(problem)
-    if reason:
-        return no_plan(problem, "dp", Status.INFEASIBLE, reason)
-    reason = check_k(problem, 0)  # k > n is the one explicit k judged before the search
-    if reason:
-        return no_plan(problem, "dp", Status.INFEASIBLE, reason)
+    refused = refuse(problem, "dp")
+    if refused:
+        return refused
     if n == 0:
         return finish(problem, "dp", [], status=Status.OPTIMAL, lower=0)
     intervals = problem.intervals()

@@ -7,7 +7,7 @@ import bisect
 import numpy as np
 
 from ..result import Status
-from ._common import Problem, check_k, contiguous_groups, finish, no_plan, oversize_node
+from ._common import Problem, check_k, contiguous_groups, finish, no_plan, refuse
 
 __all__ = ["greedy", "greedy_bounds", "split_to_k"]
 
@@ -109,9 +109,9 @@ def greedy(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
-    reason = oversize_node(problem)
-    if reason:
-        return no_plan(problem, "greedy", Status.INFEASIBLE, reason)
+    refused = refuse(problem, "greedy")
+    if refused:
+        return refused
     intervals = problem.intervals()
     bounds, stuck = greedy_bounds(intervals, problem.capacity)
     table = problem.table
