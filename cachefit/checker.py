@@ -1,19 +1,20 @@
 """The independent checker: `check(plan, graph=None)`.
 
-It recomputes every group size straight from the definitions of DESIGN.md §4
-with plain Python over the graph (no solver code, no `cachefit.memory`
-kernels), and checks coverage, order, capacity, non-empty groups and the
-plan's own claims (k, sizes, bottleneck, lower bound ≤ k).
+It recomputes every group size straight from the definition of the plan's
+memory model, with plain Python over the graph: from `cachefit.memory.MODELS`
+it reads only the model names and each model's ``reference`` function (no
+solver code, no engine, no numpy), and checks coverage, order, capacity,
+non-empty groups and the plan's own claims (k, sizes, bottleneck, lower
+bound ≤ k).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import networkx as nx
 
-from .memory import LayerTable
+from .memory import MODELS, LayerTable
 from .result import Status
 
 __all__ = ["CheckReport", "check"]
@@ -39,31 +40,6 @@ class CheckReport:
 
     def __bool__(self):
         return self.ok
-
-
-def _sizes_from_definition(graph, groups, group_of, memory, chunk_fraction):
-    """S of every group, straight from DESIGN.md §4, in O(n + e + k) plain Python."""
-    nodes = graph.nodes
-    k = len(groups)
-    if memory == "additive":
-        return [sum(nodes[v]["weight_bytes"] + nodes[v]["activation_bytes"] + nodes[v]["buffer_bytes"]
-                    for v in group) for group in groups]
-    # live[p] = Σ activation(u) over u with part(u) <= p <= last(u), as a difference list.
-    delta = [0] * (k + 1)
-    for u in graph.nodes:
-        first = group_of[u]
-        last = max((group_of[s] for s in graph.successors(u)), default=first)
-        delta[first] += nodes[u]["activation_bytes"]
-        delta[max(first, last) + 1] -= nodes[u]["activation_bytes"]
-    fraction = Fraction(chunk_fraction)
-    sizes, live = [], 0
-    for index, group in enumerate(groups):
-        live += delta[index]
-        scaled = fraction * live
-        sizes.append(sum(nodes[v]["weight_bytes"] for v in group)
-                     + max((nodes[v]["buffer_bytes"] for v in group), default=0)
-                     - ((-scaled.numerator) // scaled.denominator))
-    return sizes
 
 
 def check(plan, graph=None):
@@ -93,7 +69,7 @@ def check(plan, graph=None):
     violations = []
     if not isinstance(graph, nx.DiGraph):
         return CheckReport(False, ("the plan carries no graph and none was given",), ())
-    if plan.memory not in ("additive", "liveness"):
+    if not isinstance(plan.memory, str) or plan.memory not in MODELS:
         violations.append(f"unknown memory model {plan.memory!r}")
     if not (0 < plan.chunk_fraction <= 1):
         violations.append(f"chunk_fraction {plan.chunk_fraction} is not in (0, 1]")
@@ -132,7 +108,7 @@ def check(plan, graph=None):
             violations.append(f"edge {u!r} -> {v!r} goes backwards inside group {group_of[u]}: "
                               "a group lists its nodes in execution order")
     groups = [list(group) for group in plan.partitions]
-    sizes = tuple(_sizes_from_definition(graph, groups, group_of, plan.memory, plan.chunk_fraction))
+    sizes = tuple(MODELS[plan.memory].reference(graph, groups, group_of, plan.chunk_fraction))
     for index, size in enumerate(sizes):
         if size > plan.capacity:
             violations.append(f"group {index} needs {size} B > capacity {plan.capacity} B")

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from fractions import Fraction
 
 import networkx as nx
 import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import Intervals, LayerTable, check_chunk_fraction, check_memory, scale_activation
+from ..memory import Intervals, LayerTable, check_chunk_fraction, check_memory, sizes_alone
 from ..units import format_bytes
 from ..validation import validate
 
@@ -83,19 +82,11 @@ def _shares(total, units, counts):
 
 
 def _share_array(total, units, counts):
-    """`_shares` as an int64 array (exact: Python integers where int64 could overflow)."""
+    """`_shares` as an int64 array (exact: Python integers where the products could overflow int64)."""
     prefix = np.cumsum(counts)
     if total * units < 2**62:
         return np.diff(total * prefix // units, prepend=0)
-    return np.array(_shares(total, units, counts.tolist()), dtype=object)
-
-
-def _ceil_scale(live, chunk_fraction):
-    """⌈f · x⌉ for an array, exactly (Python integers; f's float taken as the rational it denotes)."""
-    if chunk_fraction == 1.0:
-        return live
-    numerator, denominator = Fraction(chunk_fraction).as_integer_ratio()
-    return -((-np.asarray(live).astype(object) * numerator) // denominator)
+    return np.array(_shares(total, units, counts.tolist()), dtype=np.int64)  # each share ≤ total
 
 
 def _unit_counts(units, n):
@@ -105,7 +96,12 @@ def _unit_counts(units, n):
 
 
 class _Site:
-    """What the tiling of one node depends on: its bytes and the activations live around it."""
+    """What the tiling of one node depends on: its bytes and the activations live around it.
+
+    Sizes come from the memory engine (`cachefit.memory.sizes_alone`): the
+    tiles and the join are nodes of a small chain, each in a group of its
+    own, with the live bytes this site counts for each.
+    """
 
     def __init__(self, data, incoming, passing, memory, chunk_fraction, join):
         self.weight = data["weight_bytes"]
@@ -123,31 +119,43 @@ class _Site:
             return _share_array(self.activation, units, counts)
         return np.full(len(counts), self.activation, dtype=np.int64)
 
+    def _alone(self, weights, outputs, buffers, live_at):
+        """S of each (weights, output, buffer) node in a group of its own with `live_at` live there."""
+        table = LayerTable.chain(np.asarray(weights, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
+                                 np.asarray(buffers, dtype=np.int64), ids=range(len(weights)))
+        return sizes_alone(table, self.memory, self.chunk_fraction, live_at)
+
     def sizes(self, units, n):
         """S of each of the n tiles, then of the join, each in a group of its own in the tiled order."""
         counts = np.array(_unit_counts(units, n), dtype=np.int64)
         weights = _share_array(self.weight, units, counts)
         outputs = self.outputs(units, counts)
-        if self.memory == "additive":
-            return np.append(weights + outputs + self.buffer, self.activation)
         # every tile output stays live until the join; the join adds its own output
-        live = np.append(self.incoming + np.cumsum(outputs),
+        live = np.append(self.incoming + np.cumsum(outputs.astype(object)),
                          self.passing + int(outputs.sum()) + self.activation)
-        return np.append(weights + self.buffer, 0) + _ceil_scale(live, self.chunk_fraction)
+        return self._alone(np.append(weights, 0), np.append(outputs, self.activation),
+                           np.append(np.full(n, self.buffer), 0), live)
 
     def floor(self):
-        """What some tile (or the join) needs besides weights, for every n >= 2."""
-        if self.memory == "additive":
-            return self.buffer + (self.activation if self.join == "sum" else 0)
-        outputs = (1 if self.join == "cat" else 2) * self.activation  # the last tile, n >= 2
-        return self.buffer + scale_activation(self.incoming + outputs, self.chunk_fraction)
+        """What some tile (or the join) needs besides weights, for every n >= 2.
+
+        A weightless tile: a partial sum is a whole output A; a slice can be
+        as small as nothing, but the last tile still holds every slice (A)
+        and, for a sum join, the partial sums before it (2·A at least).
+        """
+        own = self.activation if self.join == "sum" else 0
+        live = self.incoming + (1 if self.join == "cat" else 2) * self.activation
+        return int(self._alone([0], [own], [self.buffer], np.array([live], dtype=object))[0])
 
     def join_floor(self):
         """The join in a group of its own needs at least this, for every n >= 2."""
-        if self.memory == "additive":
-            return self.activation
-        outputs = (2 if self.join == "cat" else 3) * self.activation
-        return scale_activation(self.passing + outputs, self.chunk_fraction)
+        live = self.passing + (2 if self.join == "cat" else 3) * self.activation
+        return int(self._alone([0], [self.activation], [0], np.array([live], dtype=object))[0])
+
+    def partials_floor(self, n):
+        """A lower bound on the join's size with n or more partial sums live at it (a "sum" join)."""
+        live = self.passing + (n + 2) * self.activation
+        return int(self._alone([0], [self.activation], [0], np.array([live], dtype=object))[0])
 
 
 def _plan_tiles(site, units, capacity):
@@ -171,8 +179,7 @@ def _plan_tiles(site, units, capacity):
         for n in range(max(2, low + 1), units + 1):
             if fits(n):
                 return n, _unit_counts(units, n)
-            if site.memory == "liveness" and scale_activation(
-                    site.passing + (n + 2) * site.activation, site.chunk_fraction) > capacity:
+            if site.partials_floor(n) > capacity:
                 break
         return None, f"no count of tiles from 2 to {units} fits with the partial sums they leave live"
     # A cat-joined node's last tile holds all the slices: W / n + the activations must fit; start

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import (Intervals, LayerTable, as_table, scale_activation_array, check_chunk_fraction, check_memory,
-                      group_sizes)
+from ..memory import Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, group_sizes
+from ..memory import alone_sizes as _alone_sizes
 from ..result import Plan, Status
 from .bounds import lower_bound
 
@@ -99,25 +99,8 @@ class Problem:
 
 
 def alone_sizes(problem):
-    """Size of each node alone in a group, a lower bound on any group holding it.
-
-    Additive: w + a + b.  Liveness: w + b + ⌈f·(a + Σ inputs' a)⌉, since the
-    node's own output and every input it consumes are live in its group.  On
-    a chain (one valid order) every activation that passes the node is live
-    in its group as well, so the inputs are everything incoming at its
-    position (`Intervals.incoming`): what a group starting there must hold.
-    """
-    table = problem.table
-    if problem.memory == "additive":
-        return table.weight + table.activation + table.buffer
-    inputs = np.zeros(table.n, dtype=np.int64)
-    if table.is_chain:
-        inputs = problem.intervals().incoming[:table.n]
-    elif table.targets.size and np.all(table.targets[1:] > table.targets[:-1]):
-        inputs[table.targets] = table.activation[table.sources]  # one input each (chains)
-    else:
-        np.add.at(inputs, table.targets, table.activation[table.sources])
-    return table.weight + table.buffer + scale_activation_array(table.activation + inputs, problem.chunk_fraction)
+    """Size of each node alone in a group, a lower bound on any group holding it (`cachefit.memory.alone_sizes`)."""
+    return _alone_sizes(problem.table, problem.memory, problem.chunk_fraction, intervals=problem.intervals())
 
 
 def oversize_node(problem):

@@ -4,7 +4,7 @@ The three stages (`dp` runs them in order):
 
 1. the fewest contiguous runs (greedy cut count, `greedy_bounds`);
 2. the smallest bottleneck B* for exactly k runs: bisection over integer
-   bottleneck values with a greedy probe (`_Probe.count`);
+   bottleneck values with a greedy probe (`Intervals.count`);
 3. among the partitions into k runs of size ≤ B*, the smallest Σ S² (an
    exact dynamic programme restricted to the feasible window of every
    boundary, `_min_sum_squares`).
@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from ..result import Status
-from ..memory import Intervals, scale_activation_array
+from ..memory import Intervals
 from .bounds import forced_bytes
 from ._common import Problem, contiguous_groups, finish, no_plan, refuse
 from .greedy import greedy_bounds, split_to_k
@@ -32,207 +32,6 @@ logger = logging.getLogger(__name__)
 DP_PAIR_BUDGET = 20_000_000
 
 _CHUNK_PAIRS = 1_000_000
-
-
-class _Probe:
-    """Greedy reach of runs of one node order under one memory model.
-
-    ``end(start, cap)`` is the largest end with size(start, end) ≤ cap,
-    ``begin(end, cap)`` the smallest start with size(start, end) ≤ cap, and
-    ``sizes_of(starts, ends)`` the sizes of many runs at once (numpy).
-
-    Three modes, by how a run's size can be searched:
-
-    ``"exact"``
-        size(s, e) = E[e] − B[s] with non-decreasing int64 arrays E and B:
-        the additive model (E = B = prefix of w + a + b) and the liveness
-        model without buffers at f = 1 (E = prefix of w + a,
-        B = E − incoming).  ``end`` and ``begin`` are one C-level bisection
-        over a memoryview: no per-node Python work.
-    ``"float"``
-        The liveness model without buffers at f < 1.  ⌈f·x⌉ ≤ m ⇔ f·x ≤ m for
-        an integer m, so size(s, e) ≤ cap ⇔ W[e] + f·A[e] ≤ cap + W[s] +
-        f·(A[s] − incoming[s]); one bisection over those keys in float64,
-        then an exact check (and a galloping correction, if rounding put it
-        off by some positions) with integer arithmetic.
-    ``"search"``
-        Otherwise (buffers: the max term does not separate):
-        `Intervals.longest_fit`, O(log n) size evaluations.
-    """
-
-    def __init__(self, intervals):
-        self.intervals = intervals
-        table = intervals.table
-        self.n = table.n
-        self.memory = intervals.memory
-        self.fraction = intervals.chunk_fraction
-        if self.memory == "additive":
-            self.mode = "exact"
-            self.ends = self.starts = intervals.prefix_total
-        elif intervals._levels is None and self.fraction == 1.0:
-            self.mode = "exact"
-            key = intervals.prefix_weight + intervals.prefix_activation
-            self.ends = np.ascontiguousarray(key, dtype=np.int64)
-            self.starts = np.ascontiguousarray(key - intervals.incoming, dtype=np.int64)
-        elif intervals._levels is None:
-            self.mode = "float"
-            fraction = self.fraction
-            self.ends = intervals.prefix_weight + fraction * intervals.prefix_activation.astype(np.float64)
-            self.starts = intervals.prefix_weight + fraction * (
-                intervals.prefix_activation - intervals.incoming).astype(np.float64)
-            self._numerator, self._denominator = float(fraction).as_integer_ratio()
-            self._weight = memoryview(np.ascontiguousarray(intervals.prefix_weight, dtype=np.int64))
-            self._activation = memoryview(np.ascontiguousarray(intervals.prefix_activation, dtype=np.int64))
-            self._incoming = memoryview(np.ascontiguousarray(intervals.incoming, dtype=np.int64))
-        else:
-            self.mode = "search"
-            self.ends = self.starts = None
-        if self.ends is not None:
-            self._ends_view = memoryview(np.ascontiguousarray(self.ends))
-            self._starts_view = memoryview(np.ascontiguousarray(self.starts))
-
-    def size(self, start, end):
-        """S of the run [start, end), exactly."""
-        if self.mode == "exact":
-            return self._ends_view[end] - self._starts_view[start]
-        if self.mode == "float":
-            live = self._activation[end] - self._activation[start] + self._incoming[start]
-            return (self._weight[end] - self._weight[start]
-                    - ((-live * self._numerator) // self._denominator))
-        return self.intervals.size(start, end)
-
-    def _gallop_end(self, start, guess, cap):
-        """Largest end ≥ start with size(start, end) ≤ cap (start when none), from a guess."""
-        n, size = self.n, self.size
-        guess = min(max(guess, start), n)
-        if guess > start and size(start, guess) > cap:
-            high, step = guess, 1  # high does not fit
-            low = guess - 1
-            while low > start and size(start, low) > cap:
-                high = low
-                step *= 2
-                low = max(start, guess - step)
-        else:
-            low, step = guess, 1  # low fits (or is start)
-            while low + step <= n and size(start, low + step) <= cap:
-                low += step
-                step *= 2
-            high = min(low + step, n + 1)
-        while high - low > 1:
-            middle = (low + high) // 2
-            if size(start, middle) <= cap:
-                low = middle
-            else:
-                high = middle
-        return low
-
-    def _gallop_begin(self, end, guess, cap):
-        """Smallest start < end with size(start, end) ≤ cap (end when none), from a guess."""
-        size = self.size
-        if end == 0 or size(end - 1, end) > cap:
-            return end
-        guess = min(max(guess, 0), end - 1)
-        if size(guess, end) <= cap:
-            high, step = guess, 1  # high fits
-            low = guess - 1
-            while low >= 0 and size(low, end) <= cap:
-                high = low
-                step *= 2
-                low = guess - step
-            low = max(low, -1)  # low does not fit, or is -1
-        else:
-            low, step = guess, 1  # low does not fit
-            while low + step < end - 1 and size(low + step, end) > cap:
-                low += step
-                step *= 2
-            high = min(low + step, end - 1)
-        while high - low > 1:
-            middle = (low + high) // 2
-            if size(middle, end) <= cap:
-                high = middle
-            else:
-                low = middle
-        return high
-
-    def end(self, start, cap):
-        if self.mode == "exact":
-            return bisect.bisect_right(self._ends_view, self._starts_view[start] + cap, start) - 1
-        if self.mode == "float":
-            guess = bisect.bisect_right(self._ends_view, self._starts_view[start] + cap, start) - 1
-            return self._gallop_end(start, guess, cap)
-        return self.intervals.longest_fit(start, cap)
-
-    def begin(self, end, cap):
-        """Smallest start ≤ end − 1 with size(start, end) ≤ cap (end when none)."""
-        if self.mode == "exact":
-            return bisect.bisect_left(self._starts_view, self._ends_view[end] - cap, 0, end)
-        guess = end - 1
-        if self.mode == "float":
-            guess = bisect.bisect_left(self._starts_view, self._ends_view[end] - cap, 0, end)
-        return self._gallop_begin(end, guess, cap)
-
-    def count(self, cap, limit):
-        """Greedy runs of size ≤ cap, stopping past `limit`: (count, largest run size)."""
-        n, start, count, largest = self.n, 0, 0, 0
-        if self.mode == "exact":
-            ends, starts = self._ends_view, self._starts_view
-            while start < n:
-                base = starts[start]
-                end = bisect.bisect_right(ends, base + cap, start) - 1
-                if end <= start:
-                    return limit + 1, largest
-                largest = max(largest, ends[end] - base)
-                count += 1
-                if count > limit:
-                    return count, largest
-                start = end
-            return count, largest
-        size, reach = self.size, self.end
-        while start < n:
-            end = reach(start, cap)
-            if end <= start:
-                return limit + 1, largest
-            largest = max(largest, size(start, end))
-            count += 1
-            if count > limit:
-                return count, largest
-            start = end
-        return count, largest
-
-    def sizes_of(self, starts, ends):
-        """Sizes of runs [starts[i], ends[i]) (arrays, ends > starts)."""
-        if self.mode == "exact":
-            return self.ends[ends] - self.starts[starts]
-        iv = self.intervals
-        weights = iv.prefix_weight[ends] - iv.prefix_weight[starts]
-        live = iv.prefix_activation[ends] - iv.prefix_activation[starts] + iv.incoming[starts]
-        sizes = weights + scale_activation_array(live, self.fraction)
-        if iv._levels is not None:
-            lengths = ends - starts
-            level = np.frexp(lengths.astype(np.float64))[1] - 1  # ⌊log2(length)⌋
-            buffers = np.empty_like(sizes)
-            for value in np.unique(level):
-                rows = np.flatnonzero(level == value)
-                row = iv._levels[int(value)]
-                buffers[rows] = np.maximum(row[starts[rows]], row[ends[rows] - (1 << int(value))])
-            sizes = sizes + buffers
-        return sizes
-
-    def begins(self, ends, cap, floor):
-        """``begin`` for many ends at once, searching starts ≥ floor (numpy)."""
-        if self.mode == "exact":
-            found = np.searchsorted(self.starts, self.ends[ends] - cap, side="left")
-            return np.maximum(found, floor)
-        low = np.full(ends.shape, floor, dtype=np.int64)
-        high = ends - 1  # the one-node run [end-1, end) always fits cap ≥ every single
-        while True:
-            active = low < high
-            if not active.any():
-                return low
-            middle = (low + high) // 2
-            fits = self.sizes_of(middle, ends) <= cap
-            high = np.where(active & fits, middle, high)
-            low = np.where(active & ~fits, middle + 1, low)
 
 
 def min_bottleneck(probe, k, low, high):
@@ -462,7 +261,7 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
 def _balance(intervals, bounds, target, forced):
     """Stages 2 and 3 from greedy's `bounds`: boundaries of `target` runs, and stats."""
     order_k = len(bounds) - 1
-    probe = _Probe(intervals)
+    probe = intervals
     feasible = split_to_k(bounds, target) if target > order_k else bounds
     high = int(intervals.sizes(feasible).max())
     # k runs hold every node, so k·B* ≥ Σ S ≥ the sum bound's total (see `bounds.forced_bytes`).
@@ -480,7 +279,7 @@ def _balance(intervals, bounds, target, forced):
 
 
 class _FlopsCapped:
-    """A `_Probe` whose runs must also stay within `limit` flops: the reach under both bounds.
+    """An `Intervals` whose runs must also stay within `limit` flops: the reach under both bounds.
 
     ``end``, ``begin`` and ``begins`` take the tighter of the byte bound
     (`capacity`, whatever cap the caller passes) and the flops bound
@@ -538,7 +337,7 @@ def _balance_flops(intervals, bounds, target, flops, capacity):
     `bounds` is greedy's byte plan (the fewest runs).  Returns (bounds, stats).
     """
     order_k = len(bounds) - 1
-    probe = _Probe(intervals)
+    probe = intervals
     prefix = np.zeros(len(flops) + 1, dtype=np.int64)
     np.cumsum(flops, out=prefix[1:])
     feasible = split_to_k(bounds, target) if target > order_k else np.asarray(bounds, dtype=np.int64)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 
 from ..result import Status
@@ -16,30 +14,10 @@ def greedy_bounds(intervals, capacity):
     """Boundary positions [0, b1, ..., n] of the greedy cut, or None when a node cannot start a group.
 
     Each group starts where the last ended and is extended as far as it fits
-    (`Intervals.longest_fit`).  Returns ``(bounds, None)`` or
+    (`cachefit.memory.Intervals.cuts`).  Returns ``(bounds, None)`` or
     ``(None, position)`` with the position that does not fit even alone.
     """
-    n = intervals.table.n
-    bounds = [0]
-    start = 0
-    if intervals.memory == "additive":
-        # The hot path for long chains: C-level bisection over the prefix sums
-        # (a memoryview gives bisect Python ints without numpy's per-call cost).
-        prefix = memoryview(intervals.prefix_total)
-        while start < n:
-            end = bisect.bisect_right(prefix, prefix[start] + capacity, start) - 1
-            if end <= start:
-                return None, start
-            bounds.append(end)
-            start = end
-        return np.asarray(bounds, dtype=np.int64), None
-    while start < n:
-        end = intervals.longest_fit(start, capacity)
-        if end <= start:
-            return None, start
-        bounds.append(end)
-        start = end
-    return np.asarray(bounds, dtype=np.int64), None
+    return intervals.cuts(capacity)
 
 
 def split_to_k(bounds, k):

@@ -1,11 +1,12 @@
 import networkx as nx
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from cachefit import InputError, LayerTable, group_sizes
 from cachefit.checker import check
-from cachefit.memory import Intervals, scale_activation
+from cachefit.memory import (MEMORY_MODELS, MODELS, Intervals, MemoryModel, Terms, alone_sizes, scale_activation,
+                             sizes_alone)
 from cachefit.result import Plan, Status
 from strategies import graphs
 
@@ -131,3 +132,137 @@ class TestLayerTable:
 
     def test_diamond_is_not_chain(self):
         assert not LayerTable.from_graph(diamond()).is_chain
+
+
+def dag_grouping(draw, graph):
+    """Any valid grouping of a DAG (not only runs): a drawn group index per node, pushed up past its inputs."""
+    nodes = list(graph.nodes)
+    part = {}
+    for v in nodes:  # nodes are in topological order
+        drawn = draw(st.integers(0, len(nodes)))
+        part[v] = max([drawn, *(part[u] for u in graph.predecessors(v))])
+    used = sorted(set(part.values()))
+    return [[v for v in nodes if part[v] == index] for index in used]
+
+
+MODEL_NAMES = st.sampled_from(sorted(MODELS))
+FRACTIONS = st.sampled_from([1.0, 0.5, 1 / 3, 0.01])
+
+
+class TestRegistry:
+    def test_names(self):
+        assert MEMORY_MODELS == tuple(MODELS) == ("additive", "liveness")
+        assert all(model.name == name for name, model in MODELS.items())
+
+    @given(st.data())
+    def test_engine_matches_reference_on_any_dag_grouping(self, data):
+        """Each entry's two halves agree: the engine over its terms and its plain-Python reference."""
+        g = data.draw(graphs(min_nodes=1))
+        memory, fraction = data.draw(MODEL_NAMES), data.draw(FRACTIONS)
+        groups = dag_grouping(data.draw, g)
+        group_of = {v: index for index, group in enumerate(groups) for v in group}
+        reference = MODELS[memory].reference(g, groups, group_of, fraction)
+        assert group_sizes(g, groups, memory=memory, chunk_fraction=fraction) == reference
+
+    def test_checker_reads_the_registry(self, monkeypatch):
+        """A model registered at run time is checked with its own reference, not a hard-coded list."""
+        def weights_only(table):
+            return Terms(table.weight)
+
+        def reference(graph, groups, group_of, chunk_fraction):
+            return [sum(graph.nodes[v]["weight_bytes"] for v in group) for group in groups]
+
+        monkeypatch.setitem(MODELS, "weights", MemoryModel("weights", "S(P) = Σ weight", weights_only, reference))
+        g = diamond()
+        groups = [["in", "left"], ["right", "out"]]
+        assert group_sizes(g, groups, memory="weights") == [3, 7]
+        plan = Plan(tuple(map(tuple, groups)), (3, 7), 10, "weights", 1.0, "test", Status.FEASIBLE, 2, 1, 7, 0.0,
+                    graph=g)
+        assert check(plan).ok
+        wrong = Plan(tuple(map(tuple, groups)), (3, 8), 10, "weights", 1.0, "test", Status.FEASIBLE, 2, 1, 8, 0.0,
+                     graph=g)
+        assert "stated sizes [3, 8] differ from recomputed [3, 7]" in check(wrong).violations[0]
+        monkeypatch.delitem(MODELS, "weights")
+        assert check(plan).violations == ("unknown memory model 'weights'",)
+
+
+class TestEngineQueries:
+    @settings(max_examples=60, deadline=None)
+    @given(st.data())
+    def test_probes_match_a_scan(self, data):
+        """end / begin / count / cuts / sizes_of agree with sizes evaluated one run at a time."""
+        g = data.draw(graphs(min_nodes=1))
+        memory, fraction = data.draw(MODEL_NAMES), data.draw(FRACTIONS)
+        table = LayerTable.from_graph(g)
+        runs = Intervals(table, memory, fraction)
+        n = table.n
+        size = {(s, e): runs.size(s, e) for s in range(n) for e in range(s + 1, n + 1)}
+        reference = group_sizes(g, [list(table.ids)], memory=memory, chunk_fraction=fraction)
+        assert size[0, n] == reference[0]
+        cap = data.draw(st.integers(0, max(size.values()) + 1))
+        for s in range(n):
+            fitting = [e for e in range(s + 1, n + 1) if size[s, e] <= cap]
+            assert runs.end(s, cap) == max(fitting, default=s)
+        for e in range(1, n + 1):
+            fitting = [s for s in range(e) if size[s, e] <= cap]
+            assert runs.begin(e, cap) == min(fitting, default=e)
+        starts, ends = np.array([s for s, _ in size]), np.array([e for _, e in size])
+        assert runs.sizes_of(starts, ends).tolist() == list(size.values())
+        bounds, stuck = runs.cuts(cap)
+        if bounds is None:
+            assert runs.count(cap, n)[0] == n + 1 and runs.end(stuck, cap) == stuck
+        else:
+            assert runs.count(cap, n) == (len(bounds) - 1, max(runs.sizes(bounds)))
+
+    def test_modes(self):
+        plain, buffered = LayerTable.chain([5, 6], [1, 1]), LayerTable.chain([5, 6], [1, 1], [0, 2])
+        assert Intervals(plain, "additive").mode == "exact"
+        assert Intervals(buffered, "additive").mode == "exact"
+        assert Intervals(plain, "liveness").mode == "exact"
+        assert Intervals(plain, "liveness", 0.5).mode == "float"
+        assert Intervals(buffered, "liveness").mode == "search"
+
+    @given(st.data())
+    def test_alone_sizes(self, data):
+        """On a chain a node alone is the run of one; in a DAG, no group holding the node is smaller."""
+        g = data.draw(graphs(min_nodes=1))
+        memory, fraction = data.draw(MODEL_NAMES), data.draw(FRACTIONS)
+        table = LayerTable.from_graph(g)
+        alone = alone_sizes(table, memory, fraction)
+        runs = Intervals(table, memory, fraction)
+        if table.is_chain:
+            assert alone.tolist() == [runs.size(p, p + 1) for p in range(table.n)]
+        groups = dag_grouping(data.draw, g)
+        for group, size in zip(groups, group_sizes(g, groups, memory=memory, chunk_fraction=fraction)):
+            assert all(alone[table.ids.index(v)] <= size for v in group)
+
+    def test_sizes_alone_counts_the_callers_live_bytes(self):
+        table = LayerTable.chain([10, 0], [4, 8], [3, 0])
+        assert sizes_alone(table, "liveness", 0.5, [4, 12]).tolist() == [10 + 3 + 2, 6]
+        assert sizes_alone(table, "additive", 0.5, None).tolist() == [17, 8]
+        assert sizes_alone(table, "liveness", 1.0, np.array([2**70, 0], dtype=object))[0] == 13 + 2**70
+
+
+class TestSuccessorsAndReorder:
+    def test_successors_mirror_predecessors(self):
+        table = LayerTable.from_graph(diamond())
+        assert table.successors() == [[1, 2], [3], [3], []]
+        assert table.predecessors() == [[], [0], [0], [1, 2]]
+
+    def test_reorder_is_the_table_of_the_reordered_graph(self):
+        g = diamond()
+        reordered = LayerTable.from_graph(g).reorder([0, 2, 1, 3])
+        h = nx.DiGraph()
+        for node in ["in", "right", "left", "out"]:
+            h.add_node(node, **g.nodes[node])
+        h.add_edges_from(g.edges)
+        expected = LayerTable.from_graph(h)
+        assert reordered.ids == expected.ids and reordered.graph is None
+        for name in ("weight", "activation", "buffer", "last_use"):
+            assert getattr(reordered, name).tolist() == getattr(expected, name).tolist()
+        assert sorted(zip(reordered.sources.tolist(), reordered.targets.tolist())) == sorted(
+            zip(expected.sources.tolist(), expected.targets.tolist()))
+        assert not reordered.is_chain and LayerTable.chain([1, 2]).reorder([0, 1]).is_chain
+
+    def test_reorder_carries_flops(self):
+        assert LayerTable.chain([1, 2], flops=[7, 9]).reorder([1, 0]).flops.tolist() == [9, 7]
