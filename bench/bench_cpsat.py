@@ -29,7 +29,7 @@ import numpy as np
 from ..checker import check
 from ..solvers.cpsat import cpsat
 from ..solvers.greedy import greedy
-from .machine import machine_line
+from cachefit.machine import machine_line
 
 KIB = 1024
 

@@ -30,7 +30,7 @@ import numpy as np
 from ..memory import Intervals, LayerTable
 from ..solvers.dp import dp
 from ..solvers.greedy import greedy_bounds
-from .machine import machine_line
+from cachefit.machine import machine_line
 
 
 def median_seconds(function, repeats):

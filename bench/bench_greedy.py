@@ -20,7 +20,7 @@ import numpy as np
 from ..checker import check
 from ..memory import Intervals, LayerTable
 from ..solvers.greedy import greedy, greedy_bounds
-from .machine import machine_line
+from cachefit.machine import machine_line
 
 
 def median_seconds(function, repeats):

@@ -24,14 +24,15 @@ import logging
 import math
 import statistics
 import subprocess
-from importlib import metadata
 from pathlib import Path
 
 from cachefit.errors import InputError
 from cachefit.result import write_text_atomic
 from cachefit.units import format_bytes
 
-from .machine import machine_info as _base_machine_info
+from cachefit.machine import MACHINE_FIELDS as _BASE_FIELDS
+from cachefit.machine import machine_info as _base_machine_info
+from cachefit.machine import package_version as _version
 
 __all__ = ["RESULTS_FORMAT", "RESULTS_VERSION", "MACHINE_FIELDS", "RUN_FIELDS", "machine_info", "results_document",
            "validate_results", "scaling_exponents", "headline_rows", "markdown", "write_plots", "write_report",
@@ -44,15 +45,14 @@ RESULTS_VERSION = 1
 
 _INT, _FLOAT, _STR, _BOOL, _NONE = (int,), (int, float), (str,), (bool,), (type(None),)
 
-#: Fields of ``machine``: name -> (types, meaning).
+#: Fields of ``machine``: name -> (types, meaning); the keys of `cachefit.machine.machine_info` and three more.
 MACHINE_FIELDS = {
-    "cpu": (_STR, "CPU model name (/proc/cpuinfo, else platform.processor())"),
-    "cores": (_INT, "logical CPUs (os.cpu_count())"),
-    "ram_bytes": (_INT + _NONE, "physical memory in bytes"),
-    "os": (_STR, "platform.platform()"),
-    "python": (_STR, "Python version"),
-    "versions": ((dict,), "installed versions of cachefit, numpy, networkx, ortools, torch, matplotlib, "
-                          "deepspeed, torchgpipe (None when absent)"),
+    "cpu": (_STR, _BASE_FIELDS["cpu"]),
+    "cores": (_INT, _BASE_FIELDS["cores"]),
+    "ram_bytes": (_INT + _NONE, _BASE_FIELDS["ram_bytes"]),
+    "os": (_STR, _BASE_FIELDS["os"]),
+    "python": (_STR, _BASE_FIELDS["python"]),
+    "versions": ((dict,), _BASE_FIELDS["versions"] + "; matplotlib too"),
     "git_commit": (_STR + _NONE, "`git describe --always --dirty` of the tree the benchmark ran from "
                                  "(-dirty: uncommitted changes), when known"),
     "date": (_STR, "UTC time the report was written, ISO 8601"),
@@ -102,13 +102,6 @@ RUN_FIELDS = {
 _PLOTS = ("wall_time_vs_n.png", "quality_by_family.png", "k_vs_lower_bound.png")
 
 
-def _version(package):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _git_commit():
     try:
         result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
@@ -122,7 +115,7 @@ def _git_commit():
 def machine_info():
     """The machine record of ``results.json`` (fields in `MACHINE_FIELDS`).
 
-    `cachefit.bench.machine.machine_info` plus matplotlib's version, the git
+    `cachefit.machine.machine_info` plus matplotlib's version, the git
     commit and the date.
 
     Examples
@@ -131,16 +124,10 @@ def machine_info():
     True
     """
     base = _base_machine_info()
-    return {
-        "cpu": base["cpu"],
-        "cores": base["cores"] or 1,
-        "ram_bytes": base["memory_bytes"],
-        "os": base["platform"],
-        "python": base["python"],
-        "versions": {**base["versions"], "matplotlib": _version("matplotlib")},
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {**base, "cores": base["cores"] or 1,
+            "versions": {**base["versions"], "matplotlib": _version("matplotlib")},
+            "git_commit": _git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def results_document(results, *, machine=None):

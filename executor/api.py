@@ -55,18 +55,13 @@ def _is_cuda(device):
 
 
 def _machine(on_cuda):
-    try:
-        from ..bench.machine import machine_info
-        info = machine_info()
-    except Exception:  # noqa: BLE001 - descriptive only
-        info = {}
+    """`cachefit.machine.machine_info`, torch's version and, on CUDA, the GPU's keys."""
+    from ..machine import gpu_info, machine_info
+
+    info = machine_info()
     info["torch"] = torch.__version__
     if on_cuda:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info["gpu"] = props.name
-        info["gpu_l2_bytes"] = getattr(props, "L2_cache_size", None)
-        info["gpu_memory_bytes"] = props.total_memory
-        info["cuda"] = torch.version.cuda
+        info.update(gpu_info())
     return info
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..graphs.tile import TILE_AXES
 
 __all__ = ["ParamFactory", "Part", "make_node_module", "order_inputs", "logical_attrs", "tile_part",
            "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS"]
@@ -393,11 +394,11 @@ class Block(nn.Module):
 
     def __init__(self, key, config, seq_len, factory, dtype, device):
         super().__init__()
-        from ..graphs.transformer import _block_ops
+        from ..graphs.transformer import block_ops
 
         self.ops = []  # (name, input names) in order; modules registered under sanitised names
         self.layers = nn.ModuleDict()
-        ops = _block_ops(config, 1, 1, 1)
+        ops = block_ops(config, 1, 1, 1)
         logical = {name: attrs for name, attrs, _ in ops}
         for name, attrs, preds in ops:
             module = _op_module(f"{key}.{name}", attrs, seq_len, factory, dtype, device)
@@ -516,9 +517,12 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
                      f"{', '.join(SUPPORTED_OPS)}")
 
 
-#: The attribute holding a tile's width, per op (as `cachefit.graphs.tile` writes it).
-TILE_AXIS = {"linear": "out_features", "pooler": "out_features", "embedding": "embedding_dim",
-             "expert": "intermediate_size"}
+#: Ops whose tiles the executor materialises (its modules take a `Part` of the split dimension).
+_TILED_OPS = ("linear", "pooler", "embedding", "expert")
+
+#: op -> the attribute holding a tile's width: `cachefit.graphs.tile.TILE_AXES` (the one declaration)
+#: restricted to the ops the executor can run tiled.
+TILE_AXIS = {op: TILE_AXES[op][0] for op in _TILED_OPS}
 
 
 def tile_part(graph, node, siblings):

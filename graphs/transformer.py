@@ -481,7 +481,7 @@ def _attention_ops(cfg, source, batch, seq_len, size):
     ]
 
 
-def _block_ops(cfg, batch, seq_len, size):
+def block_ops(cfg, batch, seq_len, size):
     """One block's ops as (name, attrs, predecessors), in execution order.
 
     ``"@in"`` stands for the block's input; the last op is the block's output.
@@ -516,6 +516,9 @@ def _block_ops(cfg, batch, seq_len, size):
     ops += _mlp_ops(cfg, "mlp_norm", batch, seq_len, size)
     ops.append(add("mlp_add", "attn_add", ops[-1][0]))
     return ops
+
+
+_block_ops = block_ops  # the old private name, kept for callers that used it
 
 
 def _block_node(cfg, ops, index, batch, seq_len, size):
