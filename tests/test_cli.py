@@ -47,7 +47,7 @@ class TestPlanCommand:
         path = tmp_path / "junk.json"
         path.write_text("{not json")
         result = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB"])
-        assert result.exit_code == 2 and "is not readable JSON" in result.output
+        assert result.exit_code == 2 and "is not valid JSON" in result.output
 
     def test_help_everywhere(self, runner):
         for command in ([], ["plan"], ["check"], ["models"], ["solvers"]):
