@@ -184,8 +184,10 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
                       f"{result.balance:.3f}" if result.balance else "-", f"{result.wall_s * 1000:.1f} ms",
                       "ok" if report.ok else f"[red]{len(report.violations)} violation(s)[/]")
     console.print(table)
+    rejected = [result.solver for result in plans if result.ok and not any(result is kept for kept in passed)]
+    if rejected:
+        console.print(Text(f"not chosen, rejected by the checker: {', '.join(rejected)}"))
     if not passed:
-        rejected = [result.solver for result in plans if result.ok]
         console.print(Text(f"no plan: {plans[0].reason}" if not rejected else
                            f"no plan passes the checker (rejected: {', '.join(rejected)})"))
         return EXIT_NO_PLAN
