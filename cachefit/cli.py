@@ -12,12 +12,12 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
+from .clikit import EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, model_options, write_plan
 from .errors import InputError
 from .units import format_bytes, format_count
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cachefit")
 def main():
     """Cut a neural network into ordered groups that each fit on-chip memory."""
@@ -149,8 +149,7 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
                       "(not in the solver time below)", highlight=False)
     print_plan(result)
     if json_path:
-        result.to_json(json_path)
-        console.print(f"plan written to {json_path}", highlight=False)
+        write_plan(result, json_path)
     sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
 
 
@@ -159,7 +158,8 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
     """`plan --solver all`: every solver on the same (tiled, chunked) problem, side by side.
 
     Returns the exit code.  With `json_path`, the best plan (fewest groups,
-    then smallest bottleneck) is written.
+    then smallest bottleneck) is written.  Only plans that `cachefit.check`
+    accepts compete: a solver's plan with a violation is shown, never chosen.
     """
     from .api import plan as make_plan
     from .checker import check
@@ -174,25 +174,30 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
     table = Table(title=f"every solver, capacity {format_bytes(capacity)}")
     for column in ("solver", "status", "k", "lower bound", "bottleneck", "balance", "time", "check"):
         table.add_column(column, justify="left" if column in ("solver", "status") else "right")
+    passed = []
     for result in plans:
         report = check(result)
+        if result.ok and report.ok:
+            passed.append(result)
         table.add_row(result.solver, str(result.status), str(result.k), str(result.lower_bound),
                       format_bytes(result.bottleneck) if result.ok else "-",
                       f"{result.balance:.3f}" if result.balance else "-", f"{result.wall_s * 1000:.1f} ms",
                       "ok" if report.ok else f"[red]{len(report.violations)} violation(s)[/]")
     console.print(table)
-    found = [result for result in plans if result.ok]
-    if not found:
-        console.print(Text(f"no plan: {plans[0].reason}"))
+    rejected = [result.solver for result in plans if result.ok and not any(result is kept for kept in passed)]
+    if rejected:
+        console.print(Text(f"not chosen, rejected by the checker: {', '.join(rejected)}"))
+    if not passed:
+        console.print(Text(f"no plan: {plans[0].reason}" if not rejected else
+                           f"no plan passes the checker (rejected: {', '.join(rejected)})"))
         return EXIT_NO_PLAN
-    best = min(found, key=lambda result: (result.k, result.bottleneck, result.status != "OPTIMAL"))
+    best = min(passed, key=lambda result: (result.k, result.bottleneck, result.status != "OPTIMAL"))
     proven = max(result.lower_bound for result in plans)
     console.print(f"best: {best.solver} (k = {best.k}, bottleneck {format_bytes(best.bottleneck)}); "
                   f"best proven lower bound {proven}" + (": k is optimal" if best.k == proven else ""),
                   highlight=False)
     if json_path:
-        best.to_json(json_path)
-        console.print(f"plan written to {json_path}", highlight=False)
+        write_plan(best, json_path)
     return EXIT_OK
 
 

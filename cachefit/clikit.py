@@ -13,9 +13,10 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import CachefitError
+from .errors import CachefitError, InputError
 
-__all__ = ["EXIT_OK", "EXIT_NO_PLAN", "EXIT_BAD_INPUT", "console", "error_console", "friendly", "model_options"]
+__all__ = ["EXIT_OK", "EXIT_NO_PLAN", "EXIT_BAD_INPUT", "console", "error_console", "friendly", "model_options",
+           "OneLineGroup", "write_plan"]
 
 console = Console()
 error_console = Console(stderr=True)
@@ -34,6 +35,51 @@ def friendly(function):
             error_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_BAD_INPUT)
     return wrapper
+
+
+def _one_line(text):
+    text = " ".join(str(text).split())
+    return text if len(text) <= 400 else text[:400] + "…"
+
+
+class OneLineGroup(click.Group):
+    """A click group whose usage errors are one line on stderr, exit 2 (no usage block).
+
+    ``cachefit plan x --k abc`` answers ``error: --k: 'abc' is not a valid
+    integer. (see `cachefit plan --help`)``.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `cachefit` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "cachefit"
+            error_console.print(f"[bold red]error:[/] {escape(_one_line(exc.format_message()))} "
+                                f"(see `{escape(command)} --help`)", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            error_console.print("aborted", highlight=False)
+            sys.exit(EXIT_NO_PLAN)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def write_plan(plan, json_path):
+    """Write `plan` to `--json` atomically; a failure is a one-line InputError naming ``--json``."""
+    try:
+        plan.to_json(json_path)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"`--json` {str(json_path)!r}: cannot write the plan there: {reason}; "
+                         "nothing was written") from None
+    console.print(f"plan written to {json_path}", highlight=False)
 
 
 def model_options(function):

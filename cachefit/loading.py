@@ -2,19 +2,47 @@
 
 `load_model(spec)` accepts an embedded model name (`cachefit.instances`), a
 plan file (its graph is re-planned), a node-link graph JSON file, a JSON list
-of layer sizes (`cachefit.graphs.from_layers`), or an HF-style ``config.json``.
+of layer sizes (`cachefit.graphs.from_layers`), an HF-style ``config.json``
+or a folder holding one.  Files are read through `cachefit.limits` (size and
+kind checked before reading); a name that looks like a Hugging Face hub id is
+answered with what to download, since cachefit never downloads.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 from pathlib import Path
 
 from .errors import InputError
+from .limits import check_config_size, check_node_count, check_tokens, read_json_file
 from .result import PLAN_FORMAT, graph_from_data
 from .validation import validate
 
 __all__ = ["load_model", "parse_dims"]
+
+# owner/name as the Hugging Face hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _exists(path):
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _missing(spec):
+    """The InputError for a MODEL that is neither a file nor an embedded model."""
+    from . import instances
+
+    if isinstance(spec, str) and _HUB_ID.match(spec):
+        return InputError(f"`MODEL` {spec!r} is not a local file; it looks like a Hugging Face hub id, and "
+                          f"cachefit does not download: fetch the model's config.json (or the checkpoint "
+                          f"folder), e.g. `huggingface-cli download {spec} config.json`, and pass its local path")
+    shown = spec if len(spec) <= 200 else spec[:200] + "…"
+    return InputError(f"`MODEL` {shown!r} is neither a file nor an embedded model; "
+                      f"embedded models: {', '.join(instances.names())}")
 
 
 def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None):
@@ -22,37 +50,56 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
 
     `dims` maps the dynamic dimensions of an ONNX file to sizes
     (`cachefit.graphs.from_onnx`); it is ignored for other inputs.
+
+    Raises
+    ------
+    InputError
+        Naming ``MODEL``: no such file or embedded model (a hub id is told
+        what to fetch), a file that is not one of the accepted kinds, too
+        large (`cachefit.limits`), not UTF-8 or not JSON, or a graph that
+        does not validate.
     """
     from . import instances
 
-    path = Path(spec)
-    if not path.exists():
+    check_tokens(batch, seq_len)
+    spec = os.fspath(spec)
+    if not _exists(spec):
         if spec in instances.names():
+            defaults = instances.info(spec)
+            check_tokens(batch or defaults["batch"], seq_len or defaults["seq_len"])
+            if defaults["kind"] != "layers":
+                check_config_size(instances.config(spec), batch=batch or defaults["batch"],
+                                  seq_len=seq_len or defaults["seq_len"], granularity=granularity)
             return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
-        raise InputError(f"`MODEL` {spec!r} is neither a file nor an embedded model; "
-                         f"embedded models: {', '.join(instances.names())}")
+        raise _missing(spec)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"`MODEL` {spec!r} is a folder without a config.json; pass a model file, "
+                             "or a folder holding the model's config.json")
+        path = path / "config.json"
     if path.suffix == ".onnx":
         from .graphs import from_onnx
         return from_onnx(path, dims=dims)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"`MODEL` file {str(path)!r} is not readable JSON: {exc}") from None
+    data = read_json_file(path, what="`MODEL` file")
     if isinstance(data, list):
         from .graphs import from_layers
+        check_node_count(len(data), what=f"`MODEL` file {str(path)!r}")
         return from_layers(data, name=path.stem)
     if isinstance(data, dict) and data.get("format") == PLAN_FORMAT:
-        return validate(graph_from_data(data["graph"]))
+        return validate(graph_from_data(data.get("graph"), what=f"`MODEL` plan file {str(path)!r}: field 'graph'"))
     if isinstance(data, dict) and "nodes" in data:
-        return validate(graph_from_data(data))
+        return validate(graph_from_data(data, what=f"`MODEL` file {str(path)!r}"))
     if isinstance(data, dict) and ("model_type" in data or "hidden_size" in data or "n_embd" in data):
         from .graphs import from_hf_config
+        if not isinstance(data.get("model_type", ""), str):
+            raise InputError(f"`MODEL` file {str(path)!r}: `model_type` must be a string, got {data['model_type']!r}")
         kwargs = {"dtype": dtype, "granularity": granularity}
         if batch is not None:
             kwargs["batch"] = batch
         if seq_len is not None:
             kwargs["seq_len"] = seq_len
-        return from_hf_config(data, **kwargs)
+        return from_hf_config(path, **kwargs)
     raise InputError(f"`MODEL` file {str(path)!r} is not a plan, a node-link graph, a list of layer sizes "
                      "or an HF config.json")
 
@@ -66,7 +113,9 @@ def parse_dims(text):
     dims = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
-        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
-            raise InputError(f"`--dims` must look like 'batch=1,seq=128' (positive integers), got {text!r}")
+        value = value.strip()
+        if not name.strip() or not value.isascii() or not value.isdigit() or len(value) > 12 or int(value) < 1:
+            raise InputError(f"`--dims` must look like 'batch=1,seq=128' (positive integers below 10**12), "
+                             f"got {text if len(text) <= 200 else text[:200] + '…'!r}")
         dims[name.strip()] = int(value)
     return dims

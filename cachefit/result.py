@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -160,17 +161,12 @@ class Plan:
             Not JSON, not a cachefit plan, an unsupported version, or a field
             missing or of the wrong type.
         """
-        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
-            try:
-                text = Path(source).read_text()
-            except OSError as exc:
-                raise InputError(f"cannot read plan file {str(source)!r}: {exc.strerror}") from None
+        from .limits import parse_json, read_json_file
+
+        if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            data = read_json_file(source, what="plan file")
         else:
-            text = source
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"plan is not valid JSON: {exc}") from None
+            data = parse_json(source, what="plan")
         return cls.from_dict(data)
 
     @classmethod
@@ -188,6 +184,10 @@ class Plan:
                 raise InputError(f"plan field {key!r} is missing")
             if not isinstance(data[key], kind) or isinstance(data[key], bool):
                 raise InputError(f"plan field {key!r} has the wrong type: {type(data[key]).__name__}")
+        if not isinstance(data.get("stats", {}), dict):
+            raise InputError(f"plan field 'stats' has the wrong type: {type(data['stats']).__name__} (expected an object)")
+        if not isinstance(data.get("reason", ""), str):
+            raise InputError(f"plan field 'reason' has the wrong type: {type(data['reason']).__name__} (expected a string)")
         if data["status"] not in Status.__members__:
             raise InputError(f"plan field 'status' must be one of {', '.join(Status.__members__)}, got {data['status']!r}")
         partitions = data["partitions"]
@@ -209,7 +209,7 @@ class Plan:
             wall_s=float(data["wall_s"]),
             stats=dict(data.get("stats", {})),
             reason=str(data.get("reason", "")),
-            graph=validate(graph_from_data(data["graph"])),
+            graph=validate(graph_from_data(data["graph"])),  # ids are strings: partitions can name them
         )
 
 
@@ -226,22 +226,50 @@ def graph_to_data(graph):
     }
 
 
-def graph_from_data(data):
-    """The DiGraph of node-link `data` (inverse of `graph_to_data`)."""
-    try:
-        graph = nx.DiGraph()
-        graph.graph.update(data.get("graph", {}))
-        for node in data["nodes"]:
-            attributes = {key: value for key, value in node.items() if key != "id"}
-            if isinstance(attributes.get("tile"), list):
-                attributes["tile"] = tuple(attributes["tile"])
-            graph.add_node(node["id"], **attributes)
-        links = data.get("edges", data.get("links", []))
-        for link in links:
-            graph.add_edge(link["source"], link["target"],
-                           **{key: value for key, value in link.items() if key not in ("source", "target")})
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"plan field 'graph' is not node-link data: {exc!r}") from None
+def graph_from_data(data, *, what="plan field 'graph'"):
+    """The DiGraph of node-link `data` (inverse of `graph_to_data`).
+
+    Node ids must be strings and unique, and every edge must join two listed
+    nodes; the node count is checked against `cachefit.limits.max_nodes`
+    before any node is built.
+
+    Raises
+    ------
+    InputError
+        Naming `what` and the node or edge at fault.
+    """
+    from .limits import check_node_count
+
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be node-link data (an object with \"nodes\"), got {type(data).__name__}")
+    nodes, links = data.get("nodes"), data.get("edges", data.get("links", []))
+    if not isinstance(nodes, list) or not isinstance(links, list):
+        raise InputError(f"{what} must be node-link data: \"nodes\" and \"edges\" must be lists")
+    if not isinstance(data.get("graph", {}), dict):
+        raise InputError(f"{what}: \"graph\" (the graph's attributes) must be an object")
+    check_node_count(len(nodes), what=what)
+    graph = nx.DiGraph()
+    graph.graph.update(data.get("graph", {}))
+    for index, node in enumerate(nodes):
+        if not isinstance(node, dict) or "id" not in node:
+            raise InputError(f"{what}: nodes[{index}] must be an object with an \"id\"")
+        node_id = node["id"]
+        if not isinstance(node_id, str):
+            raise InputError(f"{what}: nodes[{index}] has id {node_id!r}; node ids must be strings")
+        if node_id in graph:
+            raise InputError(f"{what}: duplicate node id {node_id!r} (nodes[{index}])")
+        attributes = {key: value for key, value in node.items() if key != "id"}
+        if isinstance(attributes.get("tile"), list):
+            attributes["tile"] = tuple(attributes["tile"])
+        graph.add_node(node_id, **attributes)
+    for index, link in enumerate(links):
+        if not isinstance(link, dict):
+            raise InputError(f"{what}: edges[{index}] must be an object with \"source\" and \"target\"")
+        for end in ("source", "target"):
+            if not isinstance(link.get(end), str) or link[end] not in graph:
+                raise InputError(f"{what}: edges[{index}] {end} {link.get(end)!r} is not a listed node id")
+        graph.add_edge(link["source"], link["target"],
+                       **{key: value for key, value in link.items() if key not in ("source", "target")})
     return graph
 
 
@@ -260,20 +288,59 @@ def _jsonable(value):
 
 
 def write_text_atomic(path, text):
-    """Write `text` to `path` via a temporary file in the same folder and a rename."""
+    """Write `text` to `path` all at once: a temporary file in the same folder, fsync, rename, fsync the folder.
+
+    An existing file keeps its permission bits; a new one gets the ordinary
+    ``0o666 & ~umask``.  On any failure the temporary file is removed and the
+    target is left as it was.
+
+    Raises
+    ------
+    OSError
+        The folder is missing or not writable, the disk is full, ...; the
+        error's ``filename`` is `path` (never the temporary file).
+    """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(handle, "w") as stream:
+        mode = 0o666 & ~umask
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        os.fchmod(handle, mode)  # mkstemp makes 0600
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    """Make a rename in `directory` durable (where the platform allows opening a folder)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(descriptor)

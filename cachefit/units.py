@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
 
 from .errors import InputError
 
@@ -74,16 +74,27 @@ def parse_bytes(value, *, name="capacity"):
     match = _QUANTITY.match(value)
     unit = match.group(2).upper() if match else None
     if match is None or (unit and unit not in UNITS):
-        raise InputError(f"`{name}` must be {_FORMS}, got {value!r}")
+        raise InputError(f"`{name}` must be {_FORMS}, got {_shorten(value)}")
+    number = Decimal(match.group(1))  # exact: construction does not round
+    if number and number.adjusted() > 24:  # checked before any arithmetic, which could overflow the context
+        raise InputError(f"`{name}` is too large to be a number of bytes, got {_shorten(value)}; expected {_FORMS}")
+    if number and number.adjusted() < -24:  # below 1e-24 B × the largest unit: not a whole number of bytes
+        raise InputError(f"`{name}` must be a whole number of bytes, got {_shorten(value)}")
     try:
-        number = Decimal(match.group(1)) * UNITS[unit or "B"]
-    except InvalidOperation:  # pragma: no cover - the regex admits only numbers
-        raise InputError(f"`{name}` must be {_FORMS}, got {value!r}") from None
-    if not number.is_finite() or number > Decimal(2) ** 80:
+        with localcontext(Context(prec=80, traps=[InvalidOperation, Overflow, Inexact])):
+            number = number * UNITS[unit or "B"]  # at most 40 whole digits: rounding drops only fraction
+    except Inexact:
+        raise InputError(f"`{name}` must be a whole number of bytes, got {_shorten(value)}") from None
+    if number > Decimal(2) ** 80:
         raise InputError(f"`{name}` is too large to be a number of bytes, got {value!r}; expected {_FORMS}")
     if number != number.to_integral_value():
         raise InputError(f"`{name}` must be a whole number of bytes, got {value!r} = {number} B")
     return int(number)
+
+
+def _shorten(value):
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(value)} characters)"
 
 
 def format_bytes(num_bytes, *, binary=True, precision=1):

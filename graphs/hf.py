@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
+from ..limits import check_config_size
 from ..units import dtype_bytes
 from .transformer import transformer
 
@@ -231,6 +232,7 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
         model["word_embed_proj_dim"] = model.get("hidden_size")
     model["name"] = str(config.get("_name_or_path") or config.get("name") or label or model_type)
     model["source"] = source
+    check_config_size(model, batch=batch, seq_len=seq_len, granularity=granularity)  # before allocating
     graph = transformer(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
     if projection is not None:
         graph = _add_opt_projections(graph, projection, dtype_bytes(dtype))

@@ -11,6 +11,7 @@ onnx is imported only inside the function (the ``onnx`` extra).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -119,6 +120,88 @@ def _shape(info, tensor, dims):
     return shape
 
 
+def _node_label(node, index):
+    return node.name or f"{node.op_type}_{index}"
+
+
+def _consumed(node):
+    """Names a node reads: its inputs and, for control flow, every name read inside its subgraphs."""
+    names = list(node.input)
+    pending = [node]
+    while pending:
+        for attribute in pending.pop().attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                for inner in subgraph.node:
+                    names.extend(inner.input)
+                    pending.append(inner)
+    return names
+
+
+def _sort_nodes(onnx_graph):
+    """Put the graph's nodes in a topological order, in place (Kahn's algorithm, stable).
+
+    A file already in order keeps it.  Duplicate node names, a tensor with
+    two producers and a cycle are refused (InputError naming the node or
+    tensor).  O(nodes + inputs) plus a heap: O(n log n).
+    """
+    nodes = list(onnx_graph.node)
+    seen, producer = {}, {}
+    for index, node in enumerate(nodes):
+        if node.name:
+            if node.name in seen:
+                raise InputError(f"`path_or_model`: two ONNX nodes are named {node.name!r} (nodes {seen[node.name]} "
+                                 f"and {index}); node names must be unique")
+            seen[node.name] = index
+        for output in filter(None, node.output):
+            if output in producer:
+                raise InputError(f"`path_or_model`: tensor {output!r} is produced by two nodes "
+                                 f"({_node_label(nodes[producer[output]], producer[output])!r} and "
+                                 f"{_node_label(node, index)!r})")
+            producer[output] = index
+    successors = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for index, node in enumerate(nodes):
+        for before in {producer[name] for name in _consumed(node) if name in producer}:
+            if before == index:
+                raise InputError(f"`path_or_model`: the ONNX graph has a cycle: node "
+                                 f"{_node_label(node, index)!r} reads its own output")
+            successors[before].append(index)
+            waiting[index] += 1
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for after in successors[index]:
+            waiting[after] -= 1
+            if waiting[after] == 0:
+                heapq.heappush(ready, after)
+    if len(order) < len(nodes):
+        raise InputError(f"`path_or_model`: the ONNX graph has a cycle through node "
+                         f"{_node_label(*_on_cycle(nodes, waiting, producer))!r}")
+    if order != sorted(order):
+        logger.debug("from_onnx: nodes reordered topologically")
+        reordered = []
+        for index in order:
+            copy = type(nodes[index])()
+            copy.CopyFrom(nodes[index])
+            reordered.append(copy)
+        del onnx_graph.node[:]
+        onnx_graph.node.extend(reordered)
+
+
+def _on_cycle(nodes, waiting, producer):
+    """(node, index) of a node on a cycle among the nodes Kahn's algorithm could not place."""
+    index = next(position for position, count in enumerate(waiting) if count)
+    visited = set()
+    while index not in visited:  # walk backwards through unplaced producers until one repeats
+        visited.add(index)
+        index = next(producer[name] for name in _consumed(nodes[index])
+                     if name in producer and waiting[producer[name]])
+    return nodes[index], index
+
+
 def from_onnx(path_or_model, *, dims=None):
     """The graph of an ONNX model.
 
@@ -139,7 +222,8 @@ def from_onnx(path_or_model, *, dims=None):
     networkx.DiGraph
         One ``op="input"`` node per graph input that is not an initializer,
         then one node per ONNX node (``Constant`` nodes are weights, not
-        nodes), in the file's order (ONNX requires it to be topological),
+        nodes), in the file's order when it is topological, as ONNX requires,
+        else in the stable topological order of their data flow,
         named by the node's ``name`` (``{op_type}_{index}`` when empty).
         Node attributes: the byte counts, ``op`` (``linear`` for a MatMul or
         Gemm with a 2-D weight initializer, with ``in_features``,
@@ -158,7 +242,8 @@ def from_onnx(path_or_model, *, dims=None):
     InputError
         Not an ONNX model; shape inference fails; a dynamic dimension that
         `dims` does not fix (the message names it and the tensor); a tensor
-        left without a shape; or a bad `dims`.
+        left without a shape; a bad `dims`; two nodes with the same name, a
+        tensor with two producers, or a cycle (the message names a node on it).
 
     Notes
     -----
@@ -187,6 +272,7 @@ def from_onnx(path_or_model, *, dims=None):
     dims = _check_dims(dims)
     model, label, source = _load(path_or_model)
     _fix_dims(model.graph.input, dims)
+    _sort_nodes(model.graph)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:

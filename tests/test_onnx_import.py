@@ -192,3 +192,65 @@ class TestCommandLine:
         assert result.exit_code == 0, result.output
         bad = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB", "--dims", "batch"])
         assert bad.exit_code == 2 and "`--dims` must look like 'batch=1,seq=128'" in bad.output
+
+
+class TestNodeOrder:
+    """ONNX files that list a node before the producer of its input (issue 10: edges were lost)."""
+
+    def shuffled(self, order):
+        chain = matmul_chain()
+        nodes = list(chain.graph.node)
+        del chain.graph.node[:]
+        chain.graph.node.extend(nodes[index] for index in order)
+        return chain
+
+    @pytest.mark.parametrize("order", [(2, 0, 1), (1, 2, 0), (2, 1, 0)])
+    def test_out_of_order_file_keeps_its_data_flow(self, order):
+        graph = from_onnx(self.shuffled(order), dims={"batch": 4})
+        assert list(graph) == ["x", "mm1", "relu", "mm2"]
+        assert list(graph.edges) == [("x", "mm1"), ("mm1", "relu"), ("relu", "mm2")]
+        plan = cachefit.plan(graph, 2048, memory="additive", k=2)
+        assert cachefit.check(plan).ok
+
+    def test_sort_is_stable_for_independent_branches(self):
+        nodes = [helper.make_node("Relu", ["x"], ["b"], name="b"), helper.make_node("Relu", ["x"], ["a"], name="a"),
+                 helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
+        assert list(from_onnx(model(nodes[::-1], inputs, outputs))) == ["x", "a", "b", "add"]  # file order kept
+        assert list(from_onnx(model(nodes, inputs, outputs))) == ["x", "b", "a", "add"]
+
+    def test_cycle_refused_naming_a_node_on_it(self):
+        nodes = [helper.make_node("Relu", ["x"], ["h"], name="first"),
+                 helper.make_node("Add", ["h", "q"], ["p"], name="p_node"),
+                 helper.make_node("Relu", ["p"], ["q"], name="q_node"),
+                 helper.make_node("Relu", ["p"], ["y"], name="last")]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
+        with pytest.raises(InputError, match=r"the ONNX graph has a cycle through node '(p_node|q_node)'$"):
+            from_onnx(model(nodes, inputs, outputs))
+
+    def test_self_loop_refused(self):
+        nodes = [helper.make_node("Add", ["x", "y"], ["y"], name="loop")]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
+        with pytest.raises(InputError, match=r"has a cycle: node 'loop' reads its own output"):
+            from_onnx(model(nodes, inputs, outputs))
+
+    def test_duplicate_node_names_refused(self):
+        chain = matmul_chain()
+        chain.graph.node[2].name = "mm1"
+        with pytest.raises(InputError, match=r"two ONNX nodes are named 'mm1' \(nodes 0 and 2\); node names must be "
+                                             r"unique"):
+            from_onnx(chain, dims={"batch": 4})
+
+    def test_tensor_with_two_producers_refused(self):
+        chain = matmul_chain()
+        chain.graph.node[2].output[0] = "h"
+        with pytest.raises(InputError, match=r"tensor 'h' is produced by two nodes \('mm1' and 'mm2'\)"):
+            from_onnx(chain, dims={"batch": 4})
+
+    def test_caller_model_not_reordered(self):
+        chain = self.shuffled((2, 0, 1))
+        from_onnx(chain, dims={"batch": 4})
+        assert [node.name for node in chain.graph.node] == ["mm2", "mm1", "relu"]

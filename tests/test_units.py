@@ -21,6 +21,25 @@ class TestParseBytes:
         with pytest.raises(InputError, match=r"`capacity` is too large to be a number of bytes, got '1e400'"):
             parse_bytes("1e400")
 
+    @pytest.mark.parametrize("huge", ["1e1000000", "1e999999999999", "9" * 5000, "1" + "0" * 25 + "PiB"])
+    def test_huge_exponents_and_digits_refused_without_decimal_overflow(self, huge):
+        # issue 10: '1e1000000' raised decimal.Overflow (a traceback)
+        with pytest.raises(InputError, match=r"`capacity` is too large to be a number of bytes"):
+            parse_bytes(huge)
+
+    @pytest.mark.parametrize("tiny", ["1e-1000000", "0." + "0" * 30 + "1PiB", "1." + "0" * 100 + "1"])
+    def test_tiny_or_overlong_fractions_refused(self, tiny):
+        with pytest.raises(InputError, match=r"`capacity` must be a whole number of bytes"):
+            parse_bytes(tiny)
+
+    def test_exact_at_many_digits(self):
+        assert parse_bytes("0.5MiB") == 2**19 and parse_bytes("1." + "0" * 100) == 1
+        assert parse_bytes("1e24") == 10**24
+
+    def test_long_input_shortened_in_message(self):
+        with pytest.raises(InputError, match=r"got 'x{39}… \(10000 characters\)"):
+            parse_bytes("x" * 10000)
+
     def test_fractional_bytes_refused(self):
         with pytest.raises(InputError, match=r"`size` must be a whole number of bytes, got '0.3KiB' = 307.2 B"):
             parse_bytes("0.3KiB", name="size")
