@@ -57,6 +57,24 @@ at most k.  The path used is the heaviest by item size (longest path in the
 DAG, O(n + e)).  For a chain the path is the whole chain and L(R) is exactly
 S(R), so the bound equals the optimal k; `lower_bound` then returns it
 without computing the others, which cannot exceed it.
+
+**Liveness span bound** (`span_bound`, liveness only).  The sum bound counts
+every activation once, but u's output is live in every group from part(u) to
+last(u), so Σ_p live_p = Σ_u a_u · (last(u) − part(u) + 1).  For an edge
+u → z, the nodes M(u, z) = {u, z} ∪ (descendants(u) ∩ ancestors(z)) all lie
+in the m = part(z) − part(u) + 1 groups part(u)..part(z), and u is live in
+each of them.  Each of those groups holds at most C' = C − min b of item
+sizes (module notes, item sizes), and each but part(u) also holds u's live
+output, at least ⌊f·a_u⌋ more (⌈f·Σ⌉ ≥ Σ⌊f·x⌋ over the live activations), so
+m·C' ≥ items(M) + (m − 1)·⌊f·a_u⌋, that is
+m ≥ ⌈(items(M) − ⌊f·a_u⌋) / (C' − ⌊f·a_u⌋)⌉ when C' > ⌊f·a_u⌋ (else
+m ≥ 1 is all we use).  With span(u) the largest such m over u's successors
+(1 for a sink), last(u) − part(u) + 1 ≥ span(u), and as for the sum bound
+Σ_p S(p) ≥ Σw + max b + Σ_p ⌈f·live_p⌉ ≥ Σw + max b + ⌈f·Σ_u a_u·span(u)⌉,
+so k ≥ ⌈(Σw + max b + ⌈f·Σ_u a_u·span(u)⌉) / C⌉.  It never falls below the
+sum bound (span ≥ 1) and it sees what the others miss on graphs whose skip
+edges keep outputs live across many groups.  Needs the reachability matrix
+(O(e·n) vectorised, in blocks of edges), so n ≤ `MAX_REACH_NODES`.
 """
 
 from __future__ import annotations
@@ -68,7 +86,8 @@ import numpy as np
 from ..memory import Intervals, scale_activation, scale_activation_array
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
-           "path_bound", "reachability", "lower_bound", "all_bounds", "MAX_REACH_NODES"]
+           "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
+           "MAX_REACH_NODES"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
@@ -347,17 +366,80 @@ def path_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
     return count
 
 
+def live_spans(table, capacity, *, chunk_fraction=1.0, reach=None):
+    """span(u): groups in which u's output is live in any plan, at least (module notes, span bound).
+
+    Returns
+    -------
+    numpy.ndarray of int64 or None
+        One entry per position (1 for a sink); None when the reachability
+        matrix is not available (too many nodes) or no byte of a group is
+        free for items.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> live_spans(LayerTable.chain([60, 60, 60], [10, 10, 0]), 100).tolist()  # u alone: 60+10 fits, 60+60 not
+    [2, 2, 1]
+    """
+    if reach is None:
+        reach = reachability(table)
+    if reach is None or table.n == 0:
+        return None
+    items, reserved = item_sizes(table, memory="liveness", chunk_fraction=chunk_fraction)
+    room = int(capacity) - reserved
+    if room <= 0 or int(items.sum()) >= 2**62:
+        return None
+    passing = scale_activation_array(table.activation, chunk_fraction, ceil=False)  # ⌊f·a_u⌋
+    spans = np.ones(table.n, dtype=np.int64)
+    sources, targets = table.sources, table.targets
+    for start in range(0, sources.size, 256):
+        source, target = sources[start:start + 256], targets[start:start + 256]
+        between = reach[source] & reach[:, target].T  # descendants(u) ∩ ancestors(z), one row per edge
+        held = between.astype(np.int64) @ items + items[source] + items[target]
+        free = room - passing[source]
+        usable = free > 0
+        span = np.ones(source.size, dtype=np.int64)
+        span[usable] = -((-(held[usable] - passing[source][usable])) // free[usable])
+        np.maximum.at(spans, source, np.maximum(span, 1))
+    return spans
+
+
+def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+    """⌈(Σw + max b + ⌈f·Σ a·span⌉) / C⌉ under liveness (module notes); 0 when not computed.
+
+    The additive model has no live term: 0 (the sum bound covers it).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([60, 60, 60], [10, 10, 0])
+    >>> span_bound(table, 100), sum_bound(table, 100)  # each output is live in two groups
+    (3, 2)
+    """
+    if memory != "liveness" or table.n == 0:
+        return 0
+    spans = live_spans(table, capacity, chunk_fraction=chunk_fraction, reach=reach)
+    if spans is None:
+        return 0
+    live = sum(int(a) * int(s) for a, s in zip(table.activation.tolist(), spans.tolist()))
+    total = int(table.weight.sum()) + int(table.buffer.max()) + scale_activation(live, chunk_fraction)
+    return max(1, _ceil_div(total, capacity))
+
+
 def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
-    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ...}``.
+    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ...}``.
 
     Examples
     --------
     >>> from cachefit.memory import LayerTable
     >>> all_bounds(LayerTable.chain([6, 6, 6, 2, 2, 2]), 10, memory="additive")
-    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3}
+    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0}
     """
     if table.n == 0:
-        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0}
+        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
+    if reach is None:
+        reach = reachability(table)
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     return {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
@@ -366,6 +448,7 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         "head_tail": head_tail_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
+        "span": span_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
     }
 
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 from cachefit import LayerTable, group_sizes
 from cachefit.memory import scale_activation
 from cachefit.solvers import brute, cpsat, greedy
-from cachefit.solvers.bounds import (all_bounds, forced_bytes, head_tail_bound, item_sizes, l2_bound, lower_bound,
-                                     path_bound, reachability, sum_bound)
+from cachefit.solvers.bounds import (all_bounds, forced_bytes, head_tail_bound, item_sizes, l2_bound, live_spans,
+                                     lower_bound, path_bound, reachability, span_bound, sum_bound)
 from cachefit.memory import scale_activation_array as scale_array
 from cachefit.testing import chains, dags
 
@@ -85,7 +85,8 @@ class TestByHand:
 
     def test_empty(self):
         table = LayerTable.chain([])
-        assert lower_bound(table, 10) == 0 and all_bounds(table, 10) == {"sum": 0, "l2": 0, "path": 0, "head_tail": 0}
+        assert lower_bound(table, 10) == 0
+        assert all_bounds(table, 10) == {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
 
     def test_reachability(self):
         graph = nx.DiGraph()
@@ -158,3 +159,88 @@ def test_buffer_only_nodes_at_exact_capacity():
     for solver in (greedy, brute, cpsat):
         plan = solver(graph, 10)
         assert plan.k == 1 and plan.status == "OPTIMAL"
+
+
+def _skip_graph(scale=1):
+    """a → b → c → d with a skip a → d: a's output stays live across the middle groups."""
+    graph = nx.DiGraph()
+    for node, weight, activation in (("a", 50, 40), ("b", 50, 0), ("c", 50, 0), ("d", 50, 0)):
+        graph.add_node(node, weight_bytes=weight * scale, activation_bytes=activation * scale, buffer_bytes=0)
+    graph.add_edges_from([("a", "b"), ("b", "c"), ("c", "d"), ("a", "d")])
+    return graph
+
+
+class TestSpanBound:
+    def test_skip_edge_keeps_the_output_live_in_every_group_between(self):
+        for scale in (1, 10**8, 10**10):
+            graph = _skip_graph(scale)
+            table = LayerTable.from_graph(graph)
+            # a's 40 is live in every group up to d's: no two of the four 50s share one (50 + 50 + 40 > 100),
+            # so a's output is live in 4 groups: 200 + 4·40 = 360 bytes > 3 groups.
+            assert live_spans(table, 100 * scale).tolist() == [4, 1, 1, 1]
+            assert sum_bound(table, 100 * scale) == 3
+            assert span_bound(table, 100 * scale) == 4
+            assert brute(graph, 100 * scale, memory="liveness").k == 4
+
+    def test_additive_and_oversize_cases_give_nothing(self):
+        table = LayerTable.from_graph(_skip_graph())
+        assert span_bound(table, 100, memory="additive") == 0
+        assert live_spans(LayerTable.chain([5, 5], [1, 1], [7, 7]), 7) is None  # no byte left after buffers
+
+    def test_a_sink_spans_its_own_group(self):
+        assert live_spans(LayerTable.chain([10]), 100).tolist() == [1]
+
+    def test_reported_by_lower_bound(self):
+        table = LayerTable.from_graph(_skip_graph())
+        assert all_bounds(table, 100)["span"] == 4 == lower_bound(table, 100)
+
+
+#: Byte scales of the fuzz: toy sizes and the sizes of real layers (1e8–1e12 bytes per node).
+SCALES = [100, 10**8, 10**10, 10**12]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(data=st.data(), scale=st.sampled_from(SCALES), fraction=st.sampled_from(FRACTIONS + [0.25]))
+def test_span_bound_never_exceeds_the_optimum(data, scale, fraction):
+    capacity = scale + data.draw(st.integers(0, 7))
+    graph = data.draw(dags(max_nodes=9, capacity=capacity, max_activation=capacity // 2))
+    oracle = brute(graph, capacity, memory="liveness", chunk_fraction=fraction)
+    if not oracle.ok:
+        return
+    table = LayerTable.from_graph(graph)
+    assert span_bound(table, capacity, chunk_fraction=fraction) <= oracle.k
+    assert lower_bound(table, capacity, chunk_fraction=fraction) <= oracle.k
+
+
+def random_case(rng, *, max_nodes):
+    """A random DAG (edges low → high index) at a random byte scale, a capacity, a model and f."""
+    n = int(rng.integers(1, max_nodes + 1))
+    scale = int(rng.choice(SCALES))
+    capacity = scale + int(rng.integers(0, 1000))
+    probability = float(rng.choice([0.15, 0.35, 0.7]))
+    graph = nx.DiGraph()
+    for v in range(n):
+        graph.add_node(str(v), weight_bytes=int(rng.integers(0, capacity // 2 + 1)),
+                       activation_bytes=int(rng.integers(0, capacity // 3 + 1)),
+                       buffer_bytes=int(rng.integers(0, capacity // 8 + 1)) if rng.random() < 0.3 else 0)
+    graph.add_edges_from((str(u), str(v)) for u in range(n) for v in range(u + 1, n) if rng.random() < probability)
+    return graph, capacity, str(rng.choice(MODELS)), float(rng.choice([1.0, 0.5, 1 / 3]))
+
+
+#: Cases of the seeded fuzz; a longer run: CACHEFIT_FUZZ_CASES=5000 python -m pytest tests/test_bounds.py -k seeded
+FUZZ_CASES = int(__import__("os").environ.get("CACHEFIT_FUZZ_CASES", "300"))
+
+
+def test_seeded_fuzz_every_bound_against_brute():
+    rng = np.random.default_rng(17)
+    checked = 0
+    for _ in range(FUZZ_CASES):
+        graph, capacity, memory, fraction = random_case(rng, max_nodes=10)
+        oracle = brute(graph, capacity, memory=memory, chunk_fraction=fraction)
+        if not oracle.ok:
+            continue
+        bounds = all_bounds(LayerTable.from_graph(graph), capacity, memory=memory, chunk_fraction=fraction)
+        assert max(bounds.values()) <= oracle.k, (bounds, oracle.k, memory, fraction, capacity,
+                                                  [(v, d) for v, d in graph.nodes(data=True)], list(graph.edges))
+        checked += 1
+    assert checked > FUZZ_CASES // 3
