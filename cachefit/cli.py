@@ -7,13 +7,16 @@ violations, 2 bad input.  Bad input never prints a Python traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.table import Table
 from rich.text import Text
 
+from .cli_show import plot_option, print_advice, write_pictures
 from .clikit import EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, model_options, write_plan
 from .errors import InputError
+from .progress import cli_reporter, reporting, task
 from .units import format_bytes, format_count
 
 
@@ -112,10 +115,29 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--chunk-tokens", default=None, metavar="N|auto",
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
+@plot_option
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens):
-    """Plan MODEL (an embedded model name or a file) for a capacity."""
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet):
+    """Plan MODEL for a capacity.
+
+    \b
+    MODEL is one of:
+      an embedded model name   (`cachefit models` lists them; nothing is downloaded)
+      an HF config.json        (a local file; --batch, --seq-len, --dtype, --granularity apply)
+      an .onnx file            (--dims names its dynamic dimensions)
+      a plan file              (cachefit plan --json ...: its graph is planned again)
+      a node-link graph .json  (networkx node-link data with the byte attributes)
+      a .json list of layers   (byte sizes, or objects with weight_bytes, ...)
+    """
+    with reporting(cli_reporter(quiet)):
+        _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
+                      balance, time_limit, json_path, tile, chunk_tokens, plot, dot)
+
+
+def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
+                  balance, time_limit, json_path, tile, chunk_tokens, plot, dot):
     from .api import plan as make_plan
     from .devices import parse_capacity
     from .loading import load_model, parse_dims
@@ -123,7 +145,8 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     capacity = parse_capacity(capacity)
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
                        dims=parse_dims(dims) if dims else None)
-    console.print(f"[bold]{graph.graph.get('name', model)}[/]: {graph.number_of_nodes()} nodes, "
+    name = Path(model).stem if Path(model).exists() else graph.graph.get("name", model)  # a file: its name
+    console.print(f"[bold]{name}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)
     if chunk_tokens is not None and chunk_tokens != "auto":
         if not chunk_tokens.isdigit():
@@ -133,8 +156,9 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
         sys.exit(compare_solvers(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                                  time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path,
                                  balance=balance))
-    result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                       time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, balance=balance)
+    with task(f"planning {name}"):
+        result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                           time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, balance=balance)
     if tile:
         expanded = result.stats["expanded_blocks"]
         console.print((f"split {expanded} whole-block node(s) into their operators; " if expanded else "")
@@ -148,8 +172,12 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
         console.print(f"tiling and chunk search took {result.stats['prepare_s'] * 1000:.1f} ms "
                       "(not in the solver time below)", highlight=False)
     print_plan(result)
+    if result.status == "INFEASIBLE":
+        print_advice(click.get_current_context(), graph, result)
     if json_path:
         write_plan(result, json_path)
+    if result.ok:
+        write_pictures(result, plot=plot, dot=dot, title=name)
     sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
 
 
@@ -235,12 +263,14 @@ def _register_commands():
     """Commands defined in their own modules (they import their heavy parts lazily)."""
     from .cli_bench import bench
     from .cli_run import run
+    from .cli_show import show_command
     from .cli_stages import pipeline_command, stages_command
 
     main.add_command(bench)
     main.add_command(run)
     main.add_command(stages_command)
     main.add_command(pipeline_command)
+    main.add_command(show_command)
 
 
 _register_commands()

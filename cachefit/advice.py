@@ -1,0 +1,357 @@
+"""`suggest`: what would make an INFEASIBLE plan feasible, each answer verified.
+
+Two kinds of advice, both checked by planning them (with ``greedy``, which is
+fast and optimal in k for the graph's node order) before they are returned:
+
+the smallest capacity with the current settings
+    Without tiling, exactly: for a fixed node order a plan exists as soon as
+    every node fits in a group of its own *in that order* (each group of a
+    plan holds a run around the node and runs only grow), so the smallest
+    capacity is the largest single-node run size, taken at the smallest
+    chunk when the chunk is chosen automatically.  A node alone also needs
+    at least its weights, buffer, inputs and output in *any* order, so that
+    figure is reported as a lower bound for every order.  With tiling the
+    graph itself depends on the capacity, so the capacity is found by
+    bisection (to 0.5 %) and verified.
+the smallest change that fits the given capacity
+    Among `tile`, ``chunk_tokens="auto"``, ``granularity="op"`` and a
+    smaller batch (the largest that fits, by bisection: activations grow
+    with the batch), the subsets with the fewest changes that give a plan.
+    Changing the granularity or the batch rebuilds the model, so they are
+    tried only when the caller passes `rebuild`.
+
+Library code never prints: `Advice` carries the numbers, and the CLI says
+them in its own syntax (`Suggestion.options`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .devices import parse_capacity
+from .errors import InputError
+from .memory import Intervals, as_table, check_memory
+from .progress import task
+from .units import parse_bytes
+
+__all__ = ["Advice", "Suggestion", "suggest", "smallest_capacity", "capacity_text"]
+
+logger = logging.getLogger(__name__)
+
+#: The changes `suggest` tries, in the order it reports them.
+CHANGES = ("tile", "chunk_tokens", "granularity", "batch")
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One verified way to a plan.
+
+    Attributes
+    ----------
+    changes : dict
+        Option → value relative to the settings asked for, with the names of
+        `cachefit.plan` and the CLI: ``capacity`` (bytes), ``tile`` (True),
+        ``chunk_tokens`` (``"auto"``), ``granularity`` (``"op"``),
+        ``batch`` (int).
+    plan : Plan
+        The greedy plan that verified it (status OPTIMAL or FEASIBLE).
+    """
+
+    changes: dict
+    plan: object = field(repr=False, compare=False)
+
+    @property
+    def k(self):
+        """Groups of the verifying plan."""
+        return self.plan.k
+
+    def options(self):
+        """The changes as CLI options, e.g. ``['--tile', '--chunk-tokens', 'auto']``.
+
+        >>> Suggestion({"tile": True, "chunk_tokens": "auto", "capacity": 3 * 2**20}, None).options()
+        ['--capacity', '3MiB', '--tile', '--chunk-tokens', 'auto']
+        """
+        words = []
+        for name in ("capacity", *CHANGES):
+            if name not in self.changes:
+                continue
+            value = self.changes[name]
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                words.append(flag)
+            else:
+                words += [flag, capacity_text(value) if name == "capacity" else str(value)]
+        return words
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The result of `suggest`.
+
+    Attributes
+    ----------
+    capacity : int
+        The capacity asked for (bytes).
+    min_capacity : Suggestion or None
+        The smallest capacity found with the current settings (changes
+        ``{"capacity": bytes}``, a round figure at or above the exact one);
+        None when none was found.
+    min_capacity_exact : int or None
+        The exact smallest capacity in bytes for the graph's node order, when
+        known (without tiling); with tiling, the bisection's figure.
+    capacity_lower_bound : int
+        No order of the (untiled) graph fits below this many bytes.
+    suggestions : tuple of Suggestion
+        The changes with the fewest options that fit `capacity`, fewest
+        groups first; empty when none does.
+    tried : tuple of (dict, int or None)
+        Every change tried and the k of its plan (None: no plan).
+    """
+
+    capacity: int
+    min_capacity: Suggestion | None
+    min_capacity_exact: int | None
+    capacity_lower_bound: int
+    suggestions: tuple
+    tried: tuple
+
+
+def capacity_text(num_bytes, *, slack=0.01):
+    """A short capacity string (`parse_bytes` syntax) of at least `num_bytes` and at most `slack` more.
+
+    The largest binary unit not above `num_bytes`, in the coarsest step
+    (1, 1/2, 1/4, ... of the unit: always whole bytes) that stays within
+    `slack`; the exact byte count when none does.
+
+    >>> capacity_text(104499200), capacity_text(1000), capacity_text(80 * 10**9), capacity_text(5 * 2**20 + 1)
+    ('100MiB', '1000', '75GiB', '5.03125MiB')
+    """
+    num_bytes = int(num_bytes)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes < scale:
+            continue
+        step = scale
+        while step >= 1:
+            steps = -(-num_bytes // step)
+            if steps * step <= num_bytes * (1 + slack):
+                value = steps * step / scale  # a dyadic fraction: exact in a float
+                return f"{value:.10f}".rstrip("0").rstrip(".") + unit
+            step //= 2
+    return str(num_bytes)
+
+
+def smallest_capacity(graph, *, memory="liveness", chunk_fraction=1.0):
+    """The smallest capacity at which `graph` has a plan in its node order, and a bound for any order.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph or LayerTable
+    memory : {"liveness", "additive"}
+    chunk_fraction : float in (0, 1]
+
+    Returns
+    -------
+    (int, int)
+        ``(for_order, any_order_bound)``: greedy finds a plan in the graph's
+        order exactly when the capacity is at least ``for_order``, the
+        largest size of a node in a group of its own in that order; no
+        grouping in any order fits below ``any_order_bound``, the largest
+        node's weights + buffer + its inputs and output.
+
+    Examples
+    --------
+    >>> import networkx as nx
+    >>> g = nx.DiGraph()
+    >>> for name, weight in zip("abc", (10, 30, 20)):
+    ...     g.add_node(name, weight_bytes=weight, activation_bytes=4, buffer_bytes=0)
+    >>> g.add_edges_from([("a", "b"), ("b", "c"), ("a", "c")])
+    >>> smallest_capacity(g)
+    (38, 38)
+    """
+    check_memory(memory)
+    table = as_table(graph)
+    if table.n == 0:
+        return 0, 0
+    intervals = Intervals(table, memory, chunk_fraction)
+    for_order = int(intervals.sizes(np.arange(table.n + 1)).max())
+    from .solvers._common import Problem, alone_sizes
+
+    problem = Problem.make(table, max(for_order, 1), memory=memory, chunk_fraction=chunk_fraction, k=None,
+                           time_limit_s=None, seed=0)
+    return for_order, int(alone_sizes(problem).max())
+
+
+def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tile=False, chunk_tokens=None,
+            rebuild=None, batch=None, granularity=None):
+    """What would give `graph` a plan at `capacity`: a larger capacity, or the fewest changes.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph
+        The model graph as asked for (before tiling).
+    capacity : int or str
+        The capacity asked for.
+    memory, chunk_fraction, k, tile, chunk_tokens
+        The settings asked for, as in `cachefit.plan`.
+    rebuild : callable, optional
+        ``rebuild(batch=..., granularity=...)`` returns the model's graph
+        with those settings; without it the batch and the granularity are
+        not changed.
+    batch : int, optional
+        The current batch (default: the graph's ``batch`` attribute).
+    granularity : {"block", "op"}, optional
+        The current granularity (default: the graph's ``granularity``
+        attribute, else ``"block"``).
+
+    Returns
+    -------
+    Advice
+        Every suggestion in it was planned (``greedy``) and gave a plan.
+
+    Raises
+    ------
+    InputError
+        A bad argument, as `cachefit.plan` would raise.
+
+    Notes
+    -----
+    At most 2⁴ subsets of changes are tried, each a greedy plan (with
+    tiling and a chunk search when those are set); the batch by bisection
+    over [1, batch), O(log batch) plans.  Every change is a plan with the
+    same `k`.
+
+    Examples
+    --------
+    >>> import cachefit
+    >>> big = cachefit.graphs.from_layers([{"name": "fc", "weight_bytes": 120 * 2**20, "op": "linear"}])
+    >>> big.nodes["fc"]["out_features"] = 1024
+    >>> advice = suggest(big, "50MiB")
+    >>> capacity_text(advice.min_capacity_exact), advice.min_capacity.options()
+    ('120MiB', ['--capacity', '120MiB'])
+    >>> [(s.options(), s.k) for s in advice.suggestions]
+    [(['--tile'], 3)]
+    """
+    capacity = parse_capacity(capacity)
+    check_memory(memory)
+    current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
+               "memory": memory, "batch": batch or graph.graph.get("batch"),
+               "granularity": granularity or graph.graph.get("granularity", "block")}
+    tried = []
+    with task("advice: what would fit", total=None) as progress:
+        def attempt(changes, at_capacity=capacity):
+            progress.update(detail=", ".join(f"{name}={value}" for name, value in changes.items()) or "as asked")
+            result = _plan_with(graph, at_capacity, current, changes, rebuild)
+            tried.append((dict(changes), result.k if result is not None and result.ok else None))
+            return result if result is not None and result.ok else None
+
+        exact, minimum, lower = _min_capacity(graph, capacity, current, attempt)
+        suggestions = _fewest_changes(graph, current, rebuild, attempt)
+    return Advice(capacity, minimum, exact, lower, suggestions, tuple(tried))
+
+
+def _plan_with(graph, capacity, current, changes, rebuild):
+    """The greedy plan of `graph` with `changes` applied to the `current` settings (None: not applicable)."""
+    from .api import plan as make_plan
+
+    settings = {**current, **{name: value for name, value in changes.items() if name != "capacity"}}
+    if "batch" in changes or "granularity" in changes:
+        graph = rebuild(batch=settings["batch"], granularity=settings["granularity"])
+    chunk_fraction = settings["chunk_fraction"] if settings["chunk_tokens"] is None else 1.0
+    try:
+        return make_plan(graph, changes.get("capacity", capacity), solver="greedy", memory=settings["memory"],
+                         chunk_fraction=chunk_fraction, k=settings["k"], tile=settings["tile"],
+                         chunk_tokens=settings["chunk_tokens"])
+    except InputError as exc:  # e.g. a batch the graph cannot be rebuilt with
+        logger.info("advice: %s does not apply: %s", changes, exc)
+        return None
+
+
+def _min_capacity(graph, capacity, current, attempt):
+    """(exact bytes or None, verified Suggestion or None, any-order lower bound) for the current settings."""
+    fraction = current["chunk_fraction"]
+    if current["chunk_tokens"] is not None:
+        from .chunks import graph_tokens
+
+        tokens = graph_tokens(graph)
+        fraction = (1 if current["chunk_tokens"] == "auto" else current["chunk_tokens"]) / tokens
+    for_order, lower = smallest_capacity(graph, memory=current["memory"], chunk_fraction=fraction)
+    if not current["tile"] and current["k"] is None:
+        exact = for_order
+    else:
+        exact = _bisect_capacity(capacity, for_order, attempt)
+    if exact is None:
+        return None, None, lower
+    rounded = parse_bytes(capacity_text(exact))
+    result = attempt({"capacity": rounded}) or attempt({"capacity": exact})
+    if result is None:
+        return exact, None, lower
+    return exact, Suggestion({"capacity": result.capacity}, result), lower
+
+
+def _bisect_capacity(capacity, for_order, attempt):
+    """The smallest capacity (to 0.5 %) that gives a plan, by doubling then bisection; None if none."""
+    low, high = capacity, max(capacity + 1, for_order)
+    for _ in range(64):
+        if attempt({"capacity": high}):
+            break
+        low, high = high, 2 * high
+    else:
+        return None
+    while high - low > max(1, high // 200):
+        middle = (low + high) // 2
+        if attempt({"capacity": middle}):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _fewest_changes(graph, current, rebuild, attempt):
+    """The suggestions with the fewest changes that fit, fewest groups first."""
+    options = []
+    if not current["tile"]:
+        options.append(("tile", True))
+    if current["chunk_tokens"] != "auto" and current["memory"] == "liveness" and _has_tokens(graph):
+        options.append(("chunk_tokens", "auto"))
+    if rebuild is not None and current["granularity"] == "block":
+        options.append(("granularity", "op"))
+    can_batch = rebuild is not None and isinstance(current["batch"], int) and current["batch"] > 1
+    for size in range(1, len(options) + can_batch + 1):
+        found = []
+        for subset in itertools.combinations(options, size):
+            result = attempt(dict(subset))
+            if result is not None:
+                found.append(Suggestion(dict(subset), result))
+        if can_batch:
+            for subset in itertools.combinations(options, size - 1):
+                found += _smaller_batch(dict(subset), current["batch"], attempt)
+        if found:
+            return tuple(sorted(found, key=lambda suggestion: suggestion.k))
+    return ()
+
+
+def _smaller_batch(changes, batch, attempt):
+    """[Suggestion] with the largest batch below `batch` that fits with `changes`, or []."""
+    smallest = attempt({**changes, "batch": 1})
+    if smallest is None:
+        return []
+    low, best, high = 1, smallest, batch  # low fits, high does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        result = attempt({**changes, "batch": middle})
+        if result is not None:
+            low, best = middle, result
+        else:
+            high = middle
+    return [Suggestion({**changes, "batch": low}, best)]
+
+
+def _has_tokens(graph):
+    attributes = getattr(graph, "graph", None)
+    if not isinstance(attributes, dict):
+        return False
+    return all(isinstance(attributes.get(name), int) and attributes.get(name) > 0 for name in ("batch", "seq_len"))
