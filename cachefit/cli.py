@@ -109,12 +109,16 @@ def print_plan(plan, *, max_rows=40):
               help="Write the plan (self-contained JSON) here.")
 @click.option("--tile", is_flag=True, default=False,
               help="Split layers too large for the capacity into tiles that fit (matmul-like ops).")
+@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]),
+              help="decode: one generation step, BATCH new tokens attending to --context cached tokens.")
+@click.option("--context", type=int, default=None,
+              help="Tokens already in the KV cache (decode default: --seq-len); sets kv_bytes per attention layer.")
 @click.option("--chunk-tokens", default=None, metavar="N|auto",
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens):
+                 time_limit, json_path, tile, chunk_tokens, phase="prefill", context=None):
     """Plan MODEL (an embedded model name or a file) for a capacity."""
     from .api import plan as make_plan
     from .devices import parse_capacity
@@ -122,7 +126,10 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
 
     capacity = parse_capacity(capacity)
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
-                       dims=parse_dims(dims) if dims else None)
+                       dims=parse_dims(dims) if dims else None, phase=phase, context=context)
+    if phase != "prefill" or context:
+        from .cli_estimate import print_kv
+        print_kv(graph, model)
     console.print(f"[bold]{graph.graph.get('name', model)}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)
     if chunk_tokens is not None and chunk_tokens != "auto":
@@ -236,6 +243,8 @@ def _register_commands():
     main.add_command(run)
     main.add_command(stages_command)
     main.add_command(pipeline_command)
+    for command in __import__("cachefit.cli_estimate", fromlist=["COMMANDS"]).COMMANDS:
+        main.add_command(command)
 
 
 _register_commands()

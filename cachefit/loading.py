@@ -17,18 +17,24 @@ from .validation import validate
 __all__ = ["load_model", "parse_dims"]
 
 
-def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None):
+def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None, phase="prefill",
+               context=None):
     """The graph that `spec` names (see the module docstring).
 
     `dims` maps the dynamic dimensions of an ONNX file to sizes
     (`cachefit.graphs.from_onnx`); it is ignored for other inputs.
+    `phase` and `context` (decode with a KV cache, see
+    `cachefit.graphs.transformer.transformer`) apply to embedded models and
+    HF configs; other inputs ignore them (check ``graph.graph["phase"]``).
     """
     from . import instances
+
+    kv_args = {"phase": phase, "context": context}
 
     path = Path(spec)
     if not path.exists():
         if spec in instances.names():
-            return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+            return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, **kv_args)
         raise InputError(f"`MODEL` {spec!r} is neither a file nor an embedded model; "
                          f"embedded models: {', '.join(instances.names())}")
     if path.suffix == ".onnx":
@@ -47,7 +53,7 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
         return validate(graph_from_data(data))
     if isinstance(data, dict) and ("model_type" in data or "hidden_size" in data or "n_embd" in data):
         from .graphs import from_hf_config
-        kwargs = {"dtype": dtype, "granularity": granularity}
+        kwargs = {"dtype": dtype, "granularity": granularity, **kv_args}
         if batch is not None:
             kwargs["batch"] = batch
         if seq_len is not None:
