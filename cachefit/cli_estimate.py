@@ -104,7 +104,8 @@ def _schedule_table(result):
     table = Table(title=f"per pass on {result.devices} × {result.device.name} ({result.phase})")
     columns = ["schedule", "HBM bytes", "on-chip bytes", "flops", "launches", "time / pass", "bound", "tokens/s"]
     for column in columns + (["time / output token"] if decode else []):
-        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right")
+        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right",
+                         no_wrap=column == "schedule", min_width=15 if column == "schedule" else None)
     for item in result.schedules:
         row = [item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
                format_count(item.flops, "FLOP"), f"{item.launches:,}", _time(item.time_s), item.bound,
