@@ -112,6 +112,10 @@ def print_plan(plan, *, max_rows=40):
               help="Write the plan (self-contained JSON) here.")
 @click.option("--tile", is_flag=True, default=False,
               help="Split layers too large for the capacity into tiles that fit (matmul-like ops).")
+@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]),
+              help="decode: one generation step, BATCH new tokens attending to --context cached tokens.")
+@click.option("--context", type=int, default=None,
+              help="Tokens already in the KV cache (decode default: --seq-len); sets kv_bytes per attention layer.")
 @click.option("--chunk-tokens", default=None, metavar="N|auto",
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
@@ -119,7 +123,7 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet):
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context):
     """Plan MODEL for a capacity.
 
     \b
@@ -133,18 +137,21 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     """
     with reporting(cli_reporter(quiet)):
         _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
-                      balance, time_limit, json_path, tile, chunk_tokens, plot, dot)
+                      balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase, context)
 
 
 def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
-                  balance, time_limit, json_path, tile, chunk_tokens, plot, dot):
+                  balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase="prefill", context=None):
     from .api import plan as make_plan
     from .devices import parse_capacity
     from .loading import load_model, parse_dims
 
     capacity = parse_capacity(capacity)
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
-                       dims=parse_dims(dims) if dims else None)
+                       dims=parse_dims(dims) if dims else None, phase=phase, context=context)
+    if phase != "prefill" or context:
+        from .cli_estimate import print_kv
+        print_kv(graph, model)
     name = Path(model).stem if Path(model).exists() else graph.graph.get("name", model)  # a file: its name
     console.print(f"[bold]{name}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)
@@ -271,6 +278,8 @@ def _register_commands():
     main.add_command(stages_command)
     main.add_command(pipeline_command)
     main.add_command(show_command)
+    for command in __import__("cachefit.cli_estimate", fromlist=["COMMANDS"]).COMMANDS:
+        main.add_command(command)
 
 
 _register_commands()

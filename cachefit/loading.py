@@ -45,11 +45,16 @@ def _missing(spec):
                       f"embedded models: {', '.join(instances.names())}")
 
 
-def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None):
+def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="block", dims=None, phase="prefill",
+               context=None):
     """The graph that `spec` names (see the module docstring).
 
     `dims` maps the dynamic dimensions of an ONNX file to sizes
     (`cachefit.graphs.from_onnx`); it is ignored for other inputs.
+
+    `phase` and `context` (decode with a KV cache, see
+    `cachefit.graphs.transformer.transformer`) apply to embedded models and
+    HF configs; other inputs ignore them (check ``graph.graph["phase"]``).
 
     Raises
     ------
@@ -61,6 +66,8 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
     """
     from . import instances
 
+    kv_args = {"phase": phase, "context": context}
+
     check_tokens(batch, seq_len)
     spec = os.fspath(spec)
     if not _exists(spec):
@@ -70,7 +77,8 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
             if defaults["kind"] != "layers":
                 check_config_size(instances.config(spec), batch=batch or defaults["batch"],
                                   seq_len=seq_len or defaults["seq_len"], granularity=granularity)
-            return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+            return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
+                                  **kv_args)
         raise _missing(spec)
     path = Path(spec)
     if path.is_dir():
@@ -94,7 +102,7 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
         from .graphs import from_hf_config
         if not isinstance(data.get("model_type", ""), str):
             raise InputError(f"`MODEL` file {str(path)!r}: `model_type` must be a string, got {data['model_type']!r}")
-        kwargs = {"dtype": dtype, "granularity": granularity}
+        kwargs = {"dtype": dtype, "granularity": granularity, **kv_args}
         if batch is not None:
             kwargs["batch"] = batch
         if seq_len is not None:

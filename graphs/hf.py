@@ -164,7 +164,8 @@ def _add_opt_projections(graph, projection, size):
     return result
 
 
-def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", granularity="block"):
+def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", granularity="block",
+                   phase="prefill", context=None):
     """The graph of a model described by a local Hugging Face ``config.json``.
 
     Parameters
@@ -181,6 +182,8 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
     granularity : {"block", "op"}
         One node per transformer block, or one per operator (see
         `cachefit.graphs.transformer.transformer`).
+    phase, context
+        ``"decode"`` and the tokens already cached, as in `transformer`.
 
     Returns
     -------
@@ -233,7 +236,8 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
     model["name"] = str(config.get("_name_or_path") or config.get("name") or label or model_type)
     model["source"] = source
     check_config_size(model, batch=batch, seq_len=seq_len, granularity=granularity)  # before allocating
-    graph = transformer(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
+    graph = transformer(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
+                        phase=phase, context=context)
     if projection is not None:
         graph = _add_opt_projections(graph, projection, dtype_bytes(dtype))
     logger.debug("from_hf_config: %s (%s): %d nodes, %d params", graph.graph["name"], model_type,

@@ -236,7 +236,8 @@ def _op_graph(graph):
     if not config.get("max_position_embeddings"):
         config.pop("max_position_embeddings", None)  # 0 stands for "none" in the normalised form
     return transformer(config, batch=graph.graph["batch"], seq_len=graph.graph["seq_len"],
-                       dtype=graph.graph.get("dtype", "bf16"), granularity="op")
+                       dtype=graph.graph.get("dtype", "bf16"), granularity="op",
+                       phase=graph.graph.get("phase", "prefill"), context=graph.graph.get("context"))
 
 
 def _members(ops, node):

@@ -88,6 +88,7 @@ import networkx as nx
 
 from ..errors import InputError
 from ..units import dtype_bytes
+from . import kv
 
 __all__ = [
     "transformer",
@@ -637,7 +638,8 @@ def _positive(value, name):
     return int(value)
 
 
-def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="block"):
+def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="block", phase="prefill",
+                context=None):
     """Build the graph of a transformer from an HF-style config.
 
     Parameters
@@ -661,6 +663,15 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
         ``.act``/``.down`` or ``.fc1``/``.act``/``.fc2`` or ``.router``/
         ``.expert.{j}``/``.combine``, ``.mlp_add``) with residual edges from
         the block input to its adds: a DAG.
+    phase : {"prefill", "decode"}
+        ``"decode"``: one generation step, `batch` new tokens (one per
+        sequence, so the graph's ``seq_len`` is 1) attending to `context`
+        cached tokens.  See `cachefit.graphs.kv`.
+    context : int, optional
+        Tokens already in the KV cache (decode default: `seq_len`; prefill
+        default: 0).  Every attention node (every block node at block
+        granularity) gets ``kv_bytes``, its layer's cache, and the flops of
+        attending to it.
 
     Returns
     -------
@@ -714,15 +725,18 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
     cfg = normalize_config(config)
     batch = _positive(batch, "batch")
     seq_len = _positive(seq_len, "seq_len")
+    phase, context = kv.check_phase(phase, context, seq_len)
+    seq_len = 1 if phase == "decode" else seq_len
     size = dtype_bytes(dtype)
     dtype = str(dtype).lower()
     if granularity not in GRANULARITIES:
         raise InputError(f"`granularity` must be one of {', '.join(map(repr, GRANULARITIES))}, "
                          f"got {granularity!r}")
-    if cfg["position_embedding"] == "learned" and seq_len > cfg["max_position_embeddings"]:
-        raise InputError(f"`seq_len` must be at most the learned position table's "
+    if cfg["position_embedding"] == "learned" and context + seq_len > cfg["max_position_embeddings"]:
+        what = "`seq_len` + `context`" if context else "`seq_len`"
+        raise InputError(f"{what} must be at most the learned position table's "
                          f"`max_position_embeddings` = {cfg['max_position_embeddings']}, "
-                         f"got {seq_len}")
+                         f"got {context + seq_len}")
 
     name = config.get("name") or config.get("_name_or_path") or cfg["model_type"] or "transformer"
     graph = nx.DiGraph(name=str(name), dtype=dtype, batch=batch, seq_len=seq_len,
@@ -761,5 +775,8 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
         previous = node if node == "final_norm" else previous
 
     graph.graph["params"] = sum(attrs["params"] for _, attrs in graph.nodes(data=True))
+    graph.graph["phase"] = phase
+    if phase == "decode" or context:
+        kv.annotate(graph, {**config, **cfg}, context=context, dtype_size=size)
     return graph
 

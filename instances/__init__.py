@@ -180,7 +180,7 @@ def _positive_or_none(value, argument):
     return value
 
 
-def load(name, *, batch=None, seq_len=None, dtype="bf16", granularity="block"):
+def load(name, *, batch=None, seq_len=None, dtype="bf16", granularity="block", phase="prefill", context=None):
     """The graph of embedded model `name`.
 
     Parameters
@@ -195,6 +195,9 @@ def load(name, *, batch=None, seq_len=None, dtype="bf16", granularity="block"):
     granularity : {"block", "op"}
         As in `cachefit.graphs.transformer.transformer`; a ``"layers"``
         instance is a chain of dense layers at either granularity.
+    phase, context
+        ``"decode"`` and the tokens already in the KV cache, as in
+        `transformer` (a ``"layers"`` instance has no attention: prefill only).
 
     Returns
     -------
@@ -220,6 +223,9 @@ def load(name, *, batch=None, seq_len=None, dtype="bf16", granularity="block"):
     seq_len = _positive_or_none(seq_len, "seq_len") or record.get("seq_len", DEFAULT_SEQ_LEN)
     if record["kind"] == "layers":
         dtype_bytes(dtype)
+        if phase != "prefill" or context:
+            raise InputError(f"`phase` {phase!r} with `context` needs attention layers; "
+                             f"{name!r} is a chain of dense layers (prefill only)")
         if granularity not in GRANULARITIES:
             raise InputError(f"`granularity` must be one of "
                              f"{', '.join(map(repr, GRANULARITIES))}, got {granularity!r}")
@@ -227,4 +233,4 @@ def load(name, *, batch=None, seq_len=None, dtype="bf16", granularity="block"):
                              granularity=granularity)
     model = dict(record["config"], name=record["name"], source=record["source"])
     return transformer(model, batch=batch, seq_len=seq_len, dtype=dtype,
-                       granularity=granularity)
+                       granularity=granularity, phase=phase, context=context)

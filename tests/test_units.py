@@ -62,7 +62,7 @@ class TestParseCapacity:
         assert parse_capacity("h100-hbm") == 80 * 10**9
         assert parse_capacity("h200-hbm") == 141 * 10**9
         assert parse_capacity("a100-hbm") == 80 * 10**9
-        assert set(DEVICES) == {"h100-l2", "h200-l2", "a100-l2", "h100-hbm", "h200-hbm", "a100-hbm"}
+        assert list(DEVICES)[:6] == ["h100-l2", "h200-l2", "a100-l2", "h100-hbm", "h200-hbm", "a100-hbm"]
 
     @pytest.mark.parametrize("bad", ["fifty", "-3MB", "1e400", ""])
     def test_bad_strings_list_devices(self, bad):

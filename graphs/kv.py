@@ -1,0 +1,125 @@
+"""The KV cache of a transformer's attention layers: bytes per token, per layer, per step.
+
+During decode every attention layer reads the keys and values of all the
+tokens already generated.  `kv_bytes` is that cache for one layer:
+
+standard attention (multi-head, grouped-query, multi-query)
+    2 × kv_heads × head_dim × dtype bytes × cached tokens × batch
+    (a key and a value vector per KV head and token);
+latent attention (DeepSeek MLA: the config has ``kv_lora_rank``)
+    (kv_lora_rank + qk_rope_head_dim) × dtype bytes × cached tokens × batch
+    (one compressed latent plus the shared RoPE key per token; the per-head
+    keys and values are re-expanded from it);
+
+where cached tokens = min(context, sliding_window) when the config has an
+active sliding window (Mistral's ``sliding_window``; Qwen2's only when
+``use_sliding_window``), else context.
+
+`annotate` sets ``kv_bytes`` on the attention nodes (and on whole-block
+nodes, which hold their attention) of a graph the transformer builder is
+making, and adds the flops of attending to the cached tokens.
+
+Examples
+--------
+>>> llama8b = {"num_key_value_heads": 8, "head_dim": 128}
+>>> kv_bytes(llama8b, context=4096, batch=8, dtype_size=2)
+134217728
+>>> kv_bytes({"kv_lora_rank": 512, "qk_rope_head_dim": 64}, context=4096, batch=1, dtype_size=2)
+4718592
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+from ..errors import InputError
+
+__all__ = ["PHASES", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "kv_formula", "annotate", "check_phase"]
+
+#: The phases a transformer graph can be built for.
+PHASES = ("prefill", "decode")
+
+
+def check_phase(phase, context, seq_len):
+    """Validate `phase` and `context`; return (phase, context) with the default context filled in.
+
+    Decode's default context is `seq_len` (the prompt already in the cache);
+    prefill's is 0 (no cache before the prompt).
+    """
+    if phase not in PHASES:
+        raise InputError(f"`phase` must be one of {', '.join(map(repr, PHASES))}, got {phase!r}")
+    if context is None:
+        return phase, (seq_len if phase == "decode" else 0)
+    if isinstance(context, bool) or not isinstance(context, Integral) or context < 0:
+        raise InputError(f"`context` must be a non-negative integer (tokens already in the KV cache), "
+                         f"got {context!r}")
+    return phase, int(context)
+
+
+def _positive_key(config, key):
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise InputError(f"`config['{key}']` must be a positive integer for the KV cache, got {value!r}")
+    return int(value)
+
+
+def kv_bytes_per_token(config, dtype_size):
+    """Bytes one attention layer caches per token of one sequence (see the module docstring)."""
+    if config.get("kv_lora_rank"):
+        return (_positive_key(config, "kv_lora_rank")
+                + int(config.get("qk_rope_head_dim") or 0)) * dtype_size
+    return 2 * _positive_key(config, "num_key_value_heads") * _positive_key(config, "head_dim") * dtype_size
+
+
+def cached_tokens(config, context):
+    """Tokens one layer keeps: `context`, capped by an active sliding window."""
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:
+        return context
+    return min(context, int(window))
+
+
+def kv_bytes(config, *, context, batch, dtype_size):
+    """One attention layer's KV cache in bytes at `context` tokens for `batch` sequences."""
+    return kv_bytes_per_token(config, dtype_size) * cached_tokens(config, context) * batch
+
+
+def kv_formula(config, *, context, batch, dtype_size):
+    """The KV formula of one layer with the numbers, e.g. ``'2 × 8 kv_heads × 128 head_dim × 2 B × ...'``.
+
+    >>> kv_formula({"num_key_value_heads": 8, "head_dim": 128}, context=4096, batch=8, dtype_size=2)
+    '2 × 8 kv_heads × 128 head_dim × 2 B × 4,096 tokens × 8 batch = 134,217,728 B'
+    """
+    tokens = cached_tokens(config, context)
+    window = f" (sliding window {config['sliding_window']:,} of context {context:,})" if tokens != context else ""
+    if config.get("kv_lora_rank"):
+        head = (f"({config['kv_lora_rank']} kv_lora_rank + {int(config.get('qk_rope_head_dim') or 0)} "
+                f"qk_rope_head_dim)")
+    else:
+        head = f"2 × {config['num_key_value_heads']} kv_heads × {config['head_dim']} head_dim"
+    total = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size)
+    return f"{head} × {dtype_size} B × {tokens:,} tokens{window} × {batch} batch = {total:,} B"
+
+
+def annotate(graph, config, *, context, dtype_size):
+    """Set ``kv_bytes`` and the cached tokens' attention flops on `graph`'s attention and block nodes.
+
+    For the batch × seq_len new query tokens, attending to the `context`
+    cached tokens costs 4 × batch × seq_len × cached tokens × heads ×
+    head_dim flops (QKᵀ and AV), added to the node's ``flops``.  Sets graph
+    attributes ``phase``-independent ``context`` and ``kv_bytes`` (the
+    total over layers).  Works on the graph being built (the builder's own).
+    """
+    batch, seq_len = graph.graph["batch"], graph.graph["seq_len"]
+    per_layer = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size)
+    tokens = cached_tokens(config, context)
+    extra_flops = 4 * batch * seq_len * tokens * config["num_attention_heads"] * config["head_dim"]
+    total = 0
+    for _, data in graph.nodes(data=True):
+        if data.get("op") in ("attention", "block"):
+            data["kv_bytes"] = per_layer
+            data["flops"] = data.get("flops", 0) + extra_flops
+            total += per_layer
+    graph.graph.update(context=context, kv_bytes=total,
+                       kv_formula=kv_formula(config, context=context, batch=batch, dtype_size=dtype_size))
+    return graph
