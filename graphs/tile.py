@@ -122,7 +122,7 @@ class _Site:
     def _alone(self, weights, outputs, buffers, live_at):
         """S of each (weights, output, buffer) node in a group of its own with `live_at` live there."""
         table = LayerTable.chain(np.asarray(weights, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
-                                 np.asarray(buffers, dtype=np.int64), ids=range(len(weights)))
+                                 np.asarray(buffers, dtype=np.int64))
         return sizes_alone(table, self.memory, self.chunk_fraction, live_at)
 
     def sizes(self, units, n):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from ..errors import InputError
 from ..memory import Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, group_sizes
 from ..memory import alone_sizes as _alone_sizes
 from ..result import Plan, Status
+from ..validation import MAX_BYTES
 from .bounds import lower_bound
 
 __all__ = ["Problem", "finish", "no_plan", "alone_sizes", "oversize_node", "refuse", "check_k", "check_balance", "BALANCES"]
@@ -40,6 +42,11 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Problem:
     """A solver's normalised input.
+
+    ``capacity`` is in bytes, at most 2**62 (`cachefit.validation.MAX_BYTES`):
+    a larger capacity is planned (and recorded in the plan) as 2**62, which
+    every group of a valid graph fits, since a graph holds at most that
+    many bytes in all.  ``time_limit_s`` is None or a positive finite number.
 
     ``balance`` is ``"memory"`` (the bottleneck is the largest group's
     bytes) or ``"flops"`` (the largest group's flops, every group still
@@ -64,13 +71,16 @@ class Problem:
         balance = check_balance(balance)
         table = as_table(graph)
         capacity = parse_capacity(capacity)
+        if capacity > MAX_BYTES:  # a valid graph holds at most MAX_BYTES in all: every group fits
+            logger.info("capacity %d B is beyond 2**62 B; planning with 2**62 B, which every group fits", capacity)
+            capacity = MAX_BYTES
         memory = check_memory(memory)
         chunk_fraction = check_chunk_fraction(chunk_fraction)
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
             raise InputError(f"`k` must be a positive integer or None, got {k!r}")
         if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
-                                         or not time_limit_s > 0):
-            raise InputError(f"`time_limit_s` must be a positive number of seconds or None, got {time_limit_s!r}")
+                                         or not 0 < time_limit_s < math.inf):
+            raise InputError(f"`time_limit_s` must be a positive finite number of seconds, got {time_limit_s!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
             raise InputError(f"`seed` must be an integer from 0 to 2**31 - 1, got {seed!r}")
         flops = table.flops_array() if balance == "flops" else None

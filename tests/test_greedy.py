@@ -77,7 +77,7 @@ class TestGreedy:
         ({"memory": "lru"}, r"`memory` must be one of"),
         ({"k": 0}, r"`k` must be a positive integer or None, got 0"),
         ({"k": 2.5}, r"`k` must be a positive integer or None, got 2.5"),
-        ({"time_limit_s": -1}, r"`time_limit_s` must be a positive number of seconds or None, got -1"),
+        ({"time_limit_s": -1}, r"`time_limit_s` must be a positive finite number of seconds, got -1"),
         ({"chunk_fraction": 2}, r"`chunk_fraction` must be a number in \(0, 1\], got 2"),
     ])
     def test_bad_arguments(self, bad, message):

@@ -9,7 +9,7 @@ import networkx as nx
 import numpy as np
 
 from ..errors import InputError
-from ..validation import validate
+from ..validation import MAX_BYTES, check_total, flatten
 
 __all__ = ["LayerTable", "as_table"]
 
@@ -56,27 +56,19 @@ class LayerTable:
 
     @classmethod
     def from_graph(cls, graph):
-        """Validate `graph` and flatten it.  O(n + e)."""
-        validate(graph)
-        ids = tuple(graph.nodes)
-        position = {node: index for index, node in enumerate(ids)}
-        n = len(ids)
-        columns = np.zeros((3, n), dtype=np.int64)
-        for index, (_, data) in enumerate(graph.nodes(data=True)):
-            columns[0, index] = data["weight_bytes"]
-            columns[1, index] = data["activation_bytes"]
-            columns[2, index] = data["buffer_bytes"]
-        edges = np.array([(position[u], position[v]) for u, v in graph.edges], dtype=np.int64).reshape(-1, 2)
-        sources, targets = edges[:, 0].copy(), edges[:, 1].copy()
-        last_use, is_chain = _last_use_and_chain(n, sources, targets)
+        """Validate `graph` (`cachefit.validation.validate`) and flatten it.  O(n + e), vectorised."""
+        ids, columns, sources, targets = flatten(graph)
+        last_use, is_chain = _last_use_and_chain(len(ids), sources, targets)
         return cls(ids, columns[0], columns[1], columns[2], last_use, sources, targets, is_chain, graph)
 
     @classmethod
     def chain(cls, weight, activation=None, buffer=None, *, ids=None, flops=None):
         """A chain straight from arrays, without building a graph.
 
-        This is the fast path for very long chains: ``ids`` default to
-        ``"0", "1", ...``; `flops` (non-negative integers) defaults to none.
+        This is the fast path for very long chains: ``ids`` (strings) default
+        to ``"0", "1", ...``; `flops` (non-negative integers) defaults to
+        none.  The byte counts must add up to at most 2**62
+        (`cachefit.validation.MAX_BYTES`).
         """
         weight = _byte_array(weight, "weight")
         n = len(weight)
@@ -88,6 +80,10 @@ class LayerTable:
             ids = [str(index) for index in range(n)]
         elif len(ids) != n:
             raise InputError(f"`ids` must have {n} entries, got {len(ids)}")
+        elif not all(type(node) is str for node in ids):
+            bad = next(node for node in ids if not isinstance(node, str))
+            raise InputError(f"`ids` must be strings, got {bad!r} ({type(bad).__name__})")
+        check_total(ids, np.vstack([weight, activation, buffer]))
         if flops is not None:
             flops = _byte_array(flops, "flops")
             if len(flops) != n:
@@ -209,6 +205,9 @@ def _byte_array(values, name):
         raise InputError(f"`{name}` must be a one-dimensional sequence of byte counts")
     if array.size and (array.dtype.kind not in "iu" or array.min() < 0):
         raise InputError(f"`{name}` must hold non-negative integers of bytes")
+    if array.size and array.max() > MAX_BYTES:
+        raise InputError(f"`{name}` holds {int(array.max())}, beyond 2**62, the most cachefit's exact "
+                         "integer arithmetic holds for a graph")
     return array.astype(np.int64, copy=False)
 
 
