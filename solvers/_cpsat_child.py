@@ -20,6 +20,7 @@ runs in-process, uncontained.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
             os.close(read_end)
             os.close(error_read)
             os.dup2(error_write, 2)  # the backend's own last words come back in the reason
+            faulthandler.disable()  # a contained abort is reported by the parent, not dumped here
             payload = json.dumps(solve()).encode() + b"\n"
             view = memoryview(payload)
             while view:

@@ -211,8 +211,12 @@ def _cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
     return [sorted(order[i] for i in range(int(s), int(e))) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None):
-    """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders."""
+def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None, deadline=None):
+    """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
+
+    Past `deadline` (a `time.perf_counter` value) no further order is tried;
+    dp on the given order always is.
+    """
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     items = items.tolist()
@@ -232,6 +236,8 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None)
         rules[f"random {index}"] = rng.random(n).tolist()
     orders = {"given order": list(range(n))}
     for name, priority in rules.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         groups = _list_schedule(table, capacity, memory, scale, priority)
         if groups is not None:
             orders[f"list schedule ({name})"] = [v for group in groups for v in group]
@@ -239,7 +245,7 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None)
     seen = set()
     for name, order in orders.items():
         key = tuple(order)
-        if key in seen:
+        if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
             continue
         seen.add(key)
         groups = _cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
@@ -415,7 +421,7 @@ class _Search:
         problem = self.problem
         scale = self.scale or Fraction(problem.chunk_fraction).as_integer_ratio()
         starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, scale, problem.k,
-                         problem.seed, problem.flops)
+                         problem.seed, problem.flops, deadline=problem.started + HINT_SHARE * self.limit)
         best = None
         for name, groups in starts:
             key = (len(groups), self.bottleneck(groups))
@@ -496,9 +502,12 @@ class _Search:
         return f"the CP-SAT backend crashed ({self.crash}); {why}" if self.crash else why
 
 
+#: Share of the time limit after which no further hint order is tried.
+HINT_SHARE = 0.3
+
 #: Seconds per model cell (one Boolean with its clauses) of `Model`'s build, measured on a
 #: loaded 2-core machine; only used to skip builds that clearly cannot fit in the time limit.
-BUILD_S_PER_CELL = 3e-6
+BUILD_S_PER_CELL = 2e-5
 
 
 def _model_cells(table, memory, groups, earliest, latest):
