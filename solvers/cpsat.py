@@ -4,6 +4,54 @@ Two solves: the fewest groups, then the smallest bottleneck at that number
 of groups (or at a given k).  Both are hinted with the best of several
 heuristic plans (list scheduling over the DAG, each order balanced by `dp`)
 and bounded below by `cachefit.solvers.bounds`.
+
+Notes
+-----
+**Claims are certified, not taken from the search.**  On byte counts of
+1e9 and more, CP-SAT 9.15 returns wrong OPTIMAL (and INFEASIBLE) answers:
+on the 6-node instance pinned in tests/test_cpsat.py it proves a bottleneck
+of 15,464,867,035 optimal where 14,464,867,035 exists.  The same model with
+``cp_model_presolve = False`` is right, and so is the same instance with
+every byte count divided by 10; ``presolve_inclusion_work_limit = 0`` (the
+inclusion-detection presolve, google/or-tools#5293) fixes that instance but
+not the liveness instance of `TestContainment`, which presolve declares
+infeasible.  So presolve rules misreason on large coefficients and the
+search solves (`SEARCH`) only *suggest*.  A claim is made when it is
+certified independently of them:
+
+- k (k=None) is OPTIMAL when it equals the lower bound of
+  `cachefit.solvers.bounds`, or when a decision model "at most k − 1
+  groups" is infeasible under `CERTIFY` (no presolve, no LP, one worker:
+  exact integer propagation and clause learning only);
+- ``bottleneck_optimal`` (and OPTIMAL for an explicit k) when the
+  bottleneck B equals the independent floor (largest node alone, forced
+  bytes / k, or flops / k), or when "exactly k groups, bottleneck ≤ B − 1"
+  is infeasible under `CERTIFY`;
+- INFEASIBLE when the `CERTIFY` re-solve of the same model agrees.
+A decision solve that finds a plan instead refutes the search and improves
+the plan.  Otherwise the claim is dropped (FEASIBLE, flag False) and stats
+say why (``k_certificate``, ``bottleneck_certificate``); ``lower_bound``
+and ``bottleneck_bound`` hold only certified or independent bounds (the
+search's own bounds are kept as ``*_bound_uncertified``).  Every plan
+returned passes `cachefit.check`.
+
+**A backend abort never reaches the caller.**  With more than one worker and
+``interleave_search`` (our deterministic mode), CP-SAT 9.15 aborts the
+process (``Check failed: heuristics.fixed_search != nullptr``) on models
+whose presolve ends in an (incorrect) infeasibility, e.g. the instance in
+`TestContainment`; without ``interleave_search``, with one worker, or
+with presolve off it does not abort there.  No
+setting is proven abort-free, so every solve runs in a child forked after
+the model is built (`cachefit.solvers._cpsat_child`): about 1–40 ms per
+solve, far cheaper than a spawned interpreter.  After a crash the solve is
+retried once under `CERTIFY`; ``stats["backend_crash"]`` and the plan's
+``reason`` say what happened, and the plan is the best one known.
+
+**The time limit covers the whole call.**  Hints stop at `HINT_SHARE` of
+the limit; each model's size is estimated before building
+(`_model_cells`, `BUILD_S_PER_CELL`) and its build stops at its share of
+the remaining time (`BuildTimeout`); a phase that cannot fit is skipped and
+``stats["phase1"]``/``["phase2"]`` say so, leaving the best hint.
 """
 
 from __future__ import annotations
@@ -292,8 +340,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     Returns
     -------
     Plan
-        OPTIMAL when k is proved minimal (for an explicit k: when the
-        bottleneck is proved minimal).  When time runs out, the best plan
+        OPTIMAL when k is certified minimal (for an explicit k: when the
+        bottleneck is certified minimal), independently of the search (see
+        the module notes).  When time runs out, the best plan
         found, FEASIBLE, with the proven bound in ``lower_bound`` and
         ``stats["gap"]``; never an exception.  Groups are listed in order,
         nodes within a group in the graph's (topological) order.
