@@ -4,6 +4,54 @@ Two solves: the fewest groups, then the smallest bottleneck at that number
 of groups (or at a given k).  Both are hinted with the best of several
 heuristic plans (list scheduling over the DAG, each order balanced by `dp`)
 and bounded below by `cachefit.solvers.bounds`.
+
+Notes
+-----
+**Claims are certified, not taken from the search.**  On byte counts of
+1e9 and more, CP-SAT 9.15 returns wrong OPTIMAL (and INFEASIBLE) answers:
+on the 6-node instance pinned in tests/test_cpsat.py it proves a bottleneck
+of 15,464,867,035 optimal where 14,464,867,035 exists.  The same model with
+``cp_model_presolve = False`` is right, and so is the same instance with
+every byte count divided by 10; ``presolve_inclusion_work_limit = 0`` (the
+inclusion-detection presolve, google/or-tools#5293) fixes that instance but
+not the liveness instance of `TestContainment`, which presolve declares
+infeasible.  So presolve rules misreason on large coefficients and the
+search solves (`SEARCH`) only *suggest*.  A claim is made when it is
+certified independently of them:
+
+- k (k=None) is OPTIMAL when it equals the lower bound of
+  `cachefit.solvers.bounds`, or when a decision model "at most k − 1
+  groups" is infeasible under `CERTIFY` (no presolve, no LP, one worker:
+  exact integer propagation and clause learning only);
+- ``bottleneck_optimal`` (and OPTIMAL for an explicit k) when the
+  bottleneck B equals the independent floor (largest node alone, forced
+  bytes / k, or flops / k), or when "exactly k groups, bottleneck ≤ B − 1"
+  is infeasible under `CERTIFY`;
+- INFEASIBLE when the `CERTIFY` re-solve of the same model agrees.
+A decision solve that finds a plan instead refutes the search and improves
+the plan.  Otherwise the claim is dropped (FEASIBLE, flag False) and stats
+say why (``k_certificate``, ``bottleneck_certificate``); ``lower_bound``
+and ``bottleneck_bound`` hold only certified or independent bounds (the
+search's own bounds are kept as ``*_bound_uncertified``).  Every plan
+returned passes `cachefit.check`.
+
+**A backend abort never reaches the caller.**  With more than one worker and
+``interleave_search`` (our deterministic mode), CP-SAT 9.15 aborts the
+process (``Check failed: heuristics.fixed_search != nullptr``) on models
+whose presolve ends in an (incorrect) infeasibility, e.g. the instance in
+`TestContainment`; without ``interleave_search``, with one worker, or
+with presolve off it does not abort there.  No
+setting is proven abort-free, so every solve runs in a child forked after
+the model is built (`cachefit.solvers._cpsat_child`): about 1–40 ms per
+solve, far cheaper than a spawned interpreter.  After a crash the solve is
+retried once under `CERTIFY`; ``stats["backend_crash"]`` and the plan's
+``reason`` say what happened, and the plan is the best one known.
+
+**The time limit covers the whole call.**  Hints stop at `HINT_SHARE` of
+the limit; each model's size is estimated before building
+(`_model_cells`, `BUILD_S_PER_CELL`) and its build stops at its share of
+the remaining time (`BuildTimeout`); a phase that cannot fit is skipped and
+``stats["phase1"]``/``["phase2"]`` say so, leaving the best hint.
 """
 
 from __future__ import annotations
@@ -11,13 +59,17 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
 
+from ..checker import check
 from ..errors import InputError
 from ..result import Status
 from ..memory import LayerTable, group_sizes
+from ._cpsat_child import CONTAINED
+from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
 from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
 from .dp import balanced_cut
@@ -87,239 +139,6 @@ def _domains(table, capacity, memory, chunk_fraction, groups, reach):
     latest = groups - np.maximum(tail, 1)
     return earliest, np.maximum(latest, earliest)
 
-
-class _Model:
-    """The CP-SAT model of one solve: at most `groups` groups (phase 1) or exactly `groups` (phase 2).
-
-    Variables (order encoding):
-
-    - ``started[v][p]`` = 1 iff part(v) ≤ p; a constant outside v's domain.
-    - ``x[v][p]`` = started[v][p] − started[v][p−1]: v is in group p.
-    - ``used[p]``: group p is non-empty (phase 1; used groups form a prefix).
-    - ``live[u][p]`` ≥ [part(u) ≤ p ≤ last(u)] (liveness): forced up by
-      ``live[u][p] ≥ started[u][p] − started[z][p−1]`` for z = u and every
-      successor z of u (z is in group p or later, u in p or earlier).
-      Over-counting only tightens, and the bottleneck objective pushes it
-      down, so the feasible groupings are exactly the valid ones.
-    - ``buffer[p]`` ≥ b_v·x[v][p]: the largest buffer of group p.
-    - ``act[p]``: den·act[p] ≥ num·Σ_u a_u·live[u][p] (`activation_scale`).
-    - ``size[p]`` = Σ w·x + buffer[p] + act[p] (liveness) or Σ (w+a+b)·x
-      (additive), ≤ C, and ≤ the bottleneck variable in phase 2; with
-      `flops` (balance by flops) phase 2 bounds Σ flops·x[v][p] by the
-      bottleneck instead, sizes staying ≤ C.
-    """
-
-    def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
-                 minimum_groups=1, bottleneck_low=0, flops=None):
-        from ortools.sat.python import cp_model
-
-        self.cp_model = cp_model
-        model = cp_model.CpModel()
-        self.model = model
-        self.groups = groups
-        n = table.n
-        self.n = n
-        weight = table.weight.tolist()
-        activation = table.activation.tolist()
-        buffer = table.buffer.tolist()
-        K = groups
-        earliest = np.minimum(earliest, K - 1).tolist()
-        latest = np.minimum(latest, K - 1).tolist()
-
-        # started[v][p] = part(v) <= p
-        started = []
-        for v in range(n):
-            row = []
-            for p in range(K):
-                if p < earliest[v]:
-                    row.append(0)
-                elif p >= latest[v]:
-                    row.append(1)
-                else:
-                    row.append(model.NewBoolVar(f"started_{v}_{p}"))
-            for p in range(K - 1):
-                if not isinstance(row[p], int) and not isinstance(row[p + 1], int):
-                    model.AddImplication(row[p], row[p + 1])
-            started.append(row)
-        self.started = started
-
-        def before(v, p):  # started[v][p-1], 0 for p = 0
-            return 0 if p == 0 else started[v][p - 1]
-
-        # x[v][p] = v is in group p
-        x = []
-        for v in range(n):
-            row = []
-            for p in range(K):
-                if p < earliest[v] or p > latest[v]:
-                    row.append(0)
-                else:
-                    var = model.NewBoolVar(f"x_{v}_{p}")
-                    model.Add(var == started[v][p] - before(v, p))
-                    row.append(var)
-            x.append(row)
-        self.x = x
-
-        # Precedence: part(u) <= part(v)  <=>  started[v][p] -> started[u][p].
-        for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-            for p in range(K):
-                later, earlier = started[v][p], started[u][p]
-                if isinstance(later, int) and isinstance(earlier, int):
-                    if later > earlier:
-                        model.AddBoolOr([])  # empty domains: no plan with this many groups
-                elif isinstance(later, int):
-                    if later == 1:
-                        model.Add(earlier == 1)
-                elif isinstance(earlier, int):
-                    if earlier == 0:
-                        model.Add(later == 0)
-                else:
-                    model.AddImplication(later, earlier)
-
-        # Group use: a prefix (symmetry breaking), each used group non-empty.
-        if exact_k:
-            used = [1] * K
-        else:
-            used = [1 if p < minimum_groups else model.NewBoolVar(f"used_{p}") for p in range(K)]
-            for p in range(K - 1):
-                if not isinstance(used[p + 1], int) and not isinstance(used[p], int):
-                    model.AddImplication(used[p + 1], used[p])
-            # An unused group p means every node is in a group before p.  (Implied by the
-            # clauses on sinks alone, but stated for every node it tightens the relaxation.)
-            for p in range(1, K):
-                if isinstance(used[p], int):
-                    continue
-                for v in range(n):
-                    done = started[v][p - 1]
-                    if isinstance(done, int):
-                        if done == 0:
-                            model.Add(used[p] == 1)
-                    else:
-                        model.AddBoolOr([used[p], done])
-        for p in range(K):
-            members = [x[v][p] for v in range(n) if not isinstance(x[v][p], int)]
-            model.Add(sum(members) >= used[p])
-        self.used = used
-
-        # Group sizes.
-        sizes = []
-        if memory == "additive":
-            total = [weight[v] + activation[v] + buffer[v] for v in range(n)]
-            for p in range(K):
-                sizes.append(sum(total[v] * x[v][p] for v in range(n) if total[v] and not isinstance(x[v][p], int)))
-        else:
-            numerator, denominator = scale
-            successors = [[] for _ in range(n)]
-            for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-                successors[u].append(v)
-            if reach is not None:  # a successor with a later successor below it never decides last(u)
-                successors = [[z for z in succ if not any(reach[z, y] for y in succ if y != z)]
-                              for succ in successors]
-            live_terms = [[] for _ in range(K)]
-            for u in range(n):
-                if not activation[u]:
-                    continue
-                if table.last_use[u] == u:  # no successor: live only in its own group
-                    for p in range(K):
-                        if not isinstance(x[u][p], int):
-                            live_terms[p].append((activation[u], x[u][p]))
-                    continue
-                horizon = max(latest[u], *(latest[z] for z in successors[u]))
-                for p in range(earliest[u], horizon + 1):
-                    produced = started[u][p]
-                    forcing = []
-                    for z in [u, *successors[u]]:
-                        gone = before(z, p)  # z is in a group before p
-                        if isinstance(gone, int) and gone == 1:
-                            continue
-                        forcing.append(gone)
-                    if not forcing or (isinstance(produced, int) and produced == 0):
-                        continue
-                    live = model.NewBoolVar(f"live_{u}_{p}")
-                    for gone in forcing:
-                        model.Add(live >= produced - gone)
-                    live_terms[p].append((activation[u], live))
-            max_buffer = max(buffer) if n else 0
-            for p in range(K):
-                members = [v for v in range(n) if not isinstance(x[v][p], int)]
-                term = sum(weight[v] * x[v][p] for v in members if weight[v])
-                if max_buffer:
-                    largest = model.NewIntVar(0, max_buffer, f"buffer_{p}")
-                    for v in members:
-                        if buffer[v]:
-                            model.Add(largest >= buffer[v] * x[v][p])
-                    term = term + largest
-                live_sum = sum(a * var for a, var in live_terms[p])
-                if live_terms[p]:
-                    if (numerator, denominator) == (1, 1):
-                        term = term + live_sum
-                    else:
-                        act = model.NewIntVar(0, capacity, f"act_{p}")
-                        model.Add(denominator * act >= numerator * live_sum)
-                        term = term + act
-                sizes.append(term)
-        self.sizes = sizes
-        for p in range(K):
-            model.Add(sizes[p] <= capacity)
-        self.bottleneck = None
-        if exact_k and flops is not None:
-            # bottleneck = the largest group's Σ flops; the sizes are only capped by C
-            total = int(sum(flops))
-            self.bottleneck = model.NewIntVar(min(bottleneck_low, total), total, "bottleneck_flops")
-            for p in range(K):
-                work = sum(flops[v] * x[v][p] for v in range(n) if flops[v] and not isinstance(x[v][p], int))
-                model.Add(self.bottleneck >= work)
-            model.Minimize(self.bottleneck)
-        elif exact_k:
-            self.bottleneck = model.NewIntVar(min(bottleneck_low, capacity), capacity, "bottleneck")
-            for p in range(K):
-                model.Add(sizes[p] <= self.bottleneck)
-            model.Minimize(self.bottleneck)
-        else:
-            model.Add(sum(used) >= minimum_groups)
-            model.Minimize(sum(used))
-
-    def hint(self, part):
-        """Hint a complete assignment from a group index per node (positions)."""
-        model = self.model
-        for v in range(self.n):
-            for p in range(self.groups):
-                var = self.started[v][p]
-                if not isinstance(var, int):
-                    model.AddHint(var, 1 if part[v] <= p else 0)
-                var = self.x[v][p]
-                if not isinstance(var, int):
-                    model.AddHint(var, 1 if part[v] == p else 0)
-        top = max(part) if len(part) else -1
-        for p, var in enumerate(self.used):
-            if not isinstance(var, int):
-                model.AddHint(var, 1 if p <= top else 0)
-
-    def solve(self, time_limit_s, workers, seed):
-        cp_model = self.cp_model
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.001)
-        solver.parameters.num_workers = workers
-        solver.parameters.random_seed = seed
-        if workers > 1:
-            # Deterministic parallel search: the default portfolio shares
-            # solutions between threads as they come, which depends on timing.
-            solver.parameters.interleave_search = True
-        code = solver.Solve(self.model)
-        status = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
-                  cp_model.INFEASIBLE: "INFEASIBLE", cp_model.MODEL_INVALID: "MODEL_INVALID"}.get(code, "UNKNOWN")
-        result = {"status": status, "wall_s": solver.WallTime(), "branches": solver.NumBranches(),
-                  "conflicts": solver.NumConflicts()}
-        if status in ("OPTIMAL", "FEASIBLE"):
-            result["objective"] = int(round(solver.ObjectiveValue()))
-            result["bound"] = int(np.ceil(solver.BestObjectiveBound() - 1e-9))
-            part = []
-            for v in range(self.n):
-                row = self.started[v]
-                part.append(next(p for p in range(self.groups)
-                                 if (row[p] if isinstance(row[p], int) else solver.Value(row[p]))))
-            result["part"] = part
-        return result
 
 
 def _groups_of(part):
@@ -440,8 +259,12 @@ def _cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
     return [sorted(order[i] for i in range(int(s), int(e))) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None):
-    """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders."""
+def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None, deadline=None):
+    """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
+
+    Past `deadline` (a `time.perf_counter` value) no further order is tried;
+    dp on the given order always is.
+    """
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     items = items.tolist()
@@ -461,6 +284,8 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None)
         rules[f"random {index}"] = rng.random(n).tolist()
     orders = {"given order": list(range(n))}
     for name, priority in rules.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         groups = _list_schedule(table, capacity, memory, scale, priority)
         if groups is not None:
             orders[f"list schedule ({name})"] = [v for group in groups for v in group]
@@ -468,7 +293,7 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None)
     seen = set()
     for name, order in orders.items():
         key = tuple(order)
-        if key in seen:
+        if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
             continue
         seen.add(key)
         groups = _cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
@@ -515,8 +340,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     Returns
     -------
     Plan
-        OPTIMAL when k is proved minimal (for an explicit k: when the
-        bottleneck is proved minimal).  When time runs out, the best plan
+        OPTIMAL when k is certified minimal (for an explicit k: when the
+        bottleneck is certified minimal), independently of the search (see
+        the module notes).  When time runs out, the best plan
         found, FEASIBLE, with the proven bound in ``lower_bound`` and
         ``stats["gap"]``; never an exception.  Groups are listed in order,
         nodes within a group in the graph's (topological) order.
@@ -541,7 +367,7 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     lower bound of `cachefit.solvers.bounds`, k is proved without a solve.
 
     Phase 1 (fewest groups) and phase 2 (smallest bottleneck at that k or
-    the given k) solve `_Model`, which encodes the memory model of
+    the given k) solve `Model` (`cachefit.solvers._cpsat_model`), which encodes the memory model of
     DESIGN.md §4 exactly: precedence, the group prefix (symmetry breaking),
     liveness from a producer's group to its last consumer's, the largest
     buffer, and ⌈f·Σ activations⌉ through `activation_scale`.  Every node's
@@ -584,134 +410,326 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise InputError(f"`workers` must be a positive integer or None, got {workers!r}")
-    workers = int(workers)
-    limit = float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S)
-    deadline = problem.started + limit
-    table = problem.table
-    n = table.n
-    capacity = problem.capacity
-    memory, fraction = problem.memory, problem.chunk_fraction
     refused = refuse(problem, "cpsat")
     if refused:
         return refused
-    if n == 0:
+    if problem.table.n == 0:
         return finish(problem, "cpsat", [], status=Status.OPTIMAL, lower=0,
                       stats={"bottleneck_optimal": True, "gap": 0})
-    reach = reachability(table)
-    lower = lower_bound(table, capacity, memory=memory, chunk_fraction=fraction, reach=reach)
-    if problem.k is not None and problem.k < lower:
+    search = _Search(problem, int(workers), float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S))
+    if problem.k is not None and problem.k < search.lower:
         return no_plan(problem, "cpsat", Status.INFEASIBLE,
-                       f"k = {problem.k} is below the minimum number of groups, {lower}", lower=lower)
-    stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit, "sum_squares": "not minimised"}
-
-    scale = (1, 1)
-    if memory == "liveness":
-        scale = activation_scale(fraction, int(table.activation.sum()), capacity)
-    exact_scale = scale is not None
-    if not exact_scale:  # hints only: list scheduling then needs some exact scaling of its own
-        scale = Fraction(fraction).as_integer_ratio()
-
-    # Phase 0: hints.
-    flops = problem.flops
-    starts = _starts(table, capacity, memory, fraction, scale, problem.k, problem.seed, flops)
-    best = None
-    for name, groups in starts:
-        key = (len(groups), _bottleneck(table, groups, memory, fraction, flops))
-        if best is None or key < best[0]:
-            best = (key, name, groups)
-    stats["hint"] = f"{best[1]}, k={best[0][0]}" if best else "none"
-    best_groups = best[2] if best else None
-
-    if not exact_scale:
-        why = (f"chunk_fraction {fraction!r} has no exact small-integer scaling for CP-SAT; "
+                       f"k = {problem.k} is below the minimum number of groups, {search.lower}", lower=search.lower)
+    best_groups = search.hints()
+    if search.scale is None:
+        why = (f"chunk_fraction {problem.chunk_fraction!r} has no exact small-integer scaling for CP-SAT; "
                "the plan is the best hint")
         logger.info("cpsat: %s", why)
-        stats["fallback"] = why
-        if best_groups is None:
-            return no_plan(problem, "cpsat", Status.UNKNOWN, why, lower=lower, stats=stats)
-        return finish(problem, "cpsat", best_groups, status=Status.FEASIBLE, lower=lower, stats=stats)
-    if memory == "liveness":
-        stats["activation_scale"] = f"{scale[0]}/{scale[1]}"
-
-    proven = False
-    build_s = None
+        search.stats["fallback"] = why
+        return search.plan(best_groups, why)
     if problem.k is None:
-        upper = len(best_groups) if best_groups else n
-        if best_groups and upper == lower:
-            proven = True
-            stats["phase1"] = "skipped: the hint meets the lower bound"
-        else:
-            built = time.perf_counter()
-            earliest, latest = _domains(table, capacity, memory, fraction, upper, reach)
-            model = _Model(table, capacity, memory, scale, upper, earliest, latest, reach,
-                           exact_k=False, minimum_groups=lower)
-            if best_groups is not None:
-                model.hint(_part_from(best_groups, n))
-            build_s = time.perf_counter() - built
-            result = model.solve(deadline - time.perf_counter(), workers, problem.seed)
-            stats["phase1"] = result["status"]
-            stats["phase1_wall_s"] = round(result["wall_s"], 3)
-            stats["phase1_build_s"] = round(build_s, 3)
-            if result["status"] == "INFEASIBLE":
-                return no_plan(problem, "cpsat", Status.INFEASIBLE,
-                               "no valid grouping fits: activations passing through every order overflow the capacity",
-                               lower=lower, stats=stats)
-            if "part" in result:
-                found = _groups_of(result["part"])
-                if best_groups is None or len(found) < len(best_groups):
-                    # Rebalance within the order CP-SAT found (dp on it needs no more groups).
-                    order = [v for group in found for v in group]
-                    best_groups = _cut_order(table, order, capacity, memory, fraction, None, flops) or found
-                lower = max(lower, min(result["bound"], len(best_groups)))
-                proven = result["status"] == "OPTIMAL"
-            if best_groups is None:
-                return no_plan(problem, "cpsat", Status.UNKNOWN,
-                               f"time ran out ({limit:g} s) before CP-SAT found a plan", lower=lower, stats=stats)
+        outcome = _fewest_groups(search, best_groups)
+        if not isinstance(outcome, list):
+            return outcome
+        best_groups = outcome
         target = len(best_groups)
-        if proven:
-            lower = target
-            stats["k_proved_s"] = round(problem.elapsed(), 3)
     else:
         target = problem.k
-
-    # Phase 2: the smallest bottleneck with exactly `target` groups.
     groups = best_groups if best_groups is not None and len(best_groups) == target else None
-    bottleneck_optimal = False
-    remaining = deadline - time.perf_counter()
-    estimate = build_s if build_s is not None else 3e-5 * (n + len(table.sources)) * target
-    if remaining > 1.5 * estimate + 0.05:
-        earliest, latest = _domains(table, capacity, memory, fraction, target, reach)
-        if flops is not None:
-            low = max(int(flops.max()), -(-int(flops.sum()) // target))
-        else:
-            low = max(int(alone_sizes(problem).max()),
-                      -(-forced_bytes(table, memory=memory, chunk_fraction=fraction) // target))
-        model = _Model(table, capacity, memory, scale, target, earliest, latest, reach,
-                       exact_k=True, bottleneck_low=low, flops=None if flops is None else flops.tolist())
-        if groups is not None:
-            model.hint(_part_from(groups, n))
-        result = model.solve(deadline - time.perf_counter(), workers, problem.seed)
-        stats["phase2"] = result["status"]
-        stats["phase2_wall_s"] = round(result["wall_s"], 3)
-        if result["status"] == "INFEASIBLE" and problem.k is not None:
+    return _smallest_bottleneck(search, target, groups)
+
+
+class _Search:
+    """One call's state: the problem, the independent bounds, the time budget and the stats."""
+
+    def __init__(self, problem, workers, limit):
+        self.problem = problem
+        self.table = problem.table
+        self.workers = workers
+        self.limit = limit
+        self.deadline = problem.started + limit
+        self.reach = reachability(self.table)
+        self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
+                                 chunk_fraction=problem.chunk_fraction, reach=self.reach)
+        self.k_certificate = None
+        self.crash = None
+        self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit,
+                      "sum_squares": "not minimised", "contained": CONTAINED}
+        scale = (1, 1)
+        if problem.memory == "liveness":
+            scale = activation_scale(problem.chunk_fraction, int(self.table.activation.sum()), problem.capacity)
+            if scale is not None:
+                self.stats["activation_scale"] = f"{scale[0]}/{scale[1]}"
+        self.scale = scale
+
+    def remaining(self):
+        return self.deadline - time.perf_counter()
+
+    def hints(self):
+        """Phase 0: the best start (fewest groups, then smallest bottleneck), or None."""
+        problem = self.problem
+        scale = self.scale or Fraction(problem.chunk_fraction).as_integer_ratio()
+        starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, scale, problem.k,
+                         problem.seed, problem.flops, deadline=problem.started + HINT_SHARE * self.limit)
+        best = None
+        for name, groups in starts:
+            key = (len(groups), self.bottleneck(groups))
+            if best is None or key < best[0]:
+                best = (key, name, groups)
+        self.stats["hint"] = f"{best[1]}, k={best[0][0]}" if best else "none"
+        self.stats["hint_s"] = round(self.problem.elapsed(), 3)
+        return best[2] if best else None
+
+    def bottleneck(self, groups):
+        return _bottleneck(self.table, groups, self.problem.memory, self.problem.chunk_fraction, self.problem.flops)
+
+    def build(self, phase, groups, share, **options):
+        """The model for `groups` groups, or None (with the reason in stats) when it cannot be built in time.
+
+        The build may use `share` of the remaining time: its size is
+        estimated first (`_model_cells`) and the build is abandoned when the
+        clock passes its budget (`BuildTimeout`).
+        """
+        problem = self.problem
+        earliest, latest = _domains(self.table, problem.capacity, problem.memory, problem.chunk_fraction, groups,
+                                    self.reach)
+        budget = share * self.remaining()
+        cells = _model_cells(self.table, problem.memory, groups, earliest, latest)
+        if cells * BUILD_S_PER_CELL > budget:
+            self.stats[phase] = (f"skipped: a model of ~{cells} cells would not be built within "
+                                 f"{max(budget, 0):.3g} s of the time limit")
+            return None
+        started = time.perf_counter()
+        try:
+            model = Model(self.table, problem.capacity, problem.memory, self.scale, groups, earliest, latest,
+                          self.reach, deadline=started + budget, **options)
+        except BuildTimeout:
+            self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget:.3g} s"
+            return None
+        self.stats[f"{phase}_build_s"] = round(time.perf_counter() - started, 3)
+        return model
+
+    def solve(self, model, phase, time_limit_s, parameters=SEARCH, *, feasible=False):
+        """Solve `model` in a contained child.
+
+        After a backend crash, or an INFEASIBLE answer although a plan of the
+        model is known (`feasible`), the solve is retried once with `CERTIFY`
+        (no presolve, no LP, one worker), if time is left.
+        """
+        result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters)
+        retry = None
+        if result["status"] == "CRASHED":
+            self.crash = f"{phase}: {result['crash']}"
+            self.stats["backend_crash"] = self.crash
+            retry = "after the crash"
+        elif result["status"] == "INFEASIBLE" and feasible:
+            self.stats[f"{phase}_refuted"] = "INFEASIBLE although a plan of the model is known"
+            retry = "after a refuted INFEASIBLE"
+        if retry and parameters is not CERTIFY and self.remaining() > 0.05:
+            result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY)
+            self.stats[f"{phase}_retry"] = f"without presolve and LP {retry}: {result['status']}"
+        self.stats[f"{phase}_overhead_s"] = round(result.get("overhead_s", 0.0), 4)
+        return result
+
+    def plan(self, groups, why, status=Status.FEASIBLE, lower=None):
+        """The final Plan of `groups` (re-checked), or an UNKNOWN plan saying `why` there is none."""
+        problem = self.problem
+        lower = self.lower if lower is None else lower
+        if groups is None:
+            return no_plan(problem, "cpsat", Status.UNKNOWN, self._reason(why), lower=lower, stats=self.stats)
+        self.stats["gap"] = len(groups) - lower
+        self.stats.setdefault("bottleneck_optimal", False)
+        plan = finish(problem, "cpsat", groups, status=status, lower=lower, stats=self.stats)
+        report = check(plan)
+        if not report.ok:  # a solver bug: never hand out a plan the checker rejects
+            raise AssertionError(f"cpsat produced a plan the checker rejects: {report.violations[0]}")
+        if self.crash:
+            plan = replace(plan, reason=self._reason("the plan is the best one found without it, re-checked"))
+        return plan
+
+    def _reason(self, why):
+        return f"the CP-SAT backend crashed ({self.crash}); {why}" if self.crash else why
+
+
+#: Share of the time limit after which no further hint order is tried.
+HINT_SHARE = 0.3
+
+#: Seconds per model cell (one Boolean with its clauses) of `Model`'s build, measured on a
+#: loaded 2-core machine; only used to skip builds that clearly cannot fit in the time limit.
+BUILD_S_PER_CELL = 2e-5
+
+
+def _model_cells(table, memory, groups, earliest, latest):
+    """An estimate of `Model`'s size: domain cells, precedence cells and (liveness) live cells."""
+    domain = (np.minimum(latest, groups - 1) - earliest + 1).astype(np.int64)
+    cells = 2 * int(domain.sum()) + len(table.sources) * groups
+    if memory == "liveness":
+        degree = np.bincount(table.sources, minlength=table.n)
+        cells += int((domain * (1 + degree)).sum())
+    return cells
+
+
+def _fewest_groups(search, best_groups):
+    """Phase 1: the fewest groups; the groups (k certified or not), or a Plan without groups."""
+    stats, n = search.stats, search.table.n
+    upper = len(best_groups) if best_groups else n
+    if best_groups and upper == search.lower:
+        stats["phase1"] = "skipped: the hint meets the lower bound"
+        search.lower, stats["k_certificate"] = upper, "equals the lower bound"
+        stats["k_proved_s"] = round(search.problem.elapsed(), 3)
+        return best_groups
+    model = search.build("phase1", upper, 0.5, exact_k=False, minimum_groups=search.lower)
+    if model is None:
+        return best_groups if best_groups else search.plan(None, f"{stats['phase1']}; no hint either")
+    if best_groups is not None:
+        model.hint(_part_from(best_groups, n))
+    result = search.solve(model, "phase1", 0.7 * search.remaining(), feasible=best_groups is not None)
+    stats["phase1"], stats["phase1_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
+    if result["status"] == "INFEASIBLE":
+        found = _recheck_infeasible(search, "phase1", upper, exact_k=False, minimum_groups=search.lower)
+        if found is True:
+            return no_plan(search.problem, "cpsat", Status.INFEASIBLE,
+                           "no valid grouping fits: activations passing through every order overflow the capacity",
+                           lower=search.lower, stats=stats)
+        best_groups = _better(search, best_groups, found)
+    elif "part" in result:
+        best_groups = _better(search, best_groups, _groups_of(result["part"]))
+    if best_groups is None:
+        return search.plan(None, f"time ran out ({search.limit:g} s) before CP-SAT found a plan")
+    stats["phase1_bound_uncertified"] = result.get("bound")
+    if result["status"] == "OPTIMAL":
+        best_groups = _certify_k(search, best_groups)
+    return best_groups
+
+
+def _better(search, groups, found):
+    """`found` (rebalanced by dp on its own order) when it has fewer groups than `groups`."""
+    if not found or (groups is not None and len(found) >= len(groups)):
+        return groups
+    problem = search.problem
+    order = [v for group in found for v in group]
+    return _cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
+                      problem.flops) or found
+
+
+def _recheck_infeasible(search, phase, groups, **options):
+    """Re-solve an INFEASIBLE answer with `CERTIFY`: True (confirmed), the groups it found, or None."""
+    model = search.build(f"{phase}_recheck", groups, 0.5, objective=False, **options)
+    if model is None:
+        return None
+    result = search.solve(model, f"{phase}_recheck", search.remaining(), CERTIFY)
+    search.stats[f"{phase}_recheck"] = result["status"]
+    if result["status"] == "INFEASIBLE":
+        return True
+    return _groups_of(result["part"]) if "part" in result else None
+
+
+def _certify_k(search, groups):
+    """Re-prove that no plan has fewer groups than `groups`; the groups to keep.
+
+    Certified when k meets the independent lower bound, or when a decision
+    model "at most k − 1 groups" solved with `CERTIFY` is infeasible.  Then
+    ``search.lower`` becomes k.  A plan that decision finds (CP-SAT's
+    OPTIMAL was wrong) replaces `groups`, uncertified.
+    """
+    stats, k = search.stats, len(groups)
+    if k == search.lower:
+        how = "equals the lower bound"
+    else:
+        model = search.build("k_certificate", k - 1, 0.5, exact_k=False, minimum_groups=search.lower,
+                             objective=False)
+        result = search.solve(model, "k_certificate", search.remaining(), CERTIFY) if model else {"status": "skipped"}
+        if result["status"] != "INFEASIBLE":
+            stats["k_certificate"] = f"not re-proved ({result['status']}): k is not claimed minimal"
+            if "part" in result:
+                stats["k_certificate"] = "refuted: a plan with fewer groups exists"
+                return _better(search, groups, _groups_of(result["part"]))
+            return groups
+        how = "re-proved: at most k - 1 groups is infeasible without presolve and LP"
+    stats["k_certificate"], search.lower = how, k
+    stats["k_proved_s"] = round(search.problem.elapsed(), 3)
+    return groups
+
+
+def _bottleneck_floor(search, target):
+    """An independent lower bound on the bottleneck with `target` groups (bytes, or flops)."""
+    problem = search.problem
+    if problem.flops is not None:
+        return max(int(problem.flops.max()), -(-int(problem.flops.sum()) // target))
+    return max(int(alone_sizes(problem).max()),
+               -(-forced_bytes(search.table, memory=problem.memory, chunk_fraction=problem.chunk_fraction) // target))
+
+
+def _smallest_bottleneck(search, target, groups):
+    """Phase 2: the smallest bottleneck with exactly `target` groups; the final Plan."""
+    problem, stats, n = search.problem, search.stats, search.table.n
+    low = _bottleneck_floor(search, target)
+    options = dict(exact_k=True, bottleneck_low=low, flops=None if problem.flops is None else problem.flops.tolist())
+    model = search.build("phase2", target, 0.6, **options) if search.remaining() > 0.05 else None
+    if model is None:
+        stats.setdefault("phase2", "skipped: no time left")
+        return _final(search, target, groups, low, certified=False)
+    if groups is not None:
+        model.hint(_part_from(groups, n))
+    result = search.solve(model, "phase2", 0.7 * search.remaining(), feasible=groups is not None)
+    stats["phase2"], stats["phase2_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
+    stats["phase2_bound_uncertified"] = result.get("bound")
+    if result["status"] == "INFEASIBLE" and problem.k is not None:
+        found = _recheck_infeasible(search, "phase2", target, **options)
+        if found is True:
             return no_plan(problem, "cpsat", Status.INFEASIBLE,
                            f"no valid grouping has exactly k = {problem.k} groups within the capacity",
-                           lower=lower, stats=stats)
-        if "part" in result:
-            found = _groups_of(result["part"])
-            if len(found) == target and (groups is None or _bottleneck(table, found, memory, fraction, flops)
-                                         <= _bottleneck(table, groups, memory, fraction, flops)):
-                groups = found
-            stats["bottleneck_bound"] = result["bound"]
-            bottleneck_optimal = result["status"] == "OPTIMAL"
-    else:
-        stats["phase2"] = "skipped: no time left"
-    if groups is None:
-        return no_plan(problem, "cpsat", Status.UNKNOWN,
-                       f"time ran out ({limit:g} s) before CP-SAT found a plan with k = {target}",
-                       lower=lower, stats=stats)
-    stats["bottleneck_optimal"] = bottleneck_optimal
-    stats["gap"] = len(groups) - lower
-    status = Status.OPTIMAL if problem.k is not None and bottleneck_optimal else Status.FEASIBLE
-    return finish(problem, "cpsat", groups, status=status, lower=lower, stats=stats)
+                           lower=search.lower, stats=stats)
+        stats["phase2"] = f"INFEASIBLE, not confirmed by the re-check ({stats.get('phase2_recheck', 'skipped')})"
+        if found is not None and len(found) == target:
+            groups = found
+        result = {"status": "UNKNOWN"}
+    if "part" in result:
+        found = _groups_of(result["part"])
+        if len(found) == target and (groups is None or search.bottleneck(found) <= search.bottleneck(groups)):
+            groups = found
+    certified = result["status"] == "OPTIMAL" and groups is not None
+    if certified:
+        groups, certified = _certify_bottleneck(search, target, groups, low, options)
+    return _final(search, target, groups, low, certified)
 
+
+def _certify_bottleneck(search, target, groups, low, options):
+    """Re-prove the bottleneck B of `groups`: B ≤ the floor, or "bottleneck ≤ B − 1" infeasible under `CERTIFY`.
+
+    A better plan that the decision model finds replaces `groups`, and the
+    proof is tried again for it.  Returns (groups, certified).
+    """
+    stats = search.stats
+    while True:
+        value = search.bottleneck(groups)
+        if value <= low:
+            stats["bottleneck_certificate"] = "equals the lower bound"
+            return groups, True
+        model = search.build("bottleneck_certificate", target, 0.5, **{**options, "objective": False},
+                             bottleneck_high=value - 1)
+        result = (search.solve(model, "bottleneck_certificate", search.remaining(), CERTIFY) if model
+                  else {"status": "skipped"})
+        if result["status"] == "INFEASIBLE":
+            stats["bottleneck_certificate"] = "re-proved: bottleneck - 1 is infeasible without presolve and LP"
+            return groups, True
+        found = _groups_of(result["part"]) if "part" in result else None
+        if not found or len(found) != target or search.bottleneck(found) >= value:
+            stats["bottleneck_certificate"] = f"not re-proved ({result['status']}): the bottleneck is not claimed minimal"
+            return groups, False
+        stats["bottleneck_refuted"] = f"CP-SAT's optimum {value} was beaten by {search.bottleneck(found)}"
+        groups = found
+
+
+def _final(search, target, groups, low, certified):
+    """The Plan with exactly `target` groups, its bottleneck claim and its bound."""
+    problem, stats = search.problem, search.stats
+    if groups is None:
+        return search.plan(None, f"time ran out ({search.limit:g} s) before CP-SAT found a plan with k = {target}")
+    stats["bottleneck_optimal"] = certified
+    stats["bottleneck_bound"] = search.bottleneck(groups) if certified else low
+    if problem.k is not None:
+        status = Status.OPTIMAL if certified else Status.FEASIBLE
+    else:
+        status = Status.OPTIMAL if len(groups) == search.lower else Status.FEASIBLE
+    return search.plan(groups, "", status=status)

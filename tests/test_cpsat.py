@@ -1,13 +1,21 @@
+import os
 import random
+import subprocess
+import sys
+import time
 
 import networkx as nx
+import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from cachefit import InputError, Status
 from cachefit.graphs import from_layers
-from cachefit.memory import scale_activation
+from cachefit.memory import as_table, scale_activation
 from cachefit.solvers import brute, cpsat, dp, greedy
+from cachefit.solvers import _cpsat_child as child_module
+from cachefit.solvers._cpsat_child import run_contained
+from cachefit.solvers._cpsat_model import BuildTimeout, Model
 from cachefit.solvers.cpsat import activation_scale
 from cachefit.testing import assert_valid_plan, dags
 
@@ -171,3 +179,100 @@ def test_activation_scale_examples():
     assert activation_scale(0.1, 10**12, 10**9) is None
     # 1/3's float is just below 1/3: equal up to 2^54, and cpsat's check refuses larger totals.
     assert activation_scale(1 / 3, 2**60, 10**9) is None
+
+
+# -- Claims, containment and time limits (issue 10) ------------------------------------------------
+
+def large_coefficient_dag():
+    """CP-SAT 9.15's presolve claims 15,464,867,035 optimal here at k = 2; the optimum is 14,464,867,035."""
+    graph = nx.DiGraph()
+    for node, weight in zip("abcdef", (0, 4464867035, 10**9, 10**10, 6 * 10**9, 58 * 10**8)):
+        graph.add_node(node, weight_bytes=weight, activation_bytes=0, buffer_bytes=0)
+    graph.add_edges_from([("a", "d"), ("b", "f"), ("e", "f")])
+    return graph
+
+
+class TestClaims:
+    def test_large_coefficients_give_the_true_optimum(self):
+        graph = large_coefficient_dag()
+        plan = cpsat(graph, 21 * 10**9, memory="additive", k=2)
+        assert_valid_plan(graph, plan)
+        assert plan.bottleneck == 14_464_867_035 == brute(graph, 21 * 10**9, memory="additive", k=2).bottleneck
+        assert plan.status == Status.OPTIMAL and plan.stats["bottleneck_optimal"] is True
+        assert plan.stats["bottleneck_certificate"].startswith("re-proved")
+
+    def test_a_claim_that_cannot_be_re_proved_is_downgraded(self, monkeypatch):
+        cpsat_module = sys.modules["cachefit.solvers.cpsat"]
+        monkeypatch.setattr(cpsat_module, "CERTIFY", {**cpsat_module.CERTIFY, "max_time_in_seconds": 1e-9})
+        graph = large_coefficient_dag()
+        plan = cpsat(graph, 21 * 10**9, memory="additive", k=2, workers=1)
+        assert_valid_plan(graph, plan)
+        assert plan.status == Status.FEASIBLE and plan.stats["bottleneck_optimal"] is False
+        assert plan.stats["bottleneck_certificate"].startswith("not re-proved")
+        assert plan.stats["bottleneck_bound"] <= 14_464_867_035
+
+    def test_k_is_certified_by_the_bound_or_a_second_proof(self):
+        graph = nx.DiGraph()  # bounds say 2, the optimum is 3 (see test_k_below_the_optimum_is_proved_infeasible)
+        for node, weight in enumerate((50, 40, 50, 20, 40)):
+            graph.add_node(str(node), weight_bytes=weight * 10**9, activation_bytes=0, buffer_bytes=0)
+        graph.add_edges_from([("0", "4"), ("1", "2"), ("2", "3"), ("2", "4"), ("3", "4")])
+        plan = cpsat(graph, 100 * 10**9, memory="additive")
+        assert plan.k == 3 and plan.status == Status.OPTIMAL and plan.lower_bound == 3
+        assert plan.stats["k_certificate"].startswith("re-proved")
+
+
+ABORT_SCRIPT = """
+import networkx as nx, cachefit
+weights = [5000000035, 13000000091, 20000000140, 4483884439, 3000000021, 6581608860, 1000000007]
+activations = [5000000035, 1000000007, 2385586504, 2072564213, 5976070958, 12000000084, 0]
+edges = [(0, 1), (0, 2), (0, 4), (0, 5), (1, 4), (1, 5), (1, 6), (2, 3), (2, 5), (2, 6), (3, 5), (3, 6),
+         (4, 6), (5, 6)]
+graph = nx.DiGraph()
+for v, (w, a) in enumerate(zip(weights, activations)):
+    graph.add_node(str(v), weight_bytes=w, activation_bytes=a, buffer_bytes=0)
+graph.add_edges_from((str(u), str(v)) for u, v in edges)
+plan = cachefit.plan(graph, 25233565468, memory="liveness", chunk_fraction=0.5, solver=SOLVER)
+assert cachefit.check(plan).ok, cachefit.check(plan).violations
+print(plan.status, plan.k, plan.bottleneck, plan.stats.get("backend_crash", "-"))
+"""
+
+
+class TestContainment:
+    @pytest.mark.parametrize("solver", ["auto", "cpsat"])
+    def test_the_abort_instance_returns_a_plan_and_the_process_lives(self, solver):
+        # With 2 workers OR-Tools 9.15 aborts on this model (Check failed: heuristics.fixed_search != nullptr);
+        # the solve runs in a forked child, so the caller gets a plan.  Run in a subprocess to be safe.
+        script = ABORT_SCRIPT.replace("solver=SOLVER", f"solver={solver!r}")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        status, k, bottleneck, _ = done.stdout.split(maxsplit=3)
+        assert (status, int(k), int(bottleneck)) == ("OPTIMAL", 4, 24192793413)
+
+    def test_a_child_that_aborts_is_reported_not_fatal(self):
+        result = run_contained(os.abort, 10)
+        assert result["status"] == "CRASHED" and "SIGABRT" in result["crash"]
+
+    def test_a_child_that_overruns_is_killed(self, monkeypatch):
+        monkeypatch.setattr(child_module, "GRACE_S", 0.2)
+        result = run_contained(lambda: time.sleep(30) or {}, 0.1)
+        assert result["status"] == "UNKNOWN" and "killed" in result["crash"]
+
+    def test_the_answer_comes_back_from_the_child(self):
+        assert run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0, "pid": os.getpid()}, 10)["pid"] != os.getpid()
+
+
+class TestTimeBudget:
+    def test_a_model_that_cannot_be_built_in_time_degrades_to_the_hint(self, monkeypatch):
+        monkeypatch.setattr(sys.modules["cachefit.solvers.cpsat"], "BUILD_S_PER_CELL", 1.0)
+        graph, capacity = layered(40, 1)
+        plan = cpsat(graph, capacity, memory="liveness", time_limit_s=2, workers=1)
+        assert_valid_plan(graph, plan)
+        assert plan.ok and plan.stats["phase1"].startswith("skipped: a model of ~")
+        assert plan.status == (Status.OPTIMAL if plan.k == plan.lower_bound else Status.FEASIBLE)
+
+    def test_the_build_stops_at_its_deadline(self):
+        graph, capacity = layered(40, 1)
+        table = as_table(graph)
+        with pytest.raises(BuildTimeout):
+            Model(table, capacity, "additive", (1, 1), 5, np.zeros(40, dtype=np.int64), np.full(40, 4), None,
+                  exact_k=False, deadline=time.perf_counter() - 1)

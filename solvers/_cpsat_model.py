@@ -1,0 +1,307 @@
+"""The CP-SAT model of a grouping (order encoding), built by one `_add_*` step per concern.
+
+`cachefit.solvers.cpsat` decides what to solve and what to claim; this module
+only states the model and reads a solve back.  Built on OR-Tools' snake_case
+API (the CamelCase one is deprecated in 9.15).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._cpsat_child import run_contained
+
+__all__ = ["Model", "BuildTimeout", "SEARCH", "CERTIFY"]
+
+#: Parameters of the search solves.  ``presolve_inclusion_work_limit = 0`` switches off the
+#: inclusion-detection presolve, which on 9.15 certifies wrong optima on models with large
+#: coefficients (it alone breaks the 6-node instance pinned in tests/test_cpsat.py); other
+#: presolve rules are still suspect, so no claim rests on these solves alone.
+SEARCH = {"presolve_inclusion_work_limit": 0}
+
+#: Parameters of the certifying solves: no presolve, no LP relaxation, one worker.  What is
+#: left is CP-SAT's exact integer propagation and clause learning, the part of the solver a
+#: claim can rest on (cachefit.solvers.cpsat notes).
+CERTIFY = {"cp_model_presolve": False, "linearization_level": 0, "num_workers": 1}
+
+
+class BuildTimeout(Exception):
+    """The model could not be built before its deadline."""
+
+
+def _constant(value):
+    return isinstance(value, int)
+
+
+class Model:
+    """The CP-SAT model of one solve: at most `groups` groups, or exactly `groups` with ``exact_k``.
+
+    Variables (order encoding):
+
+    - ``started[v][p]`` = 1 iff part(v) ≤ p; a constant outside v's domain.
+    - ``x[v][p]`` = started[v][p] − started[v][p−1]: v is in group p.
+    - ``used[p]``: group p is non-empty (at most `groups`; used groups form a prefix).
+    - ``live[u][p]`` ≥ [part(u) ≤ p ≤ last(u)] (liveness): forced up by
+      ``live[u][p] ≥ started[u][p] − started[z][p−1]`` for z = u and every
+      successor z of u (z is in group p or later, u in p or earlier).
+      Over-counting only tightens, and the bottleneck objective pushes it
+      down, so the feasible groupings are exactly the valid ones.
+    - ``buffer[p]`` ≥ b_v·x[v][p]: the largest buffer of group p.
+    - ``act[p]``: den·act[p] ≥ num·Σ_u a_u·live[u][p] (`activation_scale`).
+    - ``size[p]`` = Σ w·x + buffer[p] + act[p] (liveness) or Σ (w+a+b)·x
+      (additive), ≤ C; with ``exact_k`` also ≤ the bottleneck variable, or,
+      with `flops`, Σ flops·x[v][p] ≤ the bottleneck instead.
+
+    With ``exact_k`` the bottleneck lies in [`bottleneck_low`,
+    `bottleneck_high`]; ``objective=False`` leaves out the objective (a
+    decision model: "is there a grouping within these bounds?").
+    `deadline` (a `time.perf_counter` value) bounds the build: past it a
+    builder raises `BuildTimeout`.
+    """
+
+    def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
+                 minimum_groups=1, bottleneck_low=0, bottleneck_high=None, flops=None, objective=True,
+                 deadline=None):
+        from ortools.sat.python import cp_model
+
+        self.cp_model = cp_model
+        self.model = cp_model.CpModel()
+        self.table = table
+        self.n = table.n
+        self.groups = groups
+        self.capacity = capacity
+        self.deadline = deadline
+        self.earliest = np.minimum(earliest, groups - 1).tolist()
+        self.latest = np.minimum(latest, groups - 1).tolist()
+        self._add_variables()
+        self._add_precedence()
+        self._add_group_use(exact_k, minimum_groups)
+        if memory == "additive":
+            self._add_capacity_additive()
+        else:
+            self._add_capacity_liveness(scale, reach)
+        self._add_objective(exact_k, minimum_groups, bottleneck_low, bottleneck_high, flops, objective)
+
+    # -- building -------------------------------------------------------------------------------
+    def _check_clock(self):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise BuildTimeout()
+
+    def _before(self, v, p):
+        """started[v][p − 1]: v is in a group before p (0 for p = 0)."""
+        return 0 if p == 0 else self.started[v][p - 1]
+
+    def _add_variables(self):
+        """started[v][p] (with started[v][p] → started[v][p+1]) and x[v][p]."""
+        model, K = self.model, self.groups
+        self.started, self.x = [], []
+        for v in range(self.n):
+            self._check_clock()
+            first, last = self.earliest[v], self.latest[v]
+            row = [0] * first + [model.new_bool_var(f"started_{v}_{p}") for p in range(first, last)]
+            row += [1] * (K - len(row))
+            for p in range(first, last - 1):
+                model.add_implication(row[p], row[p + 1])
+            self.started.append(row)
+            members = [0] * K
+            for p in range(first, last + 1):
+                members[p] = model.new_bool_var(f"x_{v}_{p}")
+                model.add(members[p] == row[p] - self._before(v, p))
+            self.x.append(members)
+
+    def _add_precedence(self):
+        """part(u) ≤ part(v) for every edge u→v: started[v][p] → started[u][p]."""
+        model = self.model
+        for u, v in zip(self.table.sources.tolist(), self.table.targets.tolist()):
+            self._check_clock()
+            for p in range(self.groups):
+                later, earlier = self.started[v][p], self.started[u][p]
+                if _constant(later) and _constant(earlier):
+                    if later > earlier:
+                        model.add_bool_or([])  # empty domains: no plan with this many groups
+                elif _constant(later):
+                    if later == 1:
+                        model.add(earlier == 1)
+                elif _constant(earlier):
+                    if earlier == 0:
+                        model.add(later == 0)
+                else:
+                    model.add_implication(later, earlier)
+
+    def _add_group_use(self, exact_k, minimum_groups):
+        """used[p]: the used groups form a prefix (symmetry breaking) and each is non-empty."""
+        model, K = self.model, self.groups
+        if exact_k:
+            used = [1] * K
+        else:
+            used = [1 if p < minimum_groups else model.new_bool_var(f"used_{p}") for p in range(K)]
+            for p in range(K - 1):
+                if not _constant(used[p + 1]) and not _constant(used[p]):
+                    model.add_implication(used[p + 1], used[p])
+            # An unused group p means every node is in a group before p.  (Implied by the
+            # clauses on sinks alone, but stated for every node it tightens the relaxation.)
+            for p in range(1, K):
+                self._check_clock()
+                if _constant(used[p]):
+                    continue
+                for v in range(self.n):
+                    done = self.started[v][p - 1]
+                    if _constant(done):
+                        if done == 0:
+                            model.add(used[p] == 1)
+                    else:
+                        model.add_bool_or([used[p], done])
+        for p in range(K):
+            members = [self.x[v][p] for v in range(self.n) if not _constant(self.x[v][p])]
+            model.add(sum(members) >= used[p])
+        self.used = used
+
+    def _weighted(self, coefficients, p):
+        """Σ coefficients[v]·x[v][p] over the nodes that may be in group p."""
+        terms = [(c, self.x[v][p]) for v, c in enumerate(coefficients) if c and not _constant(self.x[v][p])]
+        return self.cp_model.LinearExpr.weighted_sum([var for _, var in terms], [c for c, _ in terms])
+
+    def _add_capacity_additive(self):
+        """size[p] = Σ (w + a + b)·x[v][p] ≤ C."""
+        table = self.table
+        total = (table.weight + table.activation + table.buffer).tolist()
+        self.sizes = []
+        for p in range(self.groups):
+            self._check_clock()
+            self.sizes.append(self._weighted(total, p))
+            self.model.add(self.sizes[p] <= self.capacity)
+
+    def _live_terms(self, reach):
+        """Per group, the (a_u, live[u][p]) terms of the activations live in it."""
+        model, table, K = self.model, self.table, self.groups
+        activation = table.activation.tolist()
+        successors = [[] for _ in range(self.n)]
+        for u, v in zip(table.sources.tolist(), table.targets.tolist()):
+            successors[u].append(v)
+        live_terms = [[] for _ in range(K)]
+        for u in range(self.n):
+            self._check_clock()
+            if not activation[u]:
+                continue
+            if table.last_use[u] == u:  # no successor: live only in its own group
+                for p in range(K):
+                    if not _constant(self.x[u][p]):
+                        live_terms[p].append((activation[u], self.x[u][p]))
+                continue
+            succ = successors[u]
+            if reach is not None:  # a successor with a later successor below it never decides last(u)
+                succ = [z for z in succ if not any(reach[z, y] for y in succ if y != z)]
+            horizon = max(self.latest[u], *(self.latest[z] for z in succ))
+            for p in range(self.earliest[u], horizon + 1):
+                produced = self.started[u][p]
+                forcing = [gone for gone in (self._before(z, p) for z in [u, *succ])
+                           if not (_constant(gone) and gone == 1)]
+                if not forcing or (_constant(produced) and produced == 0):
+                    continue
+                live = model.new_bool_var(f"live_{u}_{p}")
+                for gone in forcing:
+                    model.add(live >= produced - gone)
+                live_terms[p].append((activation[u], live))
+        return live_terms
+
+    def _add_capacity_liveness(self, scale, reach):
+        """size[p] = Σ w·x + buffer[p] + act[p] ≤ C, act[p] ≥ ⌈f·Σ live activations⌉."""
+        model, table = self.model, self.table
+        numerator, denominator = scale
+        weight, buffer = table.weight.tolist(), table.buffer.tolist()
+        live_terms = self._live_terms(reach)
+        max_buffer = max(buffer) if self.n else 0
+        LinearExpr = self.cp_model.LinearExpr
+        self.sizes = []
+        for p in range(self.groups):
+            self._check_clock()
+            term = self._weighted(weight, p)
+            if max_buffer:
+                largest = model.new_int_var(0, max_buffer, f"buffer_{p}")
+                for v in range(self.n):
+                    if buffer[v] and not _constant(self.x[v][p]):
+                        model.add(largest >= buffer[v] * self.x[v][p])
+                term = term + largest
+            if live_terms[p]:
+                live_sum = LinearExpr.weighted_sum([var for _, var in live_terms[p]], [a for a, _ in live_terms[p]])
+                if (numerator, denominator) == (1, 1):
+                    term = term + live_sum
+                else:
+                    act = model.new_int_var(0, self.capacity, f"act_{p}")
+                    model.add(denominator * act >= numerator * live_sum)
+                    term = term + act
+            self.sizes.append(term)
+            model.add(term <= self.capacity)
+
+    def _add_objective(self, exact_k, minimum_groups, low, high, flops, objective):
+        """Exactly k: minimise the bottleneck (bytes or flops); at most k: minimise the groups used."""
+        model, K = self.model, self.groups
+        self.bottleneck = None
+        if not exact_k:
+            model.add(sum(self.used) >= minimum_groups)
+            if objective:
+                model.minimize(sum(self.used))
+            return
+        if flops is not None:
+            top = int(sum(flops)) if high is None else high
+            self.bottleneck = model.new_int_var(min(low, top), top, "bottleneck_flops")
+            loads = [self._weighted(flops, p) for p in range(K)]
+        else:
+            top = self.capacity if high is None else high
+            self.bottleneck = model.new_int_var(min(low, top), top, "bottleneck")
+            loads = self.sizes
+        for load in loads:
+            model.add(load <= self.bottleneck)
+        if objective:
+            model.minimize(self.bottleneck)
+
+    # -- hints and solving ----------------------------------------------------------------------
+    def hint(self, part):
+        """Hint a complete assignment from a group index per node (positions)."""
+        model = self.model
+        for v in range(self.n):
+            for p in range(self.groups):
+                var = self.started[v][p]
+                if not _constant(var):
+                    model.add_hint(var, 1 if part[v] <= p else 0)
+                var = self.x[v][p]
+                if not _constant(var):
+                    model.add_hint(var, 1 if part[v] == p else 0)
+        top = max(part) if len(part) else -1
+        for p, var in enumerate(self.used):
+            if not _constant(var):
+                model.add_hint(var, 1 if p <= top else 0)
+
+    def solve(self, time_limit_s, workers, seed, parameters=SEARCH):
+        """Solve in a contained child (`run_contained`); a dict of status, objective, bound, part."""
+        time_limit_s = max(time_limit_s, 0.001)
+        return run_contained(lambda: self._solve_here(time_limit_s, workers, seed, parameters), time_limit_s)
+
+    def _solve_here(self, time_limit_s, workers, seed, parameters):
+        cp_model = self.cp_model
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = time_limit_s
+        solver.parameters.num_workers = workers
+        solver.parameters.random_seed = seed
+        if workers > 1:
+            # Deterministic parallel search: the default portfolio shares
+            # solutions between threads as they come, which depends on timing.
+            solver.parameters.interleave_search = True
+        for name, value in parameters.items():
+            setattr(solver.parameters, name, value)
+        code = solver.solve(self.model)
+        status = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
+                  cp_model.INFEASIBLE: "INFEASIBLE", cp_model.MODEL_INVALID: "MODEL_INVALID"}.get(code, "UNKNOWN")
+        result = {"status": status, "wall_s": solver.wall_time, "branches": solver.num_branches,
+                  "conflicts": solver.num_conflicts}
+        if status in ("OPTIMAL", "FEASIBLE"):
+            result["objective"] = int(round(solver.objective_value))
+            result["bound"] = int(np.ceil(solver.best_objective_bound - 1e-9))
+            part = []
+            for row in self.started:
+                part.append(next(p for p in range(self.groups)
+                                 if (row[p] if _constant(row[p]) else solver.value(row[p]))))
+            result["part"] = part
+        return result
