@@ -12,11 +12,11 @@ import click
 
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
 from .errors import InputError
+from .executor.schedules import SCHEDULES
 
 __all__ = ["run"]
 
-_SCHEDULE_CHOICES = ("all", "partition-major", "token-major", "batched", "eager", "partition-major-fused",
-                     "partition-major-replay")
+_SCHEDULE_CHOICES = ("all", *SCHEDULES)
 
 
 def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granularity, chunk_tokens,

@@ -11,18 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..result import write_text_atomic
+from .schedules import BASELINES, SCHEDULES
 
 __all__ = ["ScheduleResult", "GroupReport", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT"]
 
 RESULT_FORMAT = "cachefit.run"
-
-#: Schedule names accepted by `cachefit.executor.run` (``"all"`` runs each that applies).
-SCHEDULES = ("partition-major", "token-major", "batched", "eager", "partition-major-fused",
-             "partition-major-replay")
-
-#: The baselines every schedule is compared with.
-BASELINES = ("token-major", "batched", "eager")
-
 
 @dataclass(frozen=True)
 class ScheduleResult:
