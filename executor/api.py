@@ -10,12 +10,12 @@ import torch
 
 from ..errors import InputError
 from ..units import DTYPE_BYTES
-from .fingerprint import check_plan_groups, graph_fingerprint
+from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
 from .results import GroupReport, RunResult, ScheduleResult
 from .runner import check_chunks, compare_outputs, make_runners, make_schedule, measure_group_memory
 from .schedules import BASELINES, SCHEDULE_TABLE, SCHEDULES
-from .verify import plan_graph, verify_module_bytes, verify_plan
+from .verify import verify_module_bytes, verify_plan
 
 __all__ = ["run", "resolve_schedules"]
 
@@ -69,11 +69,7 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
     if model is None:
         return build(plan.graph, plan, seed=seed, dtype=dtype, device=device), groups
     if isinstance(model, BuiltModel):
-        planned = graph_fingerprint(plan.graph)
-        if planned != model.fingerprint:
-            raise InputError(f"`plan` does not match `model`: the plan's graph (fingerprint {planned[:12]}) "
-                             f"is not the graph the model was built from ({model.fingerprint[:12]}); node "
-                             "ids, shapes or byte counts differ")
+        check_same_graph(plan, model.fingerprint, "`model`")
         if device is not None and torch.device(device).type != model.device.type:
             raise InputError(f"`device` {str(device)!r} differs from the model's device "
                              f"{str(model.device)!r}; build the model on the device to run on")

@@ -24,35 +24,17 @@ from __future__ import annotations
 import logging
 
 from ..errors import InputError
-from ..memory import LayerTable
 from ..units import DTYPE_BYTES
+from .fingerprint import plan_graph
 
-__all__ = ["PlanRejected", "plan_graph", "verify_plan", "verify_module_bytes", "module_weight_bytes"]
+__all__ = ["PlanRejected", "plan_graph", "verify_plan", "verify_module_bytes", "verify_execution",
+           "module_weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
 
 class PlanRejected(InputError):
     """A plan that `cachefit.check` rejects, or whose node modules disagree with its byte counts."""
-
-
-def plan_graph(plan):
-    """The networkx graph `plan` carries (a `LayerTable` converted); InputError when it carries none.
-
-    Examples
-    --------
-    >>> import cachefit
-    >>> plan = cachefit.plan(cachefit.graphs.from_layers([10, 20]), 40, solver="greedy")
-    >>> sorted(plan_graph(plan))
-    ['0', '1']
-    """
-    graph = getattr(plan, "graph", None)
-    if isinstance(graph, LayerTable):
-        graph = graph.to_graph()
-    if graph is None:
-        raise InputError("`plan` carries no graph; the executor needs the graph the plan was made for "
-                         "(read the plan from its JSON file, Plan.from_json)")
-    return graph
 
 
 def verify_plan(plan):
@@ -171,3 +153,15 @@ def verify_module_bytes(graph):
                 f"node {node!r}: its module's parameters take {module_bytes:,} B (shapes × {dtype}), the plan "
                 f"counts {planned:,} B of weight_bytes; the node's shape attributes and byte counts disagree, "
                 "so the plan's sizes are not the model's")
+
+
+def verify_execution(plan):
+    """Both checks, in order: `verify_plan`, then `verify_module_bytes` of the plan's graph.
+
+    Raises
+    ------
+    PlanRejected
+        The first check that fails, in one line.
+    """
+    verify_plan(plan)
+    verify_module_bytes(plan_graph(plan))
