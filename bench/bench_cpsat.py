@@ -7,11 +7,11 @@ Targets (issue 3): the additive model solved to OPTIMAL at n = 500 within
 largest n (from a doubling-then-bisecting search over n, one random DAG per
 size and seed) proved optimal within 60 s.
 
-A random layered DAG: nodes in layers of 2 to 6, each node fed by 1 to 3
-nodes of the previous layer plus an occasional skip edge from an earlier
-layer (as in residual networks); weights 1..1000 KiB, activations
-1..200 KiB, buffers 0..100 KiB (all whole bytes), capacity such that about
-`--nodes-per-group` nodes (default ten) fit a group.  The smaller the groups
+A random layered DAG: the ``dag-layered`` family of
+`cachefit.instances.families` (layers of width 1 to 8, each node fed by 1 to
+3 nodes of the previous layer plus an occasional skip edge from an earlier
+layer, as in residual networks; log-normal byte counts), with a capacity
+such that about `--nodes-per-group` nodes (default ten) fit a group.  The smaller the groups
 relative to the nodes, the closer the instance is to tight bin packing and
 the harder the proof.  "OPTIMAL" below means the plan's k is proved
 minimal; the bottleneck is proved too when ``bottleneck_optimal`` is true.
@@ -23,48 +23,30 @@ import argparse
 import statistics
 import time
 
-import networkx as nx
-import numpy as np
-
 from ..checker import check
+from ..instances.families import generate
 from ..solvers.cpsat import cpsat
+from ..machine import machine_line
 from ..solvers.greedy import greedy
-from cachefit.machine import machine_line
-
-KIB = 1024
 
 
-def layered_dag(n, seed=0, *, nodes_per_group=10):
-    """A random layered DAG of `n` nodes and a capacity that fits about `nodes_per_group` of them.
+def layered_dag(n, seed=0, *, nodes_per_group=10, memory="liveness"):
+    """The ``dag-layered`` instance of `cachefit.instances.families` and a capacity for about
+    `nodes_per_group` nodes per group.
 
+    The capacity is the larger of ``nodes_per_group × total / n`` (total:
+    Σ weight + activation + buffer) and the family's ``"tight"`` capacity under
+    `memory` (which is at least the largest node alone, so a plan exists).
     Returns (graph, capacity_bytes).
     """
-    rng = np.random.default_rng(seed)
-    graph = nx.DiGraph(name=f"layered-{n}-{seed}")
-    layers, index = [], 0
-    while index < n:
-        width = int(min(rng.integers(2, 7), n - index))
-        layers.append(list(range(index, index + width)))
-        index += width
-    for v in range(n):
-        graph.add_node(str(v), weight_bytes=int(rng.integers(1, 1000)) * KIB,
-                       activation_bytes=int(rng.integers(1, 200)) * KIB,
-                       buffer_bytes=int(rng.integers(0, 100)) * KIB)
-    for depth in range(1, len(layers)):
-        for v in layers[depth]:
-            feeders = rng.choice(layers[depth - 1], size=min(len(layers[depth - 1]), int(rng.integers(1, 4))),
-                                 replace=False)
-            for u in feeders:
-                graph.add_edge(str(u), str(v))
-            if depth >= 2 and rng.random() < 0.2:
-                source = layers[int(rng.integers(0, depth - 1))]
-                graph.add_edge(str(int(rng.choice(source))), str(v))
-    mean = (500 + 100 + 50) * KIB
-    return graph, int(nodes_per_group * mean)
+    graph, tight = generate("dag-layered", n, seed=seed, capacity="tight", memory=memory)
+    total = sum(attrs["weight_bytes"] + attrs["activation_bytes"] + attrs["buffer_bytes"]
+                for _, attrs in graph.nodes(data=True))
+    return graph, max(tight, nodes_per_group * total // n)
 
 
 def run_one(n, memory, seed, time_limit_s, workers, nodes_per_group=10):
-    graph, capacity = layered_dag(n, seed, nodes_per_group=nodes_per_group)
+    graph, capacity = layered_dag(n, seed, nodes_per_group=nodes_per_group, memory=memory)
     started = time.perf_counter()
     plan = cpsat(graph, capacity, memory=memory, time_limit_s=time_limit_s, seed=seed, workers=workers)
     wall = time.perf_counter() - started

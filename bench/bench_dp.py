@@ -30,17 +30,8 @@ import numpy as np
 from ..memory import Intervals, LayerTable
 from ..solvers.dp import dp
 from ..solvers.greedy import greedy_bounds
-from cachefit.machine import machine_line
-
-
-def median_seconds(function, repeats):
-    times = []
-    result = None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result
+from ..machine import machine_line
+from .timing import median_seconds
 
 
 def certified_minimal(table, plan, memory, fraction):

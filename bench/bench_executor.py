@@ -40,7 +40,7 @@ import time
 from ..memory import Intervals, as_table
 from ..result import write_text_atomic
 from ..units import format_bytes
-from cachefit.machine import machine_line
+from ..machine import machine_line
 
 __all__ = ["main", "CASES", "plan_case", "targets"]
 

@@ -12,24 +12,14 @@ a 10⁶-node DiGraph takes seconds and is not the solver's work).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
 from ..checker import check
 from ..memory import Intervals, LayerTable
 from ..solvers.greedy import greedy, greedy_bounds
-from cachefit.machine import machine_line
-
-
-def median_seconds(function, repeats):
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from ..machine import machine_line
+from .timing import median_seconds
 
 
 def main(argv=None):
@@ -47,8 +37,8 @@ def main(argv=None):
           f"median of {args.repeats}; machine: {machine_line()}")
     for memory in ("additive", "liveness"):
         intervals = Intervals(table, memory)
-        cut = median_seconds(lambda: greedy_bounds(intervals, args.capacity), args.repeats)
-        whole = median_seconds(lambda: greedy(table, args.capacity, memory=memory), args.repeats)
+        cut, _ = median_seconds(lambda: greedy_bounds(intervals, args.capacity), args.repeats)
+        whole, _ = median_seconds(lambda: greedy(table, args.capacity, memory=memory), args.repeats)
         plan = greedy(table, args.capacity, memory=memory)
         verdict = "checked ok" if args.n > 200_000 or check(plan).ok else "CHECK FAILED"
         print(f"  {memory:9s} k={plan.k:6d} (lower bound {plan.lower_bound}, {plan.status}): "

@@ -34,6 +34,8 @@ from cachefit.machine import MACHINE_FIELDS as _BASE_FIELDS
 from cachefit.machine import machine_info as _base_machine_info
 from cachefit.machine import package_version as _version
 
+from .timing import has_plan
+
 __all__ = ["RESULTS_FORMAT", "RESULTS_VERSION", "MACHINE_FIELDS", "RUN_FIELDS", "machine_info", "results_document",
            "validate_results", "scaling_exponents", "headline_rows", "markdown", "write_plots", "write_report",
            "rewrite_report"]
@@ -191,10 +193,6 @@ def validate_results(document):
 
 # -- analysis -----------------------------------------------------------------------------------
 
-def _has_plan(run):
-    return run["status"] in ("OPTIMAL", "FEASIBLE") and bool(run["k"])
-
-
 def _class_of(run):
     if run["family"].startswith("chain"):
         return "chain"
@@ -244,7 +242,7 @@ def scaling_exponents(runs, *, min_n=100):
             if not group:
                 continue
             points = [(math.log(run["n"]), math.log(max(run["wall_s"], 1e-9)))
-                      for run in group if _has_plan(run) and run["wall_s"] is not None]
+                      for run in group if has_plan(run) and run["wall_s"] is not None]
             excluded = len(group) - len(points)
             xs = sorted({x for x, _ in points})
             exponent = None
@@ -277,7 +275,7 @@ def _cell(runs):
     """One headline cell: median time, worst ratios, and what went wrong."""
     if not runs:
         return "-"
-    with_plan = [run for run in runs if _has_plan(run)]
+    with_plan = [run for run in runs if has_plan(run)]
     parts = []
     if with_plan:
         parts.append(_format_time(statistics.median(run["wall_s"] for run in with_plan)))
@@ -296,7 +294,7 @@ def _cell(runs):
             parts.append(f"{bad}/{len(with_plan)} fail check")
     others = {}
     for run in runs:
-        if not _has_plan(run):
+        if not has_plan(run):
             label = "skipped" if run["status"] == "skipped" else run["status"]
             others[label] = others.get(label, 0) + 1
     parts += [f"{label} ×{count}" for label, count in sorted(others.items())]
@@ -429,7 +427,7 @@ def markdown(document, *, plots=None, plot_note="", command=None):
         lines += [_md_table(["instance", "solver", "status", "reason"],
                             [[run["instance"], run["solver"], run["status"],
                               (run["reason"] or "; ".join(run["violations"]))[:200]] for run in failures]), ""]
-    peer_runs = [run for run in runs if run["kind"] == "peer" and _has_plan(run)]
+    peer_runs = [run for run in runs if run["kind"] == "peer" and has_plan(run)]
     if peer_runs:
         over = sum(1 for run in peer_runs if run["check_ok"] is False)
         lines += [f"Peer plans that fail `cachefit.check` (a group over the capacity they were not told): "
@@ -466,7 +464,7 @@ def write_plots(document, out_dir):
         for solver in solvers:
             points = {}
             for run in runs:
-                if run["solver"] == solver and _class_of(run) == klass and _has_plan(run) and run["wall_s"]:
+                if run["solver"] == solver and _class_of(run) == klass and has_plan(run) and run["wall_s"]:
                     # random DAG and torch-module sizes differ slightly from the n asked for: pool by it
                     n = run["n_requested"] if klass == "dag" else run["n"]
                     points.setdefault(n, []).append(run["wall_s"])
@@ -521,7 +519,7 @@ def write_plots(document, out_dir):
     markers = "osD^vx+*"
     for index, solver in enumerate(solvers):
         points = [(run["best_lower_bound"], run["k"]) for run in runs
-                  if run["solver"] == solver and run["task"] == "min-k" and _has_plan(run)
+                  if run["solver"] == solver and run["task"] == "min-k" and has_plan(run)
                   and run["best_lower_bound"]]
         if points:
             largest = max(largest, max(max(point) for point in points))

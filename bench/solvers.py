@@ -60,6 +60,8 @@ from cachefit.errors import InputError
 from cachefit.instances.families import CAPACITY_MODES, FAMILIES, available, generate
 from cachefit.memory import LayerTable
 
+from .timing import has_plan
+
 __all__ = ["InstanceSpec", "QUICK_SIZES", "FULL_SIZES", "RUNNER_STATUSES", "instance_specs", "select_solvers",
            "load_solver", "run_benchmark", "add_quality"]
 
@@ -400,10 +402,6 @@ def _fill(record, outcome):
     return record
 
 
-def _has_plan(record):
-    return record["status"] in ("OPTIMAL", "FEASIBLE") and record["k"]
-
-
 def add_quality(runs):
     """Fill ``best_*``, ``k_ratio`` and ``bottleneck_ratio`` of every run, per instance.
 
@@ -422,7 +420,7 @@ def add_quality(runs):
     for group in by_instance.values():
         for run in group:
             run["k_ratio"] = run["bottleneck_ratio"] = None
-        checked = [run for run in group if run["task"] == "min-k" and _has_plan(run) and run["check_ok"]]
+        checked = [run for run in group if run["task"] == "min-k" and has_plan(run) and run["check_ok"]]
         bounds = [run["lower_bound"] for run in group
                   if run["task"] == "min-k" and run["lower_bound"] is not None and run["check_ok"]]
         best_k = min((run["k"] for run in checked), default=None)
@@ -430,7 +428,7 @@ def add_quality(runs):
         best_lower = max(bounds, default=None)
         for run in group:
             run["best_k"], run["best_lower_bound"], run["best_bottleneck"] = best_k, best_lower, best_bottleneck
-            if not _has_plan(run) or best_k is None or (run["task"] == "min-k" and not run["check_ok"]):
+            if not has_plan(run) or best_k is None or (run["task"] == "min-k" and not run["check_ok"]):
                 continue
             if run["task"] == "min-k":
                 run["k_ratio"] = run["k"] / best_k
@@ -598,8 +596,8 @@ def _run_peers(spec, info, table, capacity, check_graph, instance_runs, peers, t
             progress.advance(task, len(peers))
         return []
     records = []
-    dp_runs = [run for run in instance_runs if run["solver"] == "dp" and _has_plan(run) and run["check_ok"]]
-    checked = [run for run in instance_runs if _has_plan(run) and run["check_ok"]]
+    dp_runs = [run for run in instance_runs if run["solver"] == "dp" and has_plan(run) and run["check_ok"]]
+    checked = [run for run in instance_runs if has_plan(run) and run["check_ok"]]
     if dp_runs:
         k, k_source = dp_runs[0]["k"], "dp"
     elif checked:

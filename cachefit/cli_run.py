@@ -9,19 +9,49 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.markup import escape
 
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
 from .errors import InputError
+from .executor.schedules import SCHEDULES
 
-__all__ = ["run"]
+__all__ = ["run", "exit_if_rejected"]
 
-_SCHEDULE_CHOICES = ("all", "partition-major", "token-major", "batched", "eager", "partition-major-fused",
-                     "partition-major-replay")
+_SCHEDULE_CHOICES = ("all", *SCHEDULES)
+
+
+def _read_json(path):
+    """The parsed JSON of `path`, or None when it is not JSON (then it is a model file for `load_model`)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def exit_if_rejected(plan):
+    """Exit 1 with one line when the executor would refuse `plan` (`cachefit.executor.verify`).
+
+    As ``cachefit check``: a plan with violations is exit 1 (a file that is
+    not a plan is exit 2, from `Plan.from_json`).  Nothing is allocated.
+    """
+    from .executor.verify import PlanRejected, verify_execution
+
+    try:
+        verify_execution(plan)
+    except PlanRejected as exc:
+        error_console.print(f"[bold red]plan rejected:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
 
 
 def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granularity, chunk_tokens,
                micro_batches, tile=False):
-    """A plan file as it is, or MODEL planned for `capacity` at the run's chunk fraction."""
+    """A plan file as it is, or MODEL planned for `capacity` at the run's chunk fraction.
+
+    A plan file is a JSON object whose ``"format"`` is ``"cachefit.plan"``,
+    wherever the key stands in the file; anything else is a model.
+    """
     from pathlib import Path
 
     from .api import plan as make_plan
@@ -30,15 +60,11 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
     from .result import PLAN_FORMAT, Plan
 
     path = Path(spec)
-    if path.is_file():
-        try:
-            head = path.read_text()[:4096]
-        except (OSError, UnicodeDecodeError):
-            head = ""
-        if f'"{PLAN_FORMAT}"' in head:
-            if capacity is not None:
-                raise InputError("`--capacity` applies to a MODEL; a plan file already has its capacity")
-            return Plan.from_json(path)
+    data = _read_json(path) if path.is_file() and path.suffix != ".onnx" else None
+    if isinstance(data, dict) and data.get("format") == PLAN_FORMAT:
+        if capacity is not None:
+            raise InputError("`--capacity` applies to a MODEL; a plan file already has its capacity")
+        return Plan.from_dict(data)
     graph = load_model(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
     tokens = int(graph.graph.get("batch", 1)) * int(graph.graph.get("seq_len", 1))
     if chunk_tokens is not None:
@@ -86,9 +112,11 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
         batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed):
     """Run MODEL (a plan file, or a model to plan first) group by group and time it against its baselines.
 
-    Every schedule's output is checked against the unpartitioned model's.
-    Exit codes: 0 all outputs equivalent, 1 no plan or an output differs,
-    2 bad input.
+    The plan is checked first (cachefit check, then every node's module
+    bytes against its planned weight bytes; nothing is allocated before),
+    and every schedule's output against the unpartitioned model's.  Exit
+    codes: 0 all outputs equivalent, 1 no plan, a plan the checks reject or
+    an output differs, 2 bad input.
     """
     try:
         import torch  # noqa: F401
@@ -104,6 +132,7 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     if not plan.ok:
         error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)
+    exit_if_rejected(plan)
     console.print(f"plan: {plan.k} group(s) ({plan.solver}, {plan.status}) within "
                   f"{format_bytes(plan.capacity)}; running on {device}", highlight=False)
     result = execute(plan, device=device, chunk_tokens=chunk_tokens, micro_batches=micro_batches,

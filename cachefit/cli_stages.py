@@ -144,21 +144,26 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
     Started plainly, it spawns one process per stage on this machine
     (127.0.0.1).  Started by torchrun (RANK and WORLD_SIZE set, one process
     per stage, any number of nodes), each process runs its own stage and the
-    last one reports.  Exit codes: 0 the output equals the single-process
-    model's, 1 it differs or the run failed, 2 bad input.
+    last one reports.  The plan is checked first (cachefit check, then every
+    node's module bytes against its planned weight bytes).  Exit codes: 0
+    the output equals the single-process model's, 1 it differs, the run
+    failed or the checks reject the plan, 2 bad input.  The stage processes
+    end with this one, however it ends.
     """
     try:
         import torch  # noqa: F401
     except ImportError:
         raise InputError("`cachefit pipeline` needs PyTorch: pip install 'cachefit[torch]'") from None
-    from .executor.pipeline import run_pipeline
+    from .cli_run import exit_if_rejected
+    from .executor.pipeline import run_pipeline, under_torchrun
     from .result import Plan
 
     plan = Plan.from_json(plan_file)
     if not plan.ok:
         error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)
-    torchrun = all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    exit_if_rejected(plan)
+    torchrun = under_torchrun()
     last = not torchrun or int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
     name = plan.graph.graph.get("name", plan_file)
     if last:

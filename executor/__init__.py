@@ -1,4 +1,4 @@
-"""Run a plan with PyTorch: group by group, chunk by chunk (DESIGN.md §8); extra ``torch``.
+"""Run a plan with PyTorch: group by group, chunk by chunk (docs/executor.md); extra ``torch``.
 
 `build` materialises a graph as PyTorch modules with seeded random weights of
 the graph's exact shapes; `run` executes a plan's groups over the chunks of
@@ -26,17 +26,20 @@ from __future__ import annotations
 import importlib
 
 from .fingerprint import check_plan_groups, graph_fingerprint
-from .results import BASELINES, SCHEDULES, GroupReport, RunResult, ScheduleResult
+from .verify import PlanRejected, verify_execution, verify_module_bytes, verify_plan
+from .results import BASELINES, SCHEDULES, GroupReport, PipelineResult, RunResult, ScheduleResult, StageReport
+from .schedules import SCHEDULE_TABLE, ScheduleSpec
 from .stack import linear_stack
 
 __all__ = ["build", "run", "BuiltModel", "GroupRunner", "RunResult", "ScheduleResult", "GroupReport",
            "graph_fingerprint", "check_plan_groups", "linear_stack", "render", "SCHEDULES", "BASELINES",
-           "split_spec", "run_pipeline", "pipeline_module", "StepsModule", "PipelineResult"]
+           "split_spec", "run_pipeline", "pipeline_module", "StepsModule", "PipelineResult", "StageReport",
+           "SCHEDULE_TABLE", "ScheduleSpec", "PlanRejected", "verify_plan", "verify_module_bytes",
+           "verify_execution"]
 
 # name -> submodule that defines it (imported on first use: these import torch or rich)
 _LAZY = {"build": "model", "BuiltModel": "model", "run": "api", "GroupRunner": "runner", "render": "report",
-         "split_spec": "pipeline", "run_pipeline": "pipeline", "pipeline_module": "pipeline",
-         "StepsModule": "pipeline", "PipelineResult": "pipeline"}
+         "split_spec": "split", "run_pipeline": "pipeline", "pipeline_module": "split", "StepsModule": "split"}
 
 
 def __getattr__(name):

@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
 from ..units import DTYPE_BYTES
-from .fingerprint import check_plan_groups, graph_fingerprint
+from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
-from .results import BASELINES, SCHEDULES, GroupReport, RunResult, ScheduleResult
-from .runner import (CpuSchedule, EagerSchedule, GraphSchedule, ReplaySchedule, check_chunks, compare_outputs,
-                     make_runners, measure_group_memory)
+from .results import GroupReport, RunResult, ScheduleResult
+from .runner import check_chunks, compare_outputs, make_runners, make_schedule, measure_group_memory
+from .schedules import BASELINES, SCHEDULE_TABLE, SCHEDULES
+from .verify import verify_module_bytes, verify_plan
 
 __all__ = ["run", "resolve_schedules"]
 
 logger = logging.getLogger(__name__)
 
-_ORDER = ("eager", "batched", "token-major", "partition-major", "partition-major-fused", "partition-major-replay")
-_CUDA_ONLY = ("partition-major-fused", "partition-major-replay")
-_L2_SCHEDULES = ("partition-major", "partition-major-replay")  # one group per graph: a window per graph
-
-
 def resolve_schedules(schedule, device):
     """The schedule names `schedule` stands for, in the order they run.
 
-    ``"all"`` is every schedule of `SCHEDULES` that applies: on the CPU
-    ``partition-major-fused`` and ``partition-major-replay`` are left out
-    (without graphs they are partition-major).  A list or tuple of names is accepted too.
+    ``"all"`` is every schedule of `SCHEDULE_TABLE` that applies: on the CPU
+    the ``cuda_only`` ones (``partition-major-fused`` and
+    ``partition-major-replay``) are left out (without graphs they are
+    partition-major).  A list or tuple of names is accepted too.
 
     Examples
     --------
@@ -39,13 +38,13 @@ def resolve_schedules(schedule, device):
     """
     device = torch.device(device)
     if schedule == "all":
-        names = [name for name in _ORDER if device.type == "cuda" or name not in _CUDA_ONLY]
+        names = [name for name, spec in SCHEDULE_TABLE.items() if device.type == "cuda" or not spec.cuda_only]
     else:
         names = [schedule] if isinstance(schedule, str) else list(schedule)
         for name in names:
             if name not in SCHEDULES:
                 raise InputError(f"`schedule` must be 'all' or one of {', '.join(SCHEDULES)}, got {name!r}")
-        names = [name for name in _ORDER if name in names]
+        names = [name for name in SCHEDULE_TABLE if name in names]
     return names
 
 
@@ -70,11 +69,7 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
     if model is None:
         return build(plan.graph, plan, seed=seed, dtype=dtype, device=device), groups
     if isinstance(model, BuiltModel):
-        planned = graph_fingerprint(plan.graph)
-        if planned != model.fingerprint:
-            raise InputError(f"`plan` does not match `model`: the plan's graph (fingerprint {planned[:12]}) "
-                             f"is not the graph the model was built from ({model.fingerprint[:12]}); node "
-                             "ids, shapes or byte counts differ")
+        check_same_graph(plan, model.fingerprint, "`model`")
         if device is not None and torch.device(device).type != model.device.type:
             raise InputError(f"`device` {str(device)!r} differs from the model's device "
                              f"{str(model.device)!r}; build the model on the device to run on")
@@ -88,7 +83,7 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
 
 def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         schedule="partition-major", l2_persist=False, seed=0, dtype=None, warmup=None, iters=None,
-        example_inputs=None):
+        example_inputs=None, progress=None):
     """Run `plan` group by group over the chunks of one pass, check it and time it.
 
     Parameters
@@ -126,6 +121,8 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         5 and 20 on CUDA).
     example_inputs : torch.Tensor or tuple, optional
         The whole pass's inputs for a ``torch.nn.Module`` model.
+    progress : callable, optional
+        Called with each `ScheduleResult` as soon as its schedule has run.
 
     Returns
     -------
@@ -138,6 +135,11 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
 
     Raises
     ------
+    PlanRejected
+        `cachefit.check` rejects the plan, or a node's module would hold
+        other than its planned ``weight_bytes`` (computed on the meta device;
+        both checked before anything is allocated, see
+        `cachefit.executor.verify`).
     InputError
         The plan has no groups or does not run in order, the model was built
         from another graph (checked before anything runs), the chunking does
@@ -160,7 +162,35 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     >>> [s.name for s in result.schedules], result.equivalent, p.k
     (['eager', 'batched', 'token-major', 'partition-major'], True, 3)
     """
-    groups = check_plan_groups(plan)
+    device = _check_arguments(device, warmup, iters, schedule)
+    groups = _verified_groups(plan, model)
+    if device is None and not isinstance(model, BuiltModel):
+        device = torch.device("cpu")
+    model, groups = _resolve_model(plan, model, groups, device=device, dtype=dtype, seed=seed,
+                                   example_inputs=example_inputs)
+    chunk_tokens, micro_batches = check_chunks(model, chunk_tokens, micro_batches)
+    on_cuda = _is_cuda(model.device)
+    setup = _RunSetup.make(plan, model, groups, chunk_tokens, micro_batches, on_cuda=on_cuda,
+                           warmup=(5 if on_cuda else 2) if warmup is None else warmup,
+                           iters=(20 if on_cuda else 10) if iters is None else iters)
+    notes = _notes(plan, setup, l2_persist)
+    with torch.no_grad():
+        reference = {name: tensor.clone() for name, tensor in model.reference().items()}
+    l2 = _L2Record(requested=bool(l2_persist) and on_cuda)
+    results = []
+    for name in resolve_schedules(schedule, "cuda" if on_cuda else "cpu"):
+        result = _run_schedule(name, setup, reference, l2)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    l2_info = l2.to_dict(bool(l2_persist))
+    if l2.statuses and not l2_info.get("available"):
+        notes.append(f"L2 persistence {l2.statuses[-1]}")
+    return _assemble(plan, setup, tuple(results), l2_info, notes)
+
+
+def _check_arguments(device, warmup, iters, schedule):
+    """The `device` as a torch.device (or None), after checking the plain arguments of `run`."""
     if device is not None:
         try:
             device = torch.device(device)
@@ -173,27 +203,66 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
                                   or value < (0 if name == "warmup" else 1)):
             raise InputError(f"`{name}` must be an integer >= {0 if name == 'warmup' else 1}, got {value!r}")
     resolve_schedules(schedule, "cpu")  # bad names are refused before anything is built
-    if device is None and not isinstance(model, BuiltModel):
-        device = torch.device("cpu")
-    model, groups = _resolve_model(plan, model, groups, device=device, dtype=dtype, seed=seed,
-                                   example_inputs=example_inputs)
-    device = model.device
-    chunk_tokens, micro_batches = check_chunks(model, chunk_tokens, micro_batches)
-    on_cuda = _is_cuda(device)
-    names = resolve_schedules(schedule, "cuda" if on_cuda else "cpu")
-    warmup = (5 if on_cuda else 2) if warmup is None else warmup
-    iters = (20 if on_cuda else 10) if iters is None else iters
+    return device
 
-    if model.packed_for != tuple(tuple(group) for group in groups):
-        pack_group_weights(model, groups)
-    spans = [(buffer.data_ptr(), buffer.numel()) for buffer in model.group_buffers]
-    weight_by_group = _group_weight_bytes(model, groups)
-    runners = make_runners(model, groups)
-    notes = []
-    run_fraction = chunk_tokens / model.tokens
+
+def _verified_groups(plan, model):
+    """The plan's groups, after `cachefit.check` and (for a graph the executor builds) the module bytes."""
+    groups = check_plan_groups(plan)
+    verify_plan(plan)
+    if not isinstance(model, torch.nn.Module):  # the user's own module runs as it is
+        verify_module_bytes(plan_graph(plan))
+    return groups
+
+
+@dataclass
+class _RunSetup:
+    """What every schedule of one `run` shares."""
+
+    model: BuiltModel
+    groups: list
+    runners: list
+    spans: list
+    weight_by_group: list
+    measured: list
+    chunk_tokens: int
+    micro_batches: int
+    on_cuda: bool
+    warmup: int
+    iters: int
+    bandwidth: float
+    bandwidth_method: str
+
+    @classmethod
+    def make(cls, plan, model, groups, chunk_tokens, micro_batches, *, on_cuda, warmup, iters):
+        """Pack each group's weights, make the runners, measure bandwidth and (CUDA) group memory."""
+        from .cuda import copy_bandwidth
+
+        if model.packed_for != tuple(tuple(group) for group in groups):
+            pack_group_weights(model, groups)
+        weight_by_group = _group_weight_bytes(model, groups)
+        runners = make_runners(model, groups)
+        bandwidth, method = copy_bandwidth(model.device)
+        measured = [None] * len(groups)
+        if on_cuda:
+            measured = measure_group_memory(model, runners, chunk_tokens, micro_batches, weight_by_group)
+        spans = [(buffer.data_ptr(), buffer.numel()) for buffer in model.group_buffers]
+        return cls(model, groups, runners, spans, weight_by_group, measured, chunk_tokens, micro_batches,
+                   on_cuda, warmup, iters, bandwidth, method)
+
+    @property
+    def floor_ms(self):
+        """The HBM floor: every weight read once at the measured copy bandwidth, ms."""
+        return self.model.weight_bytes() / self.bandwidth * 1e3
+
+
+def _notes(plan, setup, l2_persist):
+    """What the reader of the result should know about this run (a list of sentences)."""
+    model, notes = setup.model, []
+    run_fraction = setup.chunk_tokens / model.tokens
     if plan.memory == "liveness" and abs(plan.chunk_fraction - run_fraction) > 1e-12:
         notes.append(f"the plan was made for chunk fraction {plan.chunk_fraction:g}, this run streams "
-                     f"chunks of {chunk_tokens} of {model.tokens} tokens ({run_fraction:g}): planned sizes "
+                     f"chunks of {setup.chunk_tokens} of {model.tokens} tokens ({run_fraction:g}): planned sizes "
                      "assume the plan's fraction")
     graph_dtype = str(model.graph.graph.get("dtype", "")).lower()
     element = torch.empty((), dtype=model.dtype).element_size()
@@ -203,101 +272,118 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
                      "with that in mind")
     if any(model.graph.nodes[v].get("op") == "expert" for v in model.graph):
         notes.append("mixture of experts run densely (every expert on every token, weighted by the router): "
-                      "exact output, but experts / experts_per_token times the routed expert work")
-
-    from .cuda import L2Persistence, copy_bandwidth
-    bandwidth, bandwidth_method = copy_bandwidth(device)
-    total_weight = model.weight_bytes()
-    floor_ms = total_weight / bandwidth * 1e3
-
-    measured = [None] * len(groups)
-    if on_cuda:
-        measured = measure_group_memory(model, runners, chunk_tokens, micro_batches, weight_by_group)
-
-    with torch.no_grad():
-        reference = {name: tensor.clone() for name, tensor in model.reference().items()}
-
-    l2_info = {"requested": bool(l2_persist)}
-    if l2_persist and not on_cuda:
+                     "exact output, but experts / experts_per_token times the routed expert work")
+    if l2_persist and not setup.on_cuda:
         notes.append("--l2-persist applies to CUDA only; ignored on the CPU")
-    l2_windows_total, l2_statuses = 0, []
-    results = []
-    for name in names:
-        if name == "eager":
-            job = EagerSchedule(model)
-        elif on_cuda and name == "partition-major-replay":
-            job = ReplaySchedule(name, model, runners, chunk_tokens, micro_batches)
-        elif on_cuda:
-            job = GraphSchedule(name, model, runners, chunk_tokens, micro_batches)
-        else:
-            job = CpuSchedule(name, model, runners, chunk_tokens, micro_batches)
-        # The set-aside and the windows exist only around the schedules whose graphs carry them.
-        persistence = None
-        if l2_persist and on_cuda and name in _L2_SCHEDULES:
-            persistence = L2Persistence(device).__enter__()
-        try:
-            usable = persistence is not None and persistence.available
-            windows = job.prepare(l2=persistence if usable else None, spans=spans if usable else None)
-            timing = job.time(warmup, iters)
-            outputs = job.outputs()
-            max_abs, rel, ok, rtol, atol = compare_outputs(outputs, reference, model.dtype)
-            launches, launch_method, graph_nodes = job.launches()
-        finally:
-            if persistence is not None:
-                persistence.__exit__(None, None, None)
-                l2_info.update(persistence.to_dict())
-                l2_statuses.append(persistence.status)
-            job.release()
-        l2_windows_total += windows
-        tokens_per_s = model.tokens / (timing.median / 1e3) if timing.median > 0 else float("inf")
-        per_group = (tuple(timing.per_segment)
-                     if name in ("partition-major", "partition-major-replay") and timing.per_segment else None)
-        results.append(ScheduleResult(
-            name=name, ms_per_pass=timing.median, ms_min=timing.min, ms_max=timing.max,
-            tokens_per_s=tokens_per_s, per_group_ms=per_group, launches_per_pass=launches,
-            launch_method=launch_method, graph_replays_per_pass=job.graph_replays if on_cuda else 0,
-            graph_kernel_nodes=graph_nodes, max_abs_diff=max_abs, rel_error=rel, equivalent=ok,
-            rtol=rtol, atol=atol, hbm_floor_ratio=timing.median / floor_ms if floor_ms > 0 else None,
-            l2_windows=windows))
-        logger.info("%s: %.3f ms/pass, equivalent=%s (max abs diff %.3g)", name, timing.median, ok, max_abs)
-    if l2_statuses:
-        l2_info["kernel_nodes_with_window"] = l2_windows_total
-        if not l2_info.get("available"):
-            notes.append(f"L2 persistence {l2_statuses[-1]}")
+    return notes
 
+
+@dataclass
+class _L2Record:
+    """What the L2 set-asides of a run's schedules reported."""
+
+    requested: bool
+    last: dict = field(default_factory=dict)
+    statuses: list = field(default_factory=list)
+    windows: int = 0
+
+    def record(self, persistence):
+        self.last = persistence.to_dict()
+        self.statuses.append(persistence.status)
+
+    def to_dict(self, requested):
+        info = {"requested": requested, **self.last}
+        if self.statuses:
+            info["kernel_nodes_with_window"] = self.windows
+        return info
+
+
+def _run_schedule(name, setup, reference, l2):
+    """Prepare, time, check and release one schedule; its `ScheduleResult`.
+
+    The L2 set-aside and the windows exist only around the schedules whose
+    graphs carry them (`ScheduleSpec.l2_window`).
+    """
+    from .cuda import L2Persistence
+
+    model, spec = setup.model, SCHEDULE_TABLE[name]
+    job = make_schedule(name, model, setup.runners, setup.chunk_tokens, setup.micro_batches,
+                        on_cuda=setup.on_cuda)
+    with contextlib.ExitStack() as stack:
+        stack.callback(job.release)
+        persistence = None
+        if l2.requested and spec.l2_window:
+            persistence = L2Persistence(model.device)
+            stack.callback(l2.record, persistence)  # after the set-aside is given back
+            stack.enter_context(persistence)
+        usable = persistence is not None and persistence.available
+        windows = job.prepare(l2=persistence if usable else None, spans=setup.spans if usable else None)
+        timing = job.time(setup.warmup, setup.iters)
+        comparison = compare_outputs(job.outputs(), reference, model.dtype)
+        launches = job.launches()
+    l2.windows += windows
+    floor_ms = setup.floor_ms
+    logger.info("%s: %.3f ms/pass, equivalent=%s (max abs diff %.3g)", name, timing.median,
+                comparison.equivalent, comparison.max_abs_diff)
+    return ScheduleResult(
+        name=name, ms_per_pass=timing.median, ms_min=timing.min, ms_max=timing.max,
+        tokens_per_s=model.tokens / (timing.median / 1e3) if timing.median > 0 else float("inf"),
+        per_group_ms=tuple(timing.per_segment) if spec.per_group_ms and timing.per_segment else None,
+        launches_per_pass=launches.per_pass, launch_method=launches.method,
+        graph_replays_per_pass=job.graph_replays if setup.on_cuda else 0,
+        graph_kernel_nodes=launches.graph_kernel_nodes, max_abs_diff=comparison.max_abs_diff,
+        rel_error=comparison.rel_error, equivalent=comparison.equivalent, rtol=comparison.rtol,
+        atol=comparison.atol, hbm_floor_ratio=timing.median / floor_ms if floor_ms > 0 else None,
+        l2_windows=windows)
+
+
+def _speedups(results):
+    """``speedups[s][b]`` = ms of baseline b / ms of schedule s, for every pair that ran."""
     by_name = {result.name: result for result in results}
-    speedups = {result.name: {base: by_name[base].ms_per_pass / result.ms_per_pass
-                              for base in BASELINES if base in by_name and base != result.name
-                              and result.ms_per_pass > 0}
-                for result in results}
-    overhead = None
-    if on_cuda and "partition-major" in by_name and "partition-major-fused" in by_name:
-        overhead = ((by_name["partition-major"].ms_per_pass - by_name["partition-major-fused"].ms_per_pass)
-                    * 1e3 / len(groups))
-    chunk_overhead = None
-    if on_cuda and "partition-major-replay" in by_name and "partition-major-fused" in by_name:
-        chunk_overhead = ((by_name["partition-major-replay"].ms_per_pass
-                           - by_name["partition-major-fused"].ms_per_pass) * 1e3 / (len(groups) * micro_batches))
+    return {result.name: {base: by_name[base].ms_per_pass / result.ms_per_pass
+                          for base in BASELINES if base in by_name and base != result.name
+                          and result.ms_per_pass > 0}
+            for result in results}
+
+
+def _overheads(results, setup):
+    """(µs per group boundary, µs per chunk replay) from the CUDA schedules that ran, else None."""
+    by_name = {result.name: result.ms_per_pass for result in results}
+    k = len(setup.groups)
+    fused = by_name.get("partition-major-fused") if setup.on_cuda else None
+    if fused is None:
+        return None, None
+    per_group = (by_name["partition-major"] - fused) * 1e3 / k if "partition-major" in by_name else None
+    per_chunk = ((by_name["partition-major-replay"] - fused) * 1e3 / (k * setup.micro_batches)
+                 if "partition-major-replay" in by_name else None)
+    return per_group, per_chunk
+
+
+def _assemble(plan, setup, results, l2_info, notes):
+    """The `RunResult` of a run whose schedules gave `results`."""
+    model, groups = setup.model, setup.groups
     group_reports = tuple(
         GroupReport(index=index, nodes=len(group), first=group[0] if group else "-",
                     last=group[-1] if group else "-",
                     planned_bytes=int(plan.sizes[index]) if index < len(plan.sizes) else 0,
-                    weight_bytes=weight_by_group[index], measured_bytes=measured[index])
+                    weight_bytes=setup.weight_by_group[index], measured_bytes=setup.measured[index])
         for index, group in enumerate(groups))
-    machine = _machine(on_cuda)
+    per_group, per_chunk = _overheads(results, setup)
+    machine = _machine(setup.on_cuda)
     timing_method = ("CUDA events around each pass (graph replays or eager launches), median"
-                     if on_cuda else "time.perf_counter around each pass, median")
+                     if setup.on_cuda else "time.perf_counter around each pass, median")
     return RunResult(
-        model=str(model.graph.graph.get("name", "model")), device=str(device),
-        device_name=str(machine.get("gpu") if on_cuda else machine.get("cpu", "cpu")),
-        dtype=str(model.dtype).replace("torch.", ""), chunk_tokens=chunk_tokens, micro_batches=micro_batches,
-        tokens_per_pass=model.tokens, run_chunk_fraction=run_fraction,
+        model=str(model.graph.graph.get("name", "model")), device=str(model.device),
+        device_name=str(machine.get("gpu") if setup.on_cuda else machine.get("cpu", "cpu")),
+        dtype=str(model.dtype).replace("torch.", ""), chunk_tokens=setup.chunk_tokens,
+        micro_batches=setup.micro_batches, tokens_per_pass=model.tokens,
+        run_chunk_fraction=setup.chunk_tokens / model.tokens,
         plan={"k": plan.k, "solver": plan.solver, "status": str(plan.status), "capacity": plan.capacity,
               "memory": plan.memory, "chunk_fraction": plan.chunk_fraction},
-        groups=group_reports, schedules=tuple(results), speedups=speedups, weight_bytes=total_weight,
-        copy_bandwidth=bandwidth, bandwidth_method=bandwidth_method, hbm_floor_ms=floor_ms,
-        replay_overhead_us_per_group=overhead, l2=l2_info, timing_method=timing_method, warmup=warmup,
-        iters=iters, notes=tuple(notes), machine=machine, replay_overhead_us_per_chunk=chunk_overhead)
+        groups=group_reports, schedules=results, speedups=_speedups(results), weight_bytes=model.weight_bytes(),
+        copy_bandwidth=setup.bandwidth, bandwidth_method=setup.bandwidth_method, hbm_floor_ms=setup.floor_ms,
+        replay_overhead_us_per_group=per_group, l2=l2_info, timing_method=timing_method, warmup=setup.warmup,
+        iters=setup.iters, notes=tuple(notes), machine=machine, replay_overhead_us_per_chunk=per_chunk)
 
 
 def _group_weight_bytes(model, groups):

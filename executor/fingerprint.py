@@ -18,7 +18,7 @@ import networkx as nx
 from ..errors import InputError
 from ..memory import LayerTable
 
-__all__ = ["graph_fingerprint", "check_plan_groups"]
+__all__ = ["graph_fingerprint", "check_plan_groups", "check_same_graph", "plan_graph"]
 
 
 def _canonical(value):
@@ -127,11 +127,7 @@ def check_plan_groups(plan, graph=None):
         reason = getattr(plan, "reason", "")
         raise InputError(f"`plan` must hold groups (status OPTIMAL or FEASIBLE), got status "
                          f"{getattr(plan, 'status', None)}" + (f": {reason}" if reason else ""))
-    graph = plan.graph if graph is None else graph
-    if isinstance(graph, LayerTable):
-        graph = graph.to_graph()
-    if graph is None:
-        raise InputError("`plan` carries no graph; the executor needs the graph the plan was made for")
+    graph = plan_graph(plan if graph is None else graph)
     position = {node: index for index, node in enumerate(graph)}
     group_of = {}
     for index, group in enumerate(plan.partitions):
@@ -149,3 +145,43 @@ def check_plan_groups(plan, graph=None):
             raise InputError(f"`plan` cannot run in order: edge {u!r} -> {v!r} goes from group "
                              f"{group_of[u]} back to group {group_of[v]}")
     return [sorted(group, key=position.__getitem__) for group in plan.partitions]
+
+
+def plan_graph(source):
+    """The networkx graph of `source`: a plan's graph, or a graph (a `LayerTable` converted) as it is.
+
+    Raises
+    ------
+    InputError
+        A plan that carries no graph.
+
+    Examples
+    --------
+    >>> import cachefit
+    >>> plan = cachefit.plan(cachefit.graphs.from_layers([10, 20]), 40, solver="greedy")
+    >>> sorted(plan_graph(plan)), plan_graph(plan.graph) is plan.graph
+    (['0', '1'], True)
+    """
+    graph = source.graph if hasattr(source, "partitions") else source
+    if isinstance(graph, LayerTable):
+        graph = graph.to_graph()
+    if graph is None:
+        raise InputError("`plan` carries no graph; the executor needs the graph the plan was made for "
+                         "(read the plan from its JSON file, Plan.from_json)")
+    return graph
+
+
+def check_same_graph(plan, fingerprint, what="the model"):
+    """Refuse to run `plan` on something built from a graph whose `graph_fingerprint` is `fingerprint`.
+
+    Raises
+    ------
+    InputError
+        The plan carries no graph, or its graph is another one (node ids,
+        shapes or byte counts differ); the message gives both fingerprints.
+    """
+    planned = graph_fingerprint(plan_graph(plan))
+    if planned != fingerprint:
+        raise InputError(f"`plan` does not match {what}: the plan's graph (fingerprint {planned[:12]}) is not "
+                         f"the graph {what} was built from ({fingerprint[:12]}); node ids, shapes or byte "
+                         "counts differ; plan the model's own graph")

@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..memory import LayerTable
 from ..validation import validate
-from .fingerprint import check_plan_groups, graph_fingerprint
+from .fingerprint import check_plan_groups, check_same_graph, graph_fingerprint
 from .nodes import ParamFactory, logical_attrs, make_node_module, order_inputs
 
 __all__ = ["Step", "BuiltModel", "build", "torch_dtype", "TORCH_DTYPES", "pack_group_weights"]
@@ -270,7 +270,7 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
     batch, seq_len = _positive_attr(graph, "batch"), _positive_attr(graph, "seq_len")
     tokens = batch * seq_len
     if plan is not None:
-        _check_plan_graph(plan, graph)
+        check_same_graph(plan, graph_fingerprint(graph), "`graph`")
 
     factory = ParamFactory(seed, device)
     tiles = {}
@@ -335,16 +335,6 @@ def _device(device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("`device` is 'cuda' but torch sees no CUDA device")
     return device
-
-
-def _check_plan_graph(plan, graph):
-    if getattr(plan, "graph", None) is None:
-        raise InputError("`plan` carries no graph; the executor needs the graph the plan was made for")
-    planned = graph_fingerprint(plan.graph)
-    if planned != graph_fingerprint(graph):
-        raise InputError(f"`plan` was made for another graph than the model's (graph fingerprint "
-                         f"{planned[:12]} vs {graph_fingerprint(graph)[:12]}: node ids, shapes or byte "
-                         "counts differ); plan the model's own graph")
 
 
 @torch.no_grad()

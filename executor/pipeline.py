@@ -1,475 +1,71 @@
-"""Run a stage plan on PyTorch's own pipelining runtime (``torch.distributed.pipelining``; imports torch).
+"""Run a stage plan on PyTorch's own pipelining runtime, one process per stage (imports torch).
 
-A plan whose groups are pipeline stages (see `cachefit.stages.stages`) is
-handed to ``torch.distributed.pipelining.pipeline(module, mb_args,
-split_spec=...)``: `split_spec` says where the runtime cuts, one
-``SplitPoint.BEGINNING`` at the first module of every group but the first.
-`run_pipeline` then starts one process per stage on this machine, runs a
-``ScheduleGPipe`` or ``Schedule1F1B`` over the micro-batches, checks the last
-stage's output against a single-process run of the whole model
+`run_pipeline` checks the plan (`cachefit.check`, then each node's module
+bytes, see `cachefit.executor.verify`), cuts the model where
+`cachefit.executor.split.split_spec` says, starts one process per stage on
+this machine (or runs as one ``torchrun`` rank), runs a ``ScheduleGPipe`` or
+``Schedule1F1B`` over the micro-batches, checks the last stage's output
+against a single-process run of the whole model
 (``torch.testing.assert_close``) and reports per-stage time, the bubble and
-the throughput.
+the throughput (`cachefit.executor.results.PipelineResult`).
 
-Two kinds of module can be split:
-
-* the user's own module, for a plan made over its ``from_torch`` graph: the
-  boundary must be a submodule call (``split_spec`` keys are submodule
-  names), made exactly once per forward; anything else (a function such as
-  ``torch.relu`` or ``x + y``, a method, a shared submodule) is refused
-  with an `InputError` naming the node;
-* a graph the executor materialises (`cachefit.executor.build`: embedded
-  models, HF configs, `linear_stack`), wrapped by `pipeline_module` in a
-  `StepsModule` whose forward calls the node modules in the graph's order, so
-  every node is a submodule and every boundary can be split.
+Processes
+---------
+The stage processes die with this one, whatever ends it: each child asks
+the kernel to kill it when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG,
+SIGKILL)``; elsewhere a thread that polls the parent's pid), so a SIGKILL
+of the parent leaves no stage running.  While the stages run, SIGTERM and
+SIGHUP (when they have their default action) raise ``SystemExit`` here, so
+the stages are stopped by the same cleanup as a failure or a Ctrl-C; the
+stages ignore SIGINT and leave it to this process.  The last stage sends its
+output back over a pipe: no file or folder is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import io
 import logging
 import math
 import os
 import re
+import signal
 import socket
 import statistics
-import tempfile
+import sys
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
-from torch import nn
 
 from ..errors import CachefitError, InputError
-from ..memory import LayerTable
-from ..result import Plan, write_text_atomic
+from .fingerprint import plan_graph
+from .results import PIPELINE_RESULT_FORMAT as RESULT_FORMAT
+from .results import PipelineResult, StageReport, bubble_fraction
+from .split import StepsModule, pipeline_module, split_spec, stage_groups
+from .verify import verify_module_bytes, verify_plan
 
 __all__ = ["StepsModule", "pipeline_module", "split_spec", "run_pipeline", "run_stage", "PipelineResult",
-           "StageReport", "PIPELINE_SCHEDULES", "bubble_fraction", "free_port"]
+           "StageReport", "PIPELINE_SCHEDULES", "bubble_fraction", "free_port", "under_torchrun",
+           "RESULT_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
 #: Schedule names accepted by `run_pipeline` -> the ``torch.distributed.pipelining`` class name.
 PIPELINE_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 
-RESULT_FORMAT = "cachefit.pipeline"
+#: The environment ``torchrun`` sets for every rank.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def bubble_fraction(stages, microbatches):
-    """The idle share of a fill-and-drain pipeline of equal stages: (S − 1) / (M + S − 1).
-
-    GPipe and 1F1B (forward only or with backward) both have it: each stage
-    waits S − 1 micro-batch slots out of M + S − 1.
-
-    Examples
-    --------
-    >>> bubble_fraction(2, 4)
-    0.2
-    >>> bubble_fraction(1, 8)
-    0.0
-    """
-    return (stages - 1) / (microbatches + stages - 1)
-
-
-# -- the module --------------------------------------------------------------------------------------
-
-
-class StepsModule(nn.Module):
-    """A materialised graph as one ``nn.Module`` whose forward calls the nodes in order.
-
-    Each node's module is a submodule ``nodes.<name>`` (the node id with
-    every character outside ``[A-Za-z0-9_]`` replaced by ``_``, and a
-    suffix when two ids collide), so ``torch.distributed.pipelining`` can
-    split before any node.  ``forward(*inputs)`` takes the model inputs in
-    the order of `input_ids` and returns the output (a tuple when the graph
-    has several sinks).
-
-    Attributes
-    ----------
-    node_ids : tuple of str
-        The graph's nodes, in execution order.
-    input_ids : tuple of str
-        The model inputs the forward takes (``@tokens``, ``@positions`` or ``@input``).
-    output_ids : tuple of str
-        The graph's sinks.
-    """
-
-    def __init__(self, built):
-        super().__init__()
-        self.node_ids = tuple(step.node for step in built.steps)
-        self.input_ids = tuple(built.inputs)
-        self.output_ids = tuple(built.outputs)
-        self._reads = tuple(tuple(step.inputs) for step in built.steps)
-        names, taken = [], set()
-        for node in self.node_ids:
-            name = re.sub(r"\W", "_", node)
-            if not name or name[0].isdigit():
-                name = f"n_{name}"
-            base, suffix = name, 1
-            while name in taken:
-                suffix += 1
-                name = f"{base}_{suffix}"
-            taken.add(name)
-            names.append(name)
-        self._names = dict(zip(self.node_ids, names))
-        self.nodes = nn.ModuleDict({name: step.module for name, step in zip(names, built.steps)})
-
-    def qualified_name(self, node):
-        """The submodule name of `node` (a key of `split_spec`)."""
-        return f"nodes.{self._names[node]}"
-
-    def forward(self, *inputs):
-        values = dict(zip(self.input_ids, inputs))
-        for node, reads in zip(self.node_ids, self._reads):
-            values[node] = self.nodes[self._names[node]](*(values[name] for name in reads))
-        outputs = tuple(values[name] for name in self.output_ids)
-        return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _plan_graph(plan):
-    graph = plan.graph
-    if isinstance(graph, LayerTable):
-        graph = graph.to_graph()
-    if graph is None:
-        raise InputError("`plan` carries no graph; read it from its JSON file (Plan.from_json)")
-    return graph
-
-
-def pipeline_module(plan, *, seed=0, dtype=None, device="cpu"):
-    """The `StepsModule` of a plan's graph and the inputs of one whole pass.
-
-    Parameters
-    ----------
-    plan : cachefit.Plan or networkx.DiGraph
-        A plan (its graph is used) or a graph that `cachefit.executor.build`
-        materialises (embedded models, HF configs, `linear_stack`).
-    seed : int
-        Seeds the weights and the inputs (the same seed gives the same model
-        in every process).
-    dtype : str, optional
-        fp32, bf16 or fp16; default float32 on the CPU, the graph's on CUDA.
-    device : str or torch.device
-
-    Returns
-    -------
-    (StepsModule, tuple of torch.Tensor)
-        The module in eval mode, and its positional inputs (dimension 0 are
-        rows: tokens for transformer graphs).
-
-    Raises
-    ------
-    InputError
-        The graph was imported from a torch module (split the user's module
-        instead), or `build` refuses it.
-
-    Examples
-    --------
-    >>> from cachefit.executor import linear_stack
-    >>> module, inputs = pipeline_module(linear_stack(3, 8, batch=2, seq_len=4))
-    >>> [name for name, _ in module.named_children()], tuple(inputs[0].shape)
-    (['nodes'], (8, 8))
-    >>> module.qualified_name("linear.1"), tuple(module(*inputs).shape)
-    ('nodes.linear_1', (8, 8))
-    """
-    from .model import build
-
-    graph = plan.graph if isinstance(plan, Plan) else plan
-    if isinstance(graph, LayerTable):
-        graph = graph.to_graph()
-    if graph is not None and graph.graph.get("source") == "torch.fx":
-        raise InputError("the plan's graph was imported from a torch module (source 'torch.fx'): split that "
-                         "module itself, split_spec(plan, module) or run_pipeline(plan, module=module, "
-                         "example_inputs=...)")
-    built = build(graph, seed=seed, dtype=dtype, device=device)
-    module = StepsModule(built).eval()
-    return module, tuple(built.inputs[name] for name in module.input_ids)
-
-
-# -- split_spec --------------------------------------------------------------------------------------
-
-
-def _stage_groups(plan, graph):
-    """The plan's groups, checked to be contiguous runs of the graph's node order, in order."""
-    if not isinstance(plan, Plan):
-        raise InputError(f"`plan` must be a cachefit.Plan, got {type(plan).__name__}")
-    if not plan.ok:
-        raise InputError(f"`plan` has no groups to run (status {plan.status}: {plan.reason})")
-    order = list(graph)
-    position = {node: index for index, node in enumerate(order)}
-    expected = 0
-    for index, group in enumerate(plan.partitions):
-        for node in group:
-            if node not in position:
-                raise InputError(f"`plan` does not match its graph: node {node!r} of group {index} is not in it")
-            if position[node] != expected:
-                raise InputError(
-                    f"stage {index} is not a contiguous run of the model's execution order at node {node!r} "
-                    f"(position {position[node]}, expected {order[expected]!r} at {expected}): a pipeline "
-                    "runtime cuts the forward at points, so every stage must be a run of consecutive nodes; "
-                    "plan the stages with solver='dp', which keeps the order")
-            expected += 1
-    if expected != len(order):
-        raise InputError(f"`plan` does not cover its graph: node {order[expected]!r} is in no group")
-    return [list(group) for group in plan.partitions]
-
-
-def _fx_boundaries(graph, module):
-    """node id -> (fx op, submodule name or target, calls of that submodule) for a from_torch graph."""
-    import torch.fx
-
-    named = dict(module.named_modules())
-    leaves = {str(attrs.get("target")) for _, attrs in graph.nodes(data=True)
-              if str(attrs.get("target")) in named and str(attrs.get("target"))}
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualified_name):
-            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
-
-    try:
-        traced = _Tracer().trace(module)
-    except Exception as exc:  # noqa: BLE001 - fx raises many kinds
-        raise InputError(f"`module` cannot be traced with torch.fx: {type(exc).__name__}: {exc}") from None
-    by_name = {node.name: node for node in traced.nodes}
-    calls = {}
-    for node in traced.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    found = {}
-    for node_id, attrs in graph.nodes(data=True):
-        fx_node = by_name.get(node_id) or by_name.get(attrs.get("fx_name") or "")
-        if fx_node is None:
-            found[node_id] = None
-            continue
-        target = str(fx_node.target) if fx_node.op == "call_module" else getattr(
-            fx_node.target, "__name__", str(fx_node.target))
-        found[node_id] = (fx_node.op, target, calls.get(target, 0) if fx_node.op == "call_module" else 0)
-    return found
-
-
-def split_spec(plan, module):
-    """The ``split_spec`` of ``torch.distributed.pipelining.pipeline`` for a stage plan.
-
-    Parameters
-    ----------
-    plan : cachefit.Plan
-        A plan with one group per stage, each group a contiguous run of the
-        graph's node order (the plans of `cachefit.stages.stages` and of
-        ``solver="dp"`` are).
-    module : torch.nn.Module
-        For a plan over a ``from_torch`` graph, the module it was imported
-        from; for a graph the executor materialises, the `StepsModule` of
-        `pipeline_module`.
-
-    Returns
-    -------
-    dict of str to torch.distributed.pipelining.SplitPoint
-        ``{submodule name: SplitPoint.BEGINNING}`` for the first node of
-        every group after the first, in stage order (empty for one group).
-
-    Raises
-    ------
-    InputError
-        The plan has no groups; a group is not a contiguous run of the node
-        order; a plan node is not in `module`; or a stage would begin at a
-        node where the runtime cannot split: an operation that is not a
-        submodule call (a function such as ``torch.relu`` or ``x + y``, a
-        tensor method, a model input), or a submodule called more than once
-        per forward (each call would add a split).  The message names the node.
-
-    Notes
-    -----
-    The runtime traces the forward with ``torch.export`` and cuts it where a
-    split point's submodule is called, so a stage holds exactly the
-    operations between two boundaries in execution order; with contiguous
-    groups that are the plan's groups.  For a ``from_torch`` graph the
-    module is traced with torch.fx, treating as leaves the submodules the
-    graph's nodes name, so each plan node is found as its fx node.
-    O(nodes) after the trace.
-
-    Examples
-    --------
-    >>> import cachefit
-    >>> from cachefit.executor import linear_stack
-    >>> graph = linear_stack(4, 8, batch=2, seq_len=4)
-    >>> plan = cachefit.plan(graph, 10**6, solver="dp", k=2)
-    >>> module, _ = pipeline_module(plan)
-    >>> {name: point.name for name, point in split_spec(plan, module).items()}
-    {'nodes.linear_2': 'BEGINNING'}
-    """
-    from torch.distributed.pipelining import SplitPoint
-
-    graph = _plan_graph(plan)
-    groups = _stage_groups(plan, graph)
-    if not isinstance(module, nn.Module):
-        raise InputError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-    spec = {}
-    if isinstance(module, StepsModule):
-        missing = [node for node in graph if node not in module._names]
-        if missing or len(module.node_ids) != graph.number_of_nodes():
-            raise InputError(f"`module` was not built from the plan's graph (node {missing[:1] or '?'} differs): "
-                             "use pipeline_module(plan)")
-        for group in groups[1:]:
-            spec[module.qualified_name(group[0])] = SplitPoint.BEGINNING
-        return spec
-    if graph.graph.get("source") != "torch.fx":
-        raise InputError("`module` is a user module but the plan's graph was not imported with from_torch: "
-                         "use the StepsModule of pipeline_module(plan)")
-    calls = _fx_boundaries(graph, module)
-    for index, group in enumerate(groups[1:], start=1):
-        node = group[0]
-        info = calls.get(node)
-        if info is None:
-            raise InputError(f"`plan` does not match `module`: node {node!r} (first of stage {index}) is not a "
-                             "node of its torch.fx trace; plan the module's own from_torch graph")
-        op, target, count = info
-        if op != "call_module":
-            kind = {"placeholder": "a model input", "call_function": f"a call of the function {target!r}",
-                    "call_method": f"a call of the tensor method {target!r}",
-                    "get_attr": f"a read of the attribute {target!r}"}.get(op, op)
-            raise InputError(
-                f"stage {index} cannot begin at node {node!r}: it is {kind}, not a submodule call, and "
-                "torch.distributed.pipelining splits a forward only where a submodule is called (split_spec "
-                "keys are submodule names); plan stages that begin at a module (another `devices` or "
-                "`balance`), or wrap that operation in an nn.Module")
-        if count != 1:
-            raise InputError(
-                f"stage {index} cannot begin at node {node!r}: its submodule {target!r} is called {count} "
-                "times per forward, and a split point there would cut the forward at every call")
-        spec[target] = SplitPoint.BEGINNING
-    return spec
-
-
-# -- results -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageReport:
-    """One stage of a pipeline run.
-
-    Attributes
-    ----------
-    index : int
-    first, last : str
-        The stage's first and last plan node.
-    nodes : int
-    params : int
-        Parameters of the stage's module as the runtime built it (a weight
-        shared with another stage, such as a tied embedding, counts in both).
-    planned_bytes : int
-        The plan's size S of the group.
-    flops : int
-        Σ ``flops`` of the group's nodes (0 where unknown).
-    busy_ms : float
-        Median over the timed steps of the stage's compute: its module's
-        forward over all micro-batches (forward hooks, ``time.perf_counter``;
-        on CUDA after a synchronize).
-    step_ms : float
-        Median time from the common barrier to this stage's end of the step.
-    idle_fraction : float
-        Median of 1 − busy / makespan of the step: waiting for the previous
-        stage, sending, receiving and the schedule's own overhead.
-    """
-
-    index: int
-    first: str
-    last: str
-    nodes: int
-    params: int
-    planned_bytes: int
-    flops: int
-    busy_ms: float
-    step_ms: float
-    idle_fraction: float
-
-
-@dataclass(frozen=True)
-class PipelineResult:
-    """What `run_pipeline` measured.
-
-    Attributes
-    ----------
-    schedule : str
-        ``"gpipe"`` or ``"1f1b"``.
-    microbatches, stages : int
-    backend : str
-    device : str
-        ``"cpu"`` or ``"cuda"`` (one GPU per stage).
-    rows : int
-        Rows (dimension 0) of one step's inputs; ``tokens`` is rows × tokens per row.
-    tokens : int
-    makespan_ms, makespan_min_ms, makespan_max_ms : float
-        Median, fastest and slowest step: from the barrier before it to the
-        last stage's end of it.
-    tokens_per_s : float
-        tokens / median makespan.
-    bubble_theoretical : float
-        (S − 1) / (M + S − 1).
-    bubble_measured : float
-        The mean over stages of their median idle fraction: the bubble plus
-        communication and scheduling overhead.
-    stage_reports : tuple of StageReport
-    equivalent : bool
-        ``torch.testing.assert_close(pipelined, single-process, rtol, atol)`` passed.
-    max_abs_diff, rel_error, rtol, atol : float
-    warmup, iters : int
-        Untimed and timed steps.
-    wall_s : float
-        The whole run: building, starting the processes, tracing, steps.
-    notes : tuple of str
-    output : torch.Tensor or tuple of torch.Tensor or None
-        The pipelined output of the last step (on the CPU; not in the JSON).
-    """
-
-    schedule: str
-    microbatches: int
-    stages: int
-    backend: str
-    device: str
-    rows: int
-    tokens: int
-    makespan_ms: float
-    makespan_min_ms: float
-    makespan_max_ms: float
-    tokens_per_s: float
-    bubble_theoretical: float
-    bubble_measured: float
-    stage_reports: tuple
-    equivalent: bool
-    max_abs_diff: float
-    rel_error: float
-    rtol: float
-    atol: float
-    warmup: int
-    iters: int
-    wall_s: float
-    notes: tuple = field(default_factory=tuple)
-    output: object = field(default=None, compare=False, repr=False)
-
-    @property
-    def equivalence_line(self):
-        """One line stating the equivalence check and its result."""
-        verdict = "PASS" if self.equivalent else "FAIL"
-        return (f"equivalence with the single-process model: {verdict} (torch.testing.assert_close, "
-                f"rtol={self.rtol:.0e}, atol={self.atol:.1e}; max |Δ| {self.max_abs_diff:.2e}, "
-                f"rel {self.rel_error:.1e})")
-
-    def to_dict(self):
-        data = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "output"}
-        data["stage_reports"] = [asdict(stage) for stage in self.stage_reports]
-        data["notes"] = list(self.notes)
-        return {"format": RESULT_FORMAT, "version": 1, **data}
-
-    def to_json(self, path=None):
-        import json
-
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            write_text_atomic(path, text + "\n")
-        return text
-
-
-# -- running -----------------------------------------------------------------------------------------
+def under_torchrun():
+    """Whether this process is a rank started by ``torchrun`` (`TORCHRUN_ENV` all set)."""
+    return all(key in os.environ for key in TORCHRUN_ENV)
 
 
 def free_port():
@@ -477,6 +73,7 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
 
 
 @dataclass
@@ -495,8 +92,9 @@ class _Job:
     iters: int
     timeout_s: float
     threads: int
-    outdir: str | None = None
     port: int | None = None
+    parent_pid: int | None = None
+    result_pipe: object = None  # the write end of the pipe the last stage sends its output through
 
 
 def _split_rows(inputs, microbatches):
@@ -608,10 +206,111 @@ def run_stage(rank, world_size, job, *, device=None):
     return gathered, output
 
 
+# -- process lifetime ---------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid):
+    """End this process when `parent_pid` ends: ``PR_SET_PDEATHSIG`` on Linux, else a polling thread.
+
+    Returns how (``"prctl"`` or ``"watchdog"``).  A parent that died before
+    the call ends this process at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            return "prctl"
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="cachefit-parent-watch", daemon=True).start()
+    return "watchdog"
+
+
+def _watch_parent(parent_pid, interval_s=0.5):
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    os._exit(1)
+
+
+def _raise_exit(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run():
+    """While stage processes run: SIGTERM and SIGHUP raise SystemExit (when they had their default action).
+
+    Python's default for them ends the process without running ``finally``
+    blocks, which would leave the stage processes to the kernel; raising
+    lets the cleanup that stops them run.  Only the main thread can set
+    handlers; elsewhere this does nothing.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+                previous[number] = signal.signal(number, _raise_exit)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _stop(processes):
+    """Terminate, then kill, every process still alive; wait for each."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+def _wait(context, deadline, reader):
+    """Join the spawned processes until `deadline`, reading the last stage's output from `reader`.
+
+    Always leaves none running, and removes the error files torch writes for
+    a failed process.  Returns the bytes the last stage sent (None if none).
+    """
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    payload = None
+    try:
+        while True:
+            if payload is None and reader.poll():
+                payload = reader.recv_bytes()
+            if context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                break
+            if time.monotonic() > deadline:
+                raise CachefitError("the pipeline run exceeded `timeout_s`; its processes were stopped")
+        if payload is None and reader.poll():
+            payload = reader.recv_bytes()
+        return payload
+    except ProcessRaisedException as exc:
+        raise CachefitError(f"stage process {exc.error_index} failed: {_error_line(str(exc))}") from None
+    except ProcessExitedException as exc:
+        raise CachefitError(f"a stage process exited: {exc}") from None
+    finally:
+        _stop(context.processes)
+        for path in getattr(context, "error_files", ()):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 def _stage_process(rank, job):
     """Entry point of one spawned stage process (module level, so spawn can import it)."""
     import torch.distributed as dist
 
+    _die_with_parent(job.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops every stage
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(job.threads)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -625,7 +324,53 @@ def _stage_process(rank, job):
     try:
         result = run_stage(rank, job.plan.k, job, device=device)
         if result is not None:
-            torch.save({"timings": result[0], "output": result[1]}, os.path.join(job.outdir, "last_stage.pt"))
+            buffer = io.BytesIO()
+            torch.save({"timings": result[0], "output": result[1]}, buffer)
+            job.result_pipe.send_bytes(buffer.getvalue())
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_spawned(job):
+    import torch.multiprocessing as mp
+
+    deadline = time.monotonic() + job.timeout_s
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    job.port, job.parent_pid, job.result_pipe = free_port(), os.getpid(), writer
+    logger.info("starting %d stage process(es) on 127.0.0.1:%d (%s, %s)", job.plan.k, job.port,
+                job.backend, job.schedule)
+    try:
+        with _signals_stop_the_run():
+            context = mp.start_processes(_stage_process, args=(job,), nprocs=job.plan.k, join=False,
+                                         start_method="spawn")
+            payload = _wait(context, deadline, reader)
+    finally:
+        reader.close()
+        writer.close()
+        job.result_pipe = None
+    if payload is None:
+        raise CachefitError("the last stage sent no output")
+    saved = torch.load(io.BytesIO(payload), weights_only=False)
+    return saved["timings"], saved["output"]
+
+
+def _run_torchrun(job):
+    import torch.distributed as dist
+
+    if not under_torchrun():
+        raise InputError("launcher='torchrun' needs the environment torchrun sets (RANK, WORLD_SIZE, "
+                         "MASTER_ADDR, MASTER_PORT)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != job.plan.k:
+        raise InputError(f"torchrun started {world} process(es); the plan has {job.plan.k} stage(s)")
+    device = None
+    if job.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    torch.set_num_threads(job.threads)
+    dist.init_process_group(job.backend, timeout=timedelta(seconds=job.timeout_s))
+    try:
+        return run_stage(rank, world, job, device=device)
     finally:
         dist.destroy_process_group()
 
@@ -672,29 +417,6 @@ def _error_line(text):
     return found[-1] if found else (lines[-1] if lines else text)
 
 
-def _wait(context, deadline):
-    """Join the spawned processes until `deadline`; always leaves none running."""
-    from torch.multiprocessing import ProcessRaisedException, ProcessExitedException
-
-    try:
-        while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                raise CachefitError("the pipeline run exceeded `timeout_s`; its processes were stopped")
-    except ProcessRaisedException as exc:
-        raise CachefitError(f"stage process {exc.error_index} failed: {_error_line(str(exc))}") from None
-    except ProcessExitedException as exc:
-        raise CachefitError(f"a stage process exited: {exc}") from None
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in context.processes:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-
-
 def _check_host_memory(graph, processes, dtype):
     """Refuse to materialise a model that the stage processes' copies would not fit in host memory."""
     from .model import torch_dtype
@@ -713,10 +435,6 @@ def _check_host_memory(graph, processes, dtype):
                          f"materialising it need about {format_bytes(needed)}, and this machine has "
                          f"{format_bytes(available)} free; run a smaller model on the CPU, or real "
                          "weights per stage on GPUs with your own loader")
-
-
-def _under_torchrun():
-    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module=None, example_inputs=None,
@@ -796,35 +514,18 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
     >>> round(result.bubble_theoretical, 3)
     0.333
     """
-    from .runner import compare_outputs
-
     started = time.perf_counter()
     _check_options(plan, schedule, microbatches, backend, warmup, iters, timeout_s, threads)
     if launcher not in ("spawn", "torchrun"):
         raise InputError(f"`launcher` must be 'spawn' or 'torchrun', got {launcher!r}")
-    graph = _plan_graph(plan)
-    _stage_groups(plan, graph)
+    graph = plan_graph(plan)
+    stage_groups(plan, graph)
+    verify_plan(plan)
     from_torch = graph.graph.get("source") == "torch.fx"
-    if from_torch:
-        if module is None or example_inputs is None:
-            raise InputError("the plan's graph was imported with from_torch: pass that `module` and its "
-                             "`example_inputs` (one step, batch along dimension 0)")
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-            raise InputError("`example_inputs` must be a tensor or a tuple of tensors")
-        reference_module = copy.deepcopy(module).eval()
-        seq_len = int(graph.graph.get("seq_len") or 1)
-        tokens_per_row, whole_sequences = seq_len, False
-    else:
-        if module is not None or example_inputs is not None:
-            raise InputError("`module` and `example_inputs` are for plans over from_torch graphs; this plan's "
-                             "graph is materialised from its nodes")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", plan.k)) if launcher == "torchrun" else plan.k
-        _check_host_memory(graph, local, dtype)
-        reference_module, inputs = pipeline_module(plan, seed=seed, dtype=dtype)
-        tokens_per_row, seq_len = 1, int(graph.graph["seq_len"])
-        whole_sequences = any(attrs.get("op") in ("attention", "pooler", "block") for _, attrs in graph.nodes(data=True))
-    rows = _check_rows(inputs, microbatches, tokens_per_row, seq_len, whole_sequences)
+    reference_module, inputs, tokens_per_row = _reference(plan, graph, module, example_inputs, launcher=launcher,
+                                                          seed=seed, dtype=dtype)
+    rows = _check_rows(inputs, microbatches, tokens_per_row, int(graph.graph.get("seq_len") or 1),
+                       _whole_sequences(graph) and not from_torch)
     split_spec(plan, reference_module)  # refuse a boundary the runtime cannot split before starting anything
     job = _Job(plan=plan, module=module if from_torch else None, inputs=inputs if from_torch else None,
                schedule=schedule, microbatches=microbatches, backend=backend, seed=seed, dtype=dtype,
@@ -838,57 +539,60 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
     else:
         gathered, output = _run_spawned(job)
 
-    with torch.no_grad():
-        reference = reference_module(*inputs)
-    names = ("output",) if not isinstance(reference, (tuple, list)) else tuple(f"output.{i}" for i in range(len(reference)))
-    as_dict = lambda value: dict(zip(names, value if isinstance(value, (tuple, list)) else (value,)))  # noqa: E731
-    reference_dtype = next(iter(as_dict(reference).values())).dtype
-    max_abs, rel, equivalent, rtol, atol = compare_outputs(as_dict(output), as_dict(reference), reference_dtype)
-    result = _result(plan, graph, job, gathered, rows=rows, tokens=rows * tokens_per_row, equivalent=equivalent,
-                     max_abs=max_abs, rel=rel, rtol=rtol, atol=atol, wall_s=time.perf_counter() - started)
+    equivalence = _compare(output, reference_module, inputs)
+    result = _result(plan, graph, job, gathered, rows=rows, tokens=rows * tokens_per_row, equivalence=equivalence,
+                     wall_s=time.perf_counter() - started)
     return replace(result, output=output)
 
 
-def _run_spawned(job):
-    import torch.multiprocessing as mp
-
-    deadline = time.monotonic() + job.timeout_s
-    with tempfile.TemporaryDirectory(prefix="cachefit-pipeline-") as outdir:
-        job.outdir, job.port = outdir, free_port()
-        logger.info("starting %d stage process(es) on 127.0.0.1:%d (%s, %s)", job.plan.k, job.port,
-                    job.backend, job.schedule)
-        context = mp.start_processes(_stage_process, args=(job,), nprocs=job.plan.k, join=False,
-                                     start_method="spawn")
-        _wait(context, deadline)
-        path = os.path.join(outdir, "last_stage.pt")
-        if not os.path.exists(path):
-            raise CachefitError("the last stage wrote no output")
-        saved = torch.load(path, weights_only=False)
-    return saved["timings"], saved["output"]
+def _whole_sequences(graph):
+    """Micro-batches must hold whole sequences: the graph has attention, a pooler or whole blocks."""
+    return any(attrs.get("op") in ("attention", "pooler", "block") for _, attrs in graph.nodes(data=True))
 
 
-def _run_torchrun(job):
-    import torch.distributed as dist
+def _reference(plan, graph, module, example_inputs, *, launcher, seed, dtype):
+    """(the whole model for the reference run, one step's inputs, tokens per input row).
 
-    if not _under_torchrun():
-        raise InputError("launcher='torchrun' needs the environment torchrun sets (RANK, WORLD_SIZE, "
-                         "MASTER_ADDR, MASTER_PORT)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != job.plan.k:
-        raise InputError(f"torchrun started {world} process(es); the plan has {job.plan.k} stage(s)")
-    device = None
-    if job.backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    torch.set_num_threads(job.threads)
-    dist.init_process_group(job.backend, timeout=timedelta(seconds=job.timeout_s))
-    try:
-        return run_stage(rank, world, job, device=device)
-    finally:
-        dist.destroy_process_group()
+    The user's module and inputs for a ``from_torch`` graph; else the
+    plan's graph materialised, after its module bytes are verified against
+    the plan and its copies are known to fit host memory.
+    """
+    if graph.graph.get("source") == "torch.fx":
+        if module is None or example_inputs is None:
+            raise InputError("the plan's graph was imported with from_torch: pass that `module` and its "
+                             "`example_inputs` (one step, batch along dimension 0)")
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+            raise InputError("`example_inputs` must be a tensor or a tuple of tensors")
+        return copy.deepcopy(module).eval(), inputs, int(graph.graph.get("seq_len") or 1)
+    if module is not None or example_inputs is not None:
+        raise InputError("`module` and `example_inputs` are for plans over from_torch graphs; this plan's "
+                         "graph is materialised from its nodes")
+    verify_module_bytes(graph)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", plan.k)) if launcher == "torchrun" else plan.k
+    _check_host_memory(graph, local, dtype)
+    reference_module, inputs = pipeline_module(plan, seed=seed, dtype=dtype)
+    return reference_module, inputs, 1
 
 
-def _result(plan, graph, job, gathered, *, rows, tokens, equivalent, max_abs, rel, rtol, atol, wall_s):
+def _compare(output, reference_module, inputs):
+    """The `Comparison` of the pipelined `output` with the whole module run here on `inputs`."""
+    from .runner import compare_outputs
+
+    with torch.no_grad():
+        reference = reference_module(*inputs)
+    several = isinstance(reference, (tuple, list))
+    names = tuple(f"output.{i}" for i in range(len(reference))) if several else ("output",)
+
+    def as_dict(value):
+        return dict(zip(names, value if isinstance(value, (tuple, list)) else (value,)))
+
+    reference_dtype = next(iter(as_dict(reference).values())).dtype
+    return compare_outputs(as_dict(output), as_dict(reference), reference_dtype)
+
+
+def _result(plan, graph, job, gathered, *, rows, tokens, equivalence, wall_s):
+    """The `PipelineResult` of a run whose stages reported `gathered`."""
     gathered = sorted(gathered, key=lambda item: item["rank"])
     makespans = [max(column) for column in zip(*(item["step"] for item in gathered))]
     reports = []
@@ -911,6 +615,7 @@ def _result(plan, graph, job, gathered, *, rows, tokens, equivalent, max_abs, re
         tokens_per_s=tokens / makespan if makespan > 0 else math.inf,
         bubble_theoretical=bubble_fraction(plan.k, job.microbatches),
         bubble_measured=statistics.fmean(report.idle_fraction for report in reports),
-        stage_reports=tuple(reports), equivalent=bool(equivalent), max_abs_diff=float(max_abs),
-        rel_error=float(rel), rtol=float(rtol), atol=float(atol), warmup=job.warmup, iters=job.iters,
+        stage_reports=tuple(reports), equivalent=bool(equivalence.equivalent),
+        max_abs_diff=float(equivalence.max_abs_diff), rel_error=float(equivalence.rel_error),
+        rtol=float(equivalence.rtol), atol=float(equivalence.atol), warmup=job.warmup, iters=job.iters,
         wall_s=wall_s, notes=tuple(notes))

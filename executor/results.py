@@ -1,4 +1,4 @@
-"""What a run measured: `RunResult`, `ScheduleResult`, `GroupReport` and their JSON (no torch).
+"""What a run measured: `RunResult` (`run`), `PipelineResult` (`run_pipeline`), their parts and JSON (no torch).
 
 Every figure says how it was measured (``*_method`` fields), and every
 schedule's output carries its equivalence check against the unpartitioned
@@ -8,21 +8,16 @@ model, so a JSON file read alone is enough to judge a run.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..result import write_text_atomic
+from .schedules import BASELINES, SCHEDULES
 
-__all__ = ["ScheduleResult", "GroupReport", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT"]
+__all__ = ["ScheduleResult", "GroupReport", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT", "StageReport",
+           "PipelineResult", "PIPELINE_RESULT_FORMAT", "bubble_fraction"]
 
 RESULT_FORMAT = "cachefit.run"
-
-#: Schedule names accepted by `cachefit.executor.run` (``"all"`` runs each that applies).
-SCHEDULES = ("partition-major", "token-major", "batched", "eager", "partition-major-fused",
-             "partition-major-replay")
-
-#: The baselines every schedule is compared with.
-BASELINES = ("token-major", "batched", "eager")
-
+PIPELINE_RESULT_FORMAT = "cachefit.pipeline"
 
 @dataclass(frozen=True)
 class ScheduleResult:
@@ -210,6 +205,149 @@ class RunResult:
     def to_json(self, path=None, *, indent=2):
         """The JSON text; with `path`, also written atomically."""
         text = json.dumps(self.to_dict(), indent=indent, default=str)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
+
+
+# -- pipeline runs (cachefit.executor.pipeline.run_pipeline) -------------------------------------------
+
+
+def bubble_fraction(stages, microbatches):
+    """The idle share of a fill-and-drain pipeline of equal stages: (S − 1) / (M + S − 1).
+
+    GPipe and 1F1B (forward only or with backward) both have it: each stage
+    waits S − 1 micro-batch slots out of M + S − 1.
+
+    Examples
+    --------
+    >>> bubble_fraction(2, 4)
+    0.2
+    >>> bubble_fraction(1, 8)
+    0.0
+    """
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of a pipeline run.
+
+    Attributes
+    ----------
+    index : int
+    first, last : str
+        The stage's first and last plan node.
+    nodes : int
+    params : int
+        Parameters of the stage's module as the runtime built it (a weight
+        shared with another stage, such as a tied embedding, counts in both).
+    planned_bytes : int
+        The plan's size S of the group.
+    flops : int
+        Σ ``flops`` of the group's nodes (0 where unknown).
+    busy_ms : float
+        Median over the timed steps of the stage's compute: its module's
+        forward over all micro-batches (forward hooks, ``time.perf_counter``;
+        on CUDA after a synchronize).
+    step_ms : float
+        Median time from the common barrier to this stage's end of the step.
+    idle_fraction : float
+        Median of 1 − busy / makespan of the step: waiting for the previous
+        stage, sending, receiving and the schedule's own overhead.
+    """
+
+    index: int
+    first: str
+    last: str
+    nodes: int
+    params: int
+    planned_bytes: int
+    flops: int
+    busy_ms: float
+    step_ms: float
+    idle_fraction: float
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What `run_pipeline` measured.
+
+    Attributes
+    ----------
+    schedule : str
+        ``"gpipe"`` or ``"1f1b"``.
+    microbatches, stages : int
+    backend : str
+    device : str
+        ``"cpu"`` or ``"cuda"`` (one GPU per stage).
+    rows : int
+        Rows (dimension 0) of one step's inputs; ``tokens`` is rows × tokens per row.
+    tokens : int
+    makespan_ms, makespan_min_ms, makespan_max_ms : float
+        Median, fastest and slowest step: from the barrier before it to the
+        last stage's end of it.
+    tokens_per_s : float
+        tokens / median makespan.
+    bubble_theoretical : float
+        (S − 1) / (M + S − 1).
+    bubble_measured : float
+        The mean over stages of their median idle fraction: the bubble plus
+        communication and scheduling overhead.
+    stage_reports : tuple of StageReport
+    equivalent : bool
+        ``torch.testing.assert_close(pipelined, single-process, rtol, atol)`` passed.
+    max_abs_diff, rel_error, rtol, atol : float
+    warmup, iters : int
+        Untimed and timed steps.
+    wall_s : float
+        The whole run: building, starting the processes, tracing, steps.
+    notes : tuple of str
+    output : torch.Tensor or tuple of torch.Tensor or None
+        The pipelined output of the last step (on the CPU; not in the JSON).
+    """
+
+    schedule: str
+    microbatches: int
+    stages: int
+    backend: str
+    device: str
+    rows: int
+    tokens: int
+    makespan_ms: float
+    makespan_min_ms: float
+    makespan_max_ms: float
+    tokens_per_s: float
+    bubble_theoretical: float
+    bubble_measured: float
+    stage_reports: tuple
+    equivalent: bool
+    max_abs_diff: float
+    rel_error: float
+    rtol: float
+    atol: float
+    warmup: int
+    iters: int
+    wall_s: float
+    notes: tuple = field(default_factory=tuple)
+    output: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def equivalence_line(self):
+        """One line stating the equivalence check and its result."""
+        verdict = "PASS" if self.equivalent else "FAIL"
+        return (f"equivalence with the single-process model: {verdict} (torch.testing.assert_close, "
+                f"rtol={self.rtol:.0e}, atol={self.atol:.1e}; max |Δ| {self.max_abs_diff:.2e}, "
+                f"rel {self.rel_error:.1e})")
+
+    def to_dict(self):
+        data = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "output"}
+        data["stage_reports"] = [asdict(stage) for stage in self.stage_reports]
+        data["notes"] = list(self.notes)
+        return {"format": PIPELINE_RESULT_FORMAT, "version": 1, **data}
+
+    def to_json(self, path=None):
+        text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             write_text_atomic(path, text + "\n")
         return text

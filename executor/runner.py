@@ -46,14 +46,17 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
 from ..errors import InputError
+from .schedules import SCHEDULE_TABLE
 from .cuda import count_kernels, kernel_node_count, new_cuda_graph
 
-__all__ = ["GroupRunner", "make_runners", "check_chunks", "chunk_stores", "segments", "CpuSchedule",
-           "GraphSchedule", "ReplaySchedule", "EagerSchedule", "measure_group_memory", "compare_outputs", "TOLERANCES"]
+__all__ = ["GroupRunner", "make_runners", "check_chunks", "chunk_stores", "segments", "Schedule", "CpuSchedule",
+           "GraphSchedule", "ReplaySchedule", "EagerSchedule", "make_schedule", "measure_group_memory",
+           "compare_outputs", "Comparison", "Launches", "Timing", "TOLERANCES"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +162,14 @@ def segments(schedule, k, micro_batches):
     >>> segments("batched", 3, 1)
     [[(0, 0), (1, 0), (2, 0)]]
     """
-    if schedule in ("partition-major", "partition-major-replay"):
+    tasks = SCHEDULE_TABLE[schedule].tasks if schedule in SCHEDULE_TABLE else None
+    if tasks == "group":
         return [[(g, c) for c in range(micro_batches)] for g in range(k)]
-    if schedule == "partition-major-fused":
+    if tasks == "fused":
         return [[(g, c) for g in range(k) for c in range(micro_batches)]]
-    if schedule == "token-major":
+    if tasks == "chunk":
         return [[(g, c) for g in range(k)] for c in range(micro_batches)]
-    if schedule == "batched":
+    if tasks == "batch":
         return [[(g, 0) for g in range(k)]]
     raise InputError(f"no task list for schedule {schedule!r}")  # pragma: no cover
 
@@ -175,8 +179,26 @@ def _outputs(model, stores):
             else stores[0][name] for name in model.outputs}
 
 
+class Comparison(NamedTuple):
+    """An equivalence check of outputs against the reference (`compare_outputs`)."""
+
+    max_abs_diff: float
+    rel_error: float
+    equivalent: bool
+    rtol: float
+    atol: float
+
+
+class Launches(NamedTuple):
+    """What one pass of a schedule launches: the count, how it was counted, and graph kernel nodes."""
+
+    per_pass: int | None
+    method: str
+    graph_kernel_nodes: int | None = None
+
+
 def compare_outputs(outputs, reference, dtype):
-    """(max_abs_diff, rel_error, equivalent, rtol, atol) of `outputs` against `reference`.
+    """The `Comparison` (max_abs_diff, rel_error, equivalent, rtol, atol) of `outputs` against `reference`.
 
     ``equivalent`` is whether ``torch.testing.assert_close`` passes for every
     output with the dtype's `TOLERANCES` (atol scaled by the reference's RMS).
@@ -187,7 +209,7 @@ def compare_outputs(outputs, reference, dtype):
         out = outputs[name]
         ref64, out64 = ref.detach().double(), out.detach().double()
         if out64.shape != ref64.shape:
-            return float("inf"), float("inf"), False, rtol, atol_scale
+            return Comparison(float("inf"), float("inf"), False, rtol, atol_scale)
         diff = (out64 - ref64)
         max_abs = max(max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
         num += float(diff.pow(2).sum())
@@ -202,41 +224,78 @@ def compare_outputs(outputs, reference, dtype):
     rel = (num ** 0.5) / (den ** 0.5) if den > 0 else (0.0 if num == 0 else float("inf"))
     if not (max_abs == max_abs):  # NaN never passes
         ok = False
-    return max_abs, rel, ok, rtol, atol_used
+    return Comparison(max_abs, rel, ok, rtol, atol_used)
 
 
-class _Timing:
+class Timing(NamedTuple):
     """Median / min / max pass time and per-segment medians, milliseconds."""
 
-    def __init__(self, totals, per_segment):
-        self.median = statistics.median(totals)
-        self.min, self.max = min(totals), max(totals)
-        self.per_segment = ([statistics.median(column) for column in zip(*per_segment)]
-                            if per_segment and per_segment[0] else None)
+    median: float
+    min: float
+    max: float
+    per_segment: list | None
+
+    @classmethod
+    def of(cls, totals, per_segment):
+        """From the timed passes' totals and, per pass, the time of each segment."""
+        columns = ([statistics.median(column) for column in zip(*per_segment)]
+                   if per_segment and per_segment[0] else None)
+        return cls(statistics.median(totals), min(totals), max(totals), columns)
 
 
-def _segment(schedule, name, model, runners, chunk_tokens, micro_batches):
-    """Set what every segment-based schedule holds (``batched`` runs the whole batch as one chunk)."""
-    schedule.name, schedule.model, schedule.runners = name, model, runners
-    if name == "batched":
-        schedule.chunk_tokens, schedule.micro_batches = model.tokens, 1
-    else:
-        schedule.chunk_tokens, schedule.micro_batches = chunk_tokens, micro_batches
-    schedule.segments = segments(name, len(runners), schedule.micro_batches)
+_Timing = Timing.of  # the old name
 
 
-class CpuSchedule:
-    """A schedule run eagerly (the CPU path): tasks in order, timed with ``time.perf_counter``."""
+class Schedule:
+    """What `cachefit.executor.run` asks of a schedule; the segment-based ones share this constructor.
+
+    A schedule is made, then ``prepare`` (capture graphs; returns the kernel
+    nodes given an L2 window), ``time``, ``outputs``, ``launches`` and
+    ``release``, in that order.  ``batched`` (a `ScheduleSpec` with tasks
+    ``"batch"``) runs the whole batch as one chunk.
+
+    Attributes
+    ----------
+    name : str
+    spec : ScheduleSpec
+        Its entry of `cachefit.executor.schedules.SCHEDULE_TABLE`.
+    segments : list of list of (int, int)
+        Its tasks cut into segments (`segments`).
+    graph_replays : int
+        CUDA graph launches per pass (0 without graphs).
+    """
 
     graph_replays = 0
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
-        _segment(self, name, model, runners, chunk_tokens, micro_batches)
+        self.name, self.spec, self.model, self.runners = name, SCHEDULE_TABLE[name], model, runners
+        if self.spec.tasks == "batch":
+            chunk_tokens, micro_batches = model.tokens, 1
+        self.chunk_tokens, self.micro_batches = chunk_tokens, micro_batches
+        self.segments = segments(name, len(runners), micro_batches) if runners is not None else ()
         self.stores = None
 
     def prepare(self, l2=None, spans=None):
-        """Nothing to capture on the CPU."""
+        """Set up before timing; returns the kernel nodes given an L2 window (none by default)."""
         return 0
+
+    def time(self, warmup, iters):  # pragma: no cover - every schedule defines it
+        raise NotImplementedError
+
+    def outputs(self):
+        """The model outputs of the last pass, whole batch."""
+        return _outputs(self.model, self.stores)
+
+    def launches(self):  # pragma: no cover - every schedule defines it
+        raise NotImplementedError
+
+    def release(self):
+        """Drop what the schedule holds."""
+        self.stores = None
+
+
+class CpuSchedule(Schedule):
+    """A schedule run eagerly (the CPU path): tasks in order, timed with ``time.perf_counter``."""
 
     @torch.no_grad()
     def _pass(self, marks=None):
@@ -256,33 +315,21 @@ class CpuSchedule:
             self._pass(marks)
             totals.append((marks[-1] - marks[0]) * 1e3)
             per_segment.append([(b - a) * 1e3 for a, b in zip(marks, marks[1:])])
-        return _Timing(totals, per_segment)
-
-    def outputs(self):
-        return _outputs(self.model, self.stores)
+        return Timing.of(totals, per_segment)
 
     def launches(self):
         """Module calls per pass: one per node per chunk it runs on."""
         calls = sum(len(self.runners[g].steps) for segment in self.segments for g, _ in segment)
-        return calls, "module calls per pass (CPU: one per node per chunk)", None
-
-    def release(self):
-        self.stores = None
+        return Launches(calls, "module calls per pass (CPU: one per node per chunk)")
 
 
-class EagerSchedule:
+class EagerSchedule(Schedule):
     """The unpartitioned model on the whole batch, no graphs (`BuiltModel.reference`: the user's
     own module for a torch.fx model); its output is the reference."""
 
-    graph_replays = 0
-    segments = ()
-
     def __init__(self, model):
-        self.model = model
+        super().__init__("eager", model, None, model.tokens, 1)
         self.result = None
-
-    def prepare(self, l2=None, spans=None):
-        return 0
 
     @torch.no_grad()
     def _pass(self):
@@ -305,7 +352,7 @@ class EagerSchedule:
                 started = time.perf_counter()
                 self._pass()
                 totals.append((time.perf_counter() - started) * 1e3)
-        return _Timing(totals, None)
+        return Timing.of(totals, None)
 
     def outputs(self):
         return self.result
@@ -313,15 +360,75 @@ class EagerSchedule:
     def launches(self):
         if self.model.device.type == "cuda":
             count = count_kernels(self._pass, self.model.device)
-            return count, "torch.profiler: CUDA kernels in one pass", None
-        return len(self.model.steps), "module calls per pass (CPU: one per node)", None
+            return Launches(count, "torch.profiler: CUDA kernels in one pass")
+        return Launches(len(self.model.steps), "module calls per pass (CPU: one per node)")
 
     def release(self):
         self.result = None
 
 
-class _CudaTimed:
-    """Timing and read-back shared by the CUDA-graph schedules (they define `replay` and `graphs`)."""
+def _warm_up_on_side_stream(device, function):
+    """Run `function` on a side stream (what capture needs first) and return its result."""
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        result = function()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    return result
+
+
+class _Captured(NamedTuple):
+    graphs: list
+    windows: int
+    kernel_nodes: int | None
+
+
+def _capture(bodies, l2):
+    """Capture each ``(body, span)`` of `bodies` as one CUDA graph, all sharing one memory pool.
+
+    `body` is called inside the capture; `span` is ``(address, bytes)`` of the
+    weights to give a persisting-L2 window on the graph's kernel nodes, or
+    None.  Graphs that keep their cudaGraph_t are counted and instantiated
+    here (after the windows are set).  Returns the graphs, the kernel nodes
+    given a window and the graphs' kernel nodes (None when unknown).
+    """
+    pool, windows, node_counts, graphs = None, 0, [], []
+    for body, span in bodies:
+        graph, kept = new_cuda_graph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        if pool is None:  # the first graph's pool, shared by the later ones
+            pool = graph.pool()
+        if kept:
+            node_counts.append(kernel_node_count(graph))
+            if l2 is not None and span is not None:
+                windows += l2.window(graph, *span)
+            graph.instantiate()
+        graphs.append(graph)
+    kernel_nodes = sum(node_counts) if node_counts and None not in node_counts else None
+    return _Captured(graphs, windows, kernel_nodes)
+
+
+def _graph_launches(kernel_nodes, count_pass, device, *, copies=0, profiled="of graph replays"):
+    """`Launches` of a graph schedule: exact kernel nodes (cuda-bindings), else torch.profiler's count."""
+    if kernel_nodes is not None:
+        method = "kernel nodes of the replayed CUDA graphs (cuda-bindings)"
+        return Launches(kernel_nodes + copies, method + (" + one copy per static buffer" if copies else ""),
+                        kernel_nodes)
+    count = count_kernels(count_pass, device)
+    if count:
+        return Launches(count, f"torch.profiler: CUDA kernels in one pass {profiled}")
+    return Launches(None, "not measured (no cuda-bindings, no profiler kernel events)")
+
+
+class _CudaTimed(Schedule):
+    """Timing and read-back shared by the CUDA-graph schedules (they define `replay`)."""
+
+    def __init__(self, name, model, runners, chunk_tokens, micro_batches):
+        super().__init__(name, model, runners, chunk_tokens, micro_batches)
+        self.graphs, self.kernel_nodes = [], None
 
     def time(self, warmup, iters):
         for _ in range(warmup):
@@ -335,11 +442,11 @@ class _CudaTimed:
             events[-1].synchronize()
             totals.append(events[0].elapsed_time(events[-1]))
             per_segment.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
-        return _Timing(totals, per_segment)
+        return Timing.of(totals, per_segment)
 
     def outputs(self):
         torch.cuda.synchronize(self.model.device)
-        return _outputs(self.model, self.stores)
+        return super().outputs()
 
     def release(self):
         """Reset the captured graphs and give their memory pool back."""
@@ -357,9 +464,12 @@ class GraphSchedule(_CudaTimed):
     """A schedule on CUDA: each segment captured once as a CUDA graph and replayed per pass."""
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
-        _segment(self, name, model, runners, chunk_tokens, micro_batches)
-        self.graphs, self.stores, self.kernel_nodes = [], None, None
+        super().__init__(name, model, runners, chunk_tokens, micro_batches)
         self.graph_replays = len(self.segments)
+
+    def _run_segment(self, stores, segment):
+        for g, c in segment:
+            self.runners[g].run(stores[c])
 
     @torch.no_grad()
     def prepare(self, l2=None, spans=None):
@@ -370,39 +480,22 @@ class GraphSchedule(_CudaTimed):
         group's tasks gets that group's window on each of its kernel nodes
         before the graph is instantiated.
         """
-        device = self.model.device
-        torch.cuda.synchronize(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        def warm_up():
             warm = chunk_stores(self.model, self.chunk_tokens, self.micro_batches)
             for segment in self.segments:
-                for g, c in segment:
-                    self.runners[g].run(warm[c])
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        del warm
+                self._run_segment(warm, segment)
+
+        _warm_up_on_side_stream(self.model.device, warm_up)
         self.stores = chunk_stores(self.model, self.chunk_tokens, self.micro_batches)
-        pool, windows, node_counts = None, 0, []
+        bodies = []
         for segment in self.segments:
-            graph, kept = new_cuda_graph()
-            with torch.cuda.graph(graph, pool=pool):
-                for g, c in segment:
-                    self.runners[g].run(self.stores[c])
-            if pool is None:  # the first graph's pool, shared by the later ones
-                pool = graph.pool()
             groups = {g for g, _ in segment}
-            if kept:
-                node_counts.append(kernel_node_count(graph))
-                if l2 is not None and spans is not None and len(groups) == 1:
-                    base, extent = spans[next(iter(groups))]
-                    windows += l2.window(graph, base, extent)
-                graph.instantiate()
-            self.graphs.append(graph)
-        if node_counts and None not in node_counts:
-            self.kernel_nodes = sum(node_counts)
-        torch.cuda.synchronize(device)
-        return windows
+            span = spans[next(iter(groups))] if spans is not None and len(groups) == 1 else None
+            bodies.append((lambda segment=segment: self._run_segment(self.stores, segment), span))
+        captured = _capture(bodies, l2)
+        self.graphs, self.kernel_nodes = captured.graphs, captured.kernel_nodes
+        torch.cuda.synchronize(self.model.device)
+        return captured.windows
 
     def replay(self, events=None):
         for index, graph in enumerate(self.graphs):
@@ -413,13 +506,7 @@ class GraphSchedule(_CudaTimed):
     def launches(self):
         """Kernels per pass: the kernel nodes of the replayed graphs (exact, cuda-bindings), else the
         CUDA kernel events torch.profiler records over one pass."""
-        if self.kernel_nodes is not None:
-            return self.kernel_nodes, "kernel nodes of the replayed CUDA graphs (cuda-bindings)", self.kernel_nodes
-        count = count_kernels(self.replay, self.model.device)
-        if count:
-            return count, "torch.profiler: CUDA kernels in one pass of graph replays", None
-        return None, "not measured (no cuda-bindings, no profiler kernel events)", None
-
+        return _graph_launches(self.kernel_nodes, self.replay, self.model.device)
 
 
 class ReplaySchedule(_CudaTimed):
@@ -434,9 +521,7 @@ class ReplaySchedule(_CudaTimed):
     """
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
-        self.name, self.model, self.runners = name, model, runners
-        self.chunk_tokens, self.micro_batches = chunk_tokens, micro_batches
-        self.graphs, self.stores, self.kernel_nodes = [], None, None
+        super().__init__(name, model, runners, chunk_tokens, micro_batches)
         self.graph_replays = len(runners) * micro_batches
         self.static_in, self.static_out, self.out_store = [], [], None
 
@@ -450,51 +535,39 @@ class ReplaySchedule(_CudaTimed):
     def _produced(self, runner):
         return [step.node for step in runner.steps if step.node in runner.keep]
 
+    def _warm_up(self):
+        """Run every chunk through every group eagerly; returns per group its live inputs of chunk 0."""
+        warm = chunk_stores(self.model, self.chunk_tokens, self.micro_batches)
+        shapes = []
+        for runner in self.runners:
+            shapes.append({name: warm[0][name] for name in self._live_in(runner)})
+            for store in warm:
+                runner.run(store)
+        # real chunk-0 values, not empty buffers: token ids must be valid indices when the warm-up runs
+        static_in = [{name: value.clone() for name, value in inputs.items()} for inputs in shapes]
+        for runner, inputs in zip(self.runners, static_in):  # warm the static-buffer path too
+            runner.run(dict(inputs))
+        return static_in
+
     @torch.no_grad()
     def prepare(self, l2=None, spans=None):
         """Warm up (eagerly, partition-major, on a side stream), then capture one one-chunk graph per group."""
-        device = self.model.device
-        torch.cuda.synchronize(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        shapes = []
-        with torch.cuda.stream(side):
-            warm = chunk_stores(self.model, self.chunk_tokens, self.micro_batches)
-            for runner in self.runners:
-                shapes.append({name: warm[0][name] for name in self._live_in(runner)})
-                for store in warm:
-                    runner.run(store)
-            # real chunk-0 values, not empty buffers: token ids must be valid indices when the warm-up runs
-            static_in = [{name: value.clone() for name, value in inputs.items()} for inputs in shapes]
-            for runner, inputs in zip(self.runners, static_in):  # warm the static-buffer path too
-                values = dict(inputs)
-                runner.run(values)
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        del warm, values
-        pool, windows, node_counts = None, 0, []
-        for runner, inputs in zip(self.runners, static_in):
-            graph, kept = new_cuda_graph()
-            values = dict(inputs)
-            with torch.cuda.graph(graph, pool=pool):
-                runner.run(values)
-            if pool is None:
-                pool = graph.pool()
-            self.static_in.append(inputs)
-            self.static_out.append({name: values[name] for name in self._produced(runner)})
-            if kept:
-                node_counts.append(kernel_node_count(graph))
-                if l2 is not None and spans is not None:
-                    windows += l2.window(graph, *spans[runner.index])
-                graph.instantiate()
-            self.graphs.append(graph)
-        if node_counts and None not in node_counts:
-            self.kernel_nodes = sum(node_counts) * self.micro_batches
+        self.static_in = _warm_up_on_side_stream(self.model.device, self._warm_up)
+        values = [dict(inputs) for inputs in self.static_in]
+        bodies = [(lambda runner=runner, store=store: runner.run(store),
+                   spans[runner.index] if spans is not None else None)
+                  for runner, store in zip(self.runners, values)]
+        captured = _capture(bodies, l2)
+        self.graphs = captured.graphs
+        self.static_out = [{name: store[name] for name in self._produced(runner)}
+                           for runner, store in zip(self.runners, values)]
+        if captured.kernel_nodes is not None:
+            self.kernel_nodes = captured.kernel_nodes * self.micro_batches
         # one output buffer per chunk for every value a later group reads
         self.out_store = [[{name: torch.empty_like(value) for name, value in outs.items()}
                            for outs in self.static_out] for _ in range(self.micro_batches)]
-        torch.cuda.synchronize(device)
-        return windows
+        torch.cuda.synchronize(self.model.device)
+        return captured.windows
 
     def replay(self, events=None):
         self.stores = chunk_stores(self.model, self.chunk_tokens, self.micro_batches)
@@ -515,19 +588,24 @@ class ReplaySchedule(_CudaTimed):
     def launches(self):
         """Kernels per pass: graph kernel nodes × chunks plus one copy kernel per static buffer per
         chunk (exact, cuda-bindings), else torch.profiler's CUDA kernel events over one pass."""
-        if self.kernel_nodes is not None:
-            copies = self.micro_batches * sum(len(i) + len(o) for i, o in zip(self.static_in, self.static_out))
-            return (self.kernel_nodes + copies,
-                    "kernel nodes of the replayed CUDA graphs (cuda-bindings) + one copy per static buffer",
-                    self.kernel_nodes)
-        count = count_kernels(self.replay, self.model.device)
-        if count:
-            return count, "torch.profiler: CUDA kernels in one pass (replays and copies)", None
-        return None, "not measured (no cuda-bindings, no profiler kernel events)", None
+        copies = self.micro_batches * sum(len(i) + len(o) for i, o in zip(self.static_in, self.static_out))
+        return _graph_launches(self.kernel_nodes, self.replay, self.model.device, copies=copies,
+                               profiled="(replays and copies)")
 
     def release(self):
         self.static_in, self.static_out, self.out_store = [], [], None
         super().release()
+
+
+def make_schedule(name, model, runners, chunk_tokens, micro_batches, *, on_cuda=None):
+    """The `Schedule` that runs `name`: CUDA graphs when `on_cuda` (default: `model` is on CUDA), else eagerly."""
+    spec = SCHEDULE_TABLE[name]
+    if spec.tasks == "reference":
+        return EagerSchedule(model)
+    if not (model.device.type == "cuda" if on_cuda is None else on_cuda):
+        return CpuSchedule(name, model, runners, chunk_tokens, micro_batches)
+    kind = ReplaySchedule if spec.one_chunk_graphs else GraphSchedule
+    return kind(name, model, runners, chunk_tokens, micro_batches)
 
 
 def _tensor_bytes(values):

@@ -231,7 +231,7 @@ class TestBuild:
 
     def test_plan_of_another_graph_is_refused(self):
         plan = plan_greedy(tiny("llama"), "1MiB")
-        with pytest.raises(InputError, match="`plan` was made for another graph"):
+        with pytest.raises(InputError, match="`plan` does not match `graph`: the plan.s graph \\(fingerprint"):
             build(tiny("llama", batch=2), plan)
 
 

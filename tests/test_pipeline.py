@@ -254,3 +254,90 @@ class TestRuns:
             torch.testing.assert_close(result.output, net(x), rtol=1e-5, atol=1e-5)
         assert result.equivalent and result.rows == 8
         assert [s.params for s in result.stage_reports] == [32 * 64 + 64, 2 * (64 * 64 + 64) + 64 * 8 + 8]
+
+
+def _descendants(pid):
+    """Pids of every process below `pid` (Linux /proc)."""
+    import os
+
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stream:
+                    fields = stream.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            return stream.read()
+    except OSError:
+        return b""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+class TestSignals:
+    """``cachefit pipeline`` killed mid-run leaves no stage process and no temp folder behind."""
+
+    @pytest.fixture(scope="class")
+    def plan_file(self, tmp_path_factory):
+        plan = cachefit.plan(linear_stack(4, 16, batch=2, seq_len=4), 10**6, solver="dp", k=2)
+        path = tmp_path_factory.mktemp("plan") / "stages.json"
+        plan.to_json(path)
+        return path
+
+    @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL", "SIGINT"])
+    def test_signal_to_the_parent_ends_every_stage(self, plan_file, tmp_path, signal_name):
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        temp = tmp_path / "tmp"
+        temp.mkdir()
+        env = dict(os.environ, TMPDIR=str(temp), PYTHONWARNINGS="ignore")
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "cachefit.cli_stages", "pipeline", str(plan_file), "--microbatches", "2",
+             "--warmup", "0", "--iters", "1000000", "--timeout", "300"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            stages = []
+            while time.monotonic() < deadline and parent.poll() is None:
+                stages = [pid for pid in _descendants(parent.pid) if b"spawn_main" in _cmdline(pid)]
+                if len(stages) >= 2:
+                    break
+                time.sleep(0.2)
+            assert parent.poll() is None and len(stages) == 2, "the stage processes never started"
+            time.sleep(3.0)  # let them build, trace and start their steps
+            stages = _descendants(parent.pid)  # the stages and whatever they or the parent started
+            parent.send_signal(getattr(signal, signal_name))
+            parent.wait(60)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(_alive(pid) for pid in stages):
+                time.sleep(0.2)
+            assert [pid for pid in stages if _alive(pid)] == []
+            assert sorted(path.name for path in temp.iterdir()) == []
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait(10)

@@ -1,0 +1,284 @@
+"""Where a pipeline runtime cuts a stage plan: `split_spec`, and a graph as one module (imports torch).
+
+A plan whose groups are pipeline stages (see `cachefit.stages.stages`) is
+handed to ``torch.distributed.pipelining.pipeline(module, mb_args,
+split_spec=...)``: `split_spec` says where the runtime cuts, one
+``SplitPoint.BEGINNING`` at the first module of every group but the first.
+(`cachefit.executor.pipeline` runs the stages, one process each.)
+
+Two kinds of module can be split:
+
+* the user's own module, for a plan made over its ``from_torch`` graph: the
+  boundary must be a submodule call (``split_spec`` keys are submodule
+  names), made exactly once per forward; anything else (a function such as
+  ``torch.relu`` or ``x + y``, a method, a shared submodule) is refused
+  with an `InputError` naming the node;
+* a graph the executor materialises (`cachefit.executor.build`: embedded
+  models, HF configs, `linear_stack`), wrapped by `pipeline_module` in a
+  `StepsModule` whose forward calls the node modules in the graph's order, so
+  every node is a submodule and every boundary can be split.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..errors import InputError
+from ..result import Plan
+from .fingerprint import plan_graph
+
+__all__ = ["StepsModule", "pipeline_module", "split_spec", "stage_groups"]
+
+
+class StepsModule(nn.Module):
+    """A materialised graph as one ``nn.Module`` whose forward calls the nodes in order.
+
+    Each node's module is a submodule ``nodes.<name>`` (the node id with
+    every character outside ``[A-Za-z0-9_]`` replaced by ``_``, and a
+    suffix when two ids collide), so ``torch.distributed.pipelining`` can
+    split before any node.  ``forward(*inputs)`` takes the model inputs in
+    the order of `input_ids` and returns the output (a tuple when the graph
+    has several sinks).
+
+    Attributes
+    ----------
+    node_ids : tuple of str
+        The graph's nodes, in execution order.
+    input_ids : tuple of str
+        The model inputs the forward takes (``@tokens``, ``@positions`` or ``@input``).
+    output_ids : tuple of str
+        The graph's sinks.
+    """
+
+    def __init__(self, built):
+        super().__init__()
+        self.node_ids = tuple(step.node for step in built.steps)
+        self.input_ids = tuple(built.inputs)
+        self.output_ids = tuple(built.outputs)
+        self._reads = tuple(tuple(step.inputs) for step in built.steps)
+        names, taken = [], set()
+        for node in self.node_ids:
+            name = re.sub(r"\W", "_", node)
+            if not name or name[0].isdigit():
+                name = f"n_{name}"
+            base, suffix = name, 1
+            while name in taken:
+                suffix += 1
+                name = f"{base}_{suffix}"
+            taken.add(name)
+            names.append(name)
+        self._names = dict(zip(self.node_ids, names))
+        self.nodes = nn.ModuleDict({name: step.module for name, step in zip(names, built.steps)})
+
+    def qualified_name(self, node):
+        """The submodule name of `node` (a key of `split_spec`)."""
+        return f"nodes.{self._names[node]}"
+
+    def forward(self, *inputs):
+        values = dict(zip(self.input_ids, inputs))
+        for node, reads in zip(self.node_ids, self._reads):
+            values[node] = self.nodes[self._names[node]](*(values[name] for name in reads))
+        outputs = tuple(values[name] for name in self.output_ids)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def pipeline_module(plan, *, seed=0, dtype=None, device="cpu"):
+    """The `StepsModule` of a plan's graph and the inputs of one whole pass.
+
+    Parameters
+    ----------
+    plan : cachefit.Plan or networkx.DiGraph
+        A plan (its graph is used) or a graph that `cachefit.executor.build`
+        materialises (embedded models, HF configs, `linear_stack`).
+    seed : int
+        Seeds the weights and the inputs (the same seed gives the same model
+        in every process).
+    dtype : str, optional
+        fp32, bf16 or fp16; default float32 on the CPU, the graph's on CUDA.
+    device : str or torch.device
+
+    Returns
+    -------
+    (StepsModule, tuple of torch.Tensor)
+        The module in eval mode, and its positional inputs (dimension 0 are
+        rows: tokens for transformer graphs).
+
+    Raises
+    ------
+    InputError
+        The graph was imported from a torch module (split the user's module
+        instead), or `build` refuses it.
+
+    Examples
+    --------
+    >>> from cachefit.executor import linear_stack
+    >>> module, inputs = pipeline_module(linear_stack(3, 8, batch=2, seq_len=4))
+    >>> [name for name, _ in module.named_children()], tuple(inputs[0].shape)
+    (['nodes'], (8, 8))
+    >>> module.qualified_name("linear.1"), tuple(module(*inputs).shape)
+    ('nodes.linear_1', (8, 8))
+    """
+    from .model import build
+
+    graph = plan_graph(plan)
+    if graph.graph.get("source") == "torch.fx":
+        raise InputError("the plan's graph was imported from a torch module (source 'torch.fx'): split that "
+                         "module itself, split_spec(plan, module) or run_pipeline(plan, module=module, "
+                         "example_inputs=...)")
+    built = build(graph, seed=seed, dtype=dtype, device=device)
+    module = StepsModule(built).eval()
+    return module, tuple(built.inputs[name] for name in module.input_ids)
+
+
+
+def stage_groups(plan, graph):
+    """The plan's groups, checked to be contiguous runs of the graph's node order, in order."""
+    if not isinstance(plan, Plan):
+        raise InputError(f"`plan` must be a cachefit.Plan, got {type(plan).__name__}")
+    if not plan.ok:
+        raise InputError(f"`plan` has no groups to run (status {plan.status}: {plan.reason})")
+    order = list(graph)
+    position = {node: index for index, node in enumerate(order)}
+    expected = 0
+    for index, group in enumerate(plan.partitions):
+        for node in group:
+            if node not in position:
+                raise InputError(f"`plan` does not match its graph: node {node!r} of group {index} is not in it")
+            if position[node] != expected:
+                raise InputError(
+                    f"stage {index} is not a contiguous run of the model's execution order at node {node!r} "
+                    f"(position {position[node]}, expected {order[expected]!r} at {expected}): a pipeline "
+                    "runtime cuts the forward at points, so every stage must be a run of consecutive nodes; "
+                    "plan the stages with solver='dp', which keeps the order")
+            expected += 1
+    if expected != len(order):
+        raise InputError(f"`plan` does not cover its graph: node {order[expected]!r} is in no group")
+    return [list(group) for group in plan.partitions]
+
+
+def _fx_boundaries(graph, module):
+    """node id -> (fx op, submodule name or target, calls of that submodule) for a from_torch graph."""
+    import torch.fx
+
+    named = dict(module.named_modules())
+    leaves = {str(attrs.get("target")) for _, attrs in graph.nodes(data=True)
+              if str(attrs.get("target")) in named and str(attrs.get("target"))}
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualified_name):
+            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+
+    try:
+        traced = _Tracer().trace(module)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds
+        raise InputError(f"`module` cannot be traced with torch.fx: {type(exc).__name__}: {exc}") from None
+    by_name = {node.name: node for node in traced.nodes}
+    calls = {}
+    for node in traced.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    found = {}
+    for node_id, attrs in graph.nodes(data=True):
+        fx_node = by_name.get(node_id) or by_name.get(attrs.get("fx_name") or "")
+        if fx_node is None:
+            found[node_id] = None
+            continue
+        target = str(fx_node.target) if fx_node.op == "call_module" else getattr(
+            fx_node.target, "__name__", str(fx_node.target))
+        found[node_id] = (fx_node.op, target, calls.get(target, 0) if fx_node.op == "call_module" else 0)
+    return found
+
+
+def split_spec(plan, module):
+    """The ``split_spec`` of ``torch.distributed.pipelining.pipeline`` for a stage plan.
+
+    Parameters
+    ----------
+    plan : cachefit.Plan
+        A plan with one group per stage, each group a contiguous run of the
+        graph's node order (the plans of `cachefit.stages.stages` and of
+        ``solver="dp"`` are).
+    module : torch.nn.Module
+        For a plan over a ``from_torch`` graph, the module it was imported
+        from; for a graph the executor materialises, the `StepsModule` of
+        `pipeline_module`.
+
+    Returns
+    -------
+    dict of str to torch.distributed.pipelining.SplitPoint
+        ``{submodule name: SplitPoint.BEGINNING}`` for the first node of
+        every group after the first, in stage order (empty for one group).
+
+    Raises
+    ------
+    InputError
+        The plan has no groups; a group is not a contiguous run of the node
+        order; a plan node is not in `module`; or a stage would begin at a
+        node where the runtime cannot split: an operation that is not a
+        submodule call (a function such as ``torch.relu`` or ``x + y``, a
+        tensor method, a model input), or a submodule called more than once
+        per forward (each call would add a split).  The message names the node.
+
+    Notes
+    -----
+    The runtime traces the forward with ``torch.export`` and cuts it where a
+    split point's submodule is called, so a stage holds exactly the
+    operations between two boundaries in execution order; with contiguous
+    groups that are the plan's groups.  For a ``from_torch`` graph the
+    module is traced with torch.fx, treating as leaves the submodules the
+    graph's nodes name, so each plan node is found as its fx node.
+    O(nodes) after the trace.
+
+    Examples
+    --------
+    >>> import cachefit
+    >>> from cachefit.executor import linear_stack
+    >>> graph = linear_stack(4, 8, batch=2, seq_len=4)
+    >>> plan = cachefit.plan(graph, 10**6, solver="dp", k=2)
+    >>> module, _ = pipeline_module(plan)
+    >>> {name: point.name for name, point in split_spec(plan, module).items()}
+    {'nodes.linear_2': 'BEGINNING'}
+    """
+    from torch.distributed.pipelining import SplitPoint
+
+    graph = plan_graph(plan)
+    groups = stage_groups(plan, graph)
+    if not isinstance(module, nn.Module):
+        raise InputError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+    spec = {}
+    if isinstance(module, StepsModule):
+        missing = [node for node in graph if node not in module._names]
+        if missing or len(module.node_ids) != graph.number_of_nodes():
+            raise InputError(f"`module` was not built from the plan's graph (node {missing[:1] or '?'} differs): "
+                             "use pipeline_module(plan)")
+        for group in groups[1:]:
+            spec[module.qualified_name(group[0])] = SplitPoint.BEGINNING
+        return spec
+    if graph.graph.get("source") != "torch.fx":
+        raise InputError("`module` is a user module but the plan's graph was not imported with from_torch: "
+                         "use the StepsModule of pipeline_module(plan)")
+    calls = _fx_boundaries(graph, module)
+    for index, group in enumerate(groups[1:], start=1):
+        node = group[0]
+        info = calls.get(node)
+        if info is None:
+            raise InputError(f"`plan` does not match `module`: node {node!r} (first of stage {index}) is not a "
+                             "node of its torch.fx trace; plan the module's own from_torch graph")
+        op, target, count = info
+        if op != "call_module":
+            kind = {"placeholder": "a model input", "call_function": f"a call of the function {target!r}",
+                    "call_method": f"a call of the tensor method {target!r}",
+                    "get_attr": f"a read of the attribute {target!r}"}.get(op, op)
+            raise InputError(
+                f"stage {index} cannot begin at node {node!r}: it is {kind}, not a submodule call, and "
+                "torch.distributed.pipelining splits a forward only where a submodule is called (split_spec "
+                "keys are submodule names); plan stages that begin at a module (another `devices` or "
+                "`balance`), or wrap that operation in an nn.Module")
+        if count != 1:
+            raise InputError(
+                f"stage {index} cannot begin at node {node!r}: its submodule {target!r} is called {count} "
+                "times per forward, and a split point there would cut the forward at every call")
+        spec[target] = SplitPoint.BEGINNING
+    return spec
