@@ -131,7 +131,7 @@ def read_text_file(path, *, what, limit=None):
         if isinstance(exc, ValueError):  # an embedded NUL byte
             raise InputError(f"{what} {_show(path)}: not a valid path") from None
         raise _open_error(exc, what, path) from None
-    with os.fdopen(descriptor, "rb") as stream:
+    try:
         info = os.fstat(descriptor)
         if stat.S_ISDIR(info.st_mode):
             raise InputError(f"{what} {_show(path)} is a folder, not a file")
@@ -140,10 +140,12 @@ def read_text_file(path, *, what, limit=None):
         if info.st_size > limit:
             raise InputError(f"{what} {_show(path)} is {info.st_size:,} bytes; cachefit reads files of at most "
                              f"{limit:,} bytes (set CACHEFIT_MAX_FILE_BYTES to raise the limit)")
-        try:
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
             data = stream.read(limit + 1)  # the file may have grown since fstat
-        except OSError as exc:
-            raise _open_error(exc, what, path) from None
+    except OSError as exc:
+        raise _open_error(exc, what, path) from None
+    finally:
+        os.close(descriptor)
     if len(data) > limit:
         raise InputError(f"{what} {_show(path)} is over {limit:,} bytes; cachefit reads files of at most "
                          f"{limit:,} bytes (set CACHEFIT_MAX_FILE_BYTES to raise the limit)")
