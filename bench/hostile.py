@@ -215,6 +215,7 @@ def _huge_file(folder):
 
 P = "plan"
 CASES = [
+    Case("baseline: start-up only (`--version`)", ("--version",), expect=0),
     # files that are not what they claim
     Case("empty file", (P, "{empty}", "-c", "1MB")),
     Case("empty list", (P, "{empty_list}", "-c", "1MB")),
@@ -395,7 +396,8 @@ def run_case(case, files, *, timeout_s=TIMEOUT_S):
     stdout, stderr = streams["out"].decode(errors="replace"), streams["err"].decode(errors="replace")
     lines = [line for line in stderr.splitlines() if line.strip()]
     return {"exit": "timeout" if timed_out else process.returncode, "first": lines[0] if lines else "",
-            "stderr_lines": len(lines), "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024,
+            "stderr_lines": len(lines), "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_mb": usage.ru_maxrss / 1024,
             "traceback": "Traceback" in stdout + stderr}
 
 
@@ -446,27 +448,54 @@ def markdown(rows, *, machine=""):
     """The table (and its summary) as markdown."""
     failing = [(case, why) for case, _, why in rows if why != "ok"]
     pending = [(case, why) for case, why in failing if case.owner]
+    from cachefit import limits
+
     lines = [
         "# Hostile inputs",
         "",
-        "Every row runs `cachefit ARGS` in its own process (`python -m cachefit.bench.hostile`).  Pass: the",
-        f"expected exit code (2 for bad input), no Python traceback, one stderr line for bad input, at most",
-        f"{MAX_WALL_S:g} s wall and {MAX_RSS_MB:g} MB peak memory (interpreter start-up included; peak is the",
-        "child's own `ru_maxrss`).  Files are written fresh into a temporary folder; `{name}` stands for one.",
+        "cachefit answers bad input with one line on stderr and exit code 2, never a Python traceback, and",
+        "refuses inputs too large to plan before it allocates them.  The limits:",
+        "",
+        "| limit | default | override |",
+        "|---|---|---|",
+        f"| size of a file read (JSON, plan, config) | {limits.max_file_bytes() // 2**20} MiB | "
+        "environment variable `CACHEFIT_MAX_FILE_BYTES` (bytes) |",
+        f"| graph nodes (node-link file, layer list, config layers × operators) | {limits.max_nodes():,} | "
+        "environment variable `CACHEFIT_MAX_NODES` |",
+        f"| JSON nesting | {limits.MAX_JSON_DEPTH} levels | - |",
+        f"| a config dimension (width, vocabulary, heads, positions) | 2**{limits.MAX_DIMENSION.bit_length() - 1} | - |",
+        f"| experts of a mixture-of-experts config | 2**{limits.MAX_EXPERTS.bit_length() - 1} | - |",
+        f"| batch × seq_len | 2**{limits.MAX_TOKENS.bit_length() - 1} tokens | - |",
+        f"| one node's bytes or flops, estimated from a config | 2**{limits.MAX_FIGURE.bit_length() - 1} | - |",
+        "",
+        "Only regular files are read (not `/dev/zero`, FIFOs, sockets; a folder must hold a `config.json`);",
+        "JSON with `NaN`/`Infinity` or integers longer than Python converts (4300 digits) is refused.  Every",
+        "embedded model, Llama-3.1-405B and DeepSeek-V3 included, is far inside these limits.  A name such as",
+        "`meta-llama/Llama-3.1-8B` that is not a local path is answered with what to download: cachefit never",
+        "downloads.",
+        "",
+        "## The table",
+        "",
+        "Every row runs `cachefit ARGS` in its own process (`python -m cachefit.bench.hostile --out",
+        f"docs/hostile_inputs.md`).  Pass: the expected exit code (2 for bad input), no traceback, one stderr",
+        f"line for bad input, at most {MAX_WALL_S:g} s wall and {MAX_RSS_MB:g} MB peak memory, interpreter start-up",
+        "included (peak is the child's own `ru_maxrss` from `os.wait4`; CPU s, its user + system time, is less",
+        "sensitive to a loaded machine than wall time).  `{name}` is a file written fresh into a",
+        "temporary folder by `make_files`; the disk-full rows run under `RLIMIT_FSIZE` = 64 bytes.",
         "",
         f"Machine: {machine}" if machine else "",
         "",
-        f"**{len(rows) - len(failing)} of {len(rows)} rows pass**; {len(pending)} failing row(s) depend on work "
-        "in another part of cachefit (column *area*).",
+        f"**{len(rows) - len(failing)} of {len(rows)} rows pass.**  Failing rows whose *area* is set depend on "
+        f"work in that part of cachefit ({len(pending)} row(s)).",
         "",
-        "| # | input | args | expect | exit | first line of stderr | wall s | peak MB | area | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| # | input | args | expect | exit | first line of stderr | wall s | CPU s | peak MB | area | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, (case, result, why) in enumerate(rows, 1):
         args = " ".join(str(arg) if len(str(arg)) <= 40 else str(arg)[:20] + f"…({len(str(arg))} chars)"
                         for arg in case.args)
         lines.append(f"| {index} | {_cell(case.label)} | `{_cell(args, 80)}` | {case.expect} | {result['exit']} | "
-                     f"{_cell(result['first'])} | {result['wall_s']:.2f} | {result['peak_mb']:.0f} | "
+                     f"{_cell(result['first'])} | {result['wall_s']:.2f} | {result['cpu_s']:.2f} | {result['peak_mb']:.0f} | "
                      f"{case.owner or ''} | {_cell(why)} |")
     return "\n".join(line for line in lines) + "\n"
 
