@@ -5,16 +5,33 @@ independently), `Plan` and `Status` (the result), the byte helpers and the
 subpackages `graphs`, `solvers`, `instances`, `executor`, `bench`.
 """
 
-from .api import plan
-from .checker import CheckReport, check
-from .devices import DEVICES, parse_capacity
-from .errors import CachefitError, InputError
-from .memory import MEMORY_MODELS, LayerTable, group_sizes
-from .result import Plan, Status
-from .stages import stages
-from .estimate import Estimate, estimate
-from .units import format_bytes, parse_bytes
-from . import graphs, instances, solvers  # noqa: E402  (subpackages users reach as attributes)
+import importlib
+
+# Public names resolve on first use (PEP 562), so `cachefit --help` or a
+# refused input does not pay for networkx, numpy or the solvers.
+_EXPORTS = {
+    "plan": "api", "check": "checker", "CheckReport": "checker", "DEVICES": "devices",
+    "parse_capacity": "devices", "CachefitError": "errors", "InputError": "errors",
+    "MEMORY_MODELS": "memory", "LayerTable": "memory", "group_sizes": "memory", "Plan": "result",
+    "Status": "result", "stages": "stages", "Estimate": "estimate", "estimate": "estimate", "format_bytes": "units", "parse_bytes": "units",
+}
+_SUBPACKAGES = ("graphs", "instances", "solvers")
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+
 
 __version__ = "0.1.0"
 

@@ -241,10 +241,10 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
 @friendly
 def check_command(plan_file):
     """Check PLAN_FILE independently: coverage, order, sizes, capacity."""
-    from .checker import check
     from .result import Plan
 
     plan = Plan.from_json(plan_file)
+    from .checker import check  # after parsing: a malformed file is refused without loading numpy
     report = check(plan)
     if report.ok:
         console.print(f"[green]ok[/]: {plan.k} group(s), status {plan.status}, all sizes recomputed "

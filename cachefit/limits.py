@@ -15,6 +15,7 @@ file size                  64 MiB              ``CACHEFIT_MAX_FILE_BYTES``
 graph nodes                2,000,000           ``CACHEFIT_MAX_NODES``
 JSON nesting               100 levels          (fixed)
 a config dimension         2**24               (fixed)
+experts                    2**16               (fixed)
 batch × seq_len            2**32 tokens        (fixed)
 one node's bytes or flops  2**60               (fixed, estimated from config)
 =========================  ==================  ===============================
@@ -44,7 +45,7 @@ from collections.abc import Mapping
 
 from .errors import InputError
 
-__all__ = ["MAX_JSON_DEPTH", "MAX_DIMENSION", "MAX_TOKENS", "MAX_FIGURE", "max_file_bytes", "max_nodes",
+__all__ = ["MAX_JSON_DEPTH", "MAX_DIMENSION", "MAX_EXPERTS", "MAX_TOKENS", "MAX_FIGURE", "max_file_bytes", "max_nodes",
            "read_text_file", "parse_json", "read_json_file", "check_node_count", "check_tokens",
            "check_config_size"]
 
@@ -52,6 +53,8 @@ __all__ = ["MAX_JSON_DEPTH", "MAX_DIMENSION", "MAX_TOKENS", "MAX_FIGURE", "max_f
 MAX_JSON_DEPTH = 100
 #: Largest width, vocabulary, head, expert or position count a config may give.
 MAX_DIMENSION = 2**24
+#: Largest number of experts of a mixture-of-experts config.
+MAX_EXPERTS = 2**16
 #: Largest batch × seq_len.
 MAX_TOKENS = 2**32
 #: Largest byte count or flop count one node may be estimated to need.
@@ -128,7 +131,7 @@ def read_text_file(path, *, what, limit=None):
         if isinstance(exc, ValueError):  # an embedded NUL byte
             raise InputError(f"{what} {_show(path)}: not a valid path") from None
         raise _open_error(exc, what, path) from None
-    with os.fdopen(descriptor, "rb") as stream:
+    try:
         info = os.fstat(descriptor)
         if stat.S_ISDIR(info.st_mode):
             raise InputError(f"{what} {_show(path)} is a folder, not a file")
@@ -137,10 +140,12 @@ def read_text_file(path, *, what, limit=None):
         if info.st_size > limit:
             raise InputError(f"{what} {_show(path)} is {info.st_size:,} bytes; cachefit reads files of at most "
                              f"{limit:,} bytes (set CACHEFIT_MAX_FILE_BYTES to raise the limit)")
-        try:
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
             data = stream.read(limit + 1)  # the file may have grown since fstat
-        except OSError as exc:
-            raise _open_error(exc, what, path) from None
+    except OSError as exc:
+        raise _open_error(exc, what, path) from None
+    finally:
+        os.close(descriptor)
     if len(data) > limit:
         raise InputError(f"{what} {_show(path)} is over {limit:,} bytes; cachefit reads files of at most "
                          f"{limit:,} bytes (set CACHEFIT_MAX_FILE_BYTES to raise the limit)")
@@ -247,7 +252,7 @@ def check_config_size(config, *, batch=1, seq_len=2048, granularity="block"):
     >>> check_config_size(cfg)
     Traceback (most recent call last):
     ...
-    cachefit.errors.InputError: `config['num_hidden_layers']` = 1,000,000,000 would make 1,000,000,004 nodes; cachefit plans graphs of at most 2,000,000 (set CACHEFIT_MAX_NODES to raise the limit)
+    cachefit.errors.InputError: `config` (1,000,000,000 layers × 17 operators per layer) would make 17,000,000,004 nodes; cachefit plans graphs of at most 2,000,000 (set CACHEFIT_MAX_NODES to raise the limit)
     """
     from .graphs.transformer import normalize_config
 
@@ -259,9 +264,13 @@ def check_config_size(config, *, batch=1, seq_len=2048, granularity="block"):
         value = cfg.get(key)
         if isinstance(value, int) and value > MAX_DIMENSION:
             raise InputError(f"`config['{key}']` must be at most {MAX_DIMENSION:,}, got {value:,}")
+    if (cfg.get("num_local_experts") or 0) > MAX_EXPERTS:
+        raise InputError(f"`config['num_local_experts']` must be at most {MAX_EXPERTS:,}, "
+                         f"got {cfg['num_local_experts']:,}")
     layers, experts = cfg["num_hidden_layers"], max(1, cfg.get("num_local_experts") or 0)
-    per_block = 1 if granularity != "op" else 16 + experts
-    check_node_count(layers * per_block + 4, what=f"`config['num_hidden_layers']` = {layers:,}")
+    # the builder's work is layers × operators per block at either granularity
+    check_node_count(layers * (16 + experts) + 4,
+                     what=f"`config` ({layers:,} layers × {16 + experts:,} operators per layer)")
     hidden, inner = cfg["hidden_size"], cfg["intermediate_size"]
     heads, head_dim = cfg["num_attention_heads"], cfg["head_dim"]
     tokens = batch * seq_len

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from .errors import InputError
 from .limits import check_config_size, check_node_count, check_tokens, read_json_file
-from .result import PLAN_FORMAT, graph_from_data
-from .validation import validate
 
 __all__ = ["load_model", "parse_dims"]
 
@@ -40,8 +38,7 @@ def _missing(spec):
         return InputError(f"`MODEL` {spec!r} is not a local file; it looks like a Hugging Face hub id, and "
                           f"cachefit does not download: fetch the model's config.json (or the checkpoint "
                           f"folder), e.g. `huggingface-cli download {spec} config.json`, and pass its local path")
-    shown = spec if len(spec) <= 200 else spec[:200] + "…"
-    return InputError(f"`MODEL` {shown!r} is neither a file nor an embedded model; "
+    return InputError(f"`MODEL` {_short(spec)!r} is neither a file nor an embedded model; "
                       f"embedded models: {', '.join(instances.names())}")
 
 
@@ -61,16 +58,26 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
     InputError
         Naming ``MODEL``: no such file or embedded model (a hub id is told
         what to fetch), a file that is not one of the accepted kinds, too
-        large (`cachefit.limits`), not UTF-8 or not JSON, or a graph that
-        does not validate.
+        large (`cachefit.limits`), not UTF-8 or not JSON, a graph that does
+        not validate, or one without nodes (nothing to plan).
     """
-    from . import instances
-
-    kv_args = {"phase": phase, "context": context}
-
     check_tokens(batch, seq_len)
     spec = os.fspath(spec)
+    graph = _load_graph(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, dims=dims,
+                        kv_args={"phase": phase, "context": context})
+    if graph.number_of_nodes() == 0:
+        raise InputError(f"`MODEL` {_short(spec)!r} holds no layers or nodes: there is nothing to plan")
+    return graph
+
+
+def _short(text):
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _load_graph(spec, *, batch, seq_len, dtype, granularity, dims, kv_args):
     if not _exists(spec):
+        from . import instances
+
         if spec in instances.names():
             defaults = instances.info(spec)
             check_tokens(batch or defaults["batch"], seq_len or defaults["seq_len"])
@@ -90,6 +97,9 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
         from .graphs import from_onnx
         return from_onnx(path, dims=dims)
     data = read_json_file(path, what="`MODEL` file")
+    from .result import PLAN_FORMAT, graph_from_data
+    from .validation import validate
+
     if isinstance(data, list):
         from .graphs import from_layers
         check_node_count(len(data), what=f"`MODEL` file {str(path)!r}")

@@ -11,11 +11,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
-import networkx as nx
-
 from .errors import InputError
-from .memory import LayerTable
-from .validation import validate
 
 __all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "graph_to_data", "graph_from_data",
            "write_text_atomic"]
@@ -209,12 +205,20 @@ class Plan:
             wall_s=float(data["wall_s"]),
             stats=dict(data.get("stats", {})),
             reason=str(data.get("reason", "")),
-            graph=validate(graph_from_data(data["graph"])),  # ids are strings: partitions can name them
+            graph=_validated(graph_from_data(data["graph"])),  # ids are strings: partitions can name them
         )
+
+
+def _validated(graph):
+    from .validation import validate  # networkx and numpy load only once a graph is read (fast refusals)
+
+    return validate(graph)
 
 
 def graph_to_data(graph):
     """networkx node-link data of `graph` (a DiGraph or a LayerTable), JSON-ready."""
+    from .memory import LayerTable
+
     if isinstance(graph, LayerTable):
         graph = graph.to_graph()
     return {
@@ -238,6 +242,8 @@ def graph_from_data(data, *, what="plan field 'graph'"):
     InputError
         Naming `what` and the node or edge at fault.
     """
+    import networkx as nx
+
     from .limits import check_node_count
 
     if not isinstance(data, dict):
