@@ -28,7 +28,9 @@ __all__ = ["from_hf_config", "SUPPORTED_MODEL_TYPES"]
 logger = logging.getLogger(__name__)
 
 #: The HF ``model_type`` values `from_hf_config` builds.
-SUPPORTED_MODEL_TYPES = ("bert", "falcon", "gpt2", "llama", "mistral", "mixtral", "opt", "qwen2")
+SUPPORTED_MODEL_TYPES = ("bert", "deepseek_v2", "deepseek_v3", "falcon", "gemma2", "gemma3_text",
+                         "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
+                         "qwen2_moe", "qwen3", "qwen3_moe", "starcoder2")
 
 # Other spellings of a supported model_type (the pre-transformers Falcon configs).
 _MODEL_TYPE_ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon"}
@@ -43,6 +45,11 @@ _ARCHITECTURES = {
     "OPTForCausalLM": "opt", "OPTModel": "opt",
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
     "FalconForCausalLM": "falcon", "FalconModel": "falcon", "RWForCausalLM": "falcon",
+    "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+    "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "GPTNeoXForCausalLM": "gpt_neox",
+    "Starcoder2ForCausalLM": "starcoder2",
 }
 
 
@@ -211,7 +218,11 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
     ``word_embed_proj_dim``: when it differs from ``hidden_size``
     (OPT-350m) the token table is that narrow and two bias-free projections,
     ``project_in`` after the embedding and ``project_out`` before the tied LM
-    head, are added, which reproduces HF's parameter count exactly.
+    head, are added, which reproduces HF's parameter count exactly.  The
+    other families' quirks (Gemma's extra norms, DeepSeek's latent attention
+    and dense first layers, Qwen-MoE's shared expert, ...) are translated by
+    `cachefit.graphs.transformer.normalize_config`'s per-family translators;
+    every family's count is tested against transformers' own model.
 
     Building is O(layers × ops per block), as `transformer`.
 
@@ -225,7 +236,7 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
     >>> from_hf_config({"model_type": "t5", "d_model": 512})
     Traceback (most recent call last):
     ...
-    cachefit.errors.InputError: `model_type` 't5' is not supported; supported: bert, falcon, gpt2, llama, mistral, mixtral, opt, qwen2
+    cachefit.errors.InputError: `model_type` 't5' is not supported; supported: bert, deepseek_v2, ...
     """
     config, label, source = _read(path_or_mapping)
     model_type = _model_type(config)

@@ -37,12 +37,28 @@ Read from the mapping (HF aliases in brackets; ``null`` counts as absent):
 ``embedding_norm``     a norm right after the embedding (BERT)
 ``final_norm``         a norm after the last block
 ``head``               ``"lm"`` (LM head), ``"pooler"`` (BERT pooler), ``"none"``
+``sandwich_norms``     norm the attention and MLP outputs before each add (Gemma)
+``qk_norm``            per-head RMSNorm of q and k (Qwen3, Gemma 3)
+``attention``          ``"mha"`` or ``"mla"`` (DeepSeek's multi-head latent
+                       attention: ``q_lora_rank`` (0: none), ``kv_lora_rank``,
+                       ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``)
+``dense_layers``       layers that keep a dense MLP in a mixture-of-experts model
 =====================  =====================================================
 
+Mixture of experts also reads ``moe_intermediate_size`` (an expert's width;
+default ``intermediate_size``), ``shared_expert_intermediate_size`` (one
+always-on expert; 0: none) and ``shared_expert_gate`` (its 1-wide gate).
+
 Each has a default per ``model_type`` (`MODEL_TYPES`); a config without
-``model_type`` gets the Llama defaults.  OPT's ``enable_bias`` and
-``do_layer_norm_before`` and falcon's ``bias``, ``parallel_attn``,
-``new_decoder_architecture``, ``multi_query`` and ``alibi`` are translated.
+``model_type`` gets the Llama defaults.  A family's own HF fields are
+translated by its entry in ``_TRANSLATORS`` (one small function each): OPT's
+``enable_bias`` and ``do_layer_norm_before``; falcon's ``bias``,
+``parallel_attn``, ``new_decoder_architecture``, ``multi_query`` and
+``alibi``; GPT-NeoX's ``use_parallel_residual``; StarCoder2's ``use_bias``;
+Qwen-MoE's ``decoder_sparse_step``, ``mlp_only_layers`` and shared expert;
+DeepSeek's ``first_k_dense_replace``, ``n_shared_experts`` and null
+``q_lora_rank``.  ``num_experts`` and ``n_routed_experts`` spell
+``num_local_experts``.
 
 Nodes
 -----
@@ -73,6 +89,9 @@ keys:
 ``expert``      ``expert``, ``in_features``, ``intermediate_size``, ``mlp``,
                 ``fn``, ``bias``, ``rows``
 ``moe_combine`` ``num_experts``, ``experts_per_token``, ``width``
+``head_norm``   ``width`` (= ``head_dim``), ``num_heads``, ``norm``, ``eps``
+``mla_attention`` ``num_heads``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+                ``v_head_dim``, ``causal``
 ``pooler``      ``in_features``, ``out_features``, ``bias``, ``fn="tanh"``
 ``block``       a whole transformer block: every shape key above
 ==============  ==========================================================
@@ -129,6 +148,20 @@ MODEL_TYPES = {
                  causal=False, embedding_norm=True, final_norm=False, head="pooler"),
     "falcon": dict(_LLAMA, mlp="fc", norm="layernorm", parallel_attention=True,
                    hidden_act="gelu", tie_word_embeddings=True, norm_eps=1e-5),
+    "phi3": dict(_LLAMA),
+    "gemma2": dict(_LLAMA, sandwich_norms=True, hidden_act="gelu_pytorch_tanh",
+                   tie_word_embeddings=True),
+    "gemma3_text": dict(_LLAMA, sandwich_norms=True, qk_norm=True,
+                        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+    "qwen2_moe": dict(_LLAMA, attention_bias=True, attention_out_bias=False),
+    "qwen3": dict(_LLAMA, qk_norm=True),
+    "qwen3_moe": dict(_LLAMA, qk_norm=True),
+    "deepseek_v2": dict(_LLAMA, attention="mla"),
+    "deepseek_v3": dict(_LLAMA, attention="mla"),
+    "gpt_neox": dict(_LLAMA, mlp="fc", norm="layernorm", parallel_norms=2,
+                     attention_bias=True, mlp_bias=True, hidden_act="gelu", norm_eps=1e-5),
+    "starcoder2": dict(_LLAMA, mlp="fc", norm="layernorm", attention_bias=True, mlp_bias=True,
+                       hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, norm_eps=1e-5),
 }
 
 _ALIASES = {
@@ -138,8 +171,9 @@ _ALIASES = {
     "num_key_value_heads": ("num_kv_heads",),
     "intermediate_size": ("n_inner", "ffn_dim", "ffn_hidden_size"),
     "max_position_embeddings": ("n_positions",),
-    "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"),
-    "hidden_act": ("activation_function",),
+    "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"),
+    "hidden_act": ("activation_function", "hidden_activation"),
+    "num_local_experts": ("num_experts", "n_routed_experts"),
 }
 
 # HF activation names -> the `fn` names the graph uses.
@@ -204,6 +238,250 @@ def _choice(config, key, default):
     return value
 
 
+def _opt(config):
+    """OPT: ``enable_bias``, ``do_layer_norm_before``; no embedding projections here."""
+    proj = config.get("word_embed_proj_dim")
+    if proj is not None and proj != config.get("hidden_size"):
+        raise InputError(
+            f"`config['word_embed_proj_dim']` must equal `hidden_size` "
+            f"(OPT's embedding projections are not modelled), got {proj!r}")
+    found = {}
+    if config.get("enable_bias") is not None:
+        found["attention_bias"] = found["mlp_bias"] = bool(config["enable_bias"])
+    if config.get("do_layer_norm_before") is False:
+        found.update(norm_position="post", final_norm=False)
+    return found
+
+
+def _falcon(config):
+    """Falcon: ``bias``, ``parallel_attn``, ``new_decoder_architecture``, ``alibi``, multi-query."""
+    found = {}
+    if config.get("bias") is not None:
+        found["attention_bias"] = found["mlp_bias"] = bool(config["bias"])
+    if config.get("parallel_attn") is not None:
+        found["parallel_attention"] = bool(config["parallel_attn"])
+    if config.get("new_decoder_architecture"):
+        found.update(parallel_attention=True, parallel_norms=2)
+    elif config.get("multi_query", True):
+        found["num_key_value_heads"] = 1
+    if config.get("alibi"):
+        found["position_embedding"] = "none"
+    return found
+
+
+def _gpt_neox(config):
+    """GPT-NeoX: ``use_parallel_residual`` (two norms, attention and MLP side by side)."""
+    return {"parallel_attention": bool(config.get("use_parallel_residual", True))}
+
+
+def _starcoder2(config):
+    """StarCoder2: ``use_bias`` on every projection."""
+    if config.get("use_bias") is None:
+        return {}
+    return dict.fromkeys(("attention_bias", "attention_out_bias", "mlp_bias"), bool(config["use_bias"]))
+
+
+def _qwen_moe(config):
+    """Qwen MoE: layers listed in ``mlp_only_layers`` or off ``decoder_sparse_step`` stay dense."""
+    found = {}
+    if config.get("shared_expert_intermediate_size"):
+        found["shared_expert_gate"] = True
+    layers, step = config.get("num_hidden_layers"), config.get("decoder_sparse_step") or 1
+    if isinstance(layers, Integral) and isinstance(step, Integral) and step > 0:
+        only = set(config.get("mlp_only_layers") or ())
+        found["dense_layers"] = [i for i in range(layers) if i in only or (i + 1) % step]
+    return found
+
+
+def _deepseek(config):
+    """DeepSeek-V2/V3: the first ``first_k_dense_replace`` layers dense; shared experts."""
+    found = {}
+    k, layers = config.get("first_k_dense_replace"), config.get("num_hidden_layers")
+    if isinstance(k, Integral) and isinstance(layers, Integral):
+        found["dense_layers"] = list(range(min(int(k), int(layers))))
+    shared, inner = config.get("n_shared_experts"), config.get("moe_intermediate_size")
+    if isinstance(shared, Integral) and isinstance(inner, Integral):
+        found["shared_expert_intermediate_size"] = int(shared) * int(inner)
+    if config.get("q_lora_rank") is None and "q_lora_rank" in config:
+        found["q_lora_rank"] = 0  # HF writes null for "no low-rank query"
+    return found
+
+
+#: model_type -> the function that translates that family's own HF fields
+#: into cachefit's keys (each applied only where the config does not give the
+#: key itself, under any spelling).
+_TRANSLATORS = {
+    "opt": _opt,
+    "falcon": _falcon,
+    "gpt_neox": _gpt_neox,
+    "starcoder2": _starcoder2,
+    "qwen2_moe": _qwen_moe,
+    "qwen3_moe": _qwen_moe,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+}
+
+#: model_type -> HF fields that family's own model code never reads (GPT-NeoX
+#: has no grouped-query attention, whatever a config says), dropped first.
+_UNREAD = {"gpt_neox": ("num_key_value_heads", "num_kv_heads")}
+
+
+def _family_view(config):
+    """(model_type, structural defaults, config with the family's translations filled in)."""
+    if not isinstance(config, Mapping):
+        raise InputError(f"`config` must be a mapping of HF config fields, "
+                         f"got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise InputError(
+            f"`config['model_type']` must be one of {', '.join(sorted(MODEL_TYPES))} "
+            f"(or absent, for Llama-style defaults with explicit structural keys), "
+            f"got {model_type!r}")
+    family = dict(MODEL_TYPES[model_type or "llama"])
+    view = {key: value for key, value in config.items()
+            if key not in _UNREAD.get(model_type, ())}
+    translate = _TRANSLATORS.get(model_type)
+    for key, value in (translate(config) if translate else {}).items():
+        if _get(config, key)[0] is None:
+            view[key] = value
+    return model_type, family, view
+
+
+def _shape_fields(view, family):
+    """Widths, heads, vocabulary, activation and norm: the fields every family reads."""
+    hidden = _field(view, "hidden_size", what="the model width")
+    heads = _field(view, "num_attention_heads", what="the number of attention heads")
+    kv_heads = _field(view, "num_key_value_heads", default=heads)
+    if heads % kv_heads:
+        raise InputError(f"`config['num_key_value_heads']` must divide "
+                         f"`num_attention_heads` = {heads}, got {kv_heads}")
+    if view.get("head_dim") is None and hidden % heads:
+        raise InputError(f"`config['head_dim']` is required when `hidden_size` {hidden} "
+                         f"is not a multiple of `num_attention_heads` {heads}")
+    mlp = _choice(view, "mlp", family["mlp"])
+    act_value, act_key = _get(view, "hidden_act")
+    act_value = family["hidden_act"] if act_value is None else act_value
+    if act_value not in _ACTIVATIONS:
+        raise InputError(f"`config['{act_key}']` must be one of "
+                         f"{', '.join(sorted(_ACTIVATIONS))}, got {act_value!r}")
+    eps_value, eps_key = _get(view, "norm_eps")
+    eps = family["norm_eps"] if eps_value is None else eps_value
+    if (isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps)
+            or eps <= 0):
+        raise InputError(f"`config['{eps_key}']` must be a positive number, got {eps!r}")
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": _field(view, "num_hidden_layers",
+                                    what="the number of transformer blocks"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": _field(view, "head_dim", default=hidden // heads),
+        "intermediate_size": _field(view, "intermediate_size",
+                                    default=4 * hidden if mlp == "fc" else None,
+                                    what="the MLP width"),
+        "vocab_size": _field(view, "vocab_size", minimum=0,
+                             what="the vocabulary size (0 for no embedding and no LM head)"),
+        "mlp": mlp,
+        "hidden_act": _ACTIVATIONS[act_value],
+        "norm": _choice(view, "norm", family["norm"]),
+        "norm_eps": float(eps),
+    }
+
+
+def _layout_fields(view, family, vocab):
+    """Norm placement, parallel attention, positions, biases, embedding norm and head."""
+    norm_position = _choice(view, "norm_position", family["norm_position"])
+    parallel = _flag(view, "parallel_attention", family["parallel_attention"])
+    parallel_norms = _field(view, "parallel_norms", default=family["parallel_norms"])
+    if parallel_norms not in (1, 2):
+        raise InputError(f"`config['parallel_norms']` must be 1 or 2, got {parallel_norms}")
+    if parallel and norm_position == "post":
+        raise InputError("`config['parallel_attention']` must be false when "
+                         "`norm_position` is 'post'")
+    position = _choice(view, "position_embedding", family["position_embedding"])
+    max_positions = 0
+    if position == "learned":
+        max_positions = _field(view, "max_position_embeddings",
+                               what="the rows of the learned position table")
+        if vocab == 0:
+            raise InputError("`config['position_embedding']` 'learned' needs an "
+                             "embedding, but `vocab_size` is 0")
+    elif view.get("max_position_embeddings") is not None:  # 0: the normalised "none"
+        max_positions = _field(view, "max_position_embeddings", minimum=0)
+    position_offset = _field(view, "position_offset", minimum=0, default=family["position_offset"])
+    type_vocab = _field(view, "type_vocab_size", minimum=0, default=family["type_vocab_size"])
+    attention_bias = _flag(view, "attention_bias", family["attention_bias"])
+    embedding_norm = _flag(view, "embedding_norm", family["embedding_norm"])
+    if embedding_norm and vocab == 0:
+        raise InputError("`config['embedding_norm']` must be false when `vocab_size` is 0 "
+                         "(there is no embedding)")
+    return {
+        "tie_word_embeddings": _flag(view, "tie_word_embeddings", family["tie_word_embeddings"]),
+        "norm_position": norm_position,
+        "parallel_attention": parallel,
+        "parallel_norms": parallel_norms if parallel else 1,
+        "sandwich_norms": _flag(view, "sandwich_norms", family.get("sandwich_norms", False)),
+        "qk_norm": _flag(view, "qk_norm", family.get("qk_norm", False)),
+        "position_embedding": position,
+        "max_position_embeddings": max_positions,
+        "position_offset": position_offset if position == "learned" else 0,
+        "type_vocab_size": type_vocab if vocab else 0,
+        "attention_bias": attention_bias,
+        "attention_out_bias": _flag(view, "attention_out_bias",
+                                    family.get("attention_out_bias", attention_bias)),
+        "mlp_bias": _flag(view, "mlp_bias", family["mlp_bias"]),
+        "causal": _flag(view, "causal", family["causal"]),
+        "embedding_norm": embedding_norm,
+        "final_norm": _flag(view, "final_norm", family.get("final_norm", norm_position == "pre")),
+        "head": _choice(view, "head", family["head"]),
+    }
+
+
+def _moe_fields(view, layers, intermediate):
+    """Experts, their width, shared experts and which layers stay dense."""
+    experts = _field(view, "num_local_experts", minimum=0, default=0)
+    if not experts:
+        return {"num_local_experts": 0, "num_experts_per_tok": 0, "moe_intermediate_size": 0,
+                "shared_expert_intermediate_size": 0, "shared_expert_gate": False,
+                "dense_layers": []}
+    top_k = _field(view, "num_experts_per_tok", what="the experts each token is routed to")
+    if top_k > experts:
+        raise InputError(f"`config['num_experts_per_tok']` must be at most "
+                         f"`num_local_experts` = {experts}, got {top_k}")
+    dense = view.get("dense_layers") or []
+    if (not isinstance(dense, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < layers for i in dense)):
+        raise InputError(f"`config['dense_layers']` must list layer indices in [0, {layers}), "
+                         f"got {dense!r}")
+    return {
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": _field(view, "moe_intermediate_size", default=intermediate),
+        "shared_expert_intermediate_size": _field(view, "shared_expert_intermediate_size",
+                                                  minimum=0, default=0),
+        "shared_expert_gate": _flag(view, "shared_expert_gate", False),
+        "dense_layers": sorted({int(i) for i in dense}),
+    }
+
+
+def _attention_fields(view, family):
+    """``attention`` "mha", or "mla" with its low-rank widths (DeepSeek-V2/V3)."""
+    kind = view.get("attention") or family.get("attention", "mha")
+    if kind not in ("mha", "mla"):
+        raise InputError(f"`config['attention']` must be 'mha' or 'mla', got {kind!r}")
+    if kind == "mha":
+        return {"attention": "mha"}
+    what = "multi-head latent attention's width"
+    return {
+        "attention": "mla",
+        "q_lora_rank": _field(view, "q_lora_rank", minimum=0, default=0),
+        "kv_lora_rank": _field(view, "kv_lora_rank", what=what),
+        "qk_nope_head_dim": _field(view, "qk_nope_head_dim", what=what),
+        "qk_rope_head_dim": _field(view, "qk_rope_head_dim", what=what),
+        "v_head_dim": _field(view, "v_head_dim", what=what),
+    }
+
+
 def normalize_config(config):
     """Validate an HF-style config and return its normalised, JSON-ready form.
 
@@ -225,6 +503,14 @@ def normalize_config(config):
         A required field is missing, or a field has the wrong type or value;
         the message names the field.
 
+    Notes
+    -----
+    Three steps: the family's structural defaults (`MODEL_TYPES`), the
+    family's own HF fields translated into cachefit keys by its translator
+    (`_TRANSLATORS`, one small function per family that needs one; a key the
+    config gives itself wins), then the fields every family shares, read by
+    the same few readers.  Normalising a normalised config returns it.
+
     Examples
     --------
     >>> cfg = normalize_config({"model_type": "llama", "hidden_size": 64,
@@ -233,151 +519,14 @@ def normalize_config(config):
     >>> cfg["head_dim"], cfg["num_key_value_heads"], cfg["mlp"], cfg["norm"]
     (16, 4, 'gated', 'rmsnorm')
     """
-    if not isinstance(config, Mapping):
-        raise InputError(f"`config` must be a mapping of HF config fields, "
-                         f"got {type(config).__name__}")
-    model_type = config.get("model_type")
-    if model_type is None:
-        family = MODEL_TYPES["llama"]
-    elif model_type in MODEL_TYPES:
-        family = MODEL_TYPES[model_type]
-    else:
-        raise InputError(
-            f"`config['model_type']` must be one of {', '.join(sorted(MODEL_TYPES))} "
-            f"(or absent, for Llama-style defaults with explicit structural keys), "
-            f"got {model_type!r}")
-    family = dict(family)
-
-    # Family-specific HF fields translated into cachefit's structural keys.
-    if model_type == "opt":
-        if config.get("enable_bias") is not None:
-            family["attention_bias"] = family["mlp_bias"] = bool(config["enable_bias"])
-        if config.get("do_layer_norm_before") is False:
-            family.update(norm_position="post", final_norm=False)
-        proj = config.get("word_embed_proj_dim")
-        if proj is not None and proj != config.get("hidden_size"):
-            raise InputError(
-                f"`config['word_embed_proj_dim']` must equal `hidden_size` "
-                f"(OPT's embedding projections are not modelled), got {proj!r}")
-    if model_type == "falcon":
-        if config.get("bias") is not None:
-            family["attention_bias"] = family["mlp_bias"] = bool(config["bias"])
-        if config.get("parallel_attn") is not None:
-            family["parallel_attention"] = bool(config["parallel_attn"])
-        if config.get("new_decoder_architecture"):
-            family.update(parallel_attention=True, parallel_norms=2)
-        if config.get("alibi"):
-            family["position_embedding"] = "none"
-
-    hidden = _field(config, "hidden_size", what="the model width")
-    layers = _field(config, "num_hidden_layers", what="the number of transformer blocks")
-    heads = _field(config, "num_attention_heads", what="the number of attention heads")
-    kv_default = heads
-    if (model_type == "falcon" and config.get("multi_query", True)
-            and not config.get("new_decoder_architecture")):
-        kv_default = 1
-    kv_heads = _field(config, "num_key_value_heads", default=kv_default)
-    if heads % kv_heads:
-        raise InputError(f"`config['num_key_value_heads']` must divide "
-                         f"`num_attention_heads` = {heads}, got {kv_heads}")
-    if config.get("head_dim") is None and hidden % heads:
-        raise InputError(f"`config['head_dim']` is required when `hidden_size` {hidden} "
-                         f"is not a multiple of `num_attention_heads` {heads}")
-    head_dim = _field(config, "head_dim", default=hidden // heads)
-
-    mlp = _choice(config, "mlp", family["mlp"])
-    intermediate = _field(config, "intermediate_size",
-                          default=4 * hidden if mlp == "fc" else None,
-                          what="the MLP width")
-    vocab = _field(config, "vocab_size", minimum=0,
-                   what="the vocabulary size (0 for no embedding and no LM head)")
-
-    act_value, act_key = _get(config, "hidden_act")
-    act_value = family["hidden_act"] if act_value is None else act_value
-    if act_value not in _ACTIVATIONS:
-        raise InputError(f"`config['{act_key}']` must be one of "
-                         f"{', '.join(sorted(_ACTIVATIONS))}, got {act_value!r}")
-
-    norm = _choice(config, "norm", family["norm"])
-    eps_value, eps_key = _get(config, "norm_eps")
-    eps = family["norm_eps"] if eps_value is None else eps_value
-    if (isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps)
-            or eps <= 0):
-        raise InputError(f"`config['{eps_key}']` must be a positive number, got {eps!r}")
-
-    norm_position = _choice(config, "norm_position", family["norm_position"])
-    parallel = _flag(config, "parallel_attention", family["parallel_attention"])
-    parallel_norms = _field(config, "parallel_norms", default=family["parallel_norms"])
-    if parallel_norms not in (1, 2):
-        raise InputError(f"`config['parallel_norms']` must be 1 or 2, got {parallel_norms}")
-    if parallel and norm_position == "post":
-        raise InputError("`config['parallel_attention']` must be false when "
-                         "`norm_position` is 'post'")
-
-    position = _choice(config, "position_embedding", family["position_embedding"])
-    max_positions = 0
-    if position == "learned":
-        max_positions = _field(config, "max_position_embeddings",
-                               what="the rows of the learned position table")
-        if vocab == 0:
-            raise InputError("`config['position_embedding']` 'learned' needs an "
-                             "embedding, but `vocab_size` is 0")
-    elif config.get("max_position_embeddings") is not None:
-        max_positions = _field(config, "max_position_embeddings")
-    position_offset = _field(config, "position_offset", minimum=0,
-                             default=family["position_offset"])
-    type_vocab = _field(config, "type_vocab_size", minimum=0,
-                        default=family["type_vocab_size"])
-
-    attention_bias = _flag(config, "attention_bias", family["attention_bias"])
-    attention_out_bias = _flag(config, "attention_out_bias",
-                               family.get("attention_out_bias", attention_bias))
-    embedding_norm = _flag(config, "embedding_norm", family["embedding_norm"])
-    if embedding_norm and vocab == 0:
-        raise InputError("`config['embedding_norm']` must be false when `vocab_size` is 0 "
-                         "(there is no embedding)")
-
-    experts = _field(config, "num_local_experts", minimum=0, default=0)
-    top_k = 0
-    if experts:
-        top_k = _field(config, "num_experts_per_tok",
-                       what="the experts each token is routed to")
-        if top_k > experts:
-            raise InputError(f"`config['num_experts_per_tok']` must be at most "
-                             f"`num_local_experts` = {experts}, got {top_k}")
-
+    model_type, family, view = _family_view(config)
+    shape = _shape_fields(view, family)
     return {
         "model_type": model_type,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": intermediate,
-        "vocab_size": vocab,
-        "tie_word_embeddings": _flag(config, "tie_word_embeddings",
-                                     family["tie_word_embeddings"]),
-        "mlp": mlp,
-        "hidden_act": _ACTIVATIONS[act_value],
-        "norm": norm,
-        "norm_eps": float(eps),
-        "norm_position": norm_position,
-        "parallel_attention": parallel,
-        "parallel_norms": parallel_norms if parallel else 1,
-        "position_embedding": position,
-        "max_position_embeddings": max_positions,
-        "position_offset": position_offset if position == "learned" else 0,
-        "type_vocab_size": type_vocab if vocab else 0,
-        "attention_bias": attention_bias,
-        "attention_out_bias": attention_out_bias,
-        "mlp_bias": _flag(config, "mlp_bias", family["mlp_bias"]),
-        "causal": _flag(config, "causal", family["causal"]),
-        "num_local_experts": experts,
-        "num_experts_per_tok": top_k,
-        "embedding_norm": embedding_norm,
-        "final_norm": _flag(config, "final_norm",
-                            family.get("final_norm", norm_position == "pre")),
-        "head": _choice(config, "head", family["head"]),
+        **shape,
+        **_layout_fields(view, family, shape["vocab_size"]),
+        **_moe_fields(view, shape["num_hidden_layers"], shape["intermediate_size"]),
+        **_attention_fields(view, family),
     }
 
 
@@ -397,8 +546,8 @@ def _linear(role, in_features, out_features, bias, rows, size):
             "out_features": out_features, "bias": bias}
 
 
-def _norm(role, cfg, rows, size):
-    width = cfg["hidden_size"]
+def _norm(role, cfg, rows, size, width=None):
+    width = cfg["hidden_size"] if width is None else width
     params = width * (2 if cfg["norm"] == "layernorm" else 1)
     return {"op": "norm", "role": role, **_bytes(params, rows, width, size), "flops": 0,
             "width": width, "norm": cfg["norm"], "eps": cfg["norm_eps"]}
@@ -409,8 +558,9 @@ def _elementwise(op, role, width, rows, size, **shape):
             "width": width, **shape}
 
 
-def _mlp_params(cfg):
-    hidden, inner, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg["mlp_bias"]
+def _mlp_params(cfg, inner=None):
+    hidden, bias = cfg["hidden_size"], cfg["mlp_bias"]
+    inner = cfg["intermediate_size"] if inner is None else inner
     if cfg["mlp"] == "gated":
         return 3 * hidden * inner + ((2 * inner + hidden) if bias else 0)
     return 2 * hidden * inner + ((inner + hidden) if bias else 0)
@@ -420,30 +570,58 @@ def _mlp_fn(cfg):
     return cfg["hidden_act"] + ("_mul" if cfg["mlp"] == "gated" else "")
 
 
-def _mlp_ops(cfg, source, batch, seq_len, size):
-    """The MLP's ops as (name, attrs, predecessors); the last one is its output."""
+def _is_moe_layer(cfg, layer):
+    """Whether block `layer` (None: a typical block) has experts rather than a dense MLP."""
+    if not cfg["num_local_experts"]:
+        return False
+    return layer is None or layer not in cfg.get("dense_layers", ())
+
+
+def _expert(cfg, role, index, inner, rows, size):
+    """One expert (or the shared expert) holding its whole MLP, run on `rows` tokens."""
+    params = _mlp_params(cfg, inner)
+    attrs = {"op": "expert", "role": role, **_bytes(params, rows, cfg["hidden_size"], size),
+             "flops": 2 * params * rows, "in_features": cfg["hidden_size"],
+             "intermediate_size": inner, "mlp": cfg["mlp"], "fn": _mlp_fn(cfg),
+             "bias": cfg["mlp_bias"], "rows": rows}
+    if index is not None:
+        attrs["expert"] = index
+    return attrs
+
+
+def _moe_ops(cfg, source, tokens, size):
+    """Router, routed experts, shared expert (and its gate), combine."""
+    hidden, experts, top_k = cfg["hidden_size"], cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    inner = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    rows = -(-tokens * top_k // experts)  # each expert runs on its expected share of the tokens
+    ops = [("router", _linear("router", hidden, experts, False, tokens, size), [source])]
+    names = [f"expert.{index}" for index in range(experts)]
+    ops += [(name, _expert(cfg, "expert", index, inner, rows, size), [source, "router"])
+            for index, name in enumerate(names)]
+    shared = cfg.get("shared_expert_intermediate_size", 0)
+    if shared:
+        ops.append(("shared_expert", _expert(cfg, "shared_expert", None, shared, tokens, size),
+                    [source]))
+        names.append("shared_expert")
+        if cfg.get("shared_expert_gate"):
+            ops.append(("shared_gate", _linear("shared_gate", hidden, 1, False, tokens, size),
+                        [source]))
+            names.append("shared_gate")
+    ops.append(("combine", _elementwise("moe_combine", "combine", hidden, tokens, size,
+                                        num_experts=experts, experts_per_token=top_k),
+                ["router", *names]))
+    return ops
+
+
+def _mlp_ops(cfg, source, batch, seq_len, size, *, moe=None):
+    """The MLP's ops as (name, attrs, predecessors); the last one is its output.
+
+    `moe` None: experts when the config has them.
+    """
     hidden, inner, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg["mlp_bias"]
     tokens = batch * seq_len
-    experts, top_k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
-    if experts:
-        # Each expert runs on its expected routed share of the tokens.
-        rows = -(-tokens * top_k // experts)
-        params = _mlp_params(cfg)
-        ops = [("router", _linear("router", hidden, experts, False, tokens, size), [source])]
-        names = []
-        for index in range(experts):
-            name = f"expert.{index}"
-            names.append(name)
-            ops.append((name, {"op": "expert", "role": "expert", "expert": index,
-                               **_bytes(params, rows, hidden, size),
-                               "flops": 2 * params * rows, "in_features": hidden,
-                               "intermediate_size": inner, "mlp": cfg["mlp"],
-                               "fn": _mlp_fn(cfg), "bias": bias, "rows": rows},
-                        [source, "router"]))
-        ops.append(("combine", _elementwise("moe_combine", "combine", hidden, tokens, size,
-                                            num_experts=experts, experts_per_token=top_k),
-                    ["router", *names]))
-        return ops
+    if cfg["num_local_experts"] if moe is None else moe:
+        return _moe_ops(cfg, source, tokens, size)
     if cfg["mlp"] == "gated":
         return [
             ("gate", _linear("gate", hidden, inner, bias, tokens, size), [source]),
@@ -460,7 +638,47 @@ def _mlp_ops(cfg, source, batch, seq_len, size):
     ]
 
 
+def _mla_ops(cfg, source, batch, seq_len, size):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value paths."""
+    hidden, heads, bias = cfg["hidden_size"], cfg["num_attention_heads"], cfg["attention_bias"]
+    tokens = batch * seq_len
+    q_rank, kv_rank = cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    nope, rope, v_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    q_width = heads * (nope + rope)
+    if q_rank:
+        ops = [("q_a", _linear("q_a", hidden, q_rank, bias, tokens, size), [source]),
+               ("q_a_norm", _norm("q_a_norm", cfg, tokens, size, q_rank), ["q_a"]),
+               ("q", _linear("q", q_rank, q_width, False, tokens, size), ["q_a_norm"])]
+    else:
+        ops = [("q", _linear("q", hidden, q_width, False, tokens, size), [source])]
+    flops = 2 * batch * seq_len * seq_len * heads * (nope + rope + v_dim)
+    if cfg["causal"]:
+        flops //= 2
+    return ops + [
+        ("kv_a", _linear("kv_a", hidden, kv_rank + rope, bias, tokens, size), [source]),
+        ("kv_a_norm", _norm("kv_a_norm", cfg, tokens, size, kv_rank), ["kv_a"]),
+        ("kv_b", _linear("kv_b", kv_rank, heads * (nope + v_dim), False, tokens, size),
+         ["kv_a_norm"]),
+        ("attn", {"op": "mla_attention", "role": "attn",
+                  **_bytes(0, tokens, heads * v_dim, size), "flops": flops, "num_heads": heads,
+                  "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v_dim,
+                  "causal": cfg["causal"]}, ["q", "kv_a", "kv_b"]),
+        ("o", _linear("o", heads * v_dim, hidden, bias, tokens, size), ["attn"]),
+    ]
+
+
+def _qk_norm(role, cfg, heads, tokens, size, pred):
+    """Qwen3/Gemma3's per-head RMSNorm of q or k (one ``head_dim`` weight shared by the heads)."""
+    head_dim = cfg["head_dim"]
+    attrs = _norm(role, cfg, tokens, size, head_dim)
+    attrs.update(op="head_norm", activation_bytes=tokens * heads * head_dim * size,
+                 num_heads=heads)
+    return (role, attrs, [pred])
+
+
 def _attention_ops(cfg, source, batch, seq_len, size):
+    if cfg.get("attention") == "mla":
+        return _mla_ops(cfg, source, batch, seq_len, size)
     hidden, heads, kv_heads = (cfg["hidden_size"], cfg["num_attention_heads"],
                                cfg["num_key_value_heads"])
     head_dim, bias = cfg["head_dim"], cfg["attention_bias"]
@@ -468,32 +686,46 @@ def _attention_ops(cfg, source, batch, seq_len, size):
     flops = 4 * batch * seq_len * seq_len * heads * head_dim
     if cfg["causal"]:
         flops //= 2
-    return [
+    ops = [
         ("q", _linear("q", hidden, heads * head_dim, bias, tokens, size), [source]),
         ("k", _linear("k", hidden, kv_heads * head_dim, bias, tokens, size), [source]),
         ("v", _linear("v", hidden, kv_heads * head_dim, bias, tokens, size), [source]),
+    ]
+    q, k = "q", "k"
+    if cfg.get("qk_norm"):
+        ops += [_qk_norm("q_norm", cfg, heads, tokens, size, "q"),
+                _qk_norm("k_norm", cfg, kv_heads, tokens, size, "k")]
+        q, k = "q_norm", "k_norm"
+    return ops + [
         ("attn", {"op": "attention", "role": "attn",
                   **_bytes(0, tokens, heads * head_dim, size), "flops": flops,
                   "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
                   "causal": cfg["causal"], "rope": cfg["position_embedding"] == "rope"},
-         ["q", "k", "v"]),
+         [q, k, "v"]),
         ("o", _linear("o", heads * head_dim, hidden, cfg["attention_out_bias"], tokens, size),
          ["attn"]),
     ]
 
 
-def block_ops(cfg, batch, seq_len, size):
+def block_ops(cfg, batch, seq_len, size, layer=None):
     """One block's ops as (name, attrs, predecessors), in execution order.
 
     ``"@in"`` stands for the block's input; the last op is the block's output.
+    `layer` picks a dense or a mixture-of-experts MLP for models that mix
+    them (DeepSeek's first layers, Qwen-MoE's ``mlp_only_layers``); None
+    gives a typical block (experts when the model has any).
     """
     hidden, tokens = cfg["hidden_size"], batch * seq_len
+    moe = _is_moe_layer(cfg, layer)
 
     def add(role, *preds):
         return (role, _elementwise("add", role, hidden, tokens, size), list(preds))
 
     def norm(role, *preds):
         return (role, _norm(role, cfg, tokens, size), list(preds))
+
+    def mlp(source):
+        return _mlp_ops(cfg, source, batch, seq_len, size, moe=moe)
 
     if cfg["parallel_attention"]:
         ops = [norm("attn_norm", "@in")]
@@ -502,19 +734,24 @@ def block_ops(cfg, batch, seq_len, size):
             ops.append(norm("mlp_norm", "@in"))
             mlp_input = "mlp_norm"
         ops += _attention_ops(cfg, "attn_norm", batch, seq_len, size)
-        ops += _mlp_ops(cfg, mlp_input, batch, seq_len, size)
+        ops += mlp(mlp_input)
         ops.append(add("add", "@in", "o", ops[-1][0]))
         return ops
     if cfg["norm_position"] == "post":
         ops = _attention_ops(cfg, "@in", batch, seq_len, size)
         ops += [add("attn_add", "@in", "o"), norm("attn_norm", "attn_add")]
-        ops += _mlp_ops(cfg, "attn_norm", batch, seq_len, size)
+        ops += mlp("attn_norm")
         ops += [add("mlp_add", "attn_norm", ops[-1][0]), norm("mlp_norm", "mlp_add")]
         return ops
+    sandwich = cfg.get("sandwich_norms", False)
     ops = [norm("attn_norm", "@in")]
     ops += _attention_ops(cfg, "attn_norm", batch, seq_len, size)
-    ops += [add("attn_add", "@in", "o"), norm("mlp_norm", "attn_add")]
-    ops += _mlp_ops(cfg, "mlp_norm", batch, seq_len, size)
+    if sandwich:  # Gemma 2/3: the attention and MLP outputs are normed before each add
+        ops.append(norm("post_attn_norm", "o"))
+    ops += [add("attn_add", "@in", ops[-1][0]), norm("mlp_norm", "attn_add")]
+    ops += mlp("mlp_norm")
+    if sandwich:
+        ops.append(norm("post_mlp_norm", ops[-1][0]))
     ops.append(add("mlp_add", "attn_add", ops[-1][0]))
     return ops
 
@@ -535,7 +772,10 @@ def _block_node(cfg, ops, index, batch, seq_len, size):
         "attention_bias": cfg["attention_bias"],
         "attention_out_bias": cfg["attention_out_bias"], "mlp_bias": cfg["mlp_bias"],
         "causal": cfg["causal"], "rope": cfg["position_embedding"] == "rope",
-        "num_experts": cfg["num_local_experts"], "experts_per_token": cfg["num_experts_per_tok"],
+        "num_experts": cfg["num_local_experts"] if _is_moe_layer(cfg, index) else 0,
+        "experts_per_token": cfg["num_experts_per_tok"] if _is_moe_layer(cfg, index) else 0,
+        **{key: cfg[key] for key in ("qk_norm", "sandwich_norms") if cfg.get(key)},
+        **({"attention": "mla"} if cfg.get("attention") == "mla" else {}),
     }
 
 
@@ -592,7 +832,8 @@ def param_breakdown(config):
     -------
     dict
         ``embedding`` (token, position and token-type tables and the embedding
-        norm), ``blocks`` (all blocks), ``per_block``, ``final_norm``,
+        norm), ``blocks`` (all blocks), ``per_block`` (one typical block:
+        one with experts when the model has any), ``final_norm``,
         ``head`` (the untied LM head or the pooler; 0 for a tied LM head) and
         ``total``.
 
@@ -604,13 +845,16 @@ def param_breakdown(config):
     124439808
     """
     cfg = normalize_config(config)
-    per_block = sum(attrs["params"] for _, attrs, _ in _block_ops(cfg, 1, 1, 1))
+    per_block = sum(attrs["params"] for _, attrs, _ in block_ops(cfg, 1, 1, 1))
+    dense_layers = len(cfg["dense_layers"]) if cfg["num_local_experts"] else 0
+    dense_block = sum(attrs["params"] for _, attrs, _ in _block_ops(
+        cfg, 1, 1, 1, layer=cfg["dense_layers"][0])) if dense_layers else 0
     embedding = (_embedding_node(cfg, 1, 1, 1, with_norm=cfg["embedding_norm"])["params"]
                  if cfg["vocab_size"] else 0)
     tail = dict(_head_ops(cfg, 1, 1, 1))
     final_norm = tail["final_norm"]["params"] if "final_norm" in tail else 0
     head = sum(attrs["params"] for name, attrs in tail.items() if name != "final_norm")
-    blocks = per_block * cfg["num_hidden_layers"]
+    blocks = per_block * (cfg["num_hidden_layers"] - dense_layers) + dense_block * dense_layers
     return {"embedding": embedding, "blocks": blocks, "per_block": per_block,
             "final_norm": final_norm, "head": head,
             "total": embedding + blocks + final_norm + head}
@@ -757,8 +1001,12 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
             append("embed_norm", _norm("embed_norm", cfg, batch * seq_len, size), [previous])
             previous = "embed_norm"
 
-    ops = _block_ops(cfg, batch, seq_len, size)
+    kinds = {}  # dense or MoE -> the block's ops (DeepSeek and Qwen-MoE mix the two)
     for index in range(cfg["num_hidden_layers"]):
+        moe = _is_moe_layer(cfg, index)
+        if moe not in kinds:
+            kinds[moe] = block_ops(cfg, batch, seq_len, size, layer=index)
+        ops = kinds[moe]
         prefix = f"block.{index}"
         if not by_op:
             append(prefix, _block_node(cfg, ops, index, batch, seq_len, size), [previous])

@@ -86,7 +86,7 @@ def names():
     Examples
     --------
     >>> names()[:3]
-    ['bert-large', 'falcon-7b', 'gpt2']
+    ['bert-large', 'deepseek-v2-lite', 'deepseek-v3']
     """
     return sorted(_library())
 

@@ -193,3 +193,99 @@ class TestCommandLine:
         result = CliRunner().invoke(main, ["plan", str(path), "--capacity", "h100-l2"])
         assert result.exit_code == 2
         assert "not supported" in result.output
+
+
+# Small configs of the families added after the first eight: (model_type, the
+# family's own fields).  Widths are tiny so transformers builds them at once.
+SMALL = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 1000,
+         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+MLA = {"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+       "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+       "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
+NEW_FAMILIES = [
+    ("phi3", {}),
+    ("gemma2", {"head_dim": 16}),
+    ("gemma2", {"head_dim": 24, "tie_word_embeddings": False}),
+    ("gemma3_text", {"head_dim": 16}),
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48}),
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2,
+                   "mlp_only_layers": [2]}),
+    ("qwen3", {"head_dim": 16}),
+    ("qwen3_moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 32}),
+    ("qwen3_moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 32, "mlp_only_layers": [0, 2]}),
+    ("deepseek_v2", dict(MLA, q_lora_rank=None)),
+    ("deepseek_v3", dict(MLA, q_lora_rank=24)),
+    ("deepseek_v3", dict(MLA, q_lora_rank=24, attention_bias=True, first_k_dense_replace=2)),
+    ("gpt_neox", {}),
+    ("gpt_neox", {"use_parallel_residual": False}),
+    ("starcoder2", {}),
+    ("starcoder2", {"use_bias": False, "tie_word_embeddings": False}),
+]
+
+
+def transformers_count(model_type, fields):
+    """Parameters of transformers' own model for the config, built on the meta device."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()), config.to_dict()  # tied once
+
+
+class TestNewFamilies:
+    @pytest.mark.parametrize("model_type, fields", NEW_FAMILIES)
+    def test_parameters_equal_transformers_own_count(self, model_type, fields):
+        expected, config = transformers_count(model_type, dict(SMALL, **fields))
+        for granularity in ("block", "op"):
+            graph = from_hf_config(config, seq_len=16, granularity=granularity)
+            assert total_params(graph) == graph.graph["params"] == expected
+
+    @pytest.mark.parametrize("model_type", sorted({m for m, _ in NEW_FAMILIES}))
+    def test_supported(self, model_type):
+        assert model_type in SUPPORTED_MODEL_TYPES
+
+    def test_deepseek_first_layers_are_dense(self):
+        config = dict(SMALL, **MLA, model_type="deepseek_v3", q_lora_rank=24)
+        graph = from_hf_config(config, seq_len=16)
+        assert [graph.nodes[f"block.{i}"]["num_experts"] for i in range(3)] == [0, 4, 4]
+        ops = from_hf_config(config, seq_len=16, granularity="op")
+        assert "block.0.gate" in ops and "block.0.router" not in ops
+        assert {"block.1.router", "block.1.expert.3", "block.1.shared_expert"} <= set(ops)
+        assert ops.nodes["block.1.shared_expert"]["intermediate_size"] == 2 * 32
+        assert ops.nodes["block.1.attn"]["op"] == "mla_attention"
+        assert sorted(ops.predecessors("block.1.q")) == ["block.1.q_a_norm"]
+
+    def test_gemma_norms_each_branch_before_its_add(self):
+        config = dict(SMALL, model_type="gemma3_text", head_dim=16)
+        ops = from_hf_config(config, seq_len=16, granularity="op")
+        assert sorted(ops.predecessors("block.0.attn_add")) == ["block.0.post_attn_norm", "embed"]
+        assert list(ops.predecessors("block.0.post_mlp_norm")) == ["block.0.down"]
+        assert ops.nodes["block.0.q_norm"]["params"] == 16
+        assert ops.nodes["block.0.q_norm"]["activation_bytes"] == 16 * 4 * 16 * 2
+
+    def test_normalised_config_normalises_to_itself(self):
+        from cachefit.graphs.transformer import normalize_config
+
+        for model_type, fields in NEW_FAMILIES:
+            config = dict(SMALL, **fields, model_type=model_type)
+            once = normalize_config(config)
+            assert normalize_config(once) == once
+            json.dumps(once)
+
+    def test_bad_dense_layers(self):
+        config = dict(SMALL, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                      dense_layers=[5])
+        with pytest.raises(InputError, match=r"`config\['dense_layers'\]` must list layer "
+                                             r"indices in \[0, 3\), got \[5\]"):
+            from_hf_config(config)
+
+    def test_mla_needs_its_widths(self):
+        config = dict(SMALL, model_type="deepseek_v3")
+        with pytest.raises(InputError, match=r"`config` must give `kv_lora_rank`"):
+            from_hf_config(config)

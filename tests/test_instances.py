@@ -78,6 +78,62 @@ EXPECTED = {
                   + 32 * (4544 * (4544 + 2 * 64) + 4544 ** 2 + 2 * 4544 * 18176 + 2 * 4544)
                   + 2 * 4544,
                   6_921_720_704),
+    # untied; 32 MHA blocks (fused qkv and gate_up hold the same parameters)
+    "phi-3-mini-4k": (2 * 32064 * 3072 + 32 * (4 * 3072 ** 2 + 3 * 3072 * 8192 + 2 * 3072) + 3072,
+                      3_821_079_552),
+    # tied; q 16 x 256 heads, k/v 8 x 256; four RMSNorms per block
+    "gemma-2-9b": (256000 * 3584
+                   + 42 * (2 * 3584 * 4096 + 2 * 3584 * 2048 + 3 * 3584 * 14336 + 4 * 3584)
+                   + 3584,
+                   9_241_705_984),
+    # tied; as Gemma 2 plus q/k per-head norms of head_dim 256
+    "gemma-3-1b": (262144 * 1152
+                   + 26 * (2 * 1152 * 1024 + 2 * 1152 * 256 + 3 * 1152 * 6912 + 4 * 1152 + 2 * 256)
+                   + 1152,
+                   999_885_952),
+    # q,k,v biases; router; 60 experts of 1408; shared expert of 5632 and its 1-wide gate
+    "qwen1.5-moe-a2.7b": (2 * 151936 * 2048
+                          + 24 * (4 * 2048 ** 2 + 3 * 2048 + 2048 * 60 + 60 * 3 * 2048 * 1408
+                                  + 3 * 2048 * 5632 + 2048 + 2 * 2048) + 2048,
+                          14_315_784_192),
+    # q/k norms of head_dim 128
+    "qwen3-8b": (2 * 151936 * 4096
+                 + 36 * (2 * 4096 ** 2 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128)
+                 + 4096,
+                 8_190_735_360),
+    # 32 x 128 query heads on a 2048 model; 128 experts of 768, top 8
+    "qwen3-30b-a3b": (2 * 151936 * 2048
+                      + 48 * (2 * 2048 * 4096 + 2 * 2048 * 512 + 2048 * 128
+                              + 128 * 3 * 2048 * 768 + 2 * 2048 + 2 * 128) + 2048,
+                      30_532_122_624),
+    # MLA without a low-rank query: q 2048 x 16*(128+64), kv_a 2048 x (512+64) + norm 512,
+    # kv_b 512 x 16*(128+128), o 16*128 x 2048; layer 0 dense, 26 MoE layers
+    "deepseek-v2-lite": (2 * 102400 * 2048
+                         + 27 * (2048 * 16 * 192 + 2048 * 576 + 512 + 512 * 16 * 256
+                                 + 16 * 128 * 2048 + 2 * 2048)
+                         + 3 * 2048 * 10944
+                         + 26 * (2048 * 64 + 64 * 3 * 2048 * 1408 + 3 * 2048 * 2 * 1408)
+                         + 2048,
+                         15_706_484_224),
+    # MLA with q_a 7168 x 1536 + norm; 3 dense layers; 58 layers of 256 routed + 1 shared
+    "deepseek-v3": (2 * 129280 * 7168
+                    + 61 * (7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512
+                            + 512 * 128 * 256 + 128 * 128 * 7168 + 2 * 7168)
+                    + 3 * 3 * 7168 * 18432
+                    + 58 * (7168 * 256 + 256 * 3 * 7168 * 2048 + 3 * 7168 * 2048)
+                    + 7168,
+                    671_026_404_352),
+    # untied; two LayerNorms, fused qkv and dense with bias, fc MLP with bias
+    "gpt-neox-20b": (2 * 50432 * 6144
+                     + 44 * (2 * 2 * 6144 + 4 * (6144 ** 2 + 6144) + (6144 * 24576 + 24576)
+                             + (24576 * 6144 + 6144)) + 2 * 6144,
+                     20_554_567_680),
+    # untied; GQA 4 x 128 k/v heads; every projection and norm biased
+    "starcoder2-15b": (2 * 49152 * 6144
+                       + 40 * (2 * (6144 ** 2 + 6144) + 2 * (6144 * 512 + 512)
+                               + (6144 * 24576 + 24576) + (24576 * 6144 + 6144) + 2 * 2 * 6144)
+                       + 2 * 6144,
+                       15_957_889_024),
     # four 15 GB BF16 layers
     "paper-4x15gb": (4 * 15_000_000_000 // 2, 30_000_000_000),
     # 4 blocks: q,k,v,o 4096^2, fc1/fc2 4096*16384, two LayerNorms; no embedding/head
@@ -171,7 +227,7 @@ class TestConfig:
 
     def test_unknown_name(self):
         with pytest.raises(InputError, match=r"`name` must be one of the embedded models "
-                                             r"\(bert-large, .*gpt2, .*qwen2.5-7b\), got 'gpt-5'"):
+                                             r"\(bert-large, .*gpt2, .*qwen2.5-7b, .*starcoder2-15b\), got 'gpt-5'"):
             instances.config("gpt-5")
 
 
@@ -276,6 +332,6 @@ class TestLoad:
 
     def test_unknown_name(self):
         with pytest.raises(InputError, match=r"`name` must be one of the embedded models "
-                                             r"\(bert-large, falcon-7b, gpt2, gpt2-xl, .*\), "
+                                             r"\(bert-large, deepseek-v2-lite, deepseek-v3, falcon-7b, .*\), "
                                              r"got 'llama-4'"):
             instances.load("llama-4")

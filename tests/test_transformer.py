@@ -213,7 +213,7 @@ class TestNormalizeConfig:
         ("hidden_act", "tanh", r"`config\['hidden_act'\]` must be one of gelu, .*, got 'tanh'"),
         ("rms_norm_eps", 0.0, r"`config\['rms_norm_eps'\]` must be a positive number, got 0.0"),
         ("tie_word_embeddings", "yes", r"`config\['tie_word_embeddings'\]` must be true or false, got 'yes'"),
-        ("model_type", "t5", r"`config\['model_type'\]` must be one of bert, falcon, .*got 't5'"),
+        ("model_type", "t5", r"`config\['model_type'\]` must be one of bert, deepseek_v2, .*got 't5'"),
         ("parallel_norms", 3, r"`config\['parallel_norms'\]` must be 1 or 2, got 3"),
         ("num_local_experts", -2, r"`config\['num_local_experts'\]` must be an integer >= 0, got -2"),
     ])
