@@ -16,27 +16,33 @@ infeasibility as a status, never as an exception.
 - ``dp``: balanced partition of the node order (exact for chains).
 - ``cpsat``: OR-Tools CP-SAT over every valid grouping of a DAG.
 - ``brute``: exhaustive search, n ≤ 12 (the test oracle).
-- ``auto``: dp for chains; for DAGs greedy for an upper bound, then cpsat
-  within the time limit.
+- ``search``: list scheduling and window repacking over every valid grouping
+  of a DAG (a heuristic: OPTIMAL only when k meets the lower bound).
+- ``auto``: dp for chains; for DAGs ``search`` first, then cpsat with the
+  time left unless the search has closed the gap.
 
 `compare` runs several solvers on one problem.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 from ..errors import InputError
 from ..memory import as_table
+from ..result import Status
 from .bounds import lower_bound
 from .brute import MAX_BRUTE_NODES, brute
 from .cpsat import DEFAULT_TIME_LIMIT_S, cpsat
 from .dp import dp
 from .greedy import greedy
+from .search import search
 from ._common import Problem
 
-__all__ = ["SOLVERS", "auto", "brute", "compare", "cpsat", "dp", "greedy", "lower_bound",
-           "AUTO_CPSAT_MAX_CELLS"]
+__all__ = ["SOLVERS", "auto", "brute", "compare", "cpsat", "dp", "greedy", "lower_bound", "search",
+           "AUTO_CPSAT_MAX_CELLS", "AUTO_SEARCH_SHARE"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +50,31 @@ logger = logging.getLogger(__name__)
 #: (the size of the CP-SAT model); larger DAGs get dp on the given order.
 AUTO_CPSAT_MAX_CELLS = 500_000
 
+#: The share of `auto`'s time limit the first search may take on a DAG (it stops earlier when it stalls).
+AUTO_SEARCH_SHARE = 0.3
+
 
 def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
          balance="memory"):
     """Pick a solver for the graph and run it.
 
     Chains (and graphs of at most one node) go to ``dp``, which is exact for
-    them.  For a DAG, ``greedy`` gives an upper bound, then ``cpsat`` searches
-    every valid grouping within `time_limit_s` (default
-    `cachefit.solvers.cpsat.DEFAULT_TIME_LIMIT_S`, 10 s); a DAG whose CP-SAT
-    model would exceed `AUTO_CPSAT_MAX_CELLS` gets ``dp`` on its node order
-    instead.  Parameters and result as for every solver.
+    them.  For a DAG, ``search`` runs first, for at most `AUTO_SEARCH_SHARE`
+    of `time_limit_s` (default `cachefit.solvers.cpsat.DEFAULT_TIME_LIMIT_S`,
+    10 s), stopping earlier when k meets the lower bound or it stalls.  When
+    its k meets the lower bound, that plan is returned at once.  Otherwise
+    ``cpsat`` gets the time left (a DAG whose CP-SAT model would exceed
+    `AUTO_CPSAT_MAX_CELLS` gets ``dp`` on its node order instead), and the
+    better of the two plans is returned (fewer groups, then the smaller
+    bottleneck) with the better of their lower bounds.  Parameters and
+    result as for every solver.
 
     Returns
     -------
     Plan
-        The plan of the solver that ran (``plan.solver``);
-        ``stats["auto"]`` says which ran and why.  If cpsat ends without a
-        plan while greedy has one, greedy's plan is returned.
+        The plan of the solver that found it (``plan.solver``);
+        ``stats["auto"]`` says which ran, ``stats["stop_reason"]`` why auto
+        stopped.  OPTIMAL when its k meets the best lower bound.
 
     Examples
     --------
@@ -70,24 +83,60 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     >>> plan.solver, plan.stats["auto"], plan.sizes
     ('dp', 'dp (chain)', (70, 80))
     """
-    options = dict(memory=memory, chunk_fraction=chunk_fraction, k=k, time_limit_s=time_limit_s, seed=seed,
-                   balance=balance)
+    options = dict(memory=memory, chunk_fraction=chunk_fraction, k=k, seed=seed, balance=balance)
+    started = time.perf_counter()
     table = as_table(graph)
     if table.is_chain or table.n <= 1:
-        return dp(table, capacity, **options).with_stats(auto="dp (chain)")
-    upper = greedy(table, capacity, **options)
-    groups = upper.k if upper.ok else (k or table.n)
+        return dp(table, capacity, time_limit_s=time_limit_s, **options).with_stats(
+            auto="dp (chain)", stop_reason="dp is exact for a chain")
+    problem = Problem.make(table, capacity, time_limit_s=time_limit_s, **options)  # bad input fails here
+    limit = float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S)
+    first = search(table, capacity, time_limit_s=AUTO_SEARCH_SHARE * limit, **options)
+    if first.status == "INFEASIBLE" or (first.ok and k is None and first.k <= first.lower_bound):
+        why = "search proved infeasible" if not first.ok else "search: k meets the lower bound"
+        return first.with_stats(auto=why, stop_reason=first.stats.get("stop_reason", first.reason or why))
+    remaining = limit - (time.perf_counter() - started)
+    groups = first.k if first.ok else (k or table.n)
     cells = (table.n + len(table.sources)) * max(groups, 1)
     if cells > AUTO_CPSAT_MAX_CELLS:
-        plan = dp(table, capacity, **options)
-        why = f"dp (CP-SAT model too large: {cells} cells > {AUTO_CPSAT_MAX_CELLS})"
+        second = dp(table, capacity, time_limit_s=max(remaining, 1e-3), **options)
+        why = f"search, then dp (CP-SAT model too large: {cells} cells > {AUTO_CPSAT_MAX_CELLS})"
+    elif remaining < 0.5:
+        return first.with_stats(auto="search (no time left for cpsat)",
+                                stop_reason=f"time limit ({limit:g} s) after the search")
     else:
-        limit = time_limit_s if time_limit_s is not None else DEFAULT_TIME_LIMIT_S
-        plan = cpsat(table, capacity, **{**options, "time_limit_s": limit})
-        why = f"cpsat after greedy (upper bound {upper.k if upper.ok else 'none'}), limit {limit:g} s"
-    if not plan.ok and upper.ok and plan.status != "INFEASIBLE":
-        return upper.with_stats(auto=f"greedy ({plan.solver} found no plan: {plan.reason})")
-    return plan.with_stats(auto=why)
+        second = cpsat(table, capacity, time_limit_s=remaining, **options)
+        why = f"search ({first.stats.get('stop_reason', first.reason)}), then cpsat for {remaining:.3g} s"
+    return _better(first, second, k, started).with_stats(auto=why, stop_reason=_stop_reason(first, second, limit))
+
+
+def _key(plan):
+    return (0, plan.k, plan.bottleneck) if plan.ok else (1, 0, 0)
+
+
+def _better(first, second, k, started):
+    """The better plan of two runs on one problem, with the better lower bound of the two.
+
+    OPTIMAL when no k was asked for and the plan's k meets that bound.
+    """
+    best = second if _key(second) < _key(first) else first
+    lower = max(first.lower_bound, second.lower_bound)
+    if best.ok and lower > best.k:  # a bound above a valid plan's k is a bug in a bound
+        raise AssertionError(f"lower bound {lower} exceeds the k = {best.k} of a valid plan")
+    status = best.status
+    if best.ok and k is None and lower == best.k:
+        status = Status.OPTIMAL
+    return dataclasses.replace(best, lower_bound=lower, status=status, wall_s=time.perf_counter() - started)
+
+
+def _stop_reason(first, second, limit):
+    plans = [plan for plan in (first, second) if plan.ok]
+    best = min(plans, key=_key) if plans else None
+    if best is not None and best.k <= max(first.lower_bound, second.lower_bound):
+        return "k meets the lower bound"
+    if second.solver == "cpsat" and second.status == "OPTIMAL":
+        return "cpsat proved its plan"
+    return f"time limit ({limit:g} s): gap left, the search had stalled ({first.stats.get('stop_reason', '')})"
 
 
 #: Every registered solver by name.
@@ -95,6 +144,7 @@ SOLVERS = {
     "greedy": greedy,
     "dp": dp,
     "cpsat": cpsat,
+    "search": search,
     "brute": brute,
     "auto": auto,
 }
@@ -128,7 +178,7 @@ def compare(graph, capacity, *, solvers=None, **options):
     >>> from cachefit.graphs import from_layers
     >>> plans = compare(from_layers([10] * 6), 40, memory="additive")
     >>> [(p.solver, p.k, p.sizes) for p in plans]
-    [('greedy', 2, (40, 20)), ('dp', 2, (30, 30)), ('cpsat', 2, (30, 30)), ('brute', 2, (30, 30))]
+    [('greedy', 2, (40, 20)), ('dp', 2, (30, 30)), ('cpsat', 2, (30, 30)), ('search', 2, (30, 30)), ('brute', 2, (30, 30))]
     """
     if solvers is None:
         names = [name for name in SOLVERS if name != "auto"]

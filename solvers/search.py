@@ -1,0 +1,432 @@
+"""Local search for DAG groupings: randomised list scheduling, then window repacking (LNS).
+
+``search(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed, balance)``
+follows every solver's contract (`cachefit.solvers`).  It looks for a plan
+with fewer groups than the given node order allows and stops as soon as k
+meets the proven lower bound (`cachefit.solvers.bounds.lower_bound`), when
+the search stalls, or at the time limit, whichever comes first;
+``stats["stop_reason"]`` says which.
+
+Notes
+-----
+A plan is a sequence of groups, each a set of nodes whose predecessors lie in
+the same or earlier groups.  Its size under either memory model depends only
+on which nodes lie before the group, in it and after it: for liveness, the
+live set of group p is its members plus every earlier node with a successor
+in group p or later.  Two consequences drive the search.
+
+*Construction* (`_Packer.pack`): groups are filled one at a time from the
+*ready* nodes (all predecessors placed) in the order of a priority, a node
+joining the open group when it fits; a node made ready by a member may join
+the same group; the group closes when no ready node fits.  Sizes are exact
+(integer arithmetic, ⌈f·x⌉ by `cachefit.memory.scale_activation`), because
+the live set carried into the open group (earlier nodes with an unplaced
+successor) is fixed while the group grows.  Priorities: the node order, the
+heaviest path to a sink, the largest item, and random ones, each with and
+without a preference for nodes that free live activations (the last
+unplaced consumer of a carried output).
+
+*Window repacking* (large-neighbourhood search): take w consecutive groups
+i..i+w−1 of the incumbent and repack their nodes with a random priority,
+starting from the same carried state.  The set of nodes before group i and
+after group i+w−1 is unchanged, so every other group keeps its size exactly
+(its live set is decided by which nodes lie before, in and after it); a
+repacking into fewer than w groups therefore lowers k, and one into w groups
+whose Σ S² is at least the old one is accepted as a sideways move that
+pushes free bytes towards the window's end, where a later window can use
+them.
+
+The best plan is finally re-cut by `cachefit.solvers.dp` on its own node
+order (never more groups: its groups are contiguous runs of that order),
+which balances it, and is returned through the common `finish`, so its sizes
+are recomputed by `cachefit.memory` and the plan is OPTIMAL only when k
+meets the lower bound.  Deterministic for a fixed `seed` whenever the time
+limit is not what stops it (the stall rule counts attempts, not seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..memory import LayerTable, group_sizes
+from ..result import Status
+from ._common import Problem, check_k, finish, no_plan, refuse
+from .bounds import item_sizes, lower_bound, reachability
+from .dp import balanced_cut
+
+__all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS"]
+
+logger = logging.getLogger(__name__)
+
+#: Time limit of a search when none is given (seconds).
+DEFAULT_SEARCH_LIMIT_S = 10.0
+
+#: The search stops after this many window repackings in a row without a better plan.
+STALL_ATTEMPTS = 3000
+
+
+class _Packer:
+    """Exact list scheduling of a table's nodes into groups (module notes, construction).
+
+    Positions are the table's; ``scale`` = (num, den) with ⌈num·x/den⌉ = ⌈f·x⌉.
+    """
+
+    def __init__(self, table, capacity, memory, chunk_fraction):
+        self.table = table
+        self.capacity = int(capacity)
+        self.additive = memory == "additive"
+        self.numerator, self.denominator = float(chunk_fraction).as_integer_ratio()
+        self.weight = table.weight.tolist()
+        self.activation = table.activation.tolist()
+        self.buffer = table.buffer.tolist()
+        self.total = [w + a + b for w, a, b in zip(self.weight, self.activation, self.buffer)]
+        self.predecessors = table.predecessors()
+        successors = [[] for _ in range(table.n)]
+        for u, v in zip(table.sources.tolist(), table.targets.tolist()):
+            successors[u].append(v)
+        self.successors = successors
+
+    def live_bytes(self, live):
+        return -((-live * self.numerator) // self.denominator)
+
+    def pack(self, nodes, carried_nodes, priority, free_first):
+        """(groups, sizes) holding `nodes` (lists of positions, exact S), or None when a node cannot start a group.
+
+        Parameters
+        ----------
+        nodes : list of int
+            The nodes to place; every predecessor of one is in `nodes` or placed earlier.
+        carried_nodes : dict of int to int
+            Every earlier-placed node with a successor not placed earlier, and
+            how many such successors it has (its output is live until they are placed).
+        priority : sequence of float
+            Higher goes first among the ready nodes that fit.
+        free_first : bool
+            Prefer, before the priority, a ready node that is the last unplaced
+            consumer of a carried output (it frees those bytes after its group).
+        """
+        predecessors, successors, activation = self.predecessors, self.successors, self.activation
+        member = set(nodes)
+        waiting = {v: sum(1 for u in predecessors[v] if u in member) for v in nodes}
+        open_successors = dict(carried_nodes)
+        carried = sum(activation[u] for u in carried_nodes)
+        closed = set(carried_nodes)
+        for v in nodes:
+            open_successors[v] = len(successors[v])
+        ready = [v for v in nodes if not waiting[v]]
+        groups, sizes = [], []
+        remaining = len(nodes)
+        while remaining:
+            group, size = self._fill(ready, waiting, carried, priority, free_first, open_successors, closed)
+            if not group:
+                return None
+            for v in group:
+                for u in predecessors[v]:
+                    open_successors[u] -= 1
+                    if not open_successors[u] and u in closed:
+                        carried -= activation[u]
+            for v in group:
+                closed.add(v)
+                if open_successors[v]:
+                    carried += activation[v]
+            remaining -= len(group)
+            groups.append(group)
+            sizes.append(size)
+        return groups, sizes
+
+    def _fill(self, ready, waiting, carried, priority, free_first, open_successors, closed):
+        """One group from the ready nodes (updates `ready` and `waiting`)."""
+        weight, activation, buffer, total = self.weight, self.activation, self.buffer, self.total
+        capacity, additive, live_bytes = self.capacity, self.additive, self.live_bytes
+        predecessors, successors = self.predecessors, self.successors
+        group = []
+        size = weight_sum = activation_sum = largest_buffer = 0
+        while True:
+            best, best_key = -1, None
+            for v in ready:
+                if additive:
+                    if size + total[v] > capacity:
+                        continue
+                elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
+                      + live_bytes(carried + activation_sum + activation[v])) > capacity:
+                    continue
+                key = priority[v]
+                if free_first:
+                    key = (sum(1 for u in predecessors[v] if u in closed and open_successors[u] == 1), key)
+                if best_key is None or key > best_key:
+                    best, best_key = v, key
+            if best < 0:
+                if additive:
+                    return group, size
+                return group, weight_sum + largest_buffer + live_bytes(carried + activation_sum)
+            group.append(best)
+            ready.remove(best)
+            size += total[best]
+            weight_sum += weight[best]
+            activation_sum += activation[best]
+            largest_buffer = max(largest_buffer, buffer[best])
+            for z in successors[best]:
+                if z in waiting:
+                    waiting[z] -= 1
+                    if not waiting[z]:
+                        ready.append(z)
+
+
+class _Incumbent:
+    """The best plan so far: its groups, their sizes, and each node's group and last consumer's group."""
+
+    def __init__(self, packer, groups, sizes):
+        self.packer = packer
+        self.replace(groups, sizes)
+
+    def replace(self, groups, sizes):
+        self.groups = [list(group) for group in groups]
+        self.sizes = list(sizes)
+        table = self.packer.table
+        part = np.empty(table.n, dtype=np.int64)
+        for index, group in enumerate(self.groups):
+            part[group] = index
+        last = part.copy()
+        np.maximum.at(last, table.sources, part[table.targets])
+        self.part, self.last = part, last
+        self.part_list = part.tolist()
+
+    @property
+    def k(self):
+        return len(self.groups)
+
+    def carried_into(self, index):
+        """{u: successors of u in group `index` or later} over nodes before it with such a successor."""
+        part = self.part_list
+        before = np.flatnonzero((self.part < index) & (self.last >= index)).tolist()
+        successors = self.packer.successors
+        return {u: sum(1 for z in successors[u] if part[z] >= index) for u in before}
+
+    def try_window(self, start, width, priority, free_first):
+        """Repack groups start..start+width−1; keep the result when it is no worse.  True when k dropped."""
+        nodes = [v for group in self.groups[start:start + width] for v in group]
+        packed = self.packer.pack(nodes, self.carried_into(start), priority, free_first)
+        if packed is None:
+            return None
+        groups, sizes = packed
+        old = self.sizes[start:start + width]
+        if len(groups) > width:
+            return None
+        if len(groups) == width and sum(x * x for x in sizes) < sum(x * x for x in old):
+            return None
+        self.replace(self.groups[:start] + groups + self.groups[start + width:],
+                     self.sizes[:start] + sizes + self.sizes[start + width:])
+        return len(groups) < width
+
+
+def _priorities(table, items, rng, count):
+    """Named priority vectors for the initial constructions (module notes)."""
+    n = table.n
+    tail = items.tolist()  # heaviest item sum on a path from v to a sink
+    successors = [[] for _ in range(n)]
+    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
+        successors[u].append(v)
+    for v in range(n - 1, -1, -1):
+        tail[v] += max((tail[z] for z in successors[v]), default=0)
+    rules = {"order": [-v for v in range(n)], "critical path": tail, "largest": items.tolist()}
+    for index in range(count):
+        rules[f"random {index}"] = rng.random(n).tolist()
+    return rules
+
+
+def _reordered(table, order):
+    """`table` with its nodes in `order` (a topological order of positions), for dp."""
+    order = np.asarray(order, dtype=np.int64)
+    n = table.n
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    sources, targets = position[table.sources], position[table.targets]
+    last_use = np.arange(n, dtype=np.int64)
+    np.maximum.at(last_use, sources, targets)
+    consecutive = np.zeros(max(n - 1, 0), dtype=bool)
+    consecutive[sources[targets == sources + 1]] = True
+    return LayerTable(tuple(table.ids[i] for i in order.tolist()), table.weight[order], table.activation[order],
+                      table.buffer[order], last_use, sources, targets, bool(consecutive.all()), None)
+
+
+def _recut(problem, groups, k):
+    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None."""
+    order = [v for group in groups for v in group]
+    flops = None if problem.flops is None else problem.flops[np.asarray(order, dtype=np.int64)]
+    bounds, _ = balanced_cut(_reordered(problem.table, order), problem.capacity, memory=problem.memory,
+                             chunk_fraction=problem.chunk_fraction, k=k, flops=flops)
+    if bounds is None:
+        return None
+    return [sorted(order[s:e]) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def _construct(problem, packer, rng, deadline):
+    """The best initial plan: dp on the given order and list schedules under several priorities.
+
+    Returns (name, groups, sizes) with the fewest groups (then the smallest
+    bottleneck), or None when none was found.
+    """
+    table = problem.table
+    candidates = []
+    given = _recut(problem, [list(range(table.n))], None)
+    if given is not None:
+        candidates.append(("dp on the given order", given))
+    items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
+    modes = (False, True) if problem.memory == "liveness" else (False,)
+    for name, priority in _priorities(table, items, rng, 4).items():
+        for free_first in modes:
+            if time.perf_counter() > deadline and candidates:
+                break
+            packed = packer.pack(list(range(table.n)), {}, priority, free_first)
+            if packed is not None:
+                candidates.append((f"list schedule ({name}{', freeing first' if free_first else ''})", packed[0]))
+    if not candidates:
+        return None
+    scored = []
+    for name, groups in candidates:
+        sizes = _sizes(problem, groups)
+        scored.append(((len(groups), max(sizes)), name, groups, sizes))
+    scored.sort(key=lambda entry: entry[0])
+    _, name, groups, sizes = scored[0]
+    return name, groups, sizes
+
+
+def _sizes(problem, groups):
+    ids = problem.table.ids
+    return group_sizes(problem.table, [[ids[v] for v in group] for group in groups], memory=problem.memory,
+                       chunk_fraction=problem.chunk_fraction)
+
+
+#: The most consecutive groups one repacking takes.
+MAX_WINDOW = 6
+
+
+def _window_priority(incumbent, start, width, rng):
+    """A random priority: the incumbent's own order with noise of a random spread, or none of it."""
+    n = incumbent.packer.table.n
+    spread = float(rng.choice([1.0, 4.0, 16.0, 0.0]))
+    if spread == 0.0:
+        return rng.random(n).tolist()
+    priority = np.zeros(n)
+    nodes = [v for group in incumbent.groups[start:start + width] for v in group]
+    priority[nodes] = -np.arange(len(nodes)) + spread * rng.standard_normal(len(nodes))
+    return priority.tolist()
+
+
+def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
+    """Window repacking until k meets `lower`, `stall_attempts` tries in a row fail, or the deadline.
+
+    Returns (stop reason, attempts, improvements).
+    """
+    n = incumbent.packer.table.n
+    attempts = improvements = since = 0
+    while True:
+        if incumbent.k <= lower:
+            return "k meets the lower bound", attempts, improvements
+        if since >= stall_attempts:
+            return f"stalled: {since} window repackings in a row without fewer groups", attempts, improvements
+        if time.perf_counter() >= deadline:
+            return "time limit", attempts, improvements
+        width = int(rng.integers(2, min(MAX_WINDOW, incumbent.k) + 1))
+        start = int(rng.integers(0, incumbent.k - width + 1))
+        priority = _window_priority(incumbent, start, width, rng)
+        free_first = liveness and bool(rng.random() < 0.5)
+        attempts += 1
+        since += 1
+        if incumbent.try_window(start, width, priority, free_first):
+            improvements += 1
+            since = 0
+
+
+def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
+           balance="memory", stall_attempts=STALL_ATTEMPTS):
+    """A DAG grouping by list scheduling and window repacking (module notes).
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph or LayerTable
+    capacity : int, str
+        C in bytes, a byte string or a device name.
+    memory : {"liveness", "additive"}
+    chunk_fraction : float in (0, 1]
+    k : int, optional
+        Exactly k groups, balanced by dp on the best plan's order; default the fewest found.
+    time_limit_s : float, optional
+        Wall-clock limit for the whole call (default `DEFAULT_SEARCH_LIMIT_S`).
+    seed : int
+        Seed of the random priorities and windows.
+    balance : {"memory", "flops"}
+        What dp balances on the final order.
+    stall_attempts : int
+        Stop after this many window repackings in a row without fewer groups.
+
+    Returns
+    -------
+    Plan
+        OPTIMAL when k meets the lower bound, else FEASIBLE; ``stats`` holds
+        the starting plan (``start``, ``start_k``), the repackings tried and
+        the ones that removed a group, and ``stop_reason``.
+
+    Notes
+    -----
+    Each construction is O(n · r) size evaluations for r ready nodes; each
+    window repacking O(n) plus the window's nodes times its ready nodes.
+
+    References
+    ----------
+    A. Scholl and C. Becker, "State-of-the-art exact and heuristic solution
+    procedures for simple assembly line balancing", EJOR 168 (2006) 666–693
+    (priority-rule list scheduling); P. Shaw, "Using constraint programming
+    and local search methods to solve vehicle routing problems", CP 1998
+    (large-neighbourhood search).
+
+    Examples
+    --------
+    >>> import networkx as nx
+    >>> g = nx.DiGraph()
+    >>> for name, weight in zip("abcd", (10, 30, 50, 20)):
+    ...     g.add_node(name, weight_bytes=weight, activation_bytes=0, buffer_bytes=0)
+    >>> g.add_edges_from([("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
+    >>> plan = search(g, 60, memory="additive")
+    >>> plan.k, plan.status, plan.stats["stop_reason"]
+    (2, <Status.OPTIMAL: 'OPTIMAL'>, 'k meets the lower bound')
+    """
+    problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                           time_limit_s=time_limit_s, seed=seed, balance=balance)
+    refused = refuse(problem, "search")
+    if refused:
+        return refused
+    table = problem.table
+    if table.n == 0:
+        return finish(problem, "search", [], lower=0, stats={"stop_reason": "empty graph"})
+    limit = float(problem.time_limit_s or DEFAULT_SEARCH_LIMIT_S)
+    deadline = problem.started + limit
+    lower = lower_bound(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
+                        reach=reachability(table))
+    reason = check_k(problem, lower)
+    if reason:
+        return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
+    rng = np.random.default_rng(problem.seed)
+    packer = _Packer(table, problem.capacity, problem.memory, problem.chunk_fraction)
+    start = _construct(problem, packer, rng, deadline)
+    if start is None:
+        return no_plan(problem, "search", Status.UNKNOWN,
+                       "no construction found a plan (live activations overflow every order tried)", lower=lower)
+    name, groups, sizes = start
+    incumbent = _Incumbent(packer, groups, sizes)
+    stop, attempts, improvements = _improve(incumbent, rng, deadline, max(lower, problem.k or 0),
+                                            stall_attempts, problem.memory == "liveness")
+    stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
+             "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit}
+    logger.info("search: k %d -> %d (bound %d): %s", len(groups), incumbent.k, lower, stop)
+    if problem.k is not None and incumbent.k > problem.k:
+        return no_plan(problem, "search", Status.UNKNOWN,
+                       f"k = {problem.k}: the search found no plan with fewer than {incumbent.k} groups",
+                       lower=lower, stats=stats)
+    final = _recut(problem, incumbent.groups, problem.k)
+    if final is None or (problem.k is None and len(final) > incumbent.k):
+        final = incumbent.groups
+    return finish(problem, "search", final, lower=lower, stats=stats)
