@@ -202,10 +202,12 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
         with those settings; without it the batch and the granularity are
         not changed.
     batch : int, optional
-        The current batch (default: the graph's ``batch`` attribute).
+        The current batch (default: the graph's ``batch`` attribute); a
+        smaller one is tried when it is above 1 and `rebuild` is given.
     granularity : {"block", "op"}, optional
         The current granularity (default: the graph's ``granularity``
-        attribute, else ``"block"``).
+        attribute); ``"op"`` is tried when it is ``"block"`` and `rebuild`
+        is given.
 
     Returns
     -------
@@ -239,7 +241,7 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     check_memory(memory)
     current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
                "memory": memory, "batch": batch or graph.graph.get("batch"),
-               "granularity": granularity or graph.graph.get("granularity", "block")}
+               "granularity": granularity or graph.graph.get("granularity")}
     tried = []
     with task("advice: what would fit", total=None) as progress:
         def attempt(changes, at_capacity=capacity):
