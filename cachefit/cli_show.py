@@ -109,13 +109,14 @@ def write_pictures(plan, *, plot=None, dot=None, title=None):
         from .plot import plot_plan
 
         plot_plan(plan, plot, title=title)
-        console.print(f"picture written to {plot}", highlight=False)
+        console.print(f"picture written to {plot}", highlight=False, soft_wrap=True)
     if dot:
         from .dot import write_dot
 
         write_dot(plan, dot)
-        console.print(f"Graphviz DOT written to {dot} (render: dot -Tsvg {shlex.quote(str(dot))} -o plan.svg)",
-                      highlight=False)
+        svg = shlex.quote(str(Path(dot).with_suffix(".svg")))
+        console.print(f"Graphviz DOT written to {dot} (draw it: dot -Tsvg {shlex.quote(str(dot))} -o {svg})",
+                      highlight=False, soft_wrap=True)
 
 
 def plot_option(function):

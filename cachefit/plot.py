@@ -193,9 +193,10 @@ def _draw_bars(axes, plan, parts, name):
         bottom += values
     capacity = plan.capacity / scale
     axes.axhline(capacity, color="#C44E52", linestyle="--", linewidth=1.5)
-    axes.text(0.995, capacity, f"capacity {format_bytes(plan.capacity)}", color="#C44E52", va="bottom",
-              ha="right", transform=axes.get_yaxis_transform(), fontsize=9)
     worst = int(np.argmax(plan.sizes))
+    right = worst < plan.k / 2  # the capacity's label away from the bottleneck's arrow
+    axes.text(0.995 if right else 0.005, capacity, f"capacity {format_bytes(plan.capacity)}", color="#C44E52",
+              va="bottom", ha="right" if right else "left", transform=axes.get_yaxis_transform(), fontsize=9)
     side = "center" if 0.2 * plan.k < worst < 0.8 * plan.k else ("left" if worst <= 0.2 * plan.k else "right")
     axes.annotate(f"bottleneck: group {worst}, {format_bytes(plan.bottleneck)} "
                   f"({100 * plan.bottleneck / plan.capacity:.1f} % of capacity)",
