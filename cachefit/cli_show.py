@@ -79,7 +79,7 @@ def print_advice(ctx, graph, plan):
             if advice.capacity_lower_bound < exact:
                 note += f", {format_bytes(advice.capacity_lower_bound)} for any order"
         else:
-            note = f"the least found is {format_bytes(exact)}, to 0.5 % by bisection"
+            note = f"the least found is {format_bytes(exact)} ({exact:,} B), to 0.5 % by bisection"
         _print_suggestion(ctx, advice.min_capacity, f"a larger capacity ({note}):")
     else:
         console.print("  no capacity gives a plan with these settings", highlight=False)
@@ -89,11 +89,32 @@ def print_advice(ctx, graph, plan):
                       f"({changed} option{'s' if changed > 1 else ''}):", highlight=False, soft_wrap=True)
         for suggestion in advice.suggestions:
             _print_suggestion(ctx, suggestion, None)
+    elif advice.considered:
+        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "granularity": "--granularity op",
+                 "batch": "a smaller --batch"}
+        named = [flags[name] for name in advice.considered]
+        what = f"{named[0]} does not" if len(named) == 1 else f"no combination of {', '.join(named)}"
+        console.print(f"  at {format_bytes(plan.capacity)}: {what} give a plan", highlight=False, soft_wrap=True)
     else:
-        console.print(f"  at {format_bytes(plan.capacity)}: no combination of --tile, --chunk-tokens auto, "
-                      "--granularity op" + (" and a smaller --batch" if rebuild else "") + " gives a plan",
-                      highlight=False)
+        console.print(f"  at {format_bytes(plan.capacity)}: nothing else to try: {_why_not(params, graph, rebuild)}",
+                      highlight=False, soft_wrap=True)
     return advice
+
+
+def _why_not(params, graph, rebuild):
+    """Why none of the options `suggest` changes applies (for the message)."""
+    reasons = []
+    if params.get("tile"):
+        reasons.append("--tile is set")
+    if params.get("chunk_tokens") == "auto":
+        reasons.append("--chunk-tokens auto is set")
+    elif params.get("memory") == "additive":
+        reasons.append("chunks do not change the additive model")
+    else:
+        reasons.append("--chunk-tokens needs a graph with batch and seq_len")
+    if rebuild is None:
+        reasons.append("--granularity and --batch change embedded models only")
+    return "; ".join(reasons)
 
 
 def _print_suggestion(ctx, suggestion, heading):

@@ -157,3 +157,30 @@ class TestCli:
     def test_no_advice_for_a_plan(self):
         result = self.run("plan", "gpt2", "--capacity", "h100-hbm")
         assert result.exit_code == 0 and "what would fit" not in result.output
+
+
+class TestCliMessages:
+    def test_help_lists_what_model_can_be(self):
+        result = CliRunner().invoke(main, ["plan", "--help"])
+        for kind in ("embedded model name", "config.json", ".onnx", "plan file", "node-link graph", "list of layers"):
+            assert kind in result.output
+
+    def test_a_user_module_file_says_what_was_tried(self, tmp_path):
+        pytest.importorskip("torch")
+        import json
+
+        from resnet_like import resnet_like_graph
+        from cachefit.result import graph_to_data
+
+        model = tmp_path / "resnet18.json"
+        model.write_text(json.dumps(graph_to_data(resnet_like_graph(batch=4))))
+        result = CliRunner().invoke(main, ["plan", str(model), "--capacity", "8MiB", "--solver", "greedy"])
+        assert result.exit_code == 1
+        assert result.output.startswith("resnet18: ")
+        assert "at 8.0 MiB: --tile does not give a plan" in result.output
+        tiled = CliRunner().invoke(main, ["plan", str(model), "--capacity", "8MiB", "--solver", "greedy", "--tile"])
+        assert ("nothing else to try: --tile is set; --chunk-tokens needs a graph with batch and seq_len; "
+                "--granularity and --batch change embedded models only") in tiled.output
+        command = next(line.strip() for line in tiled.output.splitlines() if line.strip().startswith("cachefit plan"))
+        assert command == f"cachefit plan {model} --capacity 24.75MiB --solver greedy --tile"
+        assert CliRunner().invoke(main, shlex.split(command)[1:]).exit_code == 0
