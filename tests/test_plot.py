@@ -75,8 +75,18 @@ class TestPlot:
 
         figure = plot_plan(gpt2_plan, max_nodes=20)
         texts = [text.get_text() for axes in figure.axes for text in axes.texts]
-        assert any(text.startswith("block.3\n") for text in texts)
+        assert "block.3" in texts  # 15 blocks: names only, and each group's number where it starts
         assert figure.axes[1].get_xlabel().endswith("drawn as 15 blocks")
+        import matplotlib.pyplot as plt
+        plt.close(figure)
+
+    def test_few_blocks_say_their_groups(self):
+        from cachefit.plot import plot_plan
+
+        plan = cachefit.plan(load_model("paper-4x15gb"), "h100-l2", solver="greedy", tile=True, chunk_tokens="auto")
+        figure = plot_plan(plan)
+        texts = [text.get_text() for text in figure.axes[1].texts]
+        assert texts == [f"linear.{i}\n289 nodes\ngroups {288 * i}–{288 * i + 287}" for i in range(4)]
         import matplotlib.pyplot as plt
         plt.close(figure)
 
