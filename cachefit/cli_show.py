@@ -16,7 +16,7 @@ from rich.text import Text
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
 from .units import format_bytes
 
-__all__ = ["show_command", "print_advice", "write_pictures", "command_line"]
+__all__ = ["show_command", "explain_no_plan", "print_advice", "write_pictures", "command_line"]
 
 
 def command_line(ctx, changes=None):
@@ -44,6 +44,13 @@ def command_line(ctx, changes=None):
         flag = max(parameter.opts, key=len)
         words += [flag] if params[name] is True else [flag, shlex.quote(str(params[name]))]
     return " ".join(words)
+
+
+def explain_no_plan(ctx, graph, plan, *, plot=None, dot=None):
+    """For a plan without groups: the advice (INFEASIBLE only) and a note that nothing is drawn."""
+    if plan.status == "INFEASIBLE":
+        print_advice(ctx, graph, plan)
+    write_pictures(plan, plot=plot, dot=dot)
 
 
 def print_advice(ctx, graph, plan):
@@ -125,7 +132,15 @@ def _print_suggestion(ctx, suggestion, heading):
 
 
 def write_pictures(plan, *, plot=None, dot=None, title=None):
-    """Write `plan`'s picture (``--plot``, PNG/SVG/PDF by suffix) and Graphviz file (``--dot``)."""
+    """Write `plan`'s picture (``--plot``, PNG/SVG/PDF by suffix) and Graphviz file (``--dot``).
+
+    A plan without groups writes nothing and says so on stderr.
+    """
+    if not plan.ok:
+        if plot or dot:
+            error_console.print(f"nothing to draw: the plan is {plan.status} (no groups); no file written",
+                                highlight=False, soft_wrap=True)
+        return
     if plot:
         from .plot import plot_plan
 
@@ -161,8 +176,5 @@ def show_command(plan_file, plot, dot):
     name = plan.graph.graph.get("name") if hasattr(plan.graph, "graph") else None
     console.print(f"[bold]{name or Path(plan_file).stem}[/] (from {plan_file})", highlight=False)
     print_plan(plan)
-    if not plan.ok and (plot or dot):
-        error_console.print("nothing to draw: the plan has no groups", highlight=False)
-        sys.exit(EXIT_NO_PLAN)
     write_pictures(plan, plot=plot, dot=dot, title=name or Path(plan_file).stem)
     sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)

@@ -143,6 +143,11 @@ class TestCli:
         shown = CliRunner().invoke(main, ["show", str(plan_file), "--plot", str(tmp_path / "x.png")])
         assert shown.exit_code == 1
         assert not (tmp_path / "x.png").exists()
+        planned = CliRunner().invoke(main, ["plan", "gpt2", "--capacity", "50MiB", "--dot", str(tmp_path / "x.dot")])
+        assert planned.exit_code == 1 and not (tmp_path / "x.dot").exists()
+        assert "nothing to draw: the plan is INFEASIBLE (no groups); no file written" in planned.output
+        refused = CliRunner().invoke(main, ["plan", "gpt2", "--capacity", "1GiB", "--solver", "all", "--plot", "x.png"])
+        assert refused.exit_code == 2
 
     def test_a_model_file_is_named_by_the_file(self, tmp_path):
         layers = tmp_path / "my_model.json"
