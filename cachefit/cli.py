@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .cli_show import explain_no_plan, plot_option, write_pictures
+from .cli_show import plot_option, print_advice, write_pictures
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
 from .errors import InputError
 from .progress import cli_reporter, reporting, task
@@ -174,8 +174,10 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
         console.print(f"tiling and chunk search took {result.stats['prepare_s'] * 1000:.1f} ms "
                       "(not in the solver time below)", highlight=False)
     print_plan(result)
-    if not result.ok:  # what would fit (INFEASIBLE), and why no picture is drawn
-        explain_no_plan(click.get_current_context(), graph, result, plot=plot, dot=dot)
+    if result.status == "INFEASIBLE":
+        print_advice(click.get_current_context(), graph, result)
+    if not result.ok:
+        write_pictures(result, plot=plot, dot=dot)  # says that there is nothing to draw
     if json_path:
         result.to_json(json_path)
         console.print(f"plan written to {json_path}", highlight=False)

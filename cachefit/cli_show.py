@@ -16,7 +16,7 @@ from rich.text import Text
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
 from .units import format_bytes
 
-__all__ = ["show_command", "explain_no_plan", "print_advice", "write_pictures", "command_line"]
+__all__ = ["show_command", "print_advice", "write_pictures", "command_line"]
 
 
 def command_line(ctx, changes=None):
@@ -44,13 +44,6 @@ def command_line(ctx, changes=None):
         flag = max(parameter.opts, key=len)
         words += [flag] if params[name] is True else [flag, shlex.quote(str(params[name]))]
     return " ".join(words)
-
-
-def explain_no_plan(ctx, graph, plan, *, plot=None, dot=None):
-    """For a plan without groups: the advice (INFEASIBLE only) and a note that nothing is drawn."""
-    if plan.status == "INFEASIBLE":
-        print_advice(ctx, graph, plan)
-    write_pictures(plan, plot=plot, dot=dot)
 
 
 def print_advice(ctx, graph, plan):
