@@ -62,9 +62,11 @@ def print_advice(ctx, graph, plan):
     if not Path(model).exists() and model in names():  # embedded: batch and granularity can change
         from .loading import load_model
 
+        extra = {name: params[name] for name in ("phase", "context") if name in params}  # as `plan` loads it
+
         def rebuild(batch, granularity):
             return load_model(model, batch=batch, seq_len=params["seq_len"], dtype=params["dtype"],
-                              granularity=granularity)
+                              granularity=granularity, **extra)
     chunk_tokens = params.get("chunk_tokens")
     if chunk_tokens not in (None, "auto"):
         chunk_tokens = int(chunk_tokens)
