@@ -108,6 +108,9 @@ class Advice:
     suggestions : tuple of Suggestion
         The changes with the fewest options that fit `capacity`, fewest
         groups first; empty when none does.
+    considered : tuple of str
+        The options `suggest` could change here (``tile``, ``chunk_tokens``,
+        ``granularity``, ``batch``): those not already set and applicable.
     tried : tuple of (dict, int or None)
         Every change tried and the k of its plan (None: no plan).
     """
@@ -117,6 +120,7 @@ class Advice:
     min_capacity_exact: int | None
     capacity_lower_bound: int
     suggestions: tuple
+    considered: tuple
     tried: tuple
 
 
@@ -202,10 +206,12 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
         with those settings; without it the batch and the granularity are
         not changed.
     batch : int, optional
-        The current batch (default: the graph's ``batch`` attribute).
+        The current batch (default: the graph's ``batch`` attribute); a
+        smaller one is tried when it is above 1 and `rebuild` is given.
     granularity : {"block", "op"}, optional
         The current granularity (default: the graph's ``granularity``
-        attribute, else ``"block"``).
+        attribute); ``"op"`` is tried when it is ``"block"`` and `rebuild`
+        is given.
 
     Returns
     -------
@@ -239,7 +245,7 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     check_memory(memory)
     current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
                "memory": memory, "batch": batch or graph.graph.get("batch"),
-               "granularity": granularity or graph.graph.get("granularity", "block")}
+               "granularity": granularity or graph.graph.get("granularity")}
     tried = []
     with task("advice: what would fit", total=None) as progress:
         def attempt(changes, at_capacity=capacity):
@@ -249,8 +255,10 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
             return result if result is not None and result.ok else None
 
         exact, minimum, lower = _min_capacity(graph, capacity, current, attempt)
-        suggestions = _fewest_changes(graph, current, rebuild, attempt)
-    return Advice(capacity, minimum, exact, lower, suggestions, tuple(tried))
+        options, can_batch = _options(graph, current, rebuild)
+        suggestions = _fewest_changes(options, can_batch, current["batch"], attempt)
+    considered = tuple(name for name, _ in options) + (("batch",) if can_batch else ())
+    return Advice(capacity, minimum, exact, lower, suggestions, considered, tuple(tried))
 
 
 def _plan_with(graph, capacity, current, changes, rebuild):
@@ -310,8 +318,8 @@ def _bisect_capacity(capacity, for_order, attempt):
     return high
 
 
-def _fewest_changes(graph, current, rebuild, attempt):
-    """The suggestions with the fewest changes that fit, fewest groups first."""
+def _options(graph, current, rebuild):
+    """([(option, value)] that may change, whether a smaller batch may be tried)."""
     options = []
     if not current["tile"]:
         options.append(("tile", True))
@@ -320,6 +328,11 @@ def _fewest_changes(graph, current, rebuild, attempt):
     if rebuild is not None and current["granularity"] == "block":
         options.append(("granularity", "op"))
     can_batch = rebuild is not None and isinstance(current["batch"], int) and current["batch"] > 1
+    return options, can_batch
+
+
+def _fewest_changes(options, can_batch, batch, attempt):
+    """The suggestions with the fewest changes that fit, fewest groups first."""
     for size in range(1, len(options) + can_batch + 1):
         found = []
         for subset in itertools.combinations(options, size):
@@ -328,7 +341,7 @@ def _fewest_changes(graph, current, rebuild, attempt):
                 found.append(Suggestion(dict(subset), result))
         if can_batch:
             for subset in itertools.combinations(options, size - 1):
-                found += _smaller_batch(dict(subset), current["batch"], attempt)
+                found += _smaller_batch(dict(subset), batch, attempt)
         if found:
             return tuple(sorted(found, key=lambda suggestion: suggestion.k))
     return ()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .memory import LayerTable, as_table, check_memory
+from .progress import task
 
 __all__ = ["ChunkChoice", "chunk_candidates", "choose_chunk_tokens", "graph_tokens"]
 
@@ -160,12 +161,15 @@ def choose_chunk_tokens(graph, capacity, *, solver="greedy", memory="liveness", 
     else:
         table = as_table(graph)  # flatten once, probe many times
     probes = []
-    for chunk in chunk_candidates(tokens):
-        fraction = chunk / tokens
-        probed = tile_graph(graph, capacity, memory=memory, chunk_fraction=fraction) if tile else table
-        result = SOLVERS[solver](probed, capacity, memory=memory, chunk_fraction=fraction,
-                                 time_limit_s=time_limit_s)
-        probes.append((chunk, result.k if result.ok else None))
+    candidates = chunk_candidates(tokens)
+    with task("chunk search" + (" (tiling each chunk)" if tile else ""), total=len(candidates)) as progress:
+        for chunk in candidates:
+            fraction = chunk / tokens
+            probed = tile_graph(graph, capacity, memory=memory, chunk_fraction=fraction) if tile else table
+            result = SOLVERS[solver](probed, capacity, memory=memory, chunk_fraction=fraction,
+                                     time_limit_s=time_limit_s)
+            probes.append((chunk, result.k if result.ok else None))
+            progress.advance(detail=f"{chunk:,} tokens: " + (f"k = {result.k}" if result.ok else "no plan"))
     feasible = [(k, -chunk) for chunk, k in probes if k is not None]
     if feasible:
         k, negative = min(feasible)

@@ -159,6 +159,8 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
         if not chunk_tokens.isdigit():
             raise InputError(f"`--chunk-tokens` must be a positive integer or 'auto', got {chunk_tokens!r}")
         chunk_tokens = int(chunk_tokens)
+    if solver == "all" and (plot or dot):
+        raise InputError("`--plot` and `--dot` draw one plan: give `--solver NAME`, not 'all'")
     if solver == "all":
         sys.exit(compare_solvers(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                                  time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path,
@@ -181,6 +183,8 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
     print_plan(result)
     if result.status == "INFEASIBLE":
         print_advice(click.get_current_context(), graph, result)
+    if not result.ok:
+        write_pictures(result, plot=plot, dot=dot)  # says that there is nothing to draw
     if json_path:
         write_plan(result, json_path)
     if result.ok:

@@ -62,9 +62,11 @@ def print_advice(ctx, graph, plan):
     if not Path(model).exists() and model in names():  # embedded: batch and granularity can change
         from .loading import load_model
 
+        extra = {name: params[name] for name in ("phase", "context") if name in params}  # as `plan` loads it
+
         def rebuild(batch, granularity):
             return load_model(model, batch=batch, seq_len=params["seq_len"], dtype=params["dtype"],
-                              granularity=granularity)
+                              granularity=granularity, **extra)
     chunk_tokens = params.get("chunk_tokens")
     if chunk_tokens not in (None, "auto"):
         chunk_tokens = int(chunk_tokens)
@@ -79,7 +81,7 @@ def print_advice(ctx, graph, plan):
             if advice.capacity_lower_bound < exact:
                 note += f", {format_bytes(advice.capacity_lower_bound)} for any order"
         else:
-            note = f"the least found is {format_bytes(exact)}, to 0.5 % by bisection"
+            note = f"the least found is {format_bytes(exact)} ({exact:,} B), to 0.5 % by bisection"
         _print_suggestion(ctx, advice.min_capacity, f"a larger capacity ({note}):")
     else:
         console.print("  no capacity gives a plan with these settings", highlight=False)
@@ -89,11 +91,32 @@ def print_advice(ctx, graph, plan):
                       f"({changed} option{'s' if changed > 1 else ''}):", highlight=False, soft_wrap=True)
         for suggestion in advice.suggestions:
             _print_suggestion(ctx, suggestion, None)
+    elif advice.considered:
+        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "granularity": "--granularity op",
+                 "batch": "a smaller --batch"}
+        named = [flags[name] for name in advice.considered]
+        what = f"{named[0]} does not" if len(named) == 1 else f"no combination of {', '.join(named)}"
+        console.print(f"  at {format_bytes(plan.capacity)}: {what} give a plan", highlight=False, soft_wrap=True)
     else:
-        console.print(f"  at {format_bytes(plan.capacity)}: no combination of --tile, --chunk-tokens auto, "
-                      "--granularity op" + (" and a smaller --batch" if rebuild else "") + " gives a plan",
-                      highlight=False)
+        console.print(f"  at {format_bytes(plan.capacity)}: nothing else to try: {_why_not(params, graph, rebuild)}",
+                      highlight=False, soft_wrap=True)
     return advice
+
+
+def _why_not(params, graph, rebuild):
+    """Why none of the options `suggest` changes applies (for the message)."""
+    reasons = []
+    if params.get("tile"):
+        reasons.append("--tile is set")
+    if params.get("chunk_tokens") == "auto":
+        reasons.append("--chunk-tokens auto is set")
+    elif params.get("memory") == "additive":
+        reasons.append("chunks do not change the additive model")
+    else:
+        reasons.append("--chunk-tokens needs a graph with batch and seq_len")
+    if rebuild is None:
+        reasons.append("--granularity and --batch change embedded models only")
+    return "; ".join(reasons)
 
 
 def _print_suggestion(ctx, suggestion, heading):
@@ -104,18 +127,27 @@ def _print_suggestion(ctx, suggestion, heading):
 
 
 def write_pictures(plan, *, plot=None, dot=None, title=None):
-    """Write `plan`'s picture (``--plot``, PNG/SVG/PDF by suffix) and Graphviz file (``--dot``)."""
+    """Write `plan`'s picture (``--plot``, PNG/SVG/PDF by suffix) and Graphviz file (``--dot``).
+
+    A plan without groups writes nothing and says so on stderr.
+    """
+    if not plan.ok:
+        if plot or dot:
+            error_console.print(f"nothing to draw: the plan is {plan.status} (no groups); no file written",
+                                highlight=False, soft_wrap=True)
+        return
     if plot:
         from .plot import plot_plan
 
         plot_plan(plan, plot, title=title)
-        console.print(f"picture written to {plot}", highlight=False)
+        console.print(f"picture written to {plot}", highlight=False, soft_wrap=True)
     if dot:
         from .dot import write_dot
 
         write_dot(plan, dot)
-        console.print(f"Graphviz DOT written to {dot} (render: dot -Tsvg {shlex.quote(str(dot))} -o plan.svg)",
-                      highlight=False)
+        svg = shlex.quote(str(Path(dot).with_suffix(".svg")))
+        console.print(f"Graphviz DOT written to {dot} (draw it: dot -Tsvg {shlex.quote(str(dot))} -o {svg})",
+                      highlight=False, soft_wrap=True)
 
 
 def plot_option(function):
@@ -139,8 +171,5 @@ def show_command(plan_file, plot, dot):
     name = plan.graph.graph.get("name") if hasattr(plan.graph, "graph") else None
     console.print(f"[bold]{name or Path(plan_file).stem}[/] (from {plan_file})", highlight=False)
     print_plan(plan)
-    if not plan.ok and (plot or dot):
-        error_console.print("nothing to draw: the plan has no groups", highlight=False)
-        sys.exit(EXIT_NO_PLAN)
     write_pictures(plan, plot=plot, dot=dot, title=name or Path(plan_file).stem)
     sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)

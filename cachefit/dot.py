@@ -22,13 +22,15 @@ GROUP_COLOURS = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a
                  "#bcbd22", "#dbdb8d", "#17becf", "#9edae5")
 
 
-def group_colour(index, k):
-    """The colour of group `index` of `k`: the strong tab20 colours for k ≤ 10, all 20 beyond.
+def group_colour(index):
+    """The colour of group `index`: the ten strong tab20 colours, then the ten light ones, repeating.
 
-    >>> group_colour(1, 6), group_colour(1, 12)
-    ('#ff7f0e', '#aec7e8')
+    Neighbouring groups always get different hues.
+
+    >>> group_colour(0), group_colour(1), group_colour(10), group_colour(20)
+    ('#1f77b4', '#ff7f0e', '#aec7e8', '#1f77b4')
     """
-    return GROUP_COLOURS[(2 * index) % 20 if k <= 10 else index % 20]
+    return GROUP_COLOURS[(2 * index) % 20 + (index // 10) % 2]
 
 
 def quote(text):
@@ -75,7 +77,7 @@ def plan_to_dot(plan, *, name=None):
         label = f"group {index}: {format_bytes(size)}, {100 * size / plan.capacity:.1f} % of {format_bytes(plan.capacity)}"
         lines += [f"  subgraph {quote(f'cluster_{index}')} {{", f"    label={quote(label)};",
                   '    style="rounded"; color="#888888";']
-        colour = group_colour(index, plan.k)
+        colour = group_colour(index)
         for node in group:
             data = graph.nodes[node]
             node_label = f"{node}\n{format_bytes(int(data.get('weight_bytes', 0)))}"

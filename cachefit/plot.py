@@ -193,9 +193,10 @@ def _draw_bars(axes, plan, parts, name):
         bottom += values
     capacity = plan.capacity / scale
     axes.axhline(capacity, color="#C44E52", linestyle="--", linewidth=1.5)
-    axes.text(0.995, capacity, f"capacity {format_bytes(plan.capacity)}", color="#C44E52", va="bottom",
-              ha="right", transform=axes.get_yaxis_transform(), fontsize=9)
     worst = int(np.argmax(plan.sizes))
+    right = worst < plan.k / 2  # the capacity's label away from the bottleneck's arrow
+    axes.text(0.995 if right else 0.005, capacity, f"capacity {format_bytes(plan.capacity)}", color="#C44E52",
+              va="bottom", ha="right" if right else "left", transform=axes.get_yaxis_transform(), fontsize=9)
     side = "center" if 0.2 * plan.k < worst < 0.8 * plan.k else ("left" if worst <= 0.2 * plan.k else "right")
     axes.annotate(f"bottleneck: group {worst}, {format_bytes(plan.bottleneck)} "
                   f"({100 * plan.bottleneck / plan.capacity:.1f} % of capacity)",
@@ -252,7 +253,7 @@ def _draw_graph(axes, plan, graph, shown, position, part):
     layers = max(x for x, _ in position.values()) + 1
     slots = max(abs(y) for _, y in position.values())
     axes.set_xlim(-1, layers)
-    axes.set_ylim(-slots - (2.4 if aggregated else 1.2), slots + 1.6)
+    axes.set_ylim(-slots - (2.6 if aggregated else 1.2), slots + 1.6)
     axes.set_yticks([])
     from matplotlib.ticker import MaxNLocator
 
@@ -269,7 +270,7 @@ def _draw_nodes(axes, plan, graph, position, part):
     nodes = list(graph.nodes)
     xs = [position[node][0] for node in nodes]
     ys = [position[node][1] for node in nodes]
-    colours = [group_colour(part[node], plan.k) for node in nodes]
+    colours = [group_colour(part[node]) for node in nodes]
     size = 60 if len(nodes) <= 60 else 28
     axes.scatter(xs, ys, s=size, c=colours, edgecolors="black", linewidths=0.4, zorder=2)
     for index, group in enumerate(plan.partitions):  # the group's number above its first node
@@ -292,18 +293,34 @@ def _draw_nodes(axes, plan, graph, position, part):
 
 def _draw_blocks(axes, plan, quotient, position):
     largest = max(data["members"] for _, data in quotient.nodes(data=True))
-    for block, data in quotient.nodes(data=True):
+    blocks = list(quotient.nodes(data=True))
+    crowded = len(blocks) > 12
+    every = max(1, -(-len(blocks) // 30))  # label at most about 30 blocks when crowded
+    first_block_of = {}
+    for index, (block, data) in enumerate(blocks):
         x, y = position[block]
         groups = data["groups"]
         height = 0.3 + 0.5 * data["members"] / largest
         stripes = groups[:: -(-len(groups) // 64)]  # at most 64 stripes, evenly sampled
         for stripe, group in enumerate(stripes):  # a stripe per group the block falls in, in execution order
             axes.add_patch(_rectangle(x - 0.35 + stripe * 0.7 / len(stripes), y - height / 2, 0.7 / len(stripes),
-                                      height, group_colour(group, plan.k)))
-        label = f"{block}\n{data['members']} nodes\n" + (f"group {groups[0]}" if len(groups) == 1
-                                                          else f"groups {groups[0]}–{groups[-1]}")
-        axes.annotate(label, (x, y - height / 2), xytext=(0, -4), textcoords="offset points", ha="center",
-                      va="top", fontsize=7 if quotient.number_of_nodes() > 20 else 8)
+                                      height, group_colour(group)))
+        for group in groups:
+            first_block_of.setdefault(group, (x, y + height / 2))
+        span = f"group {groups[0]}" if len(groups) == 1 else f"groups {groups[0]}–{groups[-1]}"
+        if not crowded:
+            axes.annotate(f"{block}\n{data['members']} nodes\n{span}", (x, y - height / 2), xytext=(0, -4),
+                          textcoords="offset points", ha="center", va="top", fontsize=8)
+        elif index % every == 0:
+            axes.annotate(block, (x, y - height / 2), xytext=(0, -4), textcoords="offset points", ha="right",
+                          va="top", rotation=45, fontsize=7)
+    if crowded:  # each group's number above the block where it starts, never crowded
+        last_x = None
+        for group, (x, top) in sorted(first_block_of.items()):
+            if last_x is None or x - last_x >= len(blocks) / 40:
+                axes.annotate(str(group), (x, top), xytext=(0, 3), textcoords="offset points", ha="center",
+                              fontsize=7)
+                last_x = x
 
 
 def _rectangle(x, y, width, height, colour):

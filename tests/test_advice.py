@@ -1,0 +1,186 @@
+"""`cachefit.advice`: every suggestion gives a plan, the capacity is the least, the CLI says it in its syntax."""
+
+import shlex
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import cachefit
+from cachefit.advice import capacity_text, smallest_capacity, suggest
+from cachefit.cli import main
+from cachefit.loading import load_model
+from cachefit.testing import dags
+from cachefit.units import parse_bytes
+
+
+def rebuild_of(name):
+    def rebuild(batch, granularity):
+        return load_model(name, batch=batch, granularity=granularity)
+    return rebuild
+
+
+def assert_planned(graph, suggestion, capacity, **settings):
+    """Plan the suggestion independently of `suggest` and check it."""
+    changes = dict(suggestion.changes)
+    options = {**settings, **{name: value for name, value in changes.items() if name in ("tile", "chunk_tokens")}}
+    plan = cachefit.plan(graph, changes.get("capacity", capacity), solver="greedy", **options)
+    assert plan.ok and plan.k == suggestion.k
+    assert cachefit.check(plan).ok
+
+
+class TestCapacityText:
+    @given(st.integers(min_value=1, max_value=2**50))
+    @example(104499200)
+    @example(5 * 2**20 + 1)
+    def test_at_least_and_close(self, num_bytes):
+        text = capacity_text(num_bytes)
+        assert num_bytes <= parse_bytes(text) <= num_bytes * 1.01 + 1
+
+    def test_round_figures(self):
+        assert capacity_text(120 * 2**20) == "120MiB"
+        assert capacity_text(999) == "999"
+
+
+class TestSmallestCapacity:
+    @settings(max_examples=40, deadline=None)
+    @given(dags(max_nodes=8, capacity=100), st.sampled_from(["liveness", "additive"]))
+    def test_greedy_fits_exactly_from_there(self, graph, memory):
+        for_order, any_order = smallest_capacity(graph, memory=memory)
+        if not len(graph):
+            return
+        assert any_order <= for_order
+        assert cachefit.plan(graph, for_order, solver="greedy", memory=memory).ok
+        if for_order > 1:
+            assert not cachefit.plan(graph, for_order - 1, solver="greedy", memory=memory).ok
+
+    @settings(max_examples=30, deadline=None)
+    @given(dags(max_nodes=7, capacity=100))
+    def test_no_order_fits_below_the_bound(self, graph):
+        _, any_order = smallest_capacity(graph)
+        if any_order > 1:
+            assert not cachefit.plan(graph, any_order - 1, solver="brute").ok
+
+
+class TestSuggest:
+    def test_gpt2_block_at_50mib(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "50MiB", rebuild=rebuild_of("gpt2"))
+        assert advice.min_capacity_exact == 104499200  # lm_head's logits alone
+        assert advice.min_capacity.options() == ["--capacity", "100MiB"]
+        assert [s.options() for s in advice.suggestions] == [["--tile", "--chunk-tokens", "auto"]]
+        assert advice.suggestions[0].k == 6
+        assert_planned(graph, advice.suggestions[0], "50MiB")
+        assert_planned(graph, advice.min_capacity, "50MiB")
+
+    def test_tiled_gpt2_needs_only_the_chunk(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "50MiB", tile=True, rebuild=rebuild_of("gpt2"))
+        assert [s.options() for s in advice.suggestions] == [["--chunk-tokens", "auto"]]
+        assert "tile" not in advice.suggestions[0].changes
+        assert_planned(graph, advice.suggestions[0], "50MiB", tile=True)
+        # the bisection's capacity, tiled, gives a plan and half a percent less does not
+        exact = advice.min_capacity_exact
+        assert cachefit.plan(graph, exact, solver="greedy", tile=True).ok
+        assert not cachefit.plan(graph, int(exact * 0.99), solver="greedy", tile=True).ok
+
+    def test_paper_model_untiled(self):
+        graph = load_model("paper-4x15gb")
+        advice = suggest(graph, "h100-l2", rebuild=rebuild_of("paper-4x15gb"))
+        assert [s.options() for s in advice.suggestions] == [["--tile", "--chunk-tokens", "auto"]]
+        assert advice.suggestions[0].k == 1152
+        assert advice.min_capacity_exact == 15 * 10**9 + 2 * 128 * 10000 * 16384 * 2  # a layer, its input and output
+        assert_planned(graph, advice.suggestions[0], "h100-l2")
+
+    def test_a_smaller_batch(self):
+        graph = load_model("paper-shape", batch=64)
+        advice = suggest(graph, "1GiB", rebuild=rebuild_of("paper-shape"))
+        batches = [s.changes["batch"] for s in advice.suggestions if "batch" in s.changes]
+        assert batches == [4]
+        for suggestion in advice.suggestions:
+            rebuilt = load_model("paper-shape", batch=suggestion.changes.get("batch", 64),
+                                 granularity=suggestion.changes.get("granularity", "block"))
+            assert_planned(rebuilt, suggestion, "1GiB")
+        for batch in batches:  # the largest batch: one more does not fit
+            bigger = load_model("paper-shape", batch=batch + 1)
+            assert not cachefit.plan(bigger, "1GiB", solver="greedy").ok
+
+    def test_nothing_fits(self):
+        graph = cachefit.graphs.from_layers([{"name": "norm", "weight_bytes": 100, "op": "layernorm"}])
+        advice = suggest(graph, 50)
+        assert advice.suggestions == ()
+        assert advice.min_capacity.changes == {"capacity": 100}
+
+    def test_every_try_is_recorded(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "50MiB")
+        assert ({"tile": True}, None) in advice.tried
+        assert ({"tile": True, "chunk_tokens": "auto"}, 6) in advice.tried
+
+
+class TestResnetLike:
+    """A user module (conv-bn-relu basic blocks) from `from_torch`: batch norms cannot be tiled."""
+
+    def test_tiled_at_8mib(self):
+        pytest.importorskip("torch")
+        from resnet_like import resnet_like_graph
+
+        graph = resnet_like_graph(batch=4)
+        assert not cachefit.plan(graph, "8MiB", tile=True, solver="greedy").ok
+        advice = suggest(graph, "8MiB", tile=True, batch=4,
+                         rebuild=lambda batch, granularity: resnet_like_graph(batch=batch))
+        assert [s.changes for s in advice.suggestions] == [{"batch": 1}]
+        assert cachefit.plan(resnet_like_graph(batch=1), "8MiB", tile=True, solver="greedy").ok
+        assert cachefit.plan(graph, advice.min_capacity.changes["capacity"], tile=True, solver="greedy").ok
+
+
+class TestCli:
+    def run(self, *args):
+        return CliRunner().invoke(main, list(args))
+
+    def test_gpt2_advice_is_a_command_that_works(self):
+        result = self.run("plan", "gpt2", "--capacity", "50MiB")
+        assert result.exit_code == 1
+        commands = [line.strip() for line in result.output.splitlines() if line.strip().startswith("cachefit plan")]
+        assert commands == ["cachefit plan gpt2 --capacity 100MiB",
+                            "cachefit plan gpt2 --capacity 50MiB --tile --chunk-tokens auto"]
+        for command in commands:
+            again = self.run(*shlex.split(command)[1:])
+            assert again.exit_code == 0, again.output
+
+    def test_tiled_advice_does_not_repeat_tile(self):
+        result = self.run("plan", "gpt2", "--capacity", "50MiB", "--tile")
+        assert "cachefit plan gpt2 --capacity 50MiB --tile --chunk-tokens auto" in result.output
+        assert "gpt2 --capacity 50MiB --tile --tile" not in result.output
+
+    def test_no_advice_for_a_plan(self):
+        result = self.run("plan", "gpt2", "--capacity", "h100-hbm")
+        assert result.exit_code == 0 and "what would fit" not in result.output
+
+
+class TestCliMessages:
+    def test_help_lists_what_model_can_be(self):
+        result = CliRunner().invoke(main, ["plan", "--help"])
+        for kind in ("embedded model name", "config.json", ".onnx", "plan file", "node-link graph", "list of layers"):
+            assert kind in result.output
+
+    def test_a_user_module_file_says_what_was_tried(self, tmp_path):
+        pytest.importorskip("torch")
+        import json
+
+        from resnet_like import resnet_like_graph
+        from cachefit.result import graph_to_data
+
+        model = tmp_path / "resnet18.json"
+        model.write_text(json.dumps(graph_to_data(resnet_like_graph(batch=4))))
+        result = CliRunner().invoke(main, ["plan", str(model), "--capacity", "8MiB", "--solver", "greedy"])
+        assert result.exit_code == 1
+        assert result.output.startswith("resnet18: ")
+        assert "at 8.0 MiB: --tile does not give a plan" in result.output
+        tiled = CliRunner().invoke(main, ["plan", str(model), "--capacity", "8MiB", "--solver", "greedy", "--tile"])
+        assert ("nothing else to try: --tile is set; --chunk-tokens needs a graph with batch and seq_len; "
+                "--granularity and --batch change embedded models only") in tiled.output
+        command = next(line.strip() for line in tiled.output.splitlines() if line.strip().startswith("cachefit plan"))
+        assert command == f"cachefit plan {model} --capacity 24.75MiB --solver greedy --tile"
+        assert CliRunner().invoke(main, shlex.split(command)[1:]).exit_code == 0
