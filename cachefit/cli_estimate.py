@@ -123,7 +123,8 @@ def _schedule_table(result):
 @click.option("--devices", type=int, default=1, show_default=True, help="Devices the groups are dealt to, in order.")
 @click.option("--kv", type=click.Choice(["streamed", "resident"]), default=None,
               help="Where the KV cache lives (default: the plan's choice, else streamed).")
-@click.option("--launch-us", type=float, default=5.0, show_default=True, help="Assumed µs per group launch.")
+@click.option("--launch-us", type=float, default=None,
+              help="Assumed µs per group launch (default 5 on GPUs, 0 on SRAM-only chips).")
 @click.option("--max-rows", type=int, default=12, show_default=True, help="Group rows shown.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the estimate here.")
 @friendly
@@ -133,7 +134,7 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
     from .result import Plan, write_text_atomic
 
     plan = Plan.from_json(plan_file)
-    result = estimate(plan, device, devices=devices, kv=kv, launch_s=launch_us * 1e-6)
+    result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
     console.print(_group_table(result, max_rows))
     console.print(_schedule_table(result))
     console.print("[bold]assumptions[/]")

@@ -164,6 +164,8 @@ def _check_schedule(name):
 
 
 def _roofline(device, hbm_bytes, on_chip_bytes, flops, launches, launch_s):
+    if device.memory_bandwidth is None:  # an SRAM-only chip: what would spill to HBM stays on chip (or its links)
+        hbm_bytes, on_chip_bytes = 0, on_chip_bytes + hbm_bytes
     terms = {"compute": flops / device.peak_flops if device.peak_flops else 0.0,
              "HBM": hbm_bytes / device.memory_bandwidth if device.memory_bandwidth else 0.0,
              "on-chip": on_chip_bytes / device.on_chip_bandwidth if device.on_chip_bandwidth else 0.0}
@@ -206,7 +208,11 @@ def _batched_bytes(graph, group, kv_placement, pinned):
 
 
 def _deal(times, devices):
-    """Contiguous runs of `times` over at most `devices` devices minimising the largest run's sum."""
+    """Contiguous runs of `times` over at most `devices` devices minimising the largest run's sum.
+
+    Among such runs, every device gets at least one group when there are as
+    many groups as devices (more groups alone on a device, so more pinned).
+    """
     k = len(times)
     if devices >= k:
         return list(range(k))
@@ -220,8 +226,9 @@ def _deal(times, devices):
             current += value
         low, high = (middle, high) if runs > devices else (low, middle)
     assignment, run, current = [], 0, 0.0
-    for value in times:
-        if current > 0 and current + value > high:
+    for index, value in enumerate(times):
+        # cut over the bound, and also once the groups left can each have a device of their own
+        if current > 0 and (current + value > high or k - index <= devices - run - 1):
             run, current = run + 1, 0.0
         assignment.append(run)
         current += value
@@ -242,15 +249,21 @@ def _validate(plan, device, devices, kv, launch_s):
     device = get_device(device)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise InputError(f"`devices` must be a positive integer, got {devices!r}")
-    kv = kv or plan.stats.get("kv") or getattr(plan, "kv", None) or "streamed"
+    kv = kv or plan.stats.get("kv") or getattr(plan, "kv", None) or (
+        "streamed" if device.memory_bandwidth else "resident")
     if kv not in KV_PLACEMENTS:
         raise InputError(f"`kv` must be one of {', '.join(map(repr, KV_PLACEMENTS))}, got {kv!r}")
+    if kv == "streamed" and device.memory_bandwidth is None:
+        raise InputError(f"`kv` 'streamed' needs off-chip memory; `device` {device.name!r} has none: "
+                         "use kv='resident'")
+    if launch_s is None:
+        launch_s = DEFAULT_LAUNCH_S if device.memory_bandwidth else 0.0
     if isinstance(launch_s, bool) or not isinstance(launch_s, (int, float)) or not 0 <= launch_s < math.inf:
         raise InputError(f"`launch_s` must be a non-negative number of seconds, got {launch_s!r}")
     if device.memory_bandwidth is None and devices < plan.k:
         raise InputError(f"`device` {device.name!r} has no off-chip memory, so every group needs its own chip: "
                          f"`devices` must be at least k = {plan.k}, got {devices}")
-    return graph, device, kv
+    return graph, device, kv, launch_s
 
 
 def _pass_shape(graph, plan):
@@ -278,7 +291,7 @@ def _group_traffic(device, shape, chunks, kv, launch_s, pinned):
     return partition, token
 
 
-def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH_S):
+def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
     """Predicted time of `plan` on `device` for partition-major, token-major and batched execution.
 
     Parameters
@@ -295,8 +308,10 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH
     kv : {"streamed", "resident"}, optional
         Where the KV cache lives; default: the plan's recorded choice, else
         ``"streamed"``.  Resident KV saves HBM reads only for pinned groups.
-    launch_s : float
-        Seconds per launch of one group on one chunk (assumed 5 µs).
+    launch_s : float, optional
+        Seconds per launch of one group on one chunk; default 5 µs
+        (`DEFAULT_LAUNCH_S`, a CUDA-graph replay) on a chip with off-chip
+        memory, 0 on an SRAM-only chip (statically scheduled dataflow).
 
     Returns
     -------
@@ -315,10 +330,18 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH
     inefficiency (every term runs at its peak) and overlap limits beyond
     the max() of the roofline.
     """
-    graph, device, kv = _validate(plan, device, devices, kv, launch_s)
+    graph, device, kv, launch_s = _validate(plan, device, devices, kv, launch_s)
     phase, batch, seq_len, context, tokens, chunks = _pass_shape(graph, plan)
     shapes = [_group_bytes(graph, group) for group in plan.partitions]
-    fits = [device.on_chip_bytes is None or size <= device.on_chip_bytes for size in plan.sizes]
+    # A plan that did not count the KV cache in its groups fits on chip with it resident only if S + KV does.
+    kv_outside = kv == "resident" and plan.stats.get("kv") != "resident"
+    fits = [device.on_chip_bytes is None or size + (shape[1] if kv_outside else 0) <= device.on_chip_bytes
+            for size, shape in zip(plan.sizes, shapes)]
+    if device.memory_bandwidth is None and not all(fits):
+        index = fits.index(False)
+        raise InputError(f"`device` {device.name!r} has no off-chip memory, but group {index} "
+                         f"({plan.sizes[index]:,} B + KV {shapes[index][1]:,} B) exceeds its "
+                         f"{device.on_chip_bytes:,} B {device.on_chip_kind}")
     unpinned = [_group_traffic(device, shape, chunks, kv, launch_s, False)[0] for shape in shapes]
     assignment = _deal([traffic.time_s for traffic in unpinned], devices)
     per_device = [assignment.count(index) for index in range(max(assignment) + 1)]
@@ -381,6 +404,9 @@ def _assumptions(device, devices, kv, launch_s, chunks, fits, groups):
     pinned = sum(group.pinned for group in groups)
     notes.append(f"{devices} device(s), groups dealt in order; {pinned} of {len(groups)} group(s) pinned "
                  "(alone on a device and on chip: weights read from HBM never)")
+    if device.memory_bandwidth is None:
+        notes.append("no off-chip memory: activations between groups move over chip-to-chip links, counted as "
+                     "on-chip bytes; the KV cache is resident; no launch cost (statically scheduled)")
     if devices > 1:
         notes.append("pipeline: time per pass = sum over devices; tokens/s with one batch in flight per device; "
                      "interconnect transfers not counted; no tensor parallelism")
