@@ -189,3 +189,18 @@ class TestSramChips:
         result = estimate(toy_plan(kv=700), TOY, devices=3, kv="resident")
         assert [group.fits_on_chip for group in result.groups] == [True, False, True]
         assert not result.groups[1].pinned
+
+
+class TestCalibrationBench:
+    def test_tiny_case_rows(self):
+        pytest.importorskip("torch")
+        from cachefit.bench.bench_estimate import calibrate
+
+        rows, assumptions = calibrate("tiny", iters=1)
+        assert [row["schedule"] for row in rows] == ["partition-major", "token-major", "batched"]
+        for row in rows:
+            assert row["device"] == "measured" and row["equivalent"]
+            assert row["measured_ms"] > 0 and row["estimate_ms"] > 0
+            assert row["error"] == pytest.approx((row["estimate_ms"] - row["measured_ms"]) / row["measured_ms"])
+        assert rows[0]["chunks"] == 2
+        assert assumptions
