@@ -27,7 +27,7 @@ Examples
 >>> graph = instances.load("llama-3.1-8b", phase="decode", context=1024, batch=4)
 >>> plan = deploy(graph, devices=2, device_capacity="h100-hbm", capacity="h100-l2", tile=True, solver="greedy")
 >>> plan.ok, plan.devices, [group.k for group in plan.groups]
-(True, 2, [200, 212])
+(True, 2, [208, 186])
 >>> all(report.ok for report in plan.check())
 True
 """
