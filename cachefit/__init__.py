@@ -6,6 +6,8 @@ subpackages `graphs`, `solvers`, `instances`, `executor`, `bench`.
 """
 
 import importlib
+import sys
+import types
 
 # Public names resolve on first use (PEP 562), so `cachefit --help` or a
 # refused input does not pay for networkx, numpy or the solvers.
@@ -13,7 +15,8 @@ _EXPORTS = {
     "plan": "api", "check": "checker", "CheckReport": "checker", "DEVICES": "devices",
     "parse_capacity": "devices", "CachefitError": "errors", "InputError": "errors",
     "MEMORY_MODELS": "memory", "LayerTable": "memory", "group_sizes": "memory", "Plan": "result",
-    "Status": "result", "stages": "stages", "Estimate": "estimate", "estimate": "estimate", "format_bytes": "units", "parse_bytes": "units",
+    "Status": "result", "stages": "stages", "Estimate": "estimate", "estimate": "estimate",
+    "Deployment": "deploy", "deploy": "deploy", "format_bytes": "units", "parse_bytes": "units",
 }
 _SUBPACKAGES = ("graphs", "instances", "solvers")
 
@@ -33,10 +36,27 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
 
 
+class _Package(types.ModuleType):
+    """Keeps `cachefit.stages`, `.estimate`, `.deploy` the functions.
+
+    Importing a submodule sets the package attribute of the same name to the
+    module; for the public functions that share their module's name, the
+    function stays (the module remains in `sys.modules`).
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "plan", "stages", "estimate", "Estimate", "check", "CheckReport", "Plan", "Status", "LayerTable", "group_sizes", "MEMORY_MODELS",
+    "plan", "stages", "estimate", "Estimate", "deploy", "Deployment", "check", "CheckReport", "Plan", "Status", "LayerTable", "group_sizes", "MEMORY_MODELS",
     "DEVICES", "parse_capacity", "parse_bytes", "format_bytes", "CachefitError", "InputError",
     "graphs", "instances", "solvers", "__version__",
 ]

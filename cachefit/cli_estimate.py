@@ -10,11 +10,11 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_OK, console, friendly
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
 from .errors import InputError
 from .units import format_bytes, format_count
 
-__all__ = ["devices_command", "estimate_command", "print_kv", "COMMANDS"]
+__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "COMMANDS"]
 
 
 def _size(num_bytes):
@@ -116,6 +116,21 @@ def _schedule_table(result):
     return table
 
 
+def _read_plan_or_deployment(path):
+    from pathlib import Path
+
+    from .deploy import DEPLOYMENT_FORMAT, Deployment
+    from .result import Plan
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"`PLAN_FILE` {str(path)!r} is not readable JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("format") == DEPLOYMENT_FORMAT:
+        return Deployment.from_dict(data)
+    return Plan.from_dict(data)
+
+
 @click.command("estimate")
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", default="h100", show_default=True,
@@ -123,17 +138,18 @@ def _schedule_table(result):
 @click.option("--devices", type=int, default=1, show_default=True, help="Devices the groups are dealt to, in order.")
 @click.option("--kv", type=click.Choice(["streamed", "resident"]), default=None,
               help="Where the KV cache lives (default: the plan's choice, else streamed).")
-@click.option("--launch-us", type=float, default=5.0, show_default=True, help="Assumed µs per group launch.")
+@click.option("--launch-us", type=float, default=None,
+              help="Assumed µs per group launch (default 5 on GPUs, 0 on SRAM-only chips).")
 @click.option("--max-rows", type=int, default=12, show_default=True, help="Group rows shown.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the estimate here.")
 @friendly
 def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_path):
-    """Predict the time of PLAN_FILE: partition-major, token-major and batched, with the assumptions."""
+    """Predict the time of PLAN_FILE (a plan or a deployment): partition-major, token-major, batched."""
     from .estimate import estimate
-    from .result import Plan, write_text_atomic
+    from .result import write_text_atomic
 
-    plan = Plan.from_json(plan_file)
-    result = estimate(plan, device, devices=devices, kv=kv, launch_s=launch_us * 1e-6)
+    plan = _read_plan_or_deployment(plan_file)
+    result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
     console.print(_group_table(result, max_rows))
     console.print(_schedule_table(result))
     console.print("[bold]assumptions[/]")
@@ -145,5 +161,61 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
     sys.exit(EXIT_OK)
 
 
+@click.command("deploy")
+@click.argument("model")
+@click.option("--devices", type=int, required=True, help="Pipeline stages, one per device.")
+@click.option("--device-capacity", required=True, help="Memory of one device: bytes or a name (h100-hbm, ...).")
+@click.option("--capacity", "-c", required=True, help="On-chip capacity of every group: bytes or a name (h100-l2, ...).")
+@click.option("--reserve", default="0", show_default=True, help="Bytes kept free on every device.")
+@model_options
+@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]))
+@click.option("--context", type=int, default=None, help="Tokens already in the KV cache (decode default: --seq-len).")
+@click.option("--tile", is_flag=True, default=False, help="Tile nodes too large for the on-chip capacity.")
+@click.option("--chunk-tokens", default=None, metavar="N|auto", help="Tokens per streaming pass inside each stage.")
+@click.option("--solver", default="auto", show_default=True, help="Solver of the on-chip level.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the deployment here.")
+@friendly
+def deploy_command(model, devices, device_capacity, capacity, reserve, batch, seq_len, dtype, granularity, phase,
+                   context, tile, chunk_tokens, solver, json_path):
+    """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels."""
+    from .deploy import deploy
+    from .loading import load_model
+
+    graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, phase=phase,
+                       context=context)
+    if phase != "prefill" or context:
+        print_kv(graph, model)
+    if chunk_tokens not in (None, "auto"):
+        if not chunk_tokens.isdigit():
+            raise InputError(f"`--chunk-tokens` must be a positive integer or 'auto', got {chunk_tokens!r}")
+        chunk_tokens = int(chunk_tokens)
+    result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, reserve=reserve,
+                    tile=tile, chunk_tokens=chunk_tokens, solver=solver)
+    table = Table(title=f"{devices} device(s) × on-chip groups")
+    for column in ("stage", "first .. last node", "stage bytes", "stage flops", "groups", "status", "largest group"):
+        table.add_column(column, justify="left" if column.startswith("first") else "right")
+    flops = result.stages.stats.get("flops") or [0] * result.stages.k
+    for index, (nodes, size) in enumerate(zip(result.stages.partitions, result.stages.sizes)):
+        sub = result.groups[index] if result.groups else None
+        table.add_row(str(index), Text(f"{nodes[0]} .. {nodes[-1]}"), format_bytes(size), format_count(flops[index]),
+                      str(sub.k) if sub else "-", str(sub.status) if sub else "-",
+                      format_bytes(sub.bottleneck) if sub and sub.ok else "-")
+    console.print(table)
+    if not result.stages.ok:
+        console.print(Text(f"stages: {result.stages.status}: {result.stages.reason}"), highlight=False)
+    reports = result.check() if result.ok else ()
+    for name, report in zip(["stages", *(f"stage {i} groups" for i in range(len(result.groups)))], reports):
+        if not report.ok:
+            console.print(Text(f"{name}: {len(report.violations)} violation(s): {report.violations[0]}"))
+    if reports:
+        console.print(f"check: {'[green]ok[/]' if all(reports) else '[red]violations[/]'} "
+                      f"({len(reports)} plans recomputed independently); {result.k} on-chip groups in all",
+                      highlight=False)
+    if json_path and result.ok:
+        result.to_json(json_path)
+        console.print(f"deployment written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN)
+
+
 #: The commands this module adds to `cachefit`.
-COMMANDS = (devices_command, estimate_command)
+COMMANDS = (devices_command, estimate_command, deploy_command)

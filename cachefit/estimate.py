@@ -102,6 +102,7 @@ class GroupEstimate:
     flops: int
     pinned: bool
     fits_on_chip: bool
+    chunks: int
     partition_major: Traffic
     token_major: Traffic
     batched: Traffic
@@ -164,6 +165,8 @@ def _check_schedule(name):
 
 
 def _roofline(device, hbm_bytes, on_chip_bytes, flops, launches, launch_s):
+    if device.memory_bandwidth is None:  # an SRAM-only chip: what would spill to HBM stays on chip (or its links)
+        hbm_bytes, on_chip_bytes = 0, on_chip_bytes + hbm_bytes
     terms = {"compute": flops / device.peak_flops if device.peak_flops else 0.0,
              "HBM": hbm_bytes / device.memory_bandwidth if device.memory_bandwidth else 0.0,
              "on-chip": on_chip_bytes / device.on_chip_bandwidth if device.on_chip_bandwidth else 0.0}
@@ -187,9 +190,12 @@ def _group_bytes(graph, group):
     output_bytes = internal = 0
     for v in group:
         successors = list(graph.successors(v))
-        if not successors or any(s not in members for s in successors):
+        received = nodes[v].get("op") == "stage_input"  # an activation from the previous device (cachefit.deploy)
+        if received:
+            input_bytes += nodes[v]["activation_bytes"]
+        elif not successors or any(s not in members for s in successors):
             output_bytes += nodes[v]["activation_bytes"]
-        internal += nodes[v]["activation_bytes"] * (1 + sum(s in members for s in successors))
+        internal += nodes[v]["activation_bytes"] * ((not received) + sum(s in members for s in successors))
     return weight, kv, input_bytes, output_bytes, internal, flops
 
 
@@ -206,7 +212,11 @@ def _batched_bytes(graph, group, kv_placement, pinned):
 
 
 def _deal(times, devices):
-    """Contiguous runs of `times` over at most `devices` devices minimising the largest run's sum."""
+    """Contiguous runs of `times` over at most `devices` devices minimising the largest run's sum.
+
+    Among such runs, every device gets at least one group when there are as
+    many groups as devices (more groups alone on a device, so more pinned).
+    """
     k = len(times)
     if devices >= k:
         return list(range(k))
@@ -220,8 +230,9 @@ def _deal(times, devices):
             current += value
         low, high = (middle, high) if runs > devices else (low, middle)
     assignment, run, current = [], 0, 0.0
-    for value in times:
-        if current > 0 and current + value > high:
+    for index, value in enumerate(times):
+        # cut over the bound, and also once the groups left can each have a device of their own
+        if current > 0 and (current + value > high or k - index <= devices - run - 1):
             run, current = run + 1, 0.0
         assignment.append(run)
         current += value
@@ -232,36 +243,54 @@ def _validate(plan, device, devices, kv, launch_s):
     if not getattr(plan, "ok", False):
         raise InputError(f"`plan` must hold groups (status OPTIMAL or FEASIBLE), got "
                          f"{getattr(plan, 'status', type(plan).__name__)}")
-    graph = plan.graph
-    if graph is None or not hasattr(graph, "nodes") or isinstance(graph, type(None)):
+    graph = plan.stages.graph if hasattr(plan, "stages") else plan.graph
+    if graph is None or not hasattr(graph, "nodes"):
         raise InputError("`plan` must carry its graph (a plan read from a file always does)")
-    if hasattr(graph, "to_graph"):  # a LayerTable
-        graph = graph.to_graph()
+    graph = _as_graph(graph)
     if isinstance(device, str) and device.strip().lower() == "measured":
         device = measure_device()
     device = get_device(device)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise InputError(f"`devices` must be a positive integer, got {devices!r}")
-    kv = kv or plan.stats.get("kv") or getattr(plan, "kv", None) or "streamed"
+    recorded = (plan.groups[0] if hasattr(plan, "stages") else plan).stats.get("kv")
+    kv = kv or recorded or (
+        "streamed" if device.memory_bandwidth else "resident")
     if kv not in KV_PLACEMENTS:
         raise InputError(f"`kv` must be one of {', '.join(map(repr, KV_PLACEMENTS))}, got {kv!r}")
+    if kv == "streamed" and device.memory_bandwidth is None:
+        raise InputError(f"`kv` 'streamed' needs off-chip memory; `device` {device.name!r} has none: "
+                         "use kv='resident'")
+    if launch_s is None:
+        launch_s = DEFAULT_LAUNCH_S if device.memory_bandwidth else 0.0
     if isinstance(launch_s, bool) or not isinstance(launch_s, (int, float)) or not 0 <= launch_s < math.inf:
         raise InputError(f"`launch_s` must be a non-negative number of seconds, got {launch_s!r}")
+    if hasattr(plan, "stages"):
+        if devices not in (1, plan.devices):
+            raise InputError(f"`devices` is fixed by the deployment's {plan.devices} stages, got {devices}")
+        devices = plan.devices
     if device.memory_bandwidth is None and devices < plan.k:
         raise InputError(f"`device` {device.name!r} has no off-chip memory, so every group needs its own chip: "
                          f"`devices` must be at least k = {plan.k}, got {devices}")
-    return graph, device, kv
+    return graph, device, devices, kv, launch_s
 
 
-def _pass_shape(graph, plan):
-    """(phase, batch, seq_len, context, tokens per pass, chunks per pass) of the plan's graph."""
-    batch = int(graph.graph.get("batch") or 1)
-    seq_len = int(graph.graph.get("seq_len") or 1)
-    tokens = batch * seq_len
+def _chunks(plan, tokens):
+    """Chunks per pass of `plan`: ⌈tokens / chunk tokens⌉ under liveness with f < 1, else 1."""
     fraction = plan.chunk_fraction if plan.memory == "liveness" else 1.0
-    chunks = max(1, math.ceil(tokens / max(1, round(fraction * tokens)))) if fraction < 1 else 1
-    return (str(graph.graph.get("phase", "prefill")), batch, seq_len, int(graph.graph.get("context") or 0),
-            tokens, chunks)
+    return max(1, math.ceil(tokens / max(1, round(fraction * tokens)))) if fraction < 1 else 1
+
+
+def _units(plan, tokens):
+    """(graph, nodes, size, chunks, stage) of every on-chip group; stage None when groups are dealt here."""
+    if hasattr(plan, "stages"):  # a Deployment: each stage's on-chip groups run on that stage's device
+        return [(_as_graph(sub.graph), group, size, _chunks(sub, tokens), stage)
+                for stage, sub in enumerate(plan.groups) for group, size in zip(sub.partitions, sub.sizes)]
+    graph = _as_graph(plan.graph)
+    return [(graph, group, size, _chunks(plan, tokens), None) for group, size in zip(plan.partitions, plan.sizes)]
+
+
+def _as_graph(graph):
+    return graph.to_graph() if hasattr(graph, "to_graph") else graph
 
 
 def _group_traffic(device, shape, chunks, kv, launch_s, pinned):
@@ -278,15 +307,16 @@ def _group_traffic(device, shape, chunks, kv, launch_s, pinned):
     return partition, token
 
 
-def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH_S):
+def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
     """Predicted time of `plan` on `device` for partition-major, token-major and batched execution.
 
     Parameters
     ----------
-    plan : Plan
+    plan : Plan or cachefit.deploy.Deployment
         A plan with groups; its graph's ``flops``, ``kv_bytes`` and byte
         attributes, and its ``batch``, ``seq_len``, ``phase`` and ``context``
-        graph attributes, are read.
+        graph attributes, are read.  A `Deployment`'s on-chip groups run on
+        their stage's device (`devices` is then the stage count).
     device : str or Device
         A preset (`cachefit.devices.PRESETS`), a capacity name of one
         (``"h100-l2"``), a `Device`, or ``"measured"`` (`measure_device`).
@@ -295,8 +325,10 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH
     kv : {"streamed", "resident"}, optional
         Where the KV cache lives; default: the plan's recorded choice, else
         ``"streamed"``.  Resident KV saves HBM reads only for pinned groups.
-    launch_s : float
-        Seconds per launch of one group on one chunk (assumed 5 µs).
+    launch_s : float, optional
+        Seconds per launch of one group on one chunk; default 5 µs
+        (`DEFAULT_LAUNCH_S`, a CUDA-graph replay) on a chip with off-chip
+        memory, 0 on an SRAM-only chip (statically scheduled dataflow).
 
     Returns
     -------
@@ -315,30 +347,51 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=DEFAULT_LAUNCH
     inefficiency (every term runs at its peak) and overlap limits beyond
     the max() of the roofline.
     """
-    graph, device, kv = _validate(plan, device, devices, kv, launch_s)
-    phase, batch, seq_len, context, tokens, chunks = _pass_shape(graph, plan)
-    shapes = [_group_bytes(graph, group) for group in plan.partitions]
-    fits = [device.on_chip_bytes is None or size <= device.on_chip_bytes for size in plan.sizes]
-    unpinned = [_group_traffic(device, shape, chunks, kv, launch_s, False)[0] for shape in shapes]
-    assignment = _deal([traffic.time_s for traffic in unpinned], devices)
+    graph, device, devices, kv, launch_s = _validate(plan, device, devices, kv, launch_s)
+    batch, seq_len = int(graph.graph.get("batch") or 1), int(graph.graph.get("seq_len") or 1)
+    phase, context = str(graph.graph.get("phase", "prefill")), int(graph.graph.get("context") or 0)
+    units = _units(plan, batch * seq_len)
+    shapes = [_group_bytes(sub, group) for sub, group, *_ in units]
+    # A plan that did not count the KV cache in its groups fits on chip with it resident only if S + KV does.
+    kv_outside = kv == "resident" and not _counts_kv(plan)
+    fits = [device.on_chip_bytes is None or unit[2] + (shape[1] if kv_outside else 0) <= device.on_chip_bytes
+            for unit, shape in zip(units, shapes)]
+    if device.memory_bandwidth is None and not all(fits):
+        index = fits.index(False)
+        raise InputError(f"`device` {device.name!r} has no off-chip memory, but group {index} "
+                         f"({units[index][2]:,} B + KV {shapes[index][1]:,} B) exceeds its "
+                         f"{device.on_chip_bytes:,} B {device.on_chip_kind}")
+    if units[0][4] is None:
+        unpinned = [_group_traffic(device, shape, unit[3], kv, launch_s, False)[0] for unit, shape in zip(units, shapes)]
+        assignment = _deal([traffic.time_s for traffic in unpinned], devices)
+    else:
+        assignment = [unit[4] for unit in units]
     per_device = [assignment.count(index) for index in range(max(assignment) + 1)]
     groups = []
-    for index, (group, shape) in enumerate(zip(plan.partitions, shapes)):
+    for index, ((sub, group, size, chunks, _), shape) in enumerate(zip(units, shapes)):
         pinned = fits[index] and per_device[assignment[index]] == 1
         partition, token = _group_traffic(device, shape, chunks, kv, launch_s, pinned)
         if not fits[index]:  # the group cannot stay on chip: weights stream per chunk either way
             partition = token
-        batched = _roofline(device, _batched_bytes(graph, group, kv, pinned), 0, shape[5], 0, launch_s)
-        groups.append(GroupEstimate(index, assignment[index], len(group), plan.sizes[index], *shape[:5],
-                                    flops=shape[5], pinned=pinned, fits_on_chip=fits[index],
+        batched = _roofline(device, _batched_bytes(sub, group, kv, pinned), 0, shape[5], 0, launch_s)
+        groups.append(GroupEstimate(index, assignment[index], len(group), size, *shape[:5],
+                                    flops=shape[5], pinned=pinned, fits_on_chip=fits[index], chunks=chunks,
                                     partition_major=partition, token_major=token, batched=batched))
-    schedules = tuple(_schedule(name, groups, len(per_device), device, launch_s, phase, tokens)
+    chunks = max(group.chunks for group in groups)
+    schedules = tuple(_schedule(name, groups, len(per_device), device, launch_s, phase, batch * seq_len)
                       for name in SCHEDULES)
-    result = Estimate(device, devices, phase, batch, seq_len, context, tokens, chunks, kv, launch_s,
-                      tuple(groups), schedules, _assumptions(device, devices, kv, launch_s, chunks, fits, groups))
+    result = Estimate(device, devices, phase, batch, seq_len, context, batch * seq_len, chunks, kv, launch_s,
+                      tuple(groups), schedules, _assumptions(device, devices, kv, launch_s, chunks, fits, groups,
+                                                              staged=units[0][4] is not None))
     logger.info("estimate: %s on %d × %s: %s", graph.graph.get("name"), devices, device.name,
                 ", ".join(f"{item.schedule} {item.time_s * 1e3:.3f} ms" for item in schedules))
     return result
+
+
+def _counts_kv(plan):
+    """Whether the plan's memory model already put each group's KV cache in its size."""
+    plans = plan.groups if hasattr(plan, "stages") else (plan,)
+    return all(item.stats.get("kv") == "resident" for item in plans)
 
 
 def _schedule(name, groups, used_devices, device, launch_s, phase, tokens):
@@ -363,7 +416,7 @@ def _schedule(name, groups, used_devices, device, launch_s, phase, tokens):
                             tokens / stage if stage else math.inf, time_s if phase == "decode" else None)
 
 
-def _assumptions(device, devices, kv, launch_s, chunks, fits, groups):
+def _assumptions(device, devices, kv, launch_s, chunks, fits, groups, staged=False):
     notes = [f"device {device.label}: peak {device.peak_flops / 1e12:,.1f} TFLOP/s dense BF16, "
              + (f"off-chip {device.memory_bandwidth / 1e12:,.2f} TB/s" if device.memory_bandwidth
                 else "no off-chip memory")
@@ -379,8 +432,12 @@ def _assumptions(device, devices, kv, launch_s, chunks, fits, groups):
         notes.append(f"{fits.count(False)} group(s) exceed the {device.on_chip_kind} "
                      f"({device.on_chip_bytes:,} B): their weights stream from HBM per chunk in every schedule")
     pinned = sum(group.pinned for group in groups)
-    notes.append(f"{devices} device(s), groups dealt in order; {pinned} of {len(groups)} group(s) pinned "
+    placed = "each stage's groups on its device" if staged else "groups dealt in order"
+    notes.append(f"{devices} device(s), {placed}; {pinned} of {len(groups)} group(s) pinned "
                  "(alone on a device and on chip: weights read from HBM never)")
+    if device.memory_bandwidth is None:
+        notes.append("no off-chip memory: activations between groups move over chip-to-chip links, counted as "
+                     "on-chip bytes; the KV cache is resident; no launch cost (statically scheduled)")
     if devices > 1:
         notes.append("pipeline: time per pass = sum over devices; tokens/s with one batch in flight per device; "
                      "interconnect transfers not counted; no tensor parallelism")

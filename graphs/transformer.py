@@ -847,7 +847,7 @@ def param_breakdown(config):
     cfg = normalize_config(config)
     per_block = sum(attrs["params"] for _, attrs, _ in block_ops(cfg, 1, 1, 1))
     dense_layers = len(cfg["dense_layers"]) if cfg["num_local_experts"] else 0
-    dense_block = sum(attrs["params"] for _, attrs, _ in _block_ops(
+    dense_block = sum(attrs["params"] for _, attrs, _ in block_ops(
         cfg, 1, 1, 1, layer=cfg["dense_layers"][0])) if dense_layers else 0
     embedding = (_embedding_node(cfg, 1, 1, 1, with_norm=cfg["embedding_norm"])["params"]
                  if cfg["vocab_size"] else 0)

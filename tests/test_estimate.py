@@ -165,3 +165,42 @@ class TestCli:
         result = CliRunner().invoke(main, ["plan", str(layers), "--capacity", "1KiB", "--phase", "decode"])
         assert result.exit_code == 2
         assert "need attention layers" in result.output
+
+
+class TestSramChips:
+    def test_everything_on_chip_and_no_launch_cost(self):
+        result = estimate(toy_plan(kv=10), "groq-lpu", devices=3)
+        assert result.kv == "resident" and result.launch_s == 0
+        for item in result.schedules:
+            assert item.hbm_bytes == 0 and item.on_chip_bytes > 0
+        assert any("no off-chip memory" in note for note in result.assumptions)
+
+    def test_streamed_kv_refused(self):
+        with pytest.raises(InputError, match=r"^`kv` 'streamed' needs off-chip memory; `device` 'wse-3' has none"):
+            estimate(toy_plan(), "wse-3", devices=3, kv="streamed")
+
+    def test_group_over_sram_refused(self):
+        graph = from_layers([{"weight_bytes": 300 * 10**6, "activation_bytes": 0}])
+        with pytest.raises(InputError, match=r"^`device` 'groq-lpu' has no off-chip memory, but group 0 "
+                                             r"\(300,000,000 B \+ KV 0 B\) exceeds its 230,000,000 B SRAM$"):
+            estimate(plan(graph, "1GB"), "groq-lpu")
+
+    def test_resident_kv_must_fit_with_the_group(self):
+        result = estimate(toy_plan(kv=700), TOY, devices=3, kv="resident")
+        assert [group.fits_on_chip for group in result.groups] == [True, False, True]
+        assert not result.groups[1].pinned
+
+
+class TestCalibrationBench:
+    def test_tiny_case_rows(self):
+        pytest.importorskip("torch")
+        from cachefit.bench.bench_estimate import calibrate
+
+        rows, assumptions = calibrate("tiny", iters=1)
+        assert [row["schedule"] for row in rows] == ["partition-major", "token-major", "batched"]
+        for row in rows:
+            assert row["device"] == "measured" and row["equivalent"]
+            assert row["measured_ms"] > 0 and row["estimate_ms"] > 0
+            assert row["error"] == pytest.approx((row["estimate_ms"] - row["measured_ms"]) / row["measured_ms"])
+        assert rows[0]["chunks"] == 2
+        assert assumptions
