@@ -141,7 +141,7 @@ class TestAuto:
         assert plan.stats["auto"] == "dp (chain)" and plan.stats["stop_reason"] == "dp is exact for a chain"
 
     def test_bad_time_limit_is_bad_input(self):
-        with pytest.raises(ValueError, match="`time_limit_s` must be a positive number of seconds or None"):
+        with pytest.raises(ValueError, match="`time_limit_s` must be a positive finite number of seconds"):
             auto(_diamond(), 60, time_limit_s=-1)
 
 
