@@ -9,6 +9,8 @@ a column fails does a per-node pass run, to name the node at fault.
 from __future__ import annotations
 
 import numbers
+import operator
+from itertools import chain
 
 import networkx as nx
 import numpy as np
@@ -81,7 +83,9 @@ def flatten(graph):
         raise InputError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}")
     ids = tuple(graph.nodes)
     _check_ids(ids)
-    datas = [data for _, data in graph.nodes(data=True)]
+    storage = getattr(graph, "_node", None)  # networkx's node → attributes dict, in node order
+    datas = (list(storage.values()) if isinstance(storage, dict) and len(storage) == len(ids)
+             else [data for _, data in graph.nodes(data=True)])
     columns = np.zeros((3, len(ids)), dtype=np.int64)
     for row, attribute in enumerate(BYTE_ATTRIBUTES):
         column = _byte_column(datas, attribute)
@@ -95,7 +99,7 @@ def flatten(graph):
 
 
 def _check_ids(ids):
-    if all(type(node) is str for node in ids):
+    if set(map(type, ids)) <= {str}:
         return
     for node in ids:
         if not isinstance(node, str):
@@ -108,16 +112,19 @@ def _integral_type(kind):
 
 
 def _byte_column(datas, attribute):
-    """One attribute of every node as int64, or None when some node's value is missing or bad."""
+    """One attribute of every node as int64, or None when some node's value is missing or bad.
+
+    Types are checked on the set of types present (a handful), not per value.
+    """
     try:
-        values = [data[attribute] for data in datas]
+        values = list(map(operator.itemgetter(attribute), datas))
     except KeyError:
         return None
     if not all(_integral_type(kind) for kind in set(map(type, values))):
         return None
     try:
-        column = np.array(values, dtype=np.int64)
-    except OverflowError:
+        column = np.fromiter(values, dtype=np.int64, count=len(values))
+    except (OverflowError, ValueError, TypeError):
         return None
     if column.size and (column.min() < 0 or column.max() > MAX_BYTES):
         return None
@@ -143,7 +150,7 @@ def check_total(ids, columns):
 
     `columns`: int64 rows of per-node byte counts, each at most `MAX_BYTES`.
     """
-    if not columns.size or float(columns.astype(np.float64).sum()) < MAX_BYTES / 2:
+    if not columns.size or float(columns.sum(dtype=np.float64)) < MAX_BYTES / 2:
         return
     running = 0
     for node, total in zip(ids, (columns[0].astype(object) + columns[1] + columns[2]).tolist()):
@@ -153,12 +160,39 @@ def check_total(ids, columns):
                              "the most cachefit's exact integer arithmetic holds for a graph")
 
 
+def _edge_positions(graph, ids):
+    """(sources, targets) as position arrays, in the graph's edge order.
+
+    Builds no node → position dict when it can avoid it (on this kind of
+    machine a 10⁶-entry dict costs seconds): each edge's target is first
+    guessed to be the node right after its source, which it is for every
+    edge of a chain and most edges of a layer graph, and the guess is
+    verified by comparing ids; only the edges it misses are looked up in a
+    dict, built then.  Reads networkx's adjacency dict ``_succ`` (the
+    documented storage of `networkx.DiGraph`) rather than the ``succ`` view,
+    whose per-node view objects cost as much as the rest together.
+    """
+    n = len(ids)
+    adjacency = getattr(graph, "_succ", None)
+    if not isinstance(adjacency, dict) or tuple(adjacency) != ids:
+        adjacency = {node: dict(graph.succ[node]) for node in ids}
+    neighbours = adjacency.values()
+    counts = np.fromiter(map(len, neighbours), dtype=np.int64, count=n)
+    sources = np.repeat(np.arange(n, dtype=np.int64), counts)
+    targets = np.minimum(sources + 1, max(n - 1, 0))
+    guessed = np.array(ids, dtype=object)[targets] if n else ()
+    hits = np.fromiter(map(operator.eq, chain.from_iterable(neighbours), guessed), dtype=bool, count=len(targets))
+    misses = np.flatnonzero(~hits)
+    if misses.size:
+        position = dict(zip(ids, range(n)))
+        keys = list(chain.from_iterable(neighbours))
+        targets[misses] = [position[keys[index]] for index in misses.tolist()]
+    return sources, targets
+
+
 def _edges(graph, ids):
     """Edges as position arrays, refusing self-loops, cycles and a node order that is not topological."""
-    position = {node: index for index, node in enumerate(ids)}
-    pairs = np.fromiter((p for u, v in graph.edges for p in (position[u], position[v])), dtype=np.int64,
-                        count=2 * graph.number_of_edges()).reshape(-1, 2)
-    sources, targets = pairs[:, 0].copy(), pairs[:, 1].copy()
+    sources, targets = _edge_positions(graph, ids)
     backward = np.flatnonzero(sources >= targets)
     if backward.size:
         first = int(backward[0])  # the first bad edge in the graph's edge order

@@ -389,7 +389,7 @@ def tile(graph, capacity, *, memory="liveness", chunk_fraction=1.0):
         table = LayerTable.from_graph(graph)
         intervals = Intervals(table, memory, chunk_fraction)
     ids = table.ids
-    incoming = intervals.incoming if memory == "liveness" else None
+    incoming = intervals.incoming if intervals.has_live else None
 
     plans, untiled = {}, {}
     for position, node in enumerate(ids):
@@ -407,12 +407,12 @@ def tile(graph, capacity, *, memory="liveness", chunk_fraction=1.0):
             untiled[node] = (f"node {node!r} cannot be tiled: op {op!r} needs an integer `{axis}` >= 2, "
                              f"has {units!r}")
             continue
-        if memory == "liveness":
+        if intervals.has_live:
             # Live at the node: its inputs and the activations passing by it.
             # Of those, the ones consumed after it stay live past its join:
             # incoming[p + 1] less the node's own output when that is used later.
             live_in = int(incoming[position])
-            own = int(table.activation[position]) if table.last_use[position] > position else 0
+            own = int(intervals.terms.live[position]) if table.last_use[position] > position else 0
             passing = int(incoming[position + 1]) - own
             site = _Site(data, live_in, passing, memory, chunk_fraction, join)
         else:

@@ -128,7 +128,7 @@ def oversize_node(problem):
     index = int(over[np.argmax(alone[over])])
     from ..units import format_bytes
     parts = f"weights {format_bytes(int(table.weight[index]))}"
-    if problem.memory == "liveness":
+    if problem.intervals().has_live:
         parts += f" + buffer {format_bytes(int(table.buffer[index]))} + live activations"
     else:
         parts += f" + activation {format_bytes(int(table.activation[index]))} + buffer {format_bytes(int(table.buffer[index]))}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..memory import scale_activation
+from ..memory import get_model, scale_activation
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, oversize_node
 
@@ -47,7 +47,8 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     the bytes breaks ties.
 
     Its search shares no code with the other solvers (only input
-    normalisation, the wording of reasons and the Plan assembly), so it serves
+    normalisation, the memory model's per-node terms, the wording of reasons
+    and the Plan assembly), so it serves
     as their oracle: it decides infeasibility by its own search, and only
     borrows `oversize_node`'s sentence to say why.  Refuses graphs of more
     than 12 nodes.
@@ -70,9 +71,12 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         if reason:
             return no_plan(problem, "brute", Status.INFEASIBLE, reason, lower=0)
         return finish(problem, "brute", [], status=Status.OPTIMAL, lower=0)
-    weight = table.weight.tolist()
-    activation = table.activation.tolist()
-    buffer = table.buffer.tolist()
+    # The memory model's per-node terms (S = Σ summed + max peak + ⌈f·live⌉, `cachefit.memory.Terms`),
+    # summed here by the search's own plain-Python loops.
+    terms = get_model(problem.memory).terms(table)
+    summed = terms.summed.tolist()
+    peak = terms.peak.tolist() if terms.peak is not None else None
+    live = terms.live.tolist() if terms.live is not None else [0] * n
     pred_mask = [0] * n
     succ_mask = [0] * n
     for u, v in zip(table.sources.tolist(), table.targets.tolist()):
@@ -91,17 +95,17 @@ def brute(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     transitions = {}
     for before in downsets:
         outside = full & ~before
-        carried = sum(activation[u] for u in members(before) if succ_mask[u] & outside)
+        carried = sum(live[u] for u in members(before) if succ_mask[u] & outside)
         sub = outside
         while sub:
             after = before | sub
             if after in is_downset:
                 group = members(sub)
-                if memory == "additive":
-                    size = sum(weight[v] + activation[v] + buffer[v] for v in group)
-                else:
-                    size = (sum(weight[v] for v in group) + max(buffer[v] for v in group)
-                            + scale_activation(carried + sum(activation[v] for v in group), problem.chunk_fraction))
+                size = sum(summed[v] for v in group)
+                if peak is not None:
+                    size += max(peak[v] for v in group)
+                if terms.live is not None:
+                    size += scale_activation(carried + sum(live[v] for v in group), problem.chunk_fraction)
                 if size <= problem.capacity:
                     key = sum(flops[v] for v in group) if problem.balance == "flops" else size
                     transitions.setdefault(before, []).append((after, size, key))

@@ -1,3 +1,5 @@
+import re
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -266,3 +268,60 @@ class TestSuccessorsAndReorder:
 
     def test_reorder_carries_flops(self):
         assert LayerTable.chain([1, 2], flops=[7, 9]).reorder([1, 0]).flops.tolist() == [9, 7]
+
+
+class TestFlatten:
+    """`LayerTable.from_graph` reads whole columns at once; the per-node pass only names a fault."""
+
+    def test_edges_off_the_next_node_are_placed_exactly(self):
+        g = diamond()
+        g.add_node("tail", weight_bytes=1, activation_bytes=1, buffer_bytes=0)
+        g.add_edges_from([("in", "tail"), ("left", "tail")])
+        table = LayerTable.from_graph(g)
+        position = {node: index for index, node in enumerate(g)}
+        assert list(zip(table.sources.tolist(), table.targets.tolist())) == [
+            (position[u], position[v]) for u, v in g.edges]
+
+    def test_views_and_equal_but_distinct_id_objects(self):
+        g = nx.DiGraph()
+        names = ["node" + str(index) for index in range(5)]
+        for name in names:
+            g.add_node(name, weight_bytes=np.int64(3), activation_bytes=1, buffer_bytes=np.uint8(0))
+        g.add_edges_from(("node" + str(index), "node" + str(index + 1)) for index in range(4))  # new str objects
+        g.add_edge("node0", "node3")
+        view = g.subgraph(names[:4])
+        table = LayerTable.from_graph(view)
+        assert table.ids == tuple(names[:4]) and table.weight.tolist() == [3] * 4
+        assert sorted(zip(table.sources.tolist(), table.targets.tolist())) == [(0, 1), (0, 3), (1, 2), (2, 3)]
+
+    @pytest.mark.parametrize("value, shown", [(True, "True"), (1.0, "1.0"), (2**63, str(2**63)), ("1", "'1'"),
+                                              (None, "None")])
+    def test_bad_values_are_named(self, value, shown):
+        g = diamond()
+        g.nodes["right"]["buffer_bytes"] = value
+        message = (f"node 'right': `buffer_bytes` {value} is beyond 2**62 B" if value == 2**63 else
+                   f"node 'right': `buffer_bytes` must be a non-negative integer, got {shown}")
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            LayerTable.from_graph(g)
+
+    def test_first_bad_node_is_named_across_attributes(self):
+        g = diamond()
+        del g.nodes["left"]["activation_bytes"]
+        g.nodes["out"]["weight_bytes"] = -1
+        with pytest.raises(InputError, match=r"^node 'left': missing `activation_bytes`"):
+            LayerTable.from_graph(g)
+
+    def test_backward_edge_and_cycle_messages(self):
+        g = diamond()
+        g.add_edge("out", "in")
+        with pytest.raises(InputError, match=r"^the graph has a cycle: "):
+            LayerTable.from_graph(g)
+        h = nx.DiGraph()
+        for name in "ab":
+            h.add_node(name, weight_bytes=1, activation_bytes=0, buffer_bytes=0)
+        h.add_edge("b", "a")
+        with pytest.raises(InputError, match=r"^node order is not topological: edge 'b' -> 'a' goes backwards"):
+            LayerTable.from_graph(h)
+        h.add_edge("a", "a")
+        with pytest.raises(InputError, match=r"^the graph has a cycle: self-loop on node 'a'"):
+            LayerTable.from_graph(h)
