@@ -26,7 +26,7 @@ from cachefit import Status, check
 from cachefit.solvers import SOLVERS, brute
 
 #: Cases run by default (the CI part): about a minute on a loaded 2-core machine.
-CI_CASES = 150
+CI_CASES = 200
 CASES = int(os.environ.get("CACHEFIT_FUZZ_CASES", CI_CASES))
 SCALES = (1, 10**6, 10**9, 10**12)
 SOLVER_NAMES = [name for name in SOLVERS if name != "brute"]
