@@ -448,6 +448,10 @@ class _Search:
         self.workers = workers
         self.limit = limit
         self.deadline = problem.started + limit
+        imported = time.perf_counter()
+        from ortools.sat.python import cp_model  # noqa: F401  (seconds on a first call: kept out of the build budgets)
+
+        self.import_s = time.perf_counter() - imported
         self.reach = reachability(self.table)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
                                  chunk_fraction=problem.chunk_fraction, reach=self.reach)
@@ -455,6 +459,8 @@ class _Search:
         self.crash = None
         self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit,
                       "sum_squares": "not minimised", "contained": CONTAINED}
+        if self.import_s > 0.01:
+            self.stats["import_s"] = round(self.import_s, 3)
         scale = (1, 1)
         if problem.memory == "liveness":
             scale = activation_scale(problem.chunk_fraction, int(self.table.activation.sum()), problem.capacity)
