@@ -149,7 +149,7 @@ def _read_all(fds, deadline):
         left = deadline - time.perf_counter()
         if left <= 0:
             break
-        ready, _, _ = select.select(open_fds, [], [], left)
+        ready, _, _ = select.select(open_fds, [], [], min(left, 3600.0))
         for fd in ready:
             chunk = os.read(fd, 1 << 16)
             if chunk:
