@@ -591,7 +591,7 @@ def _fewest_groups(search, best_groups):
         model.hint(_part_from(best_groups, n))
     result = search.solve(model, "phase1", 0.7 * search.remaining(), feasible=best_groups is not None)
     stats["phase1"], stats["phase1_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
-    if result["status"] == "INFEASIBLE":
+    if result["status"] == "INFEASIBLE" and best_groups is None:  # with a plan in hand it is a backend error
         found = _recheck_infeasible(search, "phase1", upper, exact_k=False, minimum_groups=search.lower)
         if found is True:
             return no_plan(search.problem, "cpsat", Status.INFEASIBLE,
@@ -680,7 +680,7 @@ def _smallest_bottleneck(search, target, groups):
     result = search.solve(model, "phase2", 0.7 * search.remaining(), feasible=groups is not None)
     stats["phase2"], stats["phase2_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     stats["phase2_bound_uncertified"] = result.get("bound")
-    if result["status"] == "INFEASIBLE" and problem.k is not None:
+    if result["status"] == "INFEASIBLE" and problem.k is not None and groups is None:
         found = _recheck_infeasible(search, "phase2", target, **options)
         if found is True:
             return no_plan(problem, "cpsat", Status.INFEASIBLE,
