@@ -20,6 +20,7 @@ runs in-process, uncontained.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import logging
@@ -63,6 +64,7 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
     """
     if not contain:
         return {**solve(), "contained": False, "overhead_s": 0.0}
+    _reap()
     started = time.perf_counter()
     read_end, write_end = os.pipe()
     error_read, error_write = os.pipe()
@@ -91,7 +93,11 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
         os.close(error_read)
     if overrun:
         os.kill(pid, signal.SIGKILL)
-    _, wait_status = os.waitpid(pid, 0)
+    if data.endswith(b"\n"):  # the answer is in: let the child's teardown finish on its own
+        wait_status = None
+        _EXITING.append(pid)
+    else:
+        _, wait_status = os.waitpid(pid, 0)
     total = time.perf_counter() - started
     result = None
     if data.endswith(b"\n"):
@@ -114,22 +120,44 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
     return result
 
 
+#: Children that sent their answer and may still be exiting (reaped by `_reap`).
+_EXITING = []
+
+
+def _reap(block=False):
+    """Collect the exit status of children that already answered (no zombies left behind)."""
+    for pid in list(_EXITING):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _EXITING.remove(pid)
+
+
+atexit.register(_reap, True)
+
+
 def _read_all(fds, deadline):
-    """Everything written to each of `fds` until its writers close them, and whether `deadline` passed first."""
+    """Everything written to each of `fds` until the first one holds a whole line or all are closed.
+
+    Also returns whether `deadline` passed first.
+    """
     chunks = {fd: [] for fd in fds}
     open_fds = list(fds)
-    while open_fds:
+    while open_fds and not (chunks[fds[0]] and chunks[fds[0]][-1].endswith(b"\n")):
         left = deadline - time.perf_counter()
         if left <= 0:
             break
-        ready, _, _ = select.select(open_fds, [], [], left)
+        ready, _, _ = select.select(open_fds, [], [], min(left, 3600.0))
         for fd in ready:
             chunk = os.read(fd, 1 << 16)
             if chunk:
                 chunks[fd].append(chunk)
             else:
                 open_fds.remove(fd)
-    return [b"".join(chunks[fd]) for fd in fds], bool(open_fds)
+    complete = chunks[fds[0]] and chunks[fds[0]][-1].endswith(b"\n")
+    return [b"".join(chunks[fd]) for fd in fds], bool(open_fds) and not complete
 
 
 def _death(wait_status):

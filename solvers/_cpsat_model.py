@@ -113,10 +113,11 @@ class Model:
 
     def _add_precedence(self):
         """part(u) ≤ part(v) for every edge u→v: started[v][p] → started[u][p]."""
-        model = self.model
+        model, earliest, latest = self.model, self.earliest, self.latest
         for u, v in zip(self.table.sources.tolist(), self.table.targets.tolist()):
             self._check_clock()
-            for p in range(self.groups):
+            # Below both domains both are 0, from both latest groups on both are 1: nothing to state.
+            for p in range(min(earliest[u], earliest[v]), max(latest[u], latest[v])):
                 later, earlier = self.started[v][p], self.started[u][p]
                 if _constant(later) and _constant(earlier):
                     if later > earlier:
@@ -191,8 +192,8 @@ class Model:
                         live_terms[p].append((activation[u], self.x[u][p]))
                 continue
             succ = successors[u]
-            if reach is not None:  # a successor with a later successor below it never decides last(u)
-                succ = [z for z in succ if not any(reach[z, y] for y in succ if y != z)]
+            if reach is not None and len(succ) > 1:  # a successor with a later successor below it never decides last(u)
+                succ = [z for z, dominated in zip(succ, reach[np.ix_(succ, succ)].any(axis=1)) if not dominated]
             horizon = max(self.latest[u], *(self.latest[z] for z in succ))
             for p in range(self.earliest[u], horizon + 1):
                 produced = self.started[u][p]

@@ -448,6 +448,10 @@ class _Search:
         self.workers = workers
         self.limit = limit
         self.deadline = problem.started + limit
+        imported = time.perf_counter()
+        from ortools.sat.python import cp_model  # noqa: F401  (seconds on a first call: kept out of the build budgets)
+
+        self.import_s = time.perf_counter() - imported
         self.reach = reachability(self.table)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
                                  chunk_fraction=problem.chunk_fraction, reach=self.reach)
@@ -455,6 +459,8 @@ class _Search:
         self.crash = None
         self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit,
                       "sum_squares": "not minimised", "contained": CONTAINED}
+        if self.import_s > 0.01:
+            self.stats["import_s"] = round(self.import_s, 3)
         scale = (1, 1)
         if problem.memory == "liveness":
             scale = activation_scale(problem.chunk_fraction, int(self.table.activation.sum()), problem.capacity)
@@ -585,7 +591,7 @@ def _fewest_groups(search, best_groups):
         model.hint(_part_from(best_groups, n))
     result = search.solve(model, "phase1", 0.7 * search.remaining(), feasible=best_groups is not None)
     stats["phase1"], stats["phase1_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
-    if result["status"] == "INFEASIBLE":
+    if result["status"] == "INFEASIBLE" and best_groups is None:  # with a plan in hand it is a backend error
         found = _recheck_infeasible(search, "phase1", upper, exact_k=False, minimum_groups=search.lower)
         if found is True:
             return no_plan(search.problem, "cpsat", Status.INFEASIBLE,
@@ -674,7 +680,7 @@ def _smallest_bottleneck(search, target, groups):
     result = search.solve(model, "phase2", 0.7 * search.remaining(), feasible=groups is not None)
     stats["phase2"], stats["phase2_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     stats["phase2_bound_uncertified"] = result.get("bound")
-    if result["status"] == "INFEASIBLE" and problem.k is not None:
+    if result["status"] == "INFEASIBLE" and problem.k is not None and groups is None:
         found = _recheck_infeasible(search, "phase2", target, **options)
         if found is True:
             return no_plan(problem, "cpsat", Status.INFEASIBLE,
