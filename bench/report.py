@@ -401,7 +401,14 @@ def markdown(document, *, plots=None, plot_note="", command=None):
         lines += [f"![{name}]({name})" for name in plots] + [""]
     else:
         lines += [f"No plots: {plot_note or 'matplotlib is not installed (extra `plot`)'}.", ""]
-    lines += ["## Per family", ""]
+    lines += _md_families(runs)
+    lines += _md_failures(runs)
+    return "\n".join(lines)
+
+
+def _md_families(runs):
+    """The "Per family" section of ``results.md``: one table per instance family."""
+    lines = ["## Per family", ""]
     for family in dict.fromkeys(run["family"] for run in runs):
         selected = [run for run in runs if run["family"] == family]
         lines += [f"### {family}", ""]
@@ -419,6 +426,12 @@ def markdown(document, *, plots=None, plot_note="", command=None):
         sources = sorted({run["source"] for run in selected if run["source"] and family == "model-op"})
         if sources:
             lines += ["Models: " + "; ".join(sources) + ".", ""]
+    return lines
+
+
+def _md_failures(runs):
+    """Failures, timeouts and skipped peers; peer plans that fail the check; solvers skipped by a cap."""
+    lines = []
     failures = [run for run in runs if run["status"] in ("error", "timeout", "crashed", "UNKNOWN", "INFEASIBLE")
                 or (run["kind"] == "cachefit" and run["check_ok"] is False)
                 or (run["kind"] == "peer" and run["status"] == "skipped")]
@@ -439,7 +452,7 @@ def markdown(document, *, plots=None, plot_note="", command=None):
     for solver, count in capped.items():
         reason = next(run["reason"] for run in runs if run["solver"] == solver and run["status"] == "skipped")
         lines += [f"{solver}: skipped on {count} instance(s) — {reason}.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -457,7 +470,14 @@ def write_plots(document, out_dir):
     solvers = _solver_order(runs)
     colours = {solver: f"C{index % 10}" for index, solver in enumerate(solvers)}
 
-    # 1. wall time vs n, log-log, one line per solver, chains and DAGs apart.
+    _plot_wall_time(plt, runs, solvers, colours, out_dir / _PLOTS[0])
+    _plot_quality(plt, runs, solvers, colours, out_dir / _PLOTS[1])
+    _plot_k_against_bound(plt, runs, solvers, colours, out_dir / _PLOTS[2])
+    return list(_PLOTS), ""
+
+
+def _plot_wall_time(plt, runs, solvers, colours, path):
+    """Plot 1: wall time vs n, log-log, one line per solver, chains and DAGs apart."""
     classes = [klass for klass in ("chain", "dag", "model-op") if any(_class_of(run) == klass for run in runs)]
     figure, axes = plt.subplots(1, max(1, len(classes)), figsize=(5.4 * max(1, len(classes)), 4.8), squeeze=False)
     for axis, klass in zip(axes[0], classes):
@@ -481,10 +501,12 @@ def write_plots(document, out_dir):
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / _PLOTS[0], dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
-    # 2. quality ratio per family: worst bottleneck ratio (bars) and worst k ratio (markers).
+
+def _plot_quality(plt, runs, solvers, colours, path):
+    """Plot 2: quality ratio per family: worst bottleneck ratio (bars) and worst k ratio (markers)."""
     families = list(dict.fromkeys(run["family"] for run in runs))
     figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(families) * 1.5), 7), sharex=True)
     width = 0.8 / max(1, len(solvers))
@@ -510,10 +532,12 @@ def write_plots(document, out_dir):
     axes[0].legend(fontsize=7, ncol=3)
     axes[0].set_title("quality per family (1.0 = best found; peers: balanced-k against dp)")
     figure.tight_layout()
-    figure.savefig(out_dir / _PLOTS[1], dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
-    # 3. k against the best lower bound.
+
+def _plot_k_against_bound(plt, runs, solvers, colours, path):
+    """Plot 3: k against the best lower bound."""
     figure, axis = plt.subplots(figsize=(6.5, 6))
     largest = 1
     markers = "osD^vx+*"
@@ -534,9 +558,8 @@ def write_plots(document, out_dir):
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / _PLOTS[2], dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    return list(_PLOTS), ""
 
 
 def rewrite_report(out_dir):

@@ -515,17 +515,7 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
     if repeats < 1:
         raise InputError(f"`repeats` must be at least 1, got {repeats!r}")
     load_start = _load_average()
-    available_peer_names, missing_peers = _quiet_import_peers()
-    names = list(solvers) if solvers else None
-    peer_selection = [name for name in (names or []) if name in available_peer_names or name in missing_peers]
-    solver_selection = [name for name in (names or []) if name not in peer_selection]
-    if names and not solver_selection:
-        chosen = {}
-    else:
-        chosen = select_solvers(solver_selection or None, extra_solvers)
-    if peers is None:
-        peers = peer_selection if names else available_peer_names
-    peers = [name for name in peers if name in available_peer_names]
+    chosen, peers, available_peer_names, missing_peers = _selection(solvers, extra_solvers, peers)
 
     specs = instance_specs(quick=quick, families=families, ns=ns, seed=seed, memory=memory,
                            capacity_modes=capacity_modes)
@@ -554,22 +544,9 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
             continue
         table, info = _instance_info(spec, instance, capacity)
         check_graph = table.to_graph() if table.graph is None else table.graph
-        instance_runs = []
-        for name, function in chosen.items():
-            if progress is not None:
-                progress.update(task, description=f"{spec.name}: {name}")
-            record = _blank_record(spec, info, name, "cachefit", "min-k", None)
-            cap = SIZE_CAPS.get(name)
-            if cap is not None and table.n > cap:
-                record["reason"] = f"skipped (n too large): {name} handles n <= {cap}"
-            else:
-                job = {"kind": "cachefit", "function": function, "table": table, "capacity": capacity,
-                       "memory": spec.memory, "time_limit_s": time_limit_s, "seed": spec.seed, "repeats": repeats,
-                       "check_graph": check_graph, "memory_limit_bytes": memory_limit_bytes}
-                _fill(record, _execute(job, solve_timeout_s=solve_timeout, check_timeout_s=check_timeout_s))
-            instance_runs.append(record)
-            if progress is not None:
-                progress.advance(task)
+        limits = {"time_limit_s": time_limit_s, "repeats": repeats, "memory_limit_bytes": memory_limit_bytes,
+                  "solve_timeout_s": solve_timeout, "check_timeout_s": check_timeout_s}
+        instance_runs = _run_solvers(spec, info, table, capacity, check_graph, chosen, limits, progress, task)
         instance_runs.extend(_run_peers(spec, info, table, capacity, check_graph, instance_runs, peers,
                                         time_limit_s, repeats, memory_limit_bytes, solve_timeout, check_timeout_s, progress,
                                         task))
@@ -585,6 +562,50 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
                 "load_average_start": load_start, "load_average_end": _load_average()}
     return {"settings": settings, "families": family_status,
             "peers": {"available": available_peer_names, "missing": missing_peers}, "runs": runs}
+
+
+def _selection(solvers, extra_solvers, peers):
+    """(solvers to run by name, peers to run, importable peer names, missing peers: name -> why).
+
+    `solvers` may name registered solvers, extra solvers and peers alike;
+    with no `peers` given, the peers it names run (all importable ones when
+    it names nothing).
+    """
+    available_peer_names, missing_peers = _quiet_import_peers()
+    names = list(solvers) if solvers else None
+    peer_selection = [name for name in (names or []) if name in available_peer_names or name in missing_peers]
+    solver_selection = [name for name in (names or []) if name not in peer_selection]
+    if names and not solver_selection:
+        chosen = {}
+    else:
+        chosen = select_solvers(solver_selection or None, extra_solvers)
+    if peers is None:
+        peers = peer_selection if names else available_peer_names
+    peers = [name for name in peers if name in available_peer_names]
+    return chosen, peers, available_peer_names, missing_peers
+
+
+def _run_solvers(spec, info, table, capacity, check_graph, chosen, limits, progress, task):
+    """One min-k run record per cachefit solver in `chosen` on one instance (over its size cap: skipped)."""
+    records = []
+    for name, function in chosen.items():
+        if progress is not None:
+            progress.update(task, description=f"{spec.name}: {name}")
+        record = _blank_record(spec, info, name, "cachefit", "min-k", None)
+        cap = SIZE_CAPS.get(name)
+        if cap is not None and table.n > cap:
+            record["reason"] = f"skipped (n too large): {name} handles n <= {cap}"
+        else:
+            job = {"kind": "cachefit", "function": function, "table": table, "capacity": capacity,
+                   "memory": spec.memory, "time_limit_s": limits["time_limit_s"], "seed": spec.seed,
+                   "repeats": limits["repeats"], "check_graph": check_graph,
+                   "memory_limit_bytes": limits["memory_limit_bytes"]}
+            _fill(record, _execute(job, solve_timeout_s=limits["solve_timeout_s"],
+                                   check_timeout_s=limits["check_timeout_s"]))
+        records.append(record)
+        if progress is not None:
+            progress.advance(task)
+    return records
 
 
 def _run_peers(spec, info, table, capacity, check_graph, instance_runs, peers, time_limit_s, repeats,

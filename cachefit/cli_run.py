@@ -20,11 +20,17 @@ __all__ = ["run", "exit_if_rejected"]
 _SCHEDULE_CHOICES = ("all", *SCHEDULES)
 
 
+#: Files larger than this are not parsed here: `load_model` reads them under its own limits.
+_PLAN_PARSE_LIMIT = 64 * 2**20
+
+
 def _read_json(path):
-    """The parsed JSON of `path`, or None when it is not JSON (then it is a model file for `load_model`)."""
+    """The parsed JSON of regular file `path`, or None (not JSON, or too large: a model for `load_model`)."""
     import json
 
     try:
+        if path.stat().st_size > _PLAN_PARSE_LIMIT:
+            return None
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None

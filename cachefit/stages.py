@@ -113,7 +113,7 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
         Bytes kept free on every device (KV cache, workspace); the plan's
         capacity is ``device_capacity − reserve``.
     memory : {"liveness", "additive"}
-        The memory model (DESIGN.md §4); liveness counts every activation a
+        The memory model (see the README's memory models); liveness counts every activation a
         stage holds or passes on.
     solver : str
         A solver of `cachefit.solvers.SOLVERS`; ``"dp"`` (the default) keeps

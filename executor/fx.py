@@ -151,24 +151,7 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     if len(placeholders) != len(inputs):
         raise InputError(f"`example_inputs` must hold {len(placeholders)} tensor(s), one per input of the "
                          f"module's forward, got {len(inputs)}")
-    users = {node.name: [user for user in node.users] for node in fx_nodes}
-    # Group of every fx node: the plan's, else the latest input's (get_attr: the first user's).
-    for node in fx_nodes:
-        if node.op in ("placeholder", "output") or node.name in group_of:
-            continue
-        if node.op != "get_attr":
-            group_of[node.name] = max((group_of.get(arg.name, 0) for arg in node.all_input_nodes), default=0)
-    for node in reversed(fx_nodes):
-        if node.op == "get_attr" and node.name not in group_of:
-            group_of[node.name] = min((group_of.get(user.name, 0) for user in users[node.name]), default=0)
-    for node in fx_nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        for arg in node.all_input_nodes:
-            if arg.op != "placeholder" and group_of[arg.name] > group_of[node.name]:
-                raise InputError(f"`plan` cannot run `model` in order: fx node {node.name!r} (group "
-                                 f"{group_of[node.name]}) reads {arg.name!r} from later group "
-                                 f"{group_of[arg.name]}")
+    _complete_groups(fx_nodes, group_of)
 
     def value_id(node):
         return f"@{node.name}" if node.op == "placeholder" else step_name.get(node.name, node.name)
@@ -191,14 +174,7 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     batch = inputs[0].shape[0]
     seq_len = graph.graph.get("seq_len") or 1
     tokens_per_row = int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else 1
-    model_inputs = {}
-    for node, tensor in zip(placeholders, inputs):
-        if tensor.shape[0] != batch:
-            raise InputError("every tensor in `example_inputs` must have the same dimension 0 (the batch)")
-        tensor = tensor.to(device)
-        if target_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(target_dtype)
-        model_inputs[f"@{node.name}"] = tensor
+    model_inputs = _model_inputs(placeholders, inputs, device, target_dtype)
     parameters = list(traced.parameters())
     model_dtype = parameters[0].dtype if parameters else (target_dtype or torch.float32)
     model = BuiltModel(graph=graph, fingerprint=graph_fingerprint(graph), steps=steps, inputs=model_inputs,
@@ -208,3 +184,43 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     ordered = [model_inputs[f"@{node.name}"] for node in placeholders]
     model.whole_forward = lambda: traced(*ordered)
     return model, completed
+
+
+def _complete_groups(fx_nodes, group_of):
+    """Give every fx node a group (updating `group_of`) and check that the data flow runs in order.
+
+    A node the plan does not name goes with its latest input (a ``get_attr``
+    with its first user).
+    """
+    users = {node.name: [user for user in node.users] for node in fx_nodes}
+    # Group of every fx node: the plan's, else the latest input's (get_attr: the first user's).
+    for node in fx_nodes:
+        if node.op in ("placeholder", "output") or node.name in group_of:
+            continue
+        if node.op != "get_attr":
+            group_of[node.name] = max((group_of.get(arg.name, 0) for arg in node.all_input_nodes), default=0)
+    for node in reversed(fx_nodes):
+        if node.op == "get_attr" and node.name not in group_of:
+            group_of[node.name] = min((group_of.get(user.name, 0) for user in users[node.name]), default=0)
+    for node in fx_nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op != "placeholder" and group_of[arg.name] > group_of[node.name]:
+                raise InputError(f"`plan` cannot run `model` in order: fx node {node.name!r} (group "
+                                 f"{group_of[node.name]}) reads {arg.name!r} from later group "
+                                 f"{group_of[arg.name]}")
+
+
+def _model_inputs(placeholders, inputs, device, target_dtype):
+    """``{"@<placeholder>": tensor}`` on `device` (floating tensors cast to `target_dtype`), one batch."""
+    batch = inputs[0].shape[0]
+    model_inputs = {}
+    for node, tensor in zip(placeholders, inputs):
+        if tensor.shape[0] != batch:
+            raise InputError("every tensor in `example_inputs` must have the same dimension 0 (the batch)")
+        tensor = tensor.to(device)
+        if target_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(target_dtype)
+        model_inputs[f"@{node.name}"] = tensor
+    return model_inputs

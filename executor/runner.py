@@ -243,9 +243,6 @@ class Timing(NamedTuple):
         return cls(statistics.median(totals), min(totals), max(totals), columns)
 
 
-_Timing = Timing.of  # the old name
-
-
 class Schedule:
     """What `cachefit.executor.run` asks of a schedule; the segment-based ones share this constructor.
 

@@ -5,7 +5,7 @@ is the simplest model whose layers are large, equal and weight-bound: with
 ``width = 4096`` in BF16 each layer holds 32 MiB, so one layer fits an H100's
 50 MiB L2 and two do not.  The graph carries the shape keys the executor
 materialises (``in_features``, ``out_features``, ``bias``) and the byte counts
-of DESIGN.md §3, so it can be planned like any other model.
+(``weight_bytes``, ``activation_bytes``, ``buffer_bytes``), so it can be planned like any other model.
 """
 
 from __future__ import annotations
