@@ -201,16 +201,31 @@ def make_files(folder):
     return files
 
 
-def _huge_file(folder):
-    """A 200 MB list of layer sizes (written only when the table runs)."""
-    path = Path(folder) / "huge.json"
-    chunk = ",".join(["1"] * 1_000_000)
+def _repeated(path, item, size):
+    """A JSON list of `item` repeated to just under `size` bytes."""
+    count = (size - 2) // (len(item) + 1)
     with open(path, "w") as stream:
         stream.write("[")
-        for index in range(100):
-            stream.write(("," if index else "") + chunk)
+        written = 0
+        while written < count:
+            batch = min(1_000_000, count - written)
+            stream.write(("," if written else "") + ",".join([item] * batch))
+            written += batch
         stream.write("]")
     return str(path)
+
+
+def _big_files(folder):
+    """Large files (written only when the table runs): 200 MB, and pathological files under the size limit."""
+    from cachefit.limits import max_file_bytes
+
+    folder, limit = Path(folder), max_file_bytes()
+    return {
+        "huge": _repeated(folder / "huge.json", "1", 200 * 10**6),
+        "floats": _repeated(folder / "floats.json", "1.5", limit),
+        "objects": _repeated(folder / "objects.json", "{}", limit),
+        "strings": _repeated(folder / "strings.json", '"ab"', limit),
+    }
 
 
 P = "plan"
@@ -231,6 +246,9 @@ CASES = [
     Case("Infinity size", (P, "{infinity}", "-c", "1MB")),
     Case("200 MB layer list", (P, "{huge}", "-c", "1MB")),
     Case("3,000,000 layers (6 MB)", (P, "{three_million}", "-c", "1MB")),
+    Case("32 MiB of floats (under the size limit)", (P, "{floats}", "-c", "1MB")),
+    Case("32 MiB of {} (11M objects)", (P, "{objects}", "-c", "1MB")),
+    Case("32 MiB of 2-letter strings", (P, "{strings}", "-c", "1MB")),
     # layer lists with bad sizes
     Case("negative size", (P, "{negative}", "-c", "1MB")),
     Case("fractional sizes", (P, "{float_sizes}", "-c", "1MB")),
@@ -423,8 +441,8 @@ def run_all(cases=CASES, *, only=None):
     folder = Path(tempfile.mkdtemp(prefix="cachefit-hostile-"))
     try:
         files = make_files(folder)
-        if any("{huge}" in case.args for case in cases):
-            files["huge"] = _huge_file(folder)
+        if not only or any(only in case.label for case in cases if "MiB" in case.label or "MB" in case.label):
+            files.update(_big_files(folder))
         for case in cases:
             if only and only not in case.label:
                 continue
