@@ -246,9 +246,9 @@ CASES = [
     Case("Infinity size", (P, "{infinity}", "-c", "1MB")),
     Case("200 MB layer list", (P, "{huge}", "-c", "1MB")),
     Case("3,000,000 layers (6 MB)", (P, "{three_million}", "-c", "1MB")),
-    Case("32 MiB of floats (under the size limit)", (P, "{floats}", "-c", "1MB")),
-    Case("32 MiB of {} (11M objects)", (P, "{objects}", "-c", "1MB")),
-    Case("32 MiB of 2-letter strings", (P, "{strings}", "-c", "1MB")),
+    Case("16 MiB of floats (under the size limit)", (P, "{floats}", "-c", "1MB")),
+    Case("16 MiB of {}", (P, "{objects}", "-c", "1MB")),
+    Case("16 MiB of 2-letter strings", (P, "{strings}", "-c", "1MB")),
     # layer lists with bad sizes
     Case("negative size", (P, "{negative}", "-c", "1MB")),
     Case("fractional sizes", (P, "{float_sizes}", "-c", "1MB")),
