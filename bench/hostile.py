@@ -549,6 +549,22 @@ def markdown(rows, *, machine=""):
         lines.append(f"| {index} | {_cell(case.label)} | `{_cell(args, 80)}` | {case.expect} | {result['exit']} | "
                      f"{_cell(result['first'])} | {result['wall_s']:.2f} | {result['cpu_s']:.2f} | {result['peak_mb']:.0f} | "
                      f"{case.owner or ''} | {_cell(why)} |")
+    lines += ["", "## Rows that fail", ""]
+    numbered = list(enumerate(rows, 1))
+    for owner in sorted({case.owner for case, _, why in rows if case.owner and why != "ok"}):
+        failed = [f"#{index} {case.label}" for index, (case, _, why) in numbered if case.owner == owner and why != "ok"]
+        lines.append(f"- waiting for the *{owner}* work: {'; '.join(failed)}.")
+    slow = [f"#{index} {case.label} ({result['wall_s']:.1f} s wall, {result['cpu_s']:.2f} s CPU)"
+            for index, (case, result, why) in numbered
+            if not case.owner and why != "ok" and verdict(case, dict(result, wall_s=0.0)) == "ok"]
+    if slow:
+        lines.append(f"- over {MAX_WALL_S:g} s in wall time only (answer and memory right): {'; '.join(slow)}.")
+    other = [f"#{index} {case.label}: {why}" for index, (case, result, why) in numbered
+             if not case.owner and why != "ok" and verdict(case, dict(result, wall_s=0.0)) != "ok"]
+    if other:
+        lines.append(f"- other: {'; '.join(other)}.")
+    if not failing:
+        lines.append("None.")
     return "\n".join(line for line in lines) + "\n"
 
 
