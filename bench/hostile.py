@@ -316,7 +316,8 @@ CASES = [
     Case("--k abc", (P, "{two}", "-c", "1MB", "--k", "abc")),
     Case("--k 0", (P, "{two}", "-c", "1MB", "--k", "0"), owner="engine"),
     Case("--k -1", (P, "{two}", "-c", "1MB", "--k", "-1"), owner="engine"),
-    Case("--k 10**30", (P, "{two}", "-c", "1MB", "--k", "1" + "0" * 30), owner="engine"),
+    Case("--k 10**30 (k > n: INFEASIBLE, exit 1)", (P, "{two}", "-c", "1MB", "--k", "1" + "0" * 30), expect=1,
+         owner="engine"),
     Case("--dims batch=x", (P, "{two}", "-c", "1MB", "--dims", "batch=x")),
     Case("--dims 20 digits", (P, "{two}", "-c", "1MB", "--dims", "batch=" + "9" * 20)),
     Case("--chunk-fraction nan", (P, "{two}", "-c", "1MB", "--chunk-fraction", "nan"), owner="engine"),
@@ -384,7 +385,8 @@ CASES = [
     Case("stages: cyclic graph", ("stages", "{cyclic}", "-n", "2", "--device-capacity", "1MB")),
     Case("stages: /dev/zero", ("stages", "/dev/zero", "-n", "2", "--device-capacity", "1MB")),
     Case("stages: hub id", ("stages", "Qwen/Qwen2.5-7B", "-n", "2", "--device-capacity", "80GB")),
-    Case("run: plan with capacity -5", ("run", "{plan_capacity_negative}"), owner="executor"),
+    Case("run: plan with capacity -5 (check rejects it, exit 1)", ("run", "{plan_capacity_negative}"), expect=1,
+         owner="executor"),
     Case("run: /dev/zero", ("run", "/dev/zero"), owner="executor"),
     Case("pipeline: stats [1]", ("pipeline", "{plan_stats_list}"), owner="executor"),
 ]
@@ -572,12 +574,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cachefit.bench.hostile", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="Write the markdown table here (default: print it).")
     parser.add_argument("--only", default=None, help="Run only rows whose label contains this text.")
+    parser.add_argument("--tree", default="", help="Which source tree ran (printed in the report).")
     options = parser.parse_args(argv)
     from .machine import machine_line
 
     load = os.getloadavg()[0]
     rows = run_all(only=options.only)
-    text = markdown(rows, machine=f"{machine_line()}; load average {load:.1f} at the start")
+    machine = f"{machine_line()}; load average {load:.1f} at the start" + (f"; {options.tree}" if options.tree else "")
+    text = markdown(rows, machine=machine)
     if options.out:
         Path(options.out).write_text(text)
     else:
