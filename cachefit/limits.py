@@ -11,8 +11,9 @@ its dimensions before its graph is built (`check_config_size`).
 =========================  ==================  ===============================
 limit                      default             override
 =========================  ==================  ===============================
-file size                  64 MiB              ``CACHEFIT_MAX_FILE_BYTES``
+file size                  16 MiB              ``CACHEFIT_MAX_FILE_BYTES``
 graph nodes                2,000,000           ``CACHEFIT_MAX_NODES``
+JSON values                2 × graph nodes     (with ``CACHEFIT_MAX_NODES``)
 JSON nesting               100 levels          (fixed)
 a config dimension         2**24               (fixed)
 experts                    2**16               (fixed)
@@ -60,7 +61,9 @@ MAX_TOKENS = 2**32
 #: Largest byte count or flop count one node may be estimated to need.
 MAX_FIGURE = 2**60
 
-_DEFAULT_FILE_BYTES = 64 * 2**20
+# 16 MiB: far above real inputs (a plan of Llama-3.1-405B at op granularity, 1,641 nodes, is 0.5 MB),
+# and low enough that parsing a pathological file stays within a second or two and ~300 MB
+_DEFAULT_FILE_BYTES = 16 * 2**20
 _DEFAULT_NODES = 2_000_000
 
 
@@ -75,7 +78,7 @@ def _env_limit(variable, default):
 
 
 def max_file_bytes():
-    """The largest file cachefit reads, in bytes (``CACHEFIT_MAX_FILE_BYTES``, default 64 MiB)."""
+    """The largest file cachefit reads, in bytes (``CACHEFIT_MAX_FILE_BYTES``, default 16 MiB)."""
     return _env_limit("CACHEFIT_MAX_FILE_BYTES", _DEFAULT_FILE_BYTES)
 
 
@@ -165,7 +168,9 @@ def parse_json(text, *, what):
 
     Refused: invalid JSON, ``NaN``/``Infinity``, integers longer than
     Python converts (``sys.get_int_max_str_digits``), nesting deeper than
-    `MAX_JSON_DEPTH`.
+    `MAX_JSON_DEPTH`, and more than 2 × `max_nodes` values (objects, lists
+    and items, counted from the text's commas and brackets before parsing:
+    each costs up to ~80 bytes once parsed).
 
     >>> parse_json('[1, {"a": [2]}]', what="`x`")
     [1, {'a': [2]}]
@@ -174,6 +179,10 @@ def parse_json(text, *, what):
     ...
     cachefit.errors.InputError: `x` is not valid JSON: NaN is not a JSON number
     """
+    values = text.count(",") + text.count("{") + text.count("[")  # an upper bound: strings' commas count too
+    if values > 2 * max_nodes():
+        raise InputError(f"{what} holds about {values:,} JSON values; cachefit reads at most "
+                         f"{2 * max_nodes():,}, twice its node limit (set CACHEFIT_MAX_NODES to raise it)")
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:

@@ -21,6 +21,7 @@ __all__ = ["load_model", "parse_dims"]
 
 # owner/name as the Hugging Face hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FILE_SUFFIXES = (".json", ".onnx", ".safetensors", ".bin", ".pt")  # 'models/x.json' is a missing file
 
 
 def _exists(path):
@@ -34,7 +35,7 @@ def _missing(spec):
     """The InputError for a MODEL that is neither a file nor an embedded model."""
     from . import instances
 
-    if isinstance(spec, str) and _HUB_ID.match(spec):
+    if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.lower().endswith(_FILE_SUFFIXES):
         return InputError(f"`MODEL` {spec!r} is not a local file; it looks like a Hugging Face hub id, and "
                           f"cachefit does not download: fetch the model's config.json (or the checkpoint "
                           f"folder), e.g. `huggingface-cli download {spec} config.json`, and pass its local path")

@@ -155,6 +155,10 @@ class TestOneLineErrors:
         assert result.exit_code == 2, result.output
         assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
 
+    def test_missing_relative_file_is_not_called_a_hub_id(self, runner):
+        result = runner.invoke(main, ["plan", "models/missing.json", "-c", "1MiB"])
+        assert result.exit_code == 2 and "is neither a file nor an embedded model" in result.output
+
     def test_no_arguments_still_prints_help(self, runner):
         result = runner.invoke(main, [])
         assert "Usage:" in result.output and "Commands:" in result.output

@@ -98,7 +98,7 @@ class TestFileLimits:
             read_json_file(path, what="`MODEL` file")
 
     def test_default_and_bad_override(self, monkeypatch):
-        assert max_file_bytes() == 64 * 2**20
+        assert max_file_bytes() == 16 * 2**20
         monkeypatch.setenv("CACHEFIT_MAX_FILE_BYTES", "lots")
         with pytest.raises(InputError, match=r"environment variable CACHEFIT_MAX_FILE_BYTES must be a positive"):
             max_file_bytes()
@@ -118,6 +118,13 @@ class TestFileLimits:
         assert parse_json("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH, what="`x`")
         with pytest.raises(InputError, match=r"nested too deeply"):
             parse_json("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1), what="`x`")
+
+    def test_values_counted_before_parsing(self, monkeypatch):
+        monkeypatch.setenv("CACHEFIT_MAX_NODES", "4")
+        assert parse_json('[{}, {"a": []}]', what="`x`") == [{}, {"a": []}]  # 4 brackets, 1 comma
+        with pytest.raises(InputError, match=r"`x` holds about 9 JSON values; cachefit reads at most 8, twice "
+                                             r"its node limit \(set CACHEFIT_MAX_NODES to raise it\)"):
+            parse_json("[1, 2, 3, 4, 5, 6, 7, 8, 9]", what="`x`")
 
     def test_layer_list_node_limit(self, tmp_path, monkeypatch):
         path = tmp_path / "layers.json"
