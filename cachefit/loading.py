@@ -31,6 +31,11 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
             return instances.load(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
         raise InputError(f"`MODEL` {spec!r} is neither a file nor an embedded model; "
                          f"embedded models: {', '.join(instances.names())}")
+    if path.is_dir():  # a checkpoint folder: config.json + safetensors, weights from their headers
+        from .graphs.checkpoint import from_checkpoint, is_checkpoint
+        if is_checkpoint(path):
+            return from_checkpoint(path, dtype=dtype, granularity=granularity,
+                                   **{k: v for k, v in (("batch", batch), ("seq_len", seq_len)) if v is not None})
     if path.suffix == ".onnx":
         from .graphs import from_onnx
         return from_onnx(path, dims=dims)

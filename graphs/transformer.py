@@ -321,8 +321,10 @@ _TRANSLATORS = {
 }
 
 #: model_type -> HF fields that family's own model code never reads (GPT-NeoX
-#: has no grouped-query attention, whatever a config says), dropped first.
-_UNREAD = {"gpt_neox": ("num_key_value_heads", "num_kv_heads")}
+#: has no grouped-query attention, DeepSeek's latent attention no key/value
+#: heads, whatever a config says), dropped first.
+_UNREAD = {family: ("num_key_value_heads", "num_kv_heads")
+           for family in ("gpt_neox", "deepseek_v2", "deepseek_v3")}
 
 
 def _family_view(config):
