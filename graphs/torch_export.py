@@ -335,7 +335,7 @@ def export_graph(module, example_inputs, *, tensor_bytes, dtype_name, leaf_names
                        shared=weights.shared(),
                        dtype=(dtype_name(max(weights.dtypes, key=weights.dtypes.get))
                               if weights.dtypes else None))
-    dims = _dynamic_dims(ep)
+    dims = _dynamic_dims(ep, dynamic_shapes, example_inputs)
     if dims:
         graph.graph["dynamic_dims"] = dims
     return graph
@@ -366,11 +366,23 @@ def _shape(tensors, node, dtype_name):
     return {}
 
 
-def _dynamic_dims(ep):
-    """Symbol -> its size at the example inputs, for dimensions exported as dynamic."""
+def _dynamic_dims(ep, dynamic_shapes, example_inputs):
+    """Dimension name -> its size at the example inputs, for dimensions exported as dynamic.
+
+    Names are the ``torch.export.Dim`` names when `dynamic_shapes` is a
+    tuple aligned with the inputs, else the export's symbols (``s0``, ...).
+    """
     import torch
 
     dims = {}
+    if isinstance(dynamic_shapes, (tuple, list)):
+        for spec, value in zip(dynamic_shapes, example_inputs):
+            if isinstance(spec, dict) and isinstance(value, torch.Tensor):
+                for axis, dim in spec.items():
+                    if dim is not None and hasattr(dim, "__name__"):
+                        dims[dim.__name__] = int(value.shape[axis])
+        if dims:
+            return dims
     for node in ep.graph.nodes:
         if node.op != "placeholder":
             continue

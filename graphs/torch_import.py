@@ -1,12 +1,15 @@
-"""`from_torch`: a model graph from a PyTorch module, traced with torch.fx.
+"""`from_torch`: a model graph from a PyTorch module, captured with torch.fx or torch.export.
 
-The module is traced symbolically (`torch.fx.Tracer`), then the shapes of
-every value are propagated with fake tensors (`FakeTensorMode`: tensors that
-carry shape and dtype on the meta device and never allocate real storage),
-so even a model too large for the host's memory can be imported when built on
-the meta device.  Each fx node that computes a tensor becomes a graph node
-named like the fx node; parameters are charged to the first node that uses
-them; the data flow gives the edges.
+torch.fx path: the module is traced symbolically (`torch.fx.Tracer`), then
+the shapes of every value are propagated with fake tensors
+(`FakeTensorMode`: tensors that carry shape and dtype on the meta device and
+never allocate real storage), so even a model too large for the host's
+memory can be imported when built on the meta device.  Each fx node that
+computes a tensor becomes a graph node named like the fx node; parameters
+are charged to the first node that uses them; the data flow gives the edges.
+
+torch.export path (transformers' models, which fx cannot trace): see
+`cachefit.graphs.torch_export`, one node per leaf module.
 
 torch is imported only inside the functions (the ``torch`` extra).
 """
@@ -369,10 +372,7 @@ def _fx_graph(module, example_inputs, leaf_names, leaf_types, tensor_bytes):
     kind = {}             # fx name -> "node", "alias", "weight" or "skip"
     bases = {}            # alias fx name -> graph nodes it views
     weight_refs = {}      # weight-kind fx name -> [(qualified name, tensor)]
-    owner = {}            # id(tensor) -> graph node that counted it
-    users = {}            # id(tensor) -> number of nodes that used it
-    names_of = {}         # id(tensor) -> qualified name
-    float_dtypes = {}
+    owners = _Owners(tensor_bytes)
 
     def sources(fx_node):
         """Graph nodes a consumer of `fx_node` must link from (empty for weights and non-tensors)."""
@@ -416,33 +416,11 @@ def _fx_graph(module, example_inputs, leaf_names, leaf_types, tensor_bytes):
             weight_refs[name] = list(weight_refs[first.name])
             continue
 
-        # The tensors this node reads as weights: its submodule's, and get_attr inputs.
-        refs = []
-        if fx_node.op == "call_module":
-            submodule = graph_module.get_submodule(fx_node.target)
-            refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_parameters()]
-            refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_buffers()]
-        for source in inputs:
-            refs += weight_refs.get(source.name, [])
+        refs = _weight_refs(fx_node, graph_module, weight_refs)
         if not tensors and not refs:
             kind[name] = "skip"
             continue
-
-        owned_bytes, owned_params, tied = 0, 0, []
-        for qualified, tensor in refs:
-            key = id(tensor)
-            if key in owner:
-                if owner[key] != name and owner[key] not in tied:
-                    tied.append(owner[key])
-                users[key] += owner[key] != name
-                continue
-            owner[key], users[key], names_of[key] = name, 1, qualified
-            owned_bytes += tensor_bytes(tensor)
-            if isinstance(tensor, torch.nn.Parameter):
-                owned_params += tensor.numel()
-            if tensor.is_floating_point():
-                float_dtypes[tensor.dtype] = float_dtypes.get(tensor.dtype, 0) + tensor.numel()
-
+        owned_bytes, owned_params, tied = owners.charge(name, refs)
         attrs = {"op": _op_name(fx_node, graph_module, target), "target": target,
                  "params": owned_params, "weight_bytes": owned_bytes,
                  "activation_bytes": 0 if is_view else sum(tensor_bytes(t) for t in tensors),
@@ -463,10 +441,53 @@ def _fx_graph(module, example_inputs, leaf_names, leaf_types, tensor_bytes):
                 graph.add_edge(producer, name)
 
     graph.graph.update(
-        dtype=_dtype_name(max(float_dtypes, key=float_dtypes.get)) if float_dtypes else None,
+        dtype=_dtype_name(max(owners.dtypes, key=owners.dtypes.get)) if owners.dtypes else None,
         params=sum(data["params"] for _, data in graph.nodes(data=True)),
-        shared=sorted(names_of[key] for key, count in users.items() if count > 1))
+        shared=owners.shared())
     return graph
+
+
+def _weight_refs(fx_node, graph_module, weight_refs):
+    """(qualified name, tensor) this node reads as weights: its submodule's, and get_attr inputs."""
+    refs = []
+    if fx_node.op == "call_module":
+        submodule = graph_module.get_submodule(fx_node.target)
+        refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_parameters()]
+        refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_buffers()]
+    for source in fx_node.all_input_nodes:
+        refs += weight_refs.get(source.name, [])
+    return refs
+
+
+class _Owners:
+    """Each weight tensor counted once, on the first node that reads it; later readers are tied."""
+
+    def __init__(self, tensor_bytes):
+        self.tensor_bytes = tensor_bytes
+        self.owner, self.users, self.names, self.dtypes = {}, {}, {}, {}
+
+    def charge(self, name, refs):
+        """(bytes, params, tied-to nodes) that node `name` owns among `refs`."""
+        import torch
+
+        owned_bytes, owned_params, tied = 0, 0, []
+        for qualified, tensor in refs:
+            key = id(tensor)
+            if key in self.owner:
+                if self.owner[key] != name and self.owner[key] not in tied:
+                    tied.append(self.owner[key])
+                self.users[key] += self.owner[key] != name
+                continue
+            self.owner[key], self.users[key], self.names[key] = name, 1, qualified
+            owned_bytes += self.tensor_bytes(tensor)
+            if isinstance(tensor, torch.nn.Parameter):
+                owned_params += tensor.numel()
+            if tensor.is_floating_point():
+                self.dtypes[tensor.dtype] = self.dtypes.get(tensor.dtype, 0) + tensor.numel()
+        return owned_bytes, owned_params, tied
+
+    def shared(self):
+        return sorted(self.names[key] for key, count in self.users.items() if count > 1)
 
 
 def _shape_attrs(tensors, value):
