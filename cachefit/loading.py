@@ -90,6 +90,10 @@ def _load_graph(spec, *, batch, seq_len, dtype, granularity, dims, kv_args):
         raise _missing(spec)
     path = Path(spec)
     if path.is_dir():
+        from .graphs.checkpoint import from_checkpoint, is_checkpoint
+        if is_checkpoint(path):  # a checkpoint folder: config.json + safetensors, weights from their headers
+            return from_checkpoint(path, dtype=dtype, granularity=granularity,
+                                   **{k: v for k, v in (("batch", batch), ("seq_len", seq_len)) if v is not None})
         if not (path / "config.json").is_file():
             raise InputError(f"`MODEL` {spec!r} is a folder without a config.json; pass a model file, "
                              "or a folder holding the model's config.json")

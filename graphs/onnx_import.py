@@ -349,6 +349,7 @@ def from_onnx(path_or_model, *, dims=None):
                  "weight_bytes": owned_bytes, "activation_bytes": activation, "buffer_bytes": 0,
                  "outputs": outputs}
         attrs.update(_layer_attrs(node, weights))
+        attrs["flops"] = node_flops(node, _shape_reader(weights, infos, dims))
         if tied:
             attrs["tied_to"] = tied[0] if len(tied) == 1 else tied
         graph.add_node(node_id, **attrs)
@@ -392,3 +393,87 @@ def _layer_attrs(node, weights):
         return {"op": "conv", "in_features": shape[1] * _attribute(node, "group", 1), "out_features": shape[0],
                 "bias": len(inputs) > 2 and bool(inputs[2]), "groups": _attribute(node, "group", 1)}
     return {}
+
+
+# --------------------------------------------------------------------------
+# flops from operator shapes
+# --------------------------------------------------------------------------
+
+_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
+def _shape_reader(weights, infos, dims):
+    """tensor name -> its concrete shape, or None when unknown (flops are then not counted)."""
+    def shape_of(tensor):
+        if tensor in weights:
+            return weights[tensor][2]
+        info = infos.get(tensor)
+        if info is None:
+            return None
+        try:
+            return _shape(info, tensor, dims)
+        except InputError:
+            return None
+
+    return shape_of
+
+
+def node_flops(node, shape_of):
+    """Flops (2 per multiply-add) of one ONNX node, from its operands' shapes.
+
+    Counted: MatMul (2 · |out| · K), Gemm (the same, bias not counted),
+    Conv (2 · |out| · Cin/groups · kernel), ConvTranspose (2 · |in| ·
+    Cout/groups · kernel) and the attention ops (ONNX ``Attention``,
+    com.microsoft ``Attention``/``MultiHeadAttention``/``GroupQueryAttention``:
+    QKᵀ and AV, 2 · S_k · (|Q| + |out|), plus the packed input projection of
+    com.microsoft ``Attention``).  Everything else (element-wise ops,
+    norms, softmax, reshapes) counts 0, as FlopCounterMode does.
+
+    Parameters
+    ----------
+    node : onnx.NodeProto
+    shape_of : callable
+        Tensor name -> list of ints, or None when unknown.
+
+    Returns
+    -------
+    int
+        0 when a needed shape is unknown.
+    """
+    inputs = [shape_of(name) if name else None for name in node.input]
+    outputs = [shape_of(name) if name else None for name in node.output]
+    out = outputs[0] if outputs else None
+    if out is None:
+        return 0
+    if node.op_type in ("MatMul", "Gemm") and inputs and inputs[0]:
+        depth = inputs[0][0] if node.op_type == "Gemm" and _attribute(node, "transA", 0) else inputs[0][-1]
+        return 2 * math.prod(out) * depth
+    if node.op_type == "Conv" and len(inputs) > 1 and inputs[1]:
+        return 2 * math.prod(out) * math.prod(inputs[1][1:])
+    if node.op_type == "ConvTranspose" and len(inputs) > 1 and inputs[0] and inputs[1]:
+        return 2 * math.prod(inputs[0]) * math.prod(inputs[1][1:])
+    if node.op_type in _ATTENTION_OPS:
+        return _attention_flops(node, inputs, out)
+    return 0
+
+
+def _attention_flops(node, inputs, out):
+    query = inputs[0] if inputs else None
+    if query is None:
+        return 0
+    projection = 0
+    if node.domain == "com.microsoft" and node.op_type == "Attention":
+        # input [B, S, hidden] times packed weights [hidden, 3 * hidden]
+        weights = inputs[1] if len(inputs) > 1 else None
+        if weights is None:
+            return 0
+        projection = 2 * math.prod(query) * weights[-1]
+        query = list(out)
+        keys = query[1]
+    else:
+        key = inputs[1] if len(inputs) > 1 else None
+        if key is None:
+            keys = query[-2] if len(query) == 4 else query[1]  # packed QKV: self-attention
+        else:
+            keys = key[-2] if len(key) == 4 else key[1]
+    return projection + 2 * keys * (math.prod(query) + math.prod(out))

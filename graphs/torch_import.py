@@ -1,12 +1,15 @@
-"""`from_torch`: a model graph from a PyTorch module, traced with torch.fx.
+"""`from_torch`: a model graph from a PyTorch module, captured with torch.fx or torch.export.
 
-The module is traced symbolically (`torch.fx.Tracer`), then the shapes of
-every value are propagated with fake tensors (`FakeTensorMode`: tensors that
-carry shape and dtype on the meta device and never allocate real storage),
-so even a model too large for the host's memory can be imported when built on
-the meta device.  Each fx node that computes a tensor becomes a graph node
-named like the fx node; parameters are charged to the first node that uses
-them; the data flow gives the edges.
+torch.fx path: the module is traced symbolically (`torch.fx.Tracer`), then
+the shapes of every value are propagated with fake tensors
+(`FakeTensorMode`: tensors that carry shape and dtype on the meta device and
+never allocate real storage), so even a model too large for the host's
+memory can be imported when built on the meta device.  Each fx node that
+computes a tensor becomes a graph node named like the fx node; parameters
+are charged to the first node that uses them; the data flow gives the edges.
+
+torch.export path (transformers' models, which fx cannot trace): see
+`cachefit.graphs.torch_export`, one node per leaf module.
 
 torch is imported only inside the functions (the ``torch`` extra).
 """
@@ -22,7 +25,7 @@ from ..errors import InputError
 from ..units import dtype_bytes
 from ..validation import validate
 
-__all__ = ["from_torch", "VIEW_OPS"]
+__all__ = ["from_torch", "VIEW_OPS", "CAPTURES"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ VIEW_OPS = frozenset({
     "expand_as", "unflatten", "narrow", "select", "detach", "chunk", "split", "unbind",
     "movedim", "swapaxes", "diagonal", "as_strided", "tensor_split",
 })
+
+#: The accepted `capture` values of `from_torch`.
+CAPTURES = ("auto", "fx", "export")
 
 _TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8",
                       "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
@@ -82,23 +88,31 @@ def _make_tracer(leaf_names, leaf_types):
 
 
 def _record_values(graph_module, example_inputs):
-    """fx node name -> the value it computes (fake tensors where possible)."""
+    """(fx node name -> the value it computes, "fake" or "real", fx node name -> flops).
+
+    Values are fake tensors where possible; flops are what
+    `torch.utils.flop_counter.FlopCounterMode` counts while each node runs.
+    """
     import torch
     import torch.fx
+    from torch.utils.flop_counter import FlopCounterMode
 
     class _Recorder(torch.fx.Interpreter):
         def __init__(self, module, mode):
             super().__init__(module)
             self.mode = mode
-            self.values = {}
+            self.values, self.flops = {}, {}
 
         def run_node(self, node):
+            counter = FlopCounterMode(display=False)
             if self.mode is None:
-                result = super().run_node(node)
+                with counter:
+                    result = super().run_node(node)
             else:
-                with self.mode:
+                with self.mode, counter:
                     result = super().run_node(node)
             self.values[node.name] = result
+            self.flops[node.name] = int(counter.get_total_flops())
             return result
 
     try:
@@ -108,7 +122,7 @@ def _record_values(graph_module, example_inputs):
         fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
         recorder = _Recorder(graph_module, mode)
         recorder.run(*fake_inputs)
-        return recorder.values, "fake"
+        return recorder.values, "fake", recorder.flops
     except Exception as exc:  # an op without a fake kernel, or data-dependent control flow
         logger.info("from_torch: fake-tensor shape propagation failed (%s: %s); running the example "
                     "inputs for real", type(exc).__name__, exc)
@@ -120,7 +134,7 @@ def _record_values(graph_module, example_inputs):
         failing = next(reversed(recorder.values), None)
         raise InputError(f"`example_inputs` could not be run through the traced module (after fx node "
                          f"{failing!r}): {type(exc).__name__}: {exc}") from exc
-    return recorder.values, "real"
+    return recorder.values, "real", recorder.flops
 
 
 def _tensors(value):
@@ -135,8 +149,9 @@ def _dtype_name(torch_dtype):
     return _TORCH_DTYPE_NAMES.get(name, name)
 
 
-def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
-    """The graph of a PyTorch module, traced with torch.fx.
+def from_torch(module, example_inputs, *, dtype=None, leaf_modules=(), capture="auto",
+               dynamic_shapes=None):
+    """The graph of a PyTorch module, captured with torch.fx or torch.export.
 
     Parameters
     ----------
@@ -155,6 +170,16 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
         Submodules (qualified names such as ``"encoder.layer.3"``, or
         module classes) to keep as one opaque node instead of tracing into
         them: the way around code torch.fx cannot trace.
+    capture : {"auto", "fx", "export"}
+        ``"fx"``: torch.fx symbolic tracing, one node per fx node.
+        ``"export"``: `torch.export` (non-strict), one node per leaf module
+        named by its qualified name (`cachefit.graphs.torch_export`).
+        ``"auto"`` (default): fx when it traces the module, else export (see
+        Notes); export straight away when `dynamic_shapes` is given.
+    dynamic_shapes : optional
+        ``torch.export.Dim`` per input dimension, as `torch.export.export`
+        takes them (export capture only); sizes are taken at the example
+        inputs and the symbols listed in graph attribute ``dynamic_dims``.
 
     Returns
     -------
@@ -170,10 +195,14 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
         ``out_features``, ``bias`` (``num_embeddings``, ``embedding_dim``;
         ``kernel_size``, ``groups``) that `cachefit.graphs.tile` needs;
         ``tied_to`` on a node whose parameters another node already owns;
-        ``alias_of`` on a view.  Graph attributes ``name``, ``source``
-        (``"torch.fx"``), ``dtype``, ``params``, ``shared`` (names of the
-        parameters used by more than one node) and ``shape_propagation``
-        (``"fake"`` or ``"real"``).
+        ``alias_of`` on a view; ``flops`` (FlopCounterMode's count of the
+        node's operators on fake tensors).  Graph attributes ``name``,
+        ``source`` (``"torch.fx"`` or ``"torch.export"``), ``capture``,
+        ``dtype``, ``params``, ``shared`` (names of the parameters used by
+        more than one node) and ``shape_propagation`` (``"fake"`` or
+        ``"real"``).  Export graphs: see `cachefit.graphs.torch_export`
+        (node attributes ``module``, ``module_type``, ``buffer_bytes`` = the
+        largest temporary of the node's operators).
 
     Raises
     ------
@@ -201,6 +230,18 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
     fake kernel or a leaf module branches on tensor values, the example
     inputs are run for real instead (``shape_propagation="real"``).
 
+    Which capture: measured on transformers 5.24 / torch 2.13 (GPT-2,
+    Llama, BERT, Qwen2, Mixtral with small configs and ``use_cache=False``),
+    a ResNet-style CNN and plain modules (``tests/test_torch_import.py``):
+    torch.fx fails on every transformers model (control flow on proxies),
+    torch.export captures all of them and the CNN and the plain modules;
+    fx alone handles a forward that branches on tensor *values* (export
+    refuses data-dependent control flow) when the branch sits in a
+    ``leaf_modules`` entry.  ``"auto"`` tries fx first because the executor
+    (``cachefit.executor``) runs plans by fx node names; models fx cannot
+    trace get export graphs, whose node names are module FQNs
+    (``model.layers.4``) as pipelining needs.
+
     Complexity: one trace and one propagation, O(fx nodes + edges).
 
     Examples
@@ -224,7 +265,61 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
     if not isinstance(example_inputs, tuple):
         raise InputError(f"`example_inputs` must be a tensor or a tuple of the forward's positional "
                          f"inputs, got {type(example_inputs).__name__}")
+    if capture not in CAPTURES:
+        raise InputError(f"`capture` must be one of {', '.join(map(repr, CAPTURES))}, got {capture!r}")
+    if dynamic_shapes is not None and capture == "fx":
+        raise InputError("`dynamic_shapes` needs `capture` 'export' or 'auto' (torch.fx does not take them)")
     override = None if dtype is None else dtype_bytes(dtype)
+    leaf_names, leaf_types = _leaf_modules(module, leaf_modules)
+
+    tensor_bytes = _tensor_size(override)
+    fx_error = None
+    if capture == "fx" or (capture == "auto" and dynamic_shapes is None):
+        try:
+            graph = _fx_graph(module, example_inputs, leaf_names, leaf_types, tensor_bytes)
+        except _TraceFailed as exc:
+            if capture == "fx":
+                raise InputError(str(exc)) from exc.__cause__
+            fx_error = exc
+            logger.info("from_torch: torch.fx cannot trace %s (%s); capturing with torch.export",
+                        type(module).__name__, exc)
+        else:
+            return _finish(graph, dtype)
+    from .torch_export import ExportFailed, export_graph
+
+    try:
+        graph = export_graph(module, example_inputs, tensor_bytes=tensor_bytes,
+                             dtype_name=_dtype_name, leaf_names=leaf_names, leaf_types=leaf_types,
+                             dynamic_shapes=dynamic_shapes)
+    except ExportFailed as exc:
+        also = f"; torch.fx failed too: {fx_error}" if fx_error is not None else ""
+        raise InputError(f"`module` cannot be captured by torch.export: {exc}{also}") from exc.__cause__
+    return _finish(graph, dtype)
+
+
+def _tensor_size(override):
+    """Bytes a tensor is charged: `override` per floating-point element, else its own size."""
+    from .torch_export import _numel
+
+    def tensor_bytes(tensor):
+        size = override if (override is not None and tensor.is_floating_point()) else tensor.element_size()
+        return _numel(tensor) * size
+
+    return tensor_bytes
+
+
+def _finish(graph, dtype):
+    if dtype is not None:
+        graph.graph["dtype"] = dtype.lower()
+    logger.debug("from_torch: %d nodes, %d edges, %d shared tensors (%s)", graph.number_of_nodes(),
+                 graph.number_of_edges(), len(graph.graph["shared"]), graph.graph["source"])
+    return validate(graph)
+
+
+def _leaf_modules(module, leaf_modules):
+    """(names, classes) from the `leaf_modules` argument, checked."""
+    import torch
+
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     leaf_names, leaf_types = set(), []
@@ -239,36 +334,45 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
         else:
             raise InputError(f"`leaf_modules` entries must be submodule names or nn.Module classes, "
                              f"got {entry!r}")
+    return leaf_names, tuple(leaf_types)
 
-    tracer = _make_tracer(leaf_names, tuple(leaf_types))
+
+class _TraceFailed(Exception):
+    """torch.fx could not trace the module; the message says where and what to do."""
+
+
+def _trace(module, leaf_names, leaf_types):
+    import torch.fx
+
+    tracer = _make_tracer(leaf_names, leaf_types)
     try:
         fx_graph = tracer.trace(module)
     except Exception as exc:
         if tracer.failed is not None:
             path, kind = tracer.failed
-            raise InputError(
+            raise _TraceFailed(
                 f"`module` cannot be traced by torch.fx: submodule {path!r} ({kind}) failed: "
                 f"{type(exc).__name__}: {exc}. Keep it as one opaque node: "
                 f"from_torch(..., leaf_modules=[{path!r}])") from exc
-        raise InputError(
+        raise _TraceFailed(
             f"`module` cannot be traced by torch.fx: the forward of {type(module).__name__} itself failed: "
             f"{type(exc).__name__}: {exc}. Move the untraceable code into a submodule and name it in "
             "`leaf_modules`") from exc
-    graph_module = torch.fx.GraphModule(tracer.root, fx_graph)
-    values, propagation = _record_values(graph_module, example_inputs)
+    return fx_graph, torch.fx.GraphModule(tracer.root, fx_graph)
 
-    def tensor_bytes(tensor):
-        size = override if (override is not None and tensor.is_floating_point()) else tensor.element_size()
-        return tensor.numel() * size
 
-    graph = nx.DiGraph(name=type(module).__name__, source="torch.fx", shape_propagation=propagation)
+def _fx_graph(module, example_inputs, leaf_names, leaf_types, tensor_bytes):
+    """The fx-granularity graph (not yet validated); _TraceFailed when fx cannot trace."""
+    import torch
+
+    fx_graph, graph_module = _trace(module, leaf_names, leaf_types)
+    values, propagation, flops = _record_values(graph_module, example_inputs)
+    graph = nx.DiGraph(name=type(module).__name__, source="torch.fx", shape_propagation=propagation,
+                       capture="fx")
     kind = {}             # fx name -> "node", "alias", "weight" or "skip"
     bases = {}            # alias fx name -> graph nodes it views
     weight_refs = {}      # weight-kind fx name -> [(qualified name, tensor)]
-    owner = {}            # id(tensor) -> graph node that counted it
-    users = {}            # id(tensor) -> number of nodes that used it
-    names_of = {}         # id(tensor) -> qualified name
-    float_dtypes = {}
+    owners = _Owners(tensor_bytes)
 
     def sources(fx_node):
         """Graph nodes a consumer of `fx_node` must link from (empty for weights and non-tensors)."""
@@ -299,7 +403,7 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
             kind[name] = "node"
             graph.add_node(name, op="input", target=str(fx_node.target), params=0, weight_bytes=0,
                            activation_bytes=sum(tensor_bytes(t) for t in tensors), buffer_bytes=0,
-                           **_shape_attrs(tensors, value))
+                           flops=0, **_shape_attrs(tensors, value))
             continue
 
         target = _target_name(fx_node)
@@ -312,37 +416,15 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
             weight_refs[name] = list(weight_refs[first.name])
             continue
 
-        # The tensors this node reads as weights: its submodule's, and get_attr inputs.
-        refs = []
-        if fx_node.op == "call_module":
-            submodule = graph_module.get_submodule(fx_node.target)
-            refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_parameters()]
-            refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_buffers()]
-        for source in inputs:
-            refs += weight_refs.get(source.name, [])
+        refs = _weight_refs(fx_node, graph_module, weight_refs)
         if not tensors and not refs:
             kind[name] = "skip"
             continue
-
-        owned_bytes, owned_params, tied = 0, 0, []
-        for qualified, tensor in refs:
-            key = id(tensor)
-            if key in owner:
-                if owner[key] != name and owner[key] not in tied:
-                    tied.append(owner[key])
-                users[key] += owner[key] != name
-                continue
-            owner[key], users[key], names_of[key] = name, 1, qualified
-            owned_bytes += tensor_bytes(tensor)
-            if isinstance(tensor, torch.nn.Parameter):
-                owned_params += tensor.numel()
-            if tensor.is_floating_point():
-                float_dtypes[tensor.dtype] = float_dtypes.get(tensor.dtype, 0) + tensor.numel()
-
+        owned_bytes, owned_params, tied = owners.charge(name, refs)
         attrs = {"op": _op_name(fx_node, graph_module, target), "target": target,
                  "params": owned_params, "weight_bytes": owned_bytes,
                  "activation_bytes": 0 if is_view else sum(tensor_bytes(t) for t in tensors),
-                 "buffer_bytes": 0}
+                 "buffer_bytes": 0, "flops": flops.get(name, 0)}
         attrs.update(_shape_attrs(tensors, value))
         attrs.update(_layer_attrs(fx_node, graph_module, refs))
         if tied:
@@ -359,13 +441,53 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=()):
                 graph.add_edge(producer, name)
 
     graph.graph.update(
-        dtype=dtype.lower() if dtype is not None else (
-            _dtype_name(max(float_dtypes, key=float_dtypes.get)) if float_dtypes else None),
+        dtype=_dtype_name(max(owners.dtypes, key=owners.dtypes.get)) if owners.dtypes else None,
         params=sum(data["params"] for _, data in graph.nodes(data=True)),
-        shared=sorted(names_of[key] for key, count in users.items() if count > 1))
-    logger.debug("from_torch: %d nodes, %d edges, %d shared tensors", graph.number_of_nodes(),
-                 graph.number_of_edges(), len(graph.graph["shared"]))
-    return validate(graph)
+        shared=owners.shared())
+    return graph
+
+
+def _weight_refs(fx_node, graph_module, weight_refs):
+    """(qualified name, tensor) this node reads as weights: its submodule's, and get_attr inputs."""
+    refs = []
+    if fx_node.op == "call_module":
+        submodule = graph_module.get_submodule(fx_node.target)
+        refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_parameters()]
+        refs += [(f"{fx_node.target}.{key}", t) for key, t in submodule.named_buffers()]
+    for source in fx_node.all_input_nodes:
+        refs += weight_refs.get(source.name, [])
+    return refs
+
+
+class _Owners:
+    """Each weight tensor counted once, on the first node that reads it; later readers are tied."""
+
+    def __init__(self, tensor_bytes):
+        self.tensor_bytes = tensor_bytes
+        self.owner, self.users, self.names, self.dtypes = {}, {}, {}, {}
+
+    def charge(self, name, refs):
+        """(bytes, params, tied-to nodes) that node `name` owns among `refs`."""
+        import torch
+
+        owned_bytes, owned_params, tied = 0, 0, []
+        for qualified, tensor in refs:
+            key = id(tensor)
+            if key in self.owner:
+                if self.owner[key] != name and self.owner[key] not in tied:
+                    tied.append(self.owner[key])
+                self.users[key] += self.owner[key] != name
+                continue
+            self.owner[key], self.users[key], self.names[key] = name, 1, qualified
+            owned_bytes += self.tensor_bytes(tensor)
+            if isinstance(tensor, torch.nn.Parameter):
+                owned_params += tensor.numel()
+            if tensor.is_floating_point():
+                self.dtypes[tensor.dtype] = self.dtypes.get(tensor.dtype, 0) + tensor.numel()
+        return owned_bytes, owned_params, tied
+
+    def shared(self):
+        return sorted(self.names[key] for key, count in self.users.items() if count > 1)
 
 
 def _shape_attrs(tensors, value):

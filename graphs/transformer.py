@@ -73,28 +73,29 @@ core, QKᵀ and AV, halved for causal attention; 0 for embeddings, norms,
 activations, adds and the MoE combine).  The ``op`` values and their shape
 keys:
 
-==============  ==========================================================
-``embedding``   ``num_embeddings``, ``embedding_dim``, ``num_positions``,
-                ``position_offset``, ``num_token_types`` (+ ``norm``,
-                ``eps`` when a block-granularity embedding holds its norm)
-``norm``        ``width``, ``norm``, ``eps``
-``linear``      ``in_features``, ``out_features``, ``bias``, ``role``
-                (q k v o gate up down fc1 fc2 router lm_head);
-                the LM head of a tied model has ``tied_to="embed"``
-``attention``   ``num_heads``, ``num_kv_heads``, ``head_dim``, ``causal``,
-                ``rope``
-``activation``  ``fn`` (``silu_mul``/``gelu_mul``/... for gated MLPs: act(gate)
-                × up; ``gelu``, ``gelu_tanh``, ``relu``, ``silu``), ``width``
-``add``         ``width`` (residual add: the block input is a predecessor)
-``expert``      ``expert``, ``in_features``, ``intermediate_size``, ``mlp``,
-                ``fn``, ``bias``, ``rows``
-``moe_combine`` ``num_experts``, ``experts_per_token``, ``width``
-``head_norm``   ``width`` (= ``head_dim``), ``num_heads``, ``norm``, ``eps``
-``mla_attention`` ``num_heads``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
-                ``v_head_dim``, ``causal``
-``pooler``      ``in_features``, ``out_features``, ``bias``, ``fn="tanh"``
-``block``       a whole transformer block: every shape key above
-==============  ==========================================================
+=================  ==========================================================
+``embedding``      ``num_embeddings``, ``embedding_dim``, ``num_positions``,
+                   ``position_offset``, ``num_token_types`` (+ ``norm``,
+                   ``eps`` when a block-granularity embedding holds its norm)
+``norm``           ``width``, ``norm``, ``eps``
+``linear``         ``in_features``, ``out_features``, ``bias``, ``role``
+                   (q k v o gate up down fc1 fc2 router lm_head, and
+                   q_a kv_a kv_b shared_gate);
+                   the LM head of a tied model has ``tied_to="embed"``
+``attention``      ``num_heads``, ``num_kv_heads``, ``head_dim``, ``causal``,
+                   ``rope``
+``activation``     ``fn`` (``silu_mul``/``gelu_mul``/... for gated MLPs: act(gate)
+                   × up; ``gelu``, ``gelu_tanh``, ``relu``, ``silu``), ``width``
+``add``            ``width`` (residual add: the block input is a predecessor)
+``expert``         ``expert`` (absent on ``shared_expert``), ``in_features``, ``intermediate_size``, ``mlp``,
+                   ``fn``, ``bias``, ``rows``
+``moe_combine``    ``num_experts``, ``experts_per_token``, ``width``
+``head_norm``      ``width`` (= ``head_dim``), ``num_heads``, ``norm``, ``eps``
+``mla_attention``  ``num_heads``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+                   ``v_head_dim``, ``causal``
+``pooler``         ``in_features``, ``out_features``, ``bias``, ``fn="tanh"``
+``block``          a whole transformer block: every shape key above
+=================  ==========================================================
 """
 
 from __future__ import annotations
@@ -322,8 +323,10 @@ _TRANSLATORS = {
 }
 
 #: model_type -> HF fields that family's own model code never reads (GPT-NeoX
-#: has no grouped-query attention, whatever a config says), dropped first.
-_UNREAD = {"gpt_neox": ("num_key_value_heads", "num_kv_heads")}
+#: has no grouped-query attention, DeepSeek's latent attention no key/value
+#: heads, whatever a config says), dropped first.
+_UNREAD = {family: ("num_key_value_heads", "num_kv_heads")
+           for family in ("gpt_neox", "deepseek_v2", "deepseek_v3")}
 
 
 def _family_view(config):

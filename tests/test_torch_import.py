@@ -298,3 +298,178 @@ class TestTiling:
         assert plan.graph.graph["tiled"]["fc1"]["tiles"] == 4  # 4352/4 + 320 + 1280 <= 3000 < 4352/3 + 1600
         assert total(plan.graph, "weight_bytes") == unique_state_bytes(module)
         assert cachefit.plan(graph, capacity).status == "INFEASIBLE"
+
+
+# --------------------------------------------------------------------------
+# torch.export capture, flops, transformers' own models
+# --------------------------------------------------------------------------
+
+class ResNetLike(nn.Module):
+    """A torchvision-style CNN: stem, two residual stages, pooled linear head."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = ResidualConvBlock(8)
+        self.layer2 = ResidualConvBlock(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ValueBranch(nn.Module):
+    """Branches on a tensor value: torch.export refuses it, fx does with a leaf module."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y
+
+
+def flops_of(graph):
+    return sum(data["flops"] for _, data in graph.nodes(data=True))
+
+
+def counted_flops(module, inputs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops()
+
+
+class TestExportCapture:
+    def test_plain_module_by_module_names(self):
+        module, x = MLP(), torch.zeros(4, 16)
+        graph = from_torch(module, x, capture="export")
+        assert list(graph) == ["x", "fc1", "act", "fc2"]
+        assert graph.graph["source"] == "torch.export" and graph.graph["capture"] == "export"
+        assert graph.nodes["fc1"]["op"] == "linear" and graph.nodes["fc1"]["out_features"] == 64
+        assert total(graph, "weight_bytes") == unique_state_bytes(module)
+        assert graph.nodes["fc1"]["activation_bytes"] == 4 * 64 * 4
+        assert flops_of(graph) == counted_flops(module, (x,)) == 2 * 4 * (16 * 64 + 64 * 8)
+
+    def test_cnn_weights_buffers_and_flops(self):
+        module, x = ResNetLike().eval(), torch.zeros(2, 3, 16, 16)
+        graph = from_torch(module, x, capture="export")
+        assert total(graph, "weight_bytes") == unique_state_bytes(module)
+        assert graph.graph["params"] == sum(p.numel() for p in module.parameters())
+        assert {"stem.0", "layer1.conv1", "layer1.bn1", "layer1", "layer2.conv2", "fc"} <= set(graph)
+        assert graph.nodes["layer1.conv1"]["op"] == "conv"
+        assert flops_of(graph) == counted_flops(module, (x,))
+
+    def test_residual_runs_of_a_parent_are_separate_nodes(self):
+        graph = from_torch(ResidualConvBlock(), torch.zeros(1, 8, 4, 4), capture="export")
+        # relu(bn1) runs in the block itself between its children, then the add + relu
+        assert ["root", "root#1"] == [v for v in graph if v.startswith("root")]
+        assert sorted(graph.predecessors("root#1")) == ["bn2", "x"]
+
+    def test_tied_weights_counted_once(self):
+        module = TinyTransformer()
+        graph = from_torch(module, torch.zeros(2, 6, dtype=torch.long), capture="export")
+        assert graph.nodes["head"]["tied_to"] == "embed" and graph.nodes["head"]["params"] == 0
+        assert graph.graph["params"] == sum(p.numel() for p in module.parameters())
+
+    def test_dtype_override(self):
+        graph = from_torch(MLP(), torch.zeros(4, 16), capture="export", dtype="bf16")
+        assert graph.nodes["fc1"]["weight_bytes"] == (16 * 64 + 64) * 2
+        assert graph.graph["dtype"] == "bf16"
+
+    def test_dynamic_batch_and_sequence(self):
+        batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
+        module = TinyTransformer()
+        tokens = torch.zeros(3, 10, dtype=torch.long)
+        graph = from_torch(module, tokens, dynamic_shapes=({0: batch, 1: seq},))
+        assert graph.graph["capture"] == "export"
+        assert graph.graph["dynamic_dims"] == {"batch": 3, "seq": 10}
+        assert graph.nodes["up"]["activation_bytes"] == 3 * 10 * 64 * 4
+
+    def test_meta_device_module(self):
+        with torch.device("meta"):
+            module = ResNetLike()
+        graph = from_torch(module, torch.zeros(2, 3, 16, 16, device="meta"), capture="export")
+        assert total(graph, "weight_bytes") == unique_state_bytes(module)
+
+    def test_leaf_module_keeps_a_subtree_whole(self):
+        graph = from_torch(ResNetLike(), torch.zeros(1, 3, 8, 8), capture="export", leaf_modules=["layer1"])
+        assert "layer1" in graph and not any(v.startswith("layer1.") for v in graph)
+
+    def test_auto_prefers_fx_and_falls_back_to_export(self):
+        assert from_torch(MLP(), torch.zeros(2, 16)).graph["capture"] == "fx"
+        transformers = pytest.importorskip("transformers")
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=128, use_cache=False, pad_token_id=0))
+        graph = from_torch(model.eval(), torch.zeros(1, 8, dtype=torch.long))
+        assert graph.graph["capture"] == "export" and "model.layers.1.mlp.down_proj" in graph
+
+    def test_value_branch_needs_fx_with_a_leaf(self):
+        module = nn.Sequential(ValueBranch(), nn.Linear(4, 2))
+        with pytest.raises(InputError, match=r"^`module` cannot be captured by torch.export: ") as error:
+            from_torch(module, torch.ones(2, 4), capture="export", leaf_modules=["0"])
+        assert "\n" not in str(error.value)
+        graph = from_torch(module, torch.ones(2, 4), leaf_modules=["0"])
+        assert graph.graph["capture"] == "fx" and graph.graph["shape_propagation"] == "real"
+
+    def test_bad_capture_arguments(self):
+        with pytest.raises(InputError, match=r"`capture` must be one of 'auto', 'fx', 'export', got 'jit'"):
+            from_torch(MLP(), torch.zeros(2, 16), capture="jit")
+        with pytest.raises(InputError, match=r"`dynamic_shapes` needs `capture` 'export' or 'auto'"):
+            from_torch(MLP(), torch.zeros(2, 16), capture="fx", dynamic_shapes=({0: None},))
+
+
+class TestFxFlops:
+    def test_flops_equal_flop_counter(self):
+        module, x = ResNetLike().eval(), torch.zeros(2, 3, 16, 16)
+        graph = from_torch(module, x, capture="fx")
+        assert flops_of(graph) == counted_flops(module, (x,)) > 0
+
+    def test_balance_by_flops(self):
+        graph = from_torch(MLP(), torch.zeros(4, 16))
+        plan = cachefit.plan(graph, 10**6, solver="dp", k=2, balance="flops")
+        assert cachefit.check(plan).ok
+
+
+def transformers_models():
+    """(name, model, tokens): transformers' own models with small configs, random weights."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=4, num_attention_heads=4, vocab_size=256, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+    llama_like = dict(small, hidden_size=64, intermediate_size=128, num_key_value_heads=2, use_cache=False)
+    return [
+        ("gpt2", lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=4, n_head=4, n_positions=64, vocab_size=256, use_cache=False,
+            bos_token_id=1, eos_token_id=2))),
+        ("llama", lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like))),
+        ("bert", lambda: transformers.BertModel(transformers.BertConfig(
+            hidden_size=64, intermediate_size=128, **small))),
+        ("qwen2", lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama_like))),
+        ("mixtral", lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **llama_like, num_local_experts=4, num_experts_per_tok=2))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["gpt2", "llama", "bert", "qwen2", "mixtral"])
+def test_transformers_models_import_and_plan(index):
+    name, build = transformers_models()[index]
+    torch.manual_seed(0)
+    model = build().eval()
+    tokens = torch.randint(3, 256, (2, 16))
+    graph = from_torch(model, tokens)
+    assert graph.graph["capture"] == "export"
+    assert graph.graph["params"] == sum(p.numel() for p in model.parameters())  # tied once
+    state = unique_state_bytes(model)
+    assert total(graph, "weight_bytes") == state
+    layer = {"gpt2": "transformer.h.2", "bert": "encoder.layer.2"}.get(name, "model.layers.2")
+    assert any(v.startswith(layer + ".") for v in graph)
+    assert flops_of(graph) > 0
+    everything = total(graph, "weight_bytes") + total(graph, "activation_bytes")
+    plan = cachefit.plan(graph, everything // 4, solver="greedy")
+    assert plan.k >= 3 and cachefit.check(plan).ok
