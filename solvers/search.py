@@ -1,11 +1,14 @@
-"""Local search for DAG groupings: randomised list scheduling, then window repacking (LNS).
+"""Search for DAG groupings: exact over cuts when the graph is narrow, else list scheduling and window repacking.
 
 ``search(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed, balance)``
-follows every solver's contract (`cachefit.solvers`).  It looks for a plan
-with fewer groups than the given node order allows and stops as soon as k
-meets the proven lower bound (`cachefit.solvers.bounds.lower_bound`), when
-the search stalls, or at the time limit, whichever comes first;
-``stats["stop_reason"]`` says which.
+follows every solver's contract (`cachefit.solvers`).  It first runs the
+exact breadth-first search over cuts (`cachefit.solvers.cuts`) within a
+share of the time limit: on narrow graphs (sequential models with residual
+and branch blocks) that proves the fewest groups outright.  Otherwise it
+looks for a plan with fewer groups than the given node order allows and
+stops as soon as k meets the proven lower bound
+(`cachefit.solvers.bounds.lower_bound`), when the search stalls, or at the
+time limit, whichever comes first; ``stats["stop_reason"]`` says which.
 
 Notes
 -----
@@ -55,14 +58,24 @@ from ..memory import LayerTable, group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
 from .bounds import item_sizes, lower_bound, reachability
+from .cuts import MAX_CUT_STATES, fewest_groups
 from .dp import balanced_cut
 
-__all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS"]
+__all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS", "CUTS_SHARE"]
 
 logger = logging.getLogger(__name__)
 
 #: Time limit of a search when none is given (seconds).
 DEFAULT_SEARCH_LIMIT_S = 10.0
+
+#: The share of the time limit the exact search over cuts may take before the heuristics run.
+CUTS_SHARE = 0.75
+
+#: The search over cuts gives up beyond this many down-sets per node (narrow graphs need a few).
+CUT_STATES_PER_NODE = 20
+
+#: ... and beyond this many (down-set, group) pairs per node (about 150 on series-parallel graphs).
+CUT_ARCS_PER_NODE = 400
 
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
@@ -215,11 +228,25 @@ class _Incumbent:
         old = self.sizes[start:start + width]
         if len(groups) > width:
             return None
-        if len(groups) == width and sum(x * x for x in sizes) < sum(x * x for x in old):
+        if len(groups) == width and _SIDEWAYS(sizes, old):
             return None
         self.replace(self.groups[:start] + groups + self.groups[start + width:],
                      self.sizes[:start] + sizes + self.sizes[start + width:])
         return len(groups) < width
+
+
+import os as _os
+_MODE = _os.environ.get("SEARCH_MODE", "sq")
+
+
+def _SIDEWAYS(sizes, old):
+    """True when the repacked window is worse (reject)."""
+    if _MODE == "sq":
+        return sum(x * x for x in sizes) < sum(x * x for x in old)
+    total, old_total = sum(sizes), sum(old)
+    if total != old_total:
+        return total > old_total
+    return sum(x * x for x in sizes) < sum(x * x for x in old)
 
 
 def _priorities(table, items, rng, count):
@@ -301,7 +328,7 @@ def _sizes(problem, groups):
 
 
 #: The most consecutive groups one repacking takes.
-MAX_WINDOW = 6
+MAX_WINDOW = int(__import__("os").environ.get("SEARCH_W", "6"))
 
 
 def _window_priority(incumbent, start, width, rng):
@@ -342,7 +369,7 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
 
 
 def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-           balance="memory", stall_attempts=STALL_ATTEMPTS):
+           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True):
     """A DAG grouping by list scheduling and window repacking (module notes).
 
     Parameters
@@ -362,11 +389,16 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         What dp balances on the final order.
     stall_attempts : int
         Stop after this many window repackings in a row without fewer groups.
+    cuts : bool
+        First try the exact search over cuts (`cachefit.solvers.cuts`), for
+        at most `CUTS_SHARE` of the time limit; it proves k on narrow graphs
+        and gives up quickly on wide ones.
 
     Returns
     -------
     Plan
-        OPTIMAL when k meets the lower bound, else FEASIBLE; ``stats`` holds
+        OPTIMAL when k meets the lower bound or the search over cuts proved
+        it, else FEASIBLE; ``stats`` holds
         the starting plan (``start``, ``start_k``), the repackings tried and
         the ones that removed a group, and ``stop_reason``.
 
@@ -392,7 +424,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     >>> g.add_edges_from([("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
     >>> plan = search(g, 60, memory="additive")
     >>> plan.k, plan.status, plan.stats["stop_reason"]
-    (2, <Status.OPTIMAL: 'OPTIMAL'>, 'k meets the lower bound')
+    (2, <Status.OPTIMAL: 'OPTIMAL'>, 'the search over cuts proved k')
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
@@ -409,6 +441,12 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     reason = check_k(problem, lower)
     if reason:
         return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
+    exact = None if not cuts else fewest_groups(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
+                          max_states=min(MAX_CUT_STATES, CUT_STATES_PER_NODE * table.n),
+                          max_arcs=CUT_ARCS_PER_NODE * table.n,
+                          deadline=problem.started + CUTS_SHARE * limit)
+    if exact is not None:
+        return _from_cuts(problem, exact, lower, limit)
     rng = np.random.default_rng(problem.seed)
     packer = _Packer(table, problem.capacity, problem.memory, problem.chunk_fraction)
     start = _construct(problem, packer, rng, deadline)
@@ -420,7 +458,8 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     stop, attempts, improvements = _improve(incumbent, rng, deadline, max(lower, problem.k or 0),
                                             stall_attempts, problem.memory == "liveness")
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
-             "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit}
+             "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
+             "cuts": "gave up: too wide for the time or state budget"}
     logger.info("search: k %d -> %d (bound %d): %s", len(groups), incumbent.k, lower, stop)
     if problem.k is not None and incumbent.k > problem.k:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -430,3 +469,23 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     if final is None or (problem.k is None and len(final) > incumbent.k):
         final = incumbent.groups
     return finish(problem, "search", final, lower=lower, stats=stats)
+
+
+def _from_cuts(problem, exact, lower, limit):
+    """The plan when the search over cuts finished: k is proved (`cachefit.solvers.cuts`)."""
+    stats = {"stop_reason": "the search over cuts proved k", "cut_states": exact.states, "seed": problem.seed,
+             "time_limit_s": limit}
+    if lower > exact.k:  # the cut search is exact, so this would be a bug in a bound
+        raise AssertionError(f"lower bound {lower} exceeds the optimal k = {exact.k} of the search over cuts")
+    if problem.k is not None and problem.k < exact.k:
+        return no_plan(problem, "search", Status.INFEASIBLE,
+                       f"k = {problem.k} is below the minimum number of groups, {exact.k}", lower=exact.k,
+                       stats=stats)
+    final = _recut(problem, exact.groups, problem.k)
+    if final is None or (problem.k is None and len(final) > exact.k):
+        if problem.k is not None:
+            return no_plan(problem, "search", Status.UNKNOWN,
+                           f"k = {problem.k}: no split of the optimal plan's order into exactly {problem.k} groups",
+                           lower=exact.k, stats=stats)
+        final = exact.groups
+    return finish(problem, "search", final, lower=exact.k, stats=stats)
