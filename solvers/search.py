@@ -105,7 +105,7 @@ class _Packer:
     def live_bytes(self, live):
         return -((-live * self.numerator) // self.denominator)
 
-    def pack(self, nodes, carried_nodes, priority, free_first):
+    def pack(self, nodes, carried_nodes, priority, rule="fit"):
         """(groups, sizes) holding `nodes` (lists of positions, exact S), or None when a node cannot start a group.
 
         Parameters
@@ -117,9 +117,12 @@ class _Packer:
             how many such successors it has (its output is live until they are placed).
         priority : sequence of float
             Higher goes first among the ready nodes that fit.
-        free_first : bool
-            Prefer, before the priority, a ready node that is the last unplaced
-            consumer of a carried output (it frees those bytes after its group).
+        rule : {"fit", "free", "strict"}
+            ``"fit"``: the ready node of highest priority among those that fit;
+            ``"free"``: the same, preferring first a node that is the last
+            unplaced consumer of a carried output (it frees those bytes after
+            its group); ``"strict"``: the ready node of highest priority, the
+            group closing when it does not fit (a cut of the priority's order).
         """
         predecessors, successors, activation = self.predecessors, self.successors, self.activation
         member = set(nodes)
@@ -133,7 +136,7 @@ class _Packer:
         groups, sizes = [], []
         remaining = len(nodes)
         while remaining:
-            group, size = self._fill(ready, waiting, carried, priority, free_first, open_successors, closed)
+            group, size = self._fill(ready, waiting, carried, priority, rule, open_successors, closed)
             if not group:
                 return None
             for v in group:
@@ -150,8 +153,8 @@ class _Packer:
             sizes.append(size)
         return groups, sizes
 
-    def _fill(self, ready, waiting, carried, priority, free_first, open_successors, closed):
-        """One group from the ready nodes (updates `ready` and `waiting`)."""
+    def _fill(self, ready, waiting, carried, priority, rule, open_successors, closed):
+        """One group from the ready nodes (updates `ready` and `waiting`); `rule` as for `pack`."""
         weight, activation, buffer, total = self.weight, self.activation, self.buffer, self.total
         capacity, additive, live_bytes = self.capacity, self.additive, self.live_bytes
         predecessors, successors = self.predecessors, self.successors
@@ -160,17 +163,25 @@ class _Packer:
         while True:
             best, best_key = -1, None
             for v in ready:
-                if additive:
-                    if size + total[v] > capacity:
+                if rule != "strict":
+                    if additive:
+                        if size + total[v] > capacity:
+                            continue
+                    elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
+                          + live_bytes(carried + activation_sum + activation[v])) > capacity:
                         continue
-                elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
-                      + live_bytes(carried + activation_sum + activation[v])) > capacity:
-                    continue
                 key = priority[v]
-                if free_first:
+                if rule == "free":
                     key = (sum(1 for u in predecessors[v] if u in closed and open_successors[u] == 1), key)
                 if best_key is None or key > best_key:
                     best, best_key = v, key
+            if best >= 0 and rule == "strict":  # the next node of the priority order, or close the group
+                if additive:
+                    fits = size + total[best] <= capacity
+                else:
+                    fits = (weight_sum + weight[best] + max(largest_buffer, buffer[best])
+                            + live_bytes(carried + activation_sum + activation[best])) <= capacity
+                best = best if fits else -1
             if best < 0:
                 if additive:
                     return group, size
@@ -218,31 +229,25 @@ class _Incumbent:
         successors = self.packer.successors
         return {u: sum(1 for z in successors[u] if part[z] >= index) for u in before}
 
-    def try_window(self, start, width, priority, free_first):
+    def try_window(self, start, width, priority, rule):
         """Repack groups start..start+width−1; keep the result when it is no worse.  True when k dropped."""
         nodes = [v for group in self.groups[start:start + width] for v in group]
-        packed = self.packer.pack(nodes, self.carried_into(start), priority, free_first)
+        packed = self.packer.pack(nodes, self.carried_into(start), priority, rule)
         if packed is None:
             return None
         groups, sizes = packed
         old = self.sizes[start:start + width]
         if len(groups) > width:
             return None
-        if len(groups) == width and _SIDEWAYS(sizes, old):
+        if len(groups) == width and _worse(sizes, old):
             return None
         self.replace(self.groups[:start] + groups + self.groups[start + width:],
                      self.sizes[:start] + sizes + self.sizes[start + width:])
         return len(groups) < width
 
 
-import os as _os
-_MODE = _os.environ.get("SEARCH_MODE", "sq")
-
-
-def _SIDEWAYS(sizes, old):
-    """True when the repacked window is worse (reject)."""
-    if _MODE == "sq":
-        return sum(x * x for x in sizes) < sum(x * x for x in old)
+def _worse(sizes, old):
+    """Whether a repacked window with as many groups is worse: more bytes in all, or (as many) less uneven."""
     total, old_total = sum(sizes), sum(old)
     if total != old_total:
         return total > old_total
@@ -302,14 +307,15 @@ def _construct(problem, packer, rng, deadline):
     if given is not None:
         candidates.append(("dp on the given order", given))
     items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
-    modes = (False, True) if problem.memory == "liveness" else (False,)
+    rules = ("fit", "free") if problem.memory == "liveness" else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
-        for free_first in modes:
+        for rule in rules:
             if time.perf_counter() > deadline and candidates:
                 break
-            packed = packer.pack(list(range(table.n)), {}, priority, free_first)
+            packed = packer.pack(list(range(table.n)), {}, priority, rule)
             if packed is not None:
-                candidates.append((f"list schedule ({name}{', freeing first' if free_first else ''})", packed[0]))
+                candidates.append((f"list schedule ({name}{', freeing first' if rule == 'free' else ''})",
+                                   packed[0]))
     if not candidates:
         return None
     scored = []
@@ -328,7 +334,7 @@ def _sizes(problem, groups):
 
 
 #: The most consecutive groups one repacking takes.
-MAX_WINDOW = int(__import__("os").environ.get("SEARCH_W", "6"))
+MAX_WINDOW = 6
 
 
 def _window_priority(incumbent, start, width, rng):
@@ -341,6 +347,10 @@ def _window_priority(incumbent, start, width, rng):
     nodes = [v for group in incumbent.groups[start:start + width] for v in group]
     priority[nodes] = -np.arange(len(nodes)) + spread * rng.standard_normal(len(nodes))
     return priority.tolist()
+
+
+#: The packing rules a window repacking draws from (`_Packer.pack`); "free" only under liveness.
+_RULES = ("fit", "free", "strict")
 
 
 def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
@@ -360,10 +370,10 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
         width = int(rng.integers(2, min(MAX_WINDOW, incumbent.k) + 1))
         start = int(rng.integers(0, incumbent.k - width + 1))
         priority = _window_priority(incumbent, start, width, rng)
-        free_first = liveness and bool(rng.random() < 0.5)
+        rule = str(rng.choice(_RULES)) if liveness else str(rng.choice(_RULES[::2]))
         attempts += 1
         since += 1
-        if incumbent.try_window(start, width, priority, free_first):
+        if incumbent.try_window(start, width, priority, rule):
             improvements += 1
             since = 0
 

@@ -91,14 +91,14 @@ def test_window_repacking_keeps_every_size_exact(data, memory, fraction, seed):
     table = LayerTable.from_graph(graph)
     packer = _Packer(table, capacity, memory, fraction)
     rng = np.random.default_rng(seed)
-    packed = packer.pack(list(range(table.n)), {}, [-v for v in range(table.n)], False)
+    packed = packer.pack(list(range(table.n)), {}, [-v for v in range(table.n)])
     if packed is None:
         return
     incumbent = _Incumbent(packer, *packed)
     for _ in range(30):
         width = int(rng.integers(1, min(4, incumbent.k) + 1))
         start = int(rng.integers(0, incumbent.k - width + 1))
-        incumbent.try_window(start, width, rng.random(table.n).tolist(), bool(rng.random() < 0.5))
+        incumbent.try_window(start, width, rng.random(table.n).tolist(), str(rng.choice(["fit", "free", "strict"])))
     partitions = [[table.ids[v] for v in group] for group in incumbent.groups]
     assert group_sizes(graph, partitions, memory=memory, chunk_fraction=fraction) == incumbent.sizes
     assert max(incumbent.sizes) <= capacity
