@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 AUTO_CPSAT_MAX_CELLS = 500_000
 
 #: The share of `auto`'s time limit the first search may take on a DAG (it stops earlier when it stalls).
-AUTO_SEARCH_SHARE = 0.3
+AUTO_SEARCH_SHARE = 0.5
 
 
 def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,

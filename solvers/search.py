@@ -1,11 +1,14 @@
-"""Local search for DAG groupings: randomised list scheduling, then window repacking (LNS).
+"""Search for DAG groupings: exact over cuts when the graph is narrow, else list scheduling and window repacking.
 
 ``search(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed, balance)``
-follows every solver's contract (`cachefit.solvers`).  It looks for a plan
-with fewer groups than the given node order allows and stops as soon as k
-meets the proven lower bound (`cachefit.solvers.bounds.lower_bound`), when
-the search stalls, or at the time limit, whichever comes first;
-``stats["stop_reason"]`` says which.
+follows every solver's contract (`cachefit.solvers`).  It first runs the
+exact breadth-first search over cuts (`cachefit.solvers.cuts`) within a
+share of the time limit: on narrow graphs (sequential models with residual
+and branch blocks) that proves the fewest groups outright.  Otherwise it
+looks for a plan with fewer groups than the given node order allows and
+stops as soon as k meets the proven lower bound
+(`cachefit.solvers.bounds.lower_bound`), when the search stalls, or at the
+time limit, whichever comes first; ``stats["stop_reason"]`` says which.
 
 Notes
 -----
@@ -55,14 +58,24 @@ from ..memory import LayerTable, group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
 from .bounds import item_sizes, lower_bound, reachability
+from .cuts import MAX_CUT_STATES, fewest_groups
 from .dp import balanced_cut
 
-__all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS"]
+__all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS", "CUTS_SHARE"]
 
 logger = logging.getLogger(__name__)
 
 #: Time limit of a search when none is given (seconds).
 DEFAULT_SEARCH_LIMIT_S = 10.0
+
+#: The share of the time limit the exact search over cuts may take before the heuristics run.
+CUTS_SHARE = 0.75
+
+#: The search over cuts gives up beyond this many down-sets per node (narrow graphs need a few).
+CUT_STATES_PER_NODE = 20
+
+#: ... and beyond this many (down-set, group) pairs per node (about 150 on series-parallel graphs).
+CUT_ARCS_PER_NODE = 400
 
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
@@ -92,7 +105,7 @@ class _Packer:
     def live_bytes(self, live):
         return -((-live * self.numerator) // self.denominator)
 
-    def pack(self, nodes, carried_nodes, priority, free_first):
+    def pack(self, nodes, carried_nodes, priority, rule="fit"):
         """(groups, sizes) holding `nodes` (lists of positions, exact S), or None when a node cannot start a group.
 
         Parameters
@@ -104,9 +117,12 @@ class _Packer:
             how many such successors it has (its output is live until they are placed).
         priority : sequence of float
             Higher goes first among the ready nodes that fit.
-        free_first : bool
-            Prefer, before the priority, a ready node that is the last unplaced
-            consumer of a carried output (it frees those bytes after its group).
+        rule : {"fit", "free", "strict"}
+            ``"fit"``: the ready node of highest priority among those that fit;
+            ``"free"``: the same, preferring first a node that is the last
+            unplaced consumer of a carried output (it frees those bytes after
+            its group); ``"strict"``: the ready node of highest priority, the
+            group closing when it does not fit (a cut of the priority's order).
         """
         predecessors, successors, activation = self.predecessors, self.successors, self.activation
         member = set(nodes)
@@ -120,7 +136,7 @@ class _Packer:
         groups, sizes = [], []
         remaining = len(nodes)
         while remaining:
-            group, size = self._fill(ready, waiting, carried, priority, free_first, open_successors, closed)
+            group, size = self._fill(ready, waiting, carried, priority, rule, open_successors, closed)
             if not group:
                 return None
             for v in group:
@@ -137,8 +153,8 @@ class _Packer:
             sizes.append(size)
         return groups, sizes
 
-    def _fill(self, ready, waiting, carried, priority, free_first, open_successors, closed):
-        """One group from the ready nodes (updates `ready` and `waiting`)."""
+    def _fill(self, ready, waiting, carried, priority, rule, open_successors, closed):
+        """One group from the ready nodes (updates `ready` and `waiting`); `rule` as for `pack`."""
         weight, activation, buffer, total = self.weight, self.activation, self.buffer, self.total
         capacity, additive, live_bytes = self.capacity, self.additive, self.live_bytes
         predecessors, successors = self.predecessors, self.successors
@@ -147,17 +163,25 @@ class _Packer:
         while True:
             best, best_key = -1, None
             for v in ready:
-                if additive:
-                    if size + total[v] > capacity:
+                if rule != "strict":
+                    if additive:
+                        if size + total[v] > capacity:
+                            continue
+                    elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
+                          + live_bytes(carried + activation_sum + activation[v])) > capacity:
                         continue
-                elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
-                      + live_bytes(carried + activation_sum + activation[v])) > capacity:
-                    continue
                 key = priority[v]
-                if free_first:
+                if rule == "free":
                     key = (sum(1 for u in predecessors[v] if u in closed and open_successors[u] == 1), key)
                 if best_key is None or key > best_key:
                     best, best_key = v, key
+            if best >= 0 and rule == "strict":  # the next node of the priority order, or close the group
+                if additive:
+                    fits = size + total[best] <= capacity
+                else:
+                    fits = (weight_sum + weight[best] + max(largest_buffer, buffer[best])
+                            + live_bytes(carried + activation_sum + activation[best])) <= capacity
+                best = best if fits else -1
             if best < 0:
                 if additive:
                     return group, size
@@ -205,21 +229,29 @@ class _Incumbent:
         successors = self.packer.successors
         return {u: sum(1 for z in successors[u] if part[z] >= index) for u in before}
 
-    def try_window(self, start, width, priority, free_first):
+    def try_window(self, start, width, priority, rule):
         """Repack groups start..start+width−1; keep the result when it is no worse.  True when k dropped."""
         nodes = [v for group in self.groups[start:start + width] for v in group]
-        packed = self.packer.pack(nodes, self.carried_into(start), priority, free_first)
+        packed = self.packer.pack(nodes, self.carried_into(start), priority, rule)
         if packed is None:
             return None
         groups, sizes = packed
         old = self.sizes[start:start + width]
         if len(groups) > width:
             return None
-        if len(groups) == width and sum(x * x for x in sizes) < sum(x * x for x in old):
+        if len(groups) == width and _worse(sizes, old):
             return None
         self.replace(self.groups[:start] + groups + self.groups[start + width:],
                      self.sizes[:start] + sizes + self.sizes[start + width:])
         return len(groups) < width
+
+
+def _worse(sizes, old):
+    """Whether a repacked window with as many groups is worse: more bytes in all, or (as many) less uneven."""
+    total, old_total = sum(sizes), sum(old)
+    if total != old_total:
+        return total > old_total
+    return sum(x * x for x in sizes) < sum(x * x for x in old)
 
 
 def _priorities(table, items, rng, count):
@@ -275,14 +307,15 @@ def _construct(problem, packer, rng, deadline):
     if given is not None:
         candidates.append(("dp on the given order", given))
     items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
-    modes = (False, True) if problem.memory == "liveness" else (False,)
+    rules = ("fit", "free") if problem.memory == "liveness" else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
-        for free_first in modes:
+        for rule in rules:
             if time.perf_counter() > deadline and candidates:
                 break
-            packed = packer.pack(list(range(table.n)), {}, priority, free_first)
+            packed = packer.pack(list(range(table.n)), {}, priority, rule)
             if packed is not None:
-                candidates.append((f"list schedule ({name}{', freeing first' if free_first else ''})", packed[0]))
+                candidates.append((f"list schedule ({name}{', freeing first' if rule == 'free' else ''})",
+                                   packed[0]))
     if not candidates:
         return None
     scored = []
@@ -316,6 +349,10 @@ def _window_priority(incumbent, start, width, rng):
     return priority.tolist()
 
 
+#: The packing rules a window repacking draws from (`_Packer.pack`); "free" only under liveness.
+_RULES = ("fit", "free", "strict")
+
+
 def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
     """Window repacking until k meets `lower`, `stall_attempts` tries in a row fail, or the deadline.
 
@@ -333,16 +370,16 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
         width = int(rng.integers(2, min(MAX_WINDOW, incumbent.k) + 1))
         start = int(rng.integers(0, incumbent.k - width + 1))
         priority = _window_priority(incumbent, start, width, rng)
-        free_first = liveness and bool(rng.random() < 0.5)
+        rule = str(rng.choice(_RULES)) if liveness else str(rng.choice(_RULES[::2]))
         attempts += 1
         since += 1
-        if incumbent.try_window(start, width, priority, free_first):
+        if incumbent.try_window(start, width, priority, rule):
             improvements += 1
             since = 0
 
 
 def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-           balance="memory", stall_attempts=STALL_ATTEMPTS):
+           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True):
     """A DAG grouping by list scheduling and window repacking (module notes).
 
     Parameters
@@ -362,11 +399,16 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         What dp balances on the final order.
     stall_attempts : int
         Stop after this many window repackings in a row without fewer groups.
+    cuts : bool
+        First try the exact search over cuts (`cachefit.solvers.cuts`), for
+        at most `CUTS_SHARE` of the time limit; it proves k on narrow graphs
+        and gives up quickly on wide ones.
 
     Returns
     -------
     Plan
-        OPTIMAL when k meets the lower bound, else FEASIBLE; ``stats`` holds
+        OPTIMAL when k meets the lower bound or the search over cuts proved
+        it, else FEASIBLE; ``stats`` holds
         the starting plan (``start``, ``start_k``), the repackings tried and
         the ones that removed a group, and ``stop_reason``.
 
@@ -392,7 +434,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     >>> g.add_edges_from([("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
     >>> plan = search(g, 60, memory="additive")
     >>> plan.k, plan.status, plan.stats["stop_reason"]
-    (2, <Status.OPTIMAL: 'OPTIMAL'>, 'k meets the lower bound')
+    (2, <Status.OPTIMAL: 'OPTIMAL'>, 'the search over cuts proved k')
     """
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
@@ -409,6 +451,12 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     reason = check_k(problem, lower)
     if reason:
         return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
+    exact = None if not cuts else fewest_groups(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
+                          max_states=min(MAX_CUT_STATES, CUT_STATES_PER_NODE * table.n),
+                          max_arcs=CUT_ARCS_PER_NODE * table.n,
+                          deadline=problem.started + CUTS_SHARE * limit)
+    if exact is not None:
+        return _from_cuts(problem, exact, lower, limit)
     rng = np.random.default_rng(problem.seed)
     packer = _Packer(table, problem.capacity, problem.memory, problem.chunk_fraction)
     start = _construct(problem, packer, rng, deadline)
@@ -420,7 +468,8 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     stop, attempts, improvements = _improve(incumbent, rng, deadline, max(lower, problem.k or 0),
                                             stall_attempts, problem.memory == "liveness")
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
-             "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit}
+             "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
+             "cuts": "gave up: too wide for the time or state budget"}
     logger.info("search: k %d -> %d (bound %d): %s", len(groups), incumbent.k, lower, stop)
     if problem.k is not None and incumbent.k > problem.k:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -430,3 +479,23 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     if final is None or (problem.k is None and len(final) > incumbent.k):
         final = incumbent.groups
     return finish(problem, "search", final, lower=lower, stats=stats)
+
+
+def _from_cuts(problem, exact, lower, limit):
+    """The plan when the search over cuts finished: k is proved (`cachefit.solvers.cuts`)."""
+    stats = {"stop_reason": "the search over cuts proved k", "cut_states": exact.states, "seed": problem.seed,
+             "time_limit_s": limit}
+    if lower > exact.k:  # the cut search is exact, so this would be a bug in a bound
+        raise AssertionError(f"lower bound {lower} exceeds the optimal k = {exact.k} of the search over cuts")
+    if problem.k is not None and problem.k < exact.k:
+        return no_plan(problem, "search", Status.INFEASIBLE,
+                       f"k = {problem.k} is below the minimum number of groups, {exact.k}", lower=exact.k,
+                       stats=stats)
+    final = _recut(problem, exact.groups, problem.k)
+    if final is None or (problem.k is None and len(final) > exact.k):
+        if problem.k is not None:
+            return no_plan(problem, "search", Status.UNKNOWN,
+                           f"k = {problem.k}: no split of the optimal plan's order into exactly {problem.k} groups",
+                           lower=exact.k, stats=stats)
+        final = exact.groups
+    return finish(problem, "search", final, lower=exact.k, stats=stats)
