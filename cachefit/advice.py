@@ -30,6 +30,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 
 from .devices import parse_capacity
@@ -96,6 +97,9 @@ class Advice:
     ----------
     capacity : int
         The capacity asked for (bytes).
+    fits : bool
+        The settings as asked for already give a (greedy) plan; then there
+        are no `suggestions`, and `min_capacity` says how much room is left.
     min_capacity : Suggestion or None
         The smallest capacity found with the current settings (changes
         ``{"capacity": bytes}``, a round figure at or above the exact one);
@@ -116,6 +120,7 @@ class Advice:
     """
 
     capacity: int
+    fits: bool
     min_capacity: Suggestion | None
     min_capacity_exact: int | None
     capacity_lower_bound: int
@@ -221,7 +226,8 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     Raises
     ------
     InputError
-        A bad argument, as `cachefit.plan` would raise.
+        `graph` is not a networkx.DiGraph, `rebuild` is not callable, or a
+        bad argument as `cachefit.plan` would refuse it.
 
     Notes
     -----
@@ -236,11 +242,17 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     >>> big = cachefit.graphs.from_layers([{"name": "fc", "weight_bytes": 120 * 2**20, "op": "linear"}])
     >>> big.nodes["fc"]["out_features"] = 1024
     >>> advice = suggest(big, "50MiB")
+    >>> advice.fits
+    False
     >>> capacity_text(advice.min_capacity_exact), advice.min_capacity.options()
     ('120MiB', ['--capacity', '120MiB'])
     >>> [(s.options(), s.k) for s in advice.suggestions]
     [(['--tile'], 3)]
     """
+    if not isinstance(graph, nx.DiGraph):
+        raise InputError(f"`graph` must be a networkx.DiGraph (the model as asked for), got {type(graph).__name__}")
+    if rebuild is not None and not callable(rebuild):
+        raise InputError(f"`rebuild` must be a function rebuild(batch=..., granularity=...) or None, got {rebuild!r}")
     capacity = parse_capacity(capacity)
     check_memory(memory)
     current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
@@ -254,11 +266,12 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
             tried.append((dict(changes), result.k if result is not None and result.ok else None))
             return result if result is not None and result.ok else None
 
+        fits = attempt({}) is not None
         exact, minimum, lower = _min_capacity(graph, capacity, current, attempt)
         options, can_batch = _options(graph, current, rebuild)
-        suggestions = _fewest_changes(options, can_batch, current["batch"], attempt)
+        suggestions = () if fits else _fewest_changes(options, can_batch, current["batch"], attempt)
     considered = tuple(name for name, _ in options) + (("batch",) if can_batch else ())
-    return Advice(capacity, minimum, exact, lower, suggestions, considered, tuple(tried))
+    return Advice(capacity, fits, minimum, exact, lower, suggestions, considered, tuple(tried))
 
 
 def _plan_with(graph, capacity, current, changes, rebuild):

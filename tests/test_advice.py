@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import cachefit
 from cachefit.advice import capacity_text, smallest_capacity, suggest
 from cachefit.cli import main
+from cachefit.errors import InputError
 from cachefit.loading import load_model
 from cachefit.testing import dags
 from cachefit.units import parse_bytes
@@ -111,6 +112,22 @@ class TestSuggest:
         advice = suggest(graph, 50)
         assert advice.suggestions == ()
         assert advice.min_capacity.changes == {"capacity": 100}
+
+    def test_settings_that_fit_already(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "1GiB")
+        assert advice.fits and advice.suggestions == ()
+        assert advice.min_capacity.changes == {"capacity": parse_bytes("100MiB")}
+
+    def test_bad_input(self):
+        with pytest.raises(InputError, match=r"^`graph` must be a networkx.DiGraph \(the model as asked for\), "
+                                             r"got LayerTable$"):
+            suggest(cachefit.LayerTable.chain([1, 2]), 10)
+        with pytest.raises(InputError, match=r"^`rebuild` must be a function rebuild\(batch=..., granularity=...\) "
+                                             r"or None, got 3$"):
+            suggest(load_model("gpt2"), "50MiB", rebuild=3)
+        with pytest.raises(InputError, match="^`capacity` must be"):  # parse_capacity's own message
+            suggest(load_model("gpt2"), -1)
 
     def test_every_try_is_recorded(self):
         graph = load_model("gpt2")
