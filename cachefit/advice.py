@@ -8,7 +8,8 @@ the smallest capacity with the current settings
     every node fits in a group of its own *in that order* (each group of a
     plan holds a run around the node and runs only grow), so the smallest
     capacity is the largest single-node run size, taken at the smallest
-    chunk when the chunk is chosen automatically.  A node alone also needs
+    chunk when the chunk is chosen automatically; with an explicit k it is
+    the least bottleneck of k groups in that order (``dp``).  A node alone also needs
     at least its weights, buffer, inputs and output in *any* order, so that
     figure is reported as a lower bound for every order.  With tiling the
     graph itself depends on the capacity, so the capacity is found by
@@ -302,6 +303,8 @@ def _min_capacity(graph, capacity, current, attempt):
     for_order, lower = smallest_capacity(graph, memory=current["memory"], chunk_fraction=fraction)
     if not current["tile"] and current["k"] is None:
         exact = for_order
+    elif not current["tile"] and current["chunk_tokens"] != "auto":
+        exact = _least_bottleneck(graph, current["k"], current["memory"], fraction)
     else:
         exact = _bisect_capacity(capacity, for_order, attempt)
     if exact is None:
@@ -311,6 +314,20 @@ def _min_capacity(graph, capacity, current, attempt):
     if result is None:
         return exact, None, lower
     return exact, Suggestion({"capacity": result.capacity}, result), lower
+
+
+def _least_bottleneck(graph, k, memory, chunk_fraction):
+    """The least capacity for exactly `k` groups in the graph's order: dp's bottleneck (None: k > nodes).
+
+    Greedy with that `k` fits there too: at that capacity greedy needs at
+    most k groups, and splitting a group only shrinks it.
+    """
+    from .solvers import SOLVERS
+
+    table = as_table(graph)
+    roomy = 1 + sum(table.weight.tolist()) + sum(table.activation.tolist()) + sum(table.buffer.tolist())
+    result = SOLVERS["dp"](graph, roomy, memory=memory, chunk_fraction=chunk_fraction, k=k)
+    return result.bottleneck if result.ok else None
 
 
 def _bisect_capacity(capacity, for_order, attempt):

@@ -113,6 +113,16 @@ class TestSuggest:
         assert advice.suggestions == ()
         assert advice.min_capacity.changes == {"capacity": 100}
 
+    def test_an_explicit_k_gets_the_least_bottleneck(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "200MiB", k=1)
+        assert advice.min_capacity_exact == cachefit.group_sizes(graph, [list(graph.nodes)])[0]
+        two = suggest(graph, "60MiB", k=6)
+        dp = cachefit.plan(graph, "10GiB", solver="dp", k=6)
+        assert two.min_capacity_exact == dp.bottleneck
+        assert cachefit.plan(graph, two.min_capacity_exact, solver="greedy", k=6).ok
+        assert not cachefit.plan(graph, two.min_capacity_exact - 1, solver="dp", k=6).ok
+
     def test_settings_that_fit_already(self):
         graph = load_model("gpt2")
         advice = suggest(graph, "1GiB")
