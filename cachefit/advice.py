@@ -8,7 +8,8 @@ the smallest capacity with the current settings
     every node fits in a group of its own *in that order* (each group of a
     plan holds a run around the node and runs only grow), so the smallest
     capacity is the largest single-node run size, taken at the smallest
-    chunk when the chunk is chosen automatically.  A node alone also needs
+    chunk when the chunk is chosen automatically; with an explicit k it is
+    the least bottleneck of k groups in that order (``dp``).  A node alone also needs
     at least its weights, buffer, inputs and output in *any* order, so that
     figure is reported as a lower bound for every order.  With tiling the
     graph itself depends on the capacity, so the capacity is found by
@@ -30,6 +31,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 
 from .devices import parse_capacity
@@ -96,6 +98,9 @@ class Advice:
     ----------
     capacity : int
         The capacity asked for (bytes).
+    fits : bool
+        The settings as asked for already give a (greedy) plan; then there
+        are no `suggestions`, and `min_capacity` says how much room is left.
     min_capacity : Suggestion or None
         The smallest capacity found with the current settings (changes
         ``{"capacity": bytes}``, a round figure at or above the exact one);
@@ -116,6 +121,7 @@ class Advice:
     """
 
     capacity: int
+    fits: bool
     min_capacity: Suggestion | None
     min_capacity_exact: int | None
     capacity_lower_bound: int
@@ -221,7 +227,8 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     Raises
     ------
     InputError
-        A bad argument, as `cachefit.plan` would raise.
+        `graph` is not a networkx.DiGraph, `rebuild` is not callable, or a
+        bad argument as `cachefit.plan` would refuse it.
 
     Notes
     -----
@@ -236,11 +243,17 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     >>> big = cachefit.graphs.from_layers([{"name": "fc", "weight_bytes": 120 * 2**20, "op": "linear"}])
     >>> big.nodes["fc"]["out_features"] = 1024
     >>> advice = suggest(big, "50MiB")
+    >>> advice.fits
+    False
     >>> capacity_text(advice.min_capacity_exact), advice.min_capacity.options()
     ('120MiB', ['--capacity', '120MiB'])
     >>> [(s.options(), s.k) for s in advice.suggestions]
     [(['--tile'], 3)]
     """
+    if not isinstance(graph, nx.DiGraph):
+        raise InputError(f"`graph` must be a networkx.DiGraph (the model as asked for), got {type(graph).__name__}")
+    if rebuild is not None and not callable(rebuild):
+        raise InputError(f"`rebuild` must be a function rebuild(batch=..., granularity=...) or None, got {rebuild!r}")
     capacity = parse_capacity(capacity)
     check_memory(memory)
     current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
@@ -254,11 +267,12 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
             tried.append((dict(changes), result.k if result is not None and result.ok else None))
             return result if result is not None and result.ok else None
 
+        fits = attempt({}) is not None
         exact, minimum, lower = _min_capacity(graph, capacity, current, attempt)
         options, can_batch = _options(graph, current, rebuild)
-        suggestions = _fewest_changes(options, can_batch, current["batch"], attempt)
+        suggestions = () if fits else _fewest_changes(options, can_batch, current["batch"], attempt)
     considered = tuple(name for name, _ in options) + (("batch",) if can_batch else ())
-    return Advice(capacity, minimum, exact, lower, suggestions, considered, tuple(tried))
+    return Advice(capacity, fits, minimum, exact, lower, suggestions, considered, tuple(tried))
 
 
 def _plan_with(graph, capacity, current, changes, rebuild):
@@ -289,6 +303,8 @@ def _min_capacity(graph, capacity, current, attempt):
     for_order, lower = smallest_capacity(graph, memory=current["memory"], chunk_fraction=fraction)
     if not current["tile"] and current["k"] is None:
         exact = for_order
+    elif not current["tile"] and current["chunk_tokens"] != "auto":
+        exact = _least_bottleneck(graph, current["k"], current["memory"], fraction)
     else:
         exact = _bisect_capacity(capacity, for_order, attempt)
     if exact is None:
@@ -298,6 +314,20 @@ def _min_capacity(graph, capacity, current, attempt):
     if result is None:
         return exact, None, lower
     return exact, Suggestion({"capacity": result.capacity}, result), lower
+
+
+def _least_bottleneck(graph, k, memory, chunk_fraction):
+    """The least capacity for exactly `k` groups in the graph's order: dp's bottleneck (None: k > nodes).
+
+    Greedy with that `k` fits there too: at that capacity greedy needs at
+    most k groups, and splitting a group only shrinks it.
+    """
+    from .solvers import SOLVERS
+
+    table = as_table(graph)
+    roomy = 1 + sum(table.weight.tolist()) + sum(table.activation.tolist()) + sum(table.buffer.tolist())
+    result = SOLVERS["dp"](graph, roomy, memory=memory, chunk_fraction=chunk_fraction, k=k)
+    return result.bottleneck if result.ok else None
 
 
 def _bisect_capacity(capacity, for_order, attempt):

@@ -76,9 +76,9 @@ def print_advice(ctx, graph, plan):
     console.print("[bold]what would fit[/] (every command below was planned first, with greedy):", highlight=False)
     if advice.min_capacity is not None:
         exact = advice.min_capacity_exact
-        if not params.get("tile") and params.get("k") is None:
+        if not params.get("tile") and (params.get("k") is None or params.get("chunk_tokens") != "auto"):
             note = f"the least for this node order is {format_bytes(exact)} ({exact:,} B)"
-            if advice.capacity_lower_bound < exact:
+            if advice.capacity_lower_bound < exact and params.get("k") is None:
                 note += f", {format_bytes(advice.capacity_lower_bound)} for any order"
         else:
             note = f"the least found is {format_bytes(exact)} ({exact:,} B), to 0.5 % by bisection"
@@ -95,8 +95,8 @@ def print_advice(ctx, graph, plan):
         flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "granularity": "--granularity op",
                  "batch": "a smaller --batch"}
         named = [flags[name] for name in advice.considered]
-        what = f"{named[0]} does not" if len(named) == 1 else f"no combination of {', '.join(named)}"
-        console.print(f"  at {format_bytes(plan.capacity)}: {what} give a plan", highlight=False, soft_wrap=True)
+        what = f"{named[0]} does not give" if len(named) == 1 else f"no combination of {', '.join(named)} gives"
+        console.print(f"  at {format_bytes(plan.capacity)}: {what} a plan", highlight=False, soft_wrap=True)
     else:
         console.print(f"  at {format_bytes(plan.capacity)}: nothing else to try: {_why_not(params, graph, rebuild)}",
                       highlight=False, soft_wrap=True)

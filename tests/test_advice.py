@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import cachefit
 from cachefit.advice import capacity_text, smallest_capacity, suggest
 from cachefit.cli import main
+from cachefit.errors import InputError
 from cachefit.loading import load_model
 from cachefit.testing import dags
 from cachefit.units import parse_bytes
@@ -111,6 +112,32 @@ class TestSuggest:
         advice = suggest(graph, 50)
         assert advice.suggestions == ()
         assert advice.min_capacity.changes == {"capacity": 100}
+
+    def test_an_explicit_k_gets_the_least_bottleneck(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "200MiB", k=1)
+        assert advice.min_capacity_exact == cachefit.group_sizes(graph, [list(graph.nodes)])[0]
+        two = suggest(graph, "60MiB", k=6)
+        dp = cachefit.plan(graph, "10GiB", solver="dp", k=6)
+        assert two.min_capacity_exact == dp.bottleneck
+        assert cachefit.plan(graph, two.min_capacity_exact, solver="greedy", k=6).ok
+        assert not cachefit.plan(graph, two.min_capacity_exact - 1, solver="dp", k=6).ok
+
+    def test_settings_that_fit_already(self):
+        graph = load_model("gpt2")
+        advice = suggest(graph, "1GiB")
+        assert advice.fits and advice.suggestions == ()
+        assert advice.min_capacity.changes == {"capacity": parse_bytes("100MiB")}
+
+    def test_bad_input(self):
+        with pytest.raises(InputError, match=r"^`graph` must be a networkx.DiGraph \(the model as asked for\), "
+                                             r"got LayerTable$"):
+            suggest(cachefit.LayerTable.chain([1, 2]), 10)
+        with pytest.raises(InputError, match=r"^`rebuild` must be a function rebuild\(batch=..., granularity=...\) "
+                                             r"or None, got 3$"):
+            suggest(load_model("gpt2"), "50MiB", rebuild=3)
+        with pytest.raises(InputError, match="^`capacity` must be"):  # parse_capacity's own message
+            suggest(load_model("gpt2"), -1)
 
     def test_every_try_is_recorded(self):
         graph = load_model("gpt2")
