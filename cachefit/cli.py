@@ -84,7 +84,7 @@ def print_plan(plan, *, max_rows=40):
             summary.add_row("largest group flops", format_count(plan.stats["bottleneck_flops"], "FLOP") + " (minimised)")
         summary.add_row("balance", f"{plan.balance:.3f} (largest / mean group)" if plan.balance else "-")
     summary.add_row("memory model", plan.memory + (f", chunk fraction {plan.chunk_fraction:g}"
-                                                   if plan.memory == "liveness" else ""))
+                                                   if plan.memory.startswith("liveness") else ""))
     summary.add_row("capacity", _bytes_both(plan.capacity))
     summary.add_row("time", f"{plan.wall_s * 1000:.1f} ms")
     if plan.reason:
@@ -116,6 +116,8 @@ def print_plan(plan, *, max_rows=40):
               help="decode: one generation step, BATCH new tokens attending to --context cached tokens.")
 @click.option("--context", type=int, default=None,
               help="Tokens already in the KV cache (decode default: --seq-len); sets kv_bytes per attention layer.")
+@click.option("--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
+              help="KV cache in each group's size (resident: memory model NAME+kv) or read from HBM (streamed).")
 @click.option("--chunk-tokens", default=None, metavar="N|auto",
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
@@ -123,7 +125,7 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context):
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv="streamed"):
     """Plan MODEL for a capacity.
 
     \b
@@ -135,6 +137,9 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
       a node-link graph .json  (networkx node-link data with the byte attributes)
       a .json list of layers   (byte sizes, or objects with weight_bytes, ...)
     """
+    from .memory import with_kv
+
+    memory = with_kv(memory, kv)
     with reporting(cli_reporter(quiet)):
         _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
                       balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase, context)
@@ -151,7 +156,7 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
                        dims=parse_dims(dims) if dims else None, phase=phase, context=context)
     if phase != "prefill" or context:
         from .cli_estimate import print_kv
-        print_kv(graph, model)
+        print_kv(graph, model, memory=memory)
     name = Path(model).stem if Path(model).exists() else graph.graph.get("name", model)  # a file: its name
     console.print(f"[bold]{name}[/]: {graph.number_of_nodes()} nodes, "
                   f"{graph.number_of_edges()} edges", highlight=False)

@@ -63,8 +63,11 @@ def devices_command(sources):
     sys.exit(EXIT_OK)
 
 
-def print_kv(graph, model):
-    """Print the KV cache a decode (or cached-context) graph carries: per layer, in total, the formula."""
+def print_kv(graph, model, *, memory=None):
+    """Print the KV cache a decode (or cached-context) graph carries: per layer, in total, the formula.
+
+    With `memory` (a memory model name), also where the plan puts the cache.
+    """
     if "kv_formula" not in graph.graph:
         raise InputError(f"`--phase`/`--context` need attention layers: {model!r} is not an embedded transformer "
                          "or an HF config.json")
@@ -74,6 +77,12 @@ def print_kv(graph, model):
                   f"per layer {graph.graph['kv_formula']} ({format_bytes(per_layer)}); "
                   f"{len(layers)} layers: {graph.graph['kv_bytes']:,} B ({format_bytes(graph.graph['kv_bytes'])})",
                   highlight=False, soft_wrap=True)
+    if memory is not None:
+        from .memory import kv_placement
+
+        where = ("resident: in each group's size S(P), like its weights" if kv_placement(memory) == "resident"
+                 else "streamed: not in S(P); read from off-chip memory at every step (`cachefit estimate` counts it)")
+        console.print(f"KV cache {where} (memory model {memory})", highlight=False, soft_wrap=True)
 
 
 def _time(seconds):
@@ -170,13 +179,15 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
 @model_options
 @click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]))
 @click.option("--context", type=int, default=None, help="Tokens already in the KV cache (decode default: --seq-len).")
+@click.option("--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
+              help="KV cache in each on-chip group's size, or read from device memory (stages always count it).")
 @click.option("--tile", is_flag=True, default=False, help="Tile nodes too large for the on-chip capacity.")
 @click.option("--chunk-tokens", default=None, metavar="N|auto", help="Tokens per streaming pass inside each stage.")
 @click.option("--solver", default="auto", show_default=True, help="Solver of the on-chip level.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the deployment here.")
 @friendly
 def deploy_command(model, devices, device_capacity, capacity, reserve, batch, seq_len, dtype, granularity, phase,
-                   context, tile, chunk_tokens, solver, json_path):
+                   context, kv, tile, chunk_tokens, solver, json_path):
     """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels."""
     from .deploy import deploy
     from .loading import load_model
@@ -184,13 +195,13 @@ def deploy_command(model, devices, device_capacity, capacity, reserve, batch, se
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, phase=phase,
                        context=context)
     if phase != "prefill" or context:
-        print_kv(graph, model)
+        print_kv(graph, model, memory="liveness+kv" if kv == "resident" else "liveness")
     if chunk_tokens not in (None, "auto"):
         if not chunk_tokens.isdigit():
             raise InputError(f"`--chunk-tokens` must be a positive integer or 'auto', got {chunk_tokens!r}")
         chunk_tokens = int(chunk_tokens)
     result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, reserve=reserve,
-                    tile=tile, chunk_tokens=chunk_tokens, solver=solver)
+                    kv=kv, tile=tile, chunk_tokens=chunk_tokens, solver=solver)
     table = Table(title=f"{devices} device(s) × on-chip groups")
     for column in ("stage", "first .. last node", "stage bytes", "stage flops", "groups", "status", "largest group"):
         table.add_column(column, justify="left" if column.startswith("first") else "right")

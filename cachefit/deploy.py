@@ -4,7 +4,8 @@ A `Deployment` has two levels:
 
 - ``stages``: an ordinary stage plan (`cachefit.stages`): exactly one group
   per device, each within the device's memory (``device_capacity`` less a
-  reserve), balanced by flops;
+  reserve) with its layers' KV cache counted (memory model ``NAME+kv``),
+  balanced by flops;
 - ``groups``: for every stage, an ordinary plan of that stage's nodes for the
   on-chip ``capacity`` (the fewest groups, optionally tiled and chunked).
 
@@ -42,6 +43,7 @@ from pathlib import Path
 import networkx as nx
 
 from .errors import InputError
+from .memory import with_kv
 from .result import Plan, write_text_atomic
 
 __all__ = ["Deployment", "deploy", "DEPLOYMENT_FORMAT", "stage_graph"]
@@ -155,7 +157,7 @@ def stage_graph(graph, nodes, index):
 
 
 def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flops", memory="liveness",
-           solver="auto", tile=False, chunk_tokens=None, time_limit_s=None):
+           kv="streamed", solver="auto", tile=False, chunk_tokens=None, time_limit_s=None):
     """Stages across `devices` devices, and the fewest on-chip groups of `capacity` inside each.
 
     Parameters
@@ -173,6 +175,12 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
     memory, solver, tile, chunk_tokens, time_limit_s
         As in `cachefit.plan`, for the on-chip level (the stage level uses
         `memory` and ``dp``, which keeps the node order).
+    kv : {"streamed", "resident"}
+        Where the on-chip level keeps each layer's KV cache (``kv_bytes``):
+        in its group's size (``resident``, memory model ``NAME+kv``) or
+        read from the device's memory at every step (``streamed``).  The
+        stage level always counts the cache: it lives in the device's memory
+        either way.
 
     Returns
     -------
@@ -192,7 +200,8 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
     if not isinstance(graph, nx.DiGraph):
         raise InputError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}")
     stage_plan = stages(graph, devices=devices, device_capacity=device_capacity, balance=balance, reserve=reserve,
-                        memory=memory, time_limit_s=time_limit_s)
+                        memory=with_kv(memory, "resident"), time_limit_s=time_limit_s)
+    memory = with_kv(memory, kv)
     if not stage_plan.ok:
         return Deployment(stage_plan, ())
     groups = []

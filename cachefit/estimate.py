@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from .devices import Device, get_device
 from .errors import InputError
+from .memory import KV_PLACEMENTS, kv_placement
 
 __all__ = ["SCHEDULES", "KV_PLACEMENTS", "Traffic", "GroupEstimate", "ScheduleEstimate", "Estimate", "estimate",
            "measure_device"]
@@ -63,8 +64,6 @@ logger = logging.getLogger(__name__)
 #: The execution schedules an estimate compares.
 SCHEDULES = ("partition-major", "token-major", "batched")
 
-#: Where the KV cache lives: with its group on chip, or read from HBM every pass.
-KV_PLACEMENTS = ("streamed", "resident")
 
 #: Assumed cost of launching one group on one chunk (a CUDA-graph replay), seconds.
 DEFAULT_LAUNCH_S = 5e-6
@@ -252,8 +251,8 @@ def _validate(plan, device, devices, kv, launch_s):
     device = get_device(device)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise InputError(f"`devices` must be a positive integer, got {devices!r}")
-    recorded = (plan.groups[0] if hasattr(plan, "stages") else plan).stats.get("kv")
-    kv = kv or recorded or (
+    recorded = kv_placement((plan.groups[0] if hasattr(plan, "stages") else plan).memory)
+    kv = kv or (recorded if recorded == "resident" else None) or (
         "streamed" if device.memory_bandwidth else "resident")
     if kv not in KV_PLACEMENTS:
         raise InputError(f"`kv` must be one of {', '.join(map(repr, KV_PLACEMENTS))}, got {kv!r}")
@@ -323,8 +322,10 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
     devices : int
         Devices the groups are dealt to (pipeline stages, in order).
     kv : {"streamed", "resident"}, optional
-        Where the KV cache lives; default: the plan's recorded choice, else
-        ``"streamed"``.  Resident KV saves HBM reads only for pinned groups.
+        Where the KV cache lives; default: the plan's choice (its memory
+        model, ``NAME+kv`` for resident), else ``"streamed"`` (``"resident"``
+        on a chip without off-chip memory).  Resident KV saves HBM reads
+        only for pinned groups.
     launch_s : float, optional
         Seconds per launch of one group on one chunk; default 5 µs
         (`DEFAULT_LAUNCH_S`, a CUDA-graph replay) on a chip with off-chip
@@ -391,7 +392,7 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
 def _counts_kv(plan):
     """Whether the plan's memory model already put each group's KV cache in its size."""
     plans = plan.groups if hasattr(plan, "stages") else (plan,)
-    return all(item.stats.get("kv") == "resident" for item in plans)
+    return all(kv_placement(item.memory) == "resident" for item in plans)
 
 
 def _schedule(name, groups, used_devices, device, launch_s, phase, tokens):

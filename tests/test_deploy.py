@@ -85,3 +85,17 @@ class TestDeployCli:
         result = runner.invoke(main, ["estimate", str(path), "--device", "h100"])
         assert result.exit_code == 0, result.output
         assert "each stage's groups on its device" in result.output
+
+
+class TestDeployKv:
+    def test_stages_count_the_cache_and_on_chip_follows_kv(self):
+        graph = from_layers([{"weight_bytes": 300, "activation_bytes": 50, "flops": 1000}] * 4)
+        graph.graph.update(batch=1, seq_len=1)
+        for node in graph:
+            graph.nodes[node]["kv_bytes"] = 100
+        streamed = deploy(graph, devices=2, device_capacity=1000, capacity=400, solver="greedy")
+        assert streamed.stages.memory == "liveness+kv" and streamed.stages.sizes == (900, 950)  # 600 W + 200 KV + live
+        assert [group.memory for group in streamed.groups] == ["liveness", "liveness"]
+        resident = deploy(graph, devices=2, device_capacity=1000, capacity=500, kv="resident", solver="greedy")
+        assert [group.memory for group in resident.groups] == ["liveness+kv", "liveness+kv"]
+        assert all(report.ok for report in resident.check())

@@ -204,3 +204,29 @@ class TestCalibrationBench:
             assert row["error"] == pytest.approx((row["estimate_ms"] - row["measured_ms"]) / row["measured_ms"])
         assert rows[0]["chunks"] == 2
         assert assumptions
+
+
+class TestKvChoiceRecorded:
+    def test_plan_with_resident_kv_sets_the_default(self):
+        graph = from_layers([{"weight_bytes": 300, "activation_bytes": 50, "flops": 1000}] * 3)
+        graph.graph.update(batch=4, seq_len=1, phase="decode", context=16)
+        graph.nodes["1"]["kv_bytes"] = 80
+        resident = plan(graph, 450, solver="greedy", memory="additive+kv")
+        assert resident.sizes == (350, 430, 350)
+        result = estimate(resident, TOY, devices=3)
+        assert result.kv == "resident" and all(group.fits_on_chip for group in result.groups)
+        assert result.groups[1].partition_major.hbm_bytes == 100
+        assert estimate(resident, TOY, devices=3, kv="streamed").groups[1].partition_major.hbm_bytes == 180
+
+    def test_cli_both_choices(self, tmp_path):
+        runner = CliRunner()
+        sizes = {}
+        for kv in ("streamed", "resident"):
+            path = tmp_path / f"{kv}.json"
+            result = runner.invoke(main, ["plan", "llama-3.1-8b", "--phase", "decode", "--context", "4096", "--batch",
+                                          "8", "--capacity", "h100-hbm", "--kv", kv, "--json", str(path)])
+            assert result.exit_code == 0, result.output
+            assert f"KV cache {kv}:" in result.output
+            sizes[kv] = json.loads(path.read_text())["sizes"][0]
+            assert runner.invoke(main, ["check", str(path)]).exit_code == 0
+        assert sizes["resident"] - sizes["streamed"] == 4_294_967_296

@@ -110,3 +110,71 @@ class TestErrors:
     def test_layers_instance_refuses_decode(self):
         with pytest.raises(InputError, match=r"needs attention layers; 'paper-4x15gb' is a chain of dense layers"):
             instances.load("paper-4x15gb", phase="decode", context=10)
+
+
+# ---------------------------------------------------------------------------
+# the KV cache in the memory models (NAME+kv: resident with its group)
+# ---------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from cachefit import check  # noqa: E402
+from cachefit.memory import MODELS, group_sizes, kv_placement, with_kv  # noqa: E402
+from cachefit.graphs import from_layers  # noqa: E402
+from strategies import graphs  # noqa: E402
+from test_memory import dag_grouping  # noqa: E402
+
+
+class TestKvModels:
+    @settings(max_examples=60, deadline=None)
+    @given(st.data())
+    def test_engine_matches_reference_with_kv(self, data):
+        g = data.draw(graphs(min_nodes=1))
+        for node in g:
+            g.nodes[node]["kv_bytes"] = data.draw(st.integers(0, 50))
+        memory = data.draw(st.sampled_from(["additive+kv", "liveness+kv"]))
+        fraction = data.draw(st.sampled_from([1.0, 0.5, 1 / 3]))
+        groups = dag_grouping(data.draw, g)
+        group_of = {v: index for index, group in enumerate(groups) for v in group}
+        reference = MODELS[memory].reference(g, groups, group_of, fraction)
+        assert group_sizes(g, groups, memory=memory, chunk_fraction=fraction) == reference
+        base = MODELS[memory.removesuffix("+kv")].reference(g, groups, group_of, fraction)
+        assert reference == [size + sum(g.nodes[v]["kv_bytes"] for v in group) for size, group in zip(base, groups)]
+
+    def test_resident_adds_exactly_the_cache(self):
+        graph = instances.load("llama-3.1-8b", phase="decode", context=4096, batch=8)
+        streamed = plan(graph, "h100-hbm", memory="liveness")
+        resident = plan(graph, "h100-hbm", memory=with_kv("liveness", "resident"))
+        assert resident.memory == "liveness+kv" and kv_placement(resident.memory) == "resident"
+        assert resident.sizes[0] - streamed.sizes[0] == 32 * LLAMA_8B_LAYER == 4_294_967_296
+        assert check(resident).ok and check(streamed).ok
+
+    def test_checker_recomputes_the_cache(self):
+        graph = from_layers([{"weight_bytes": 10, "activation_bytes": 1}] * 3)
+        graph.nodes["1"]["kv_bytes"] = 7
+        resident = plan(graph, 100, memory="additive+kv", solver="greedy")
+        assert resident.sizes == (40,)
+        from dataclasses import replace
+        forged = replace(resident, sizes=(33,), bottleneck=33)  # the size without the cache
+        report = check(forged)
+        assert not report.ok and report.sizes == (40,)
+
+    def test_resident_cache_makes_more_groups(self):
+        graph = from_layers([{"weight_bytes": 10, "activation_bytes": 0}] * 4)
+        for node in graph:
+            graph.nodes[node]["kv_bytes"] = 10
+        assert plan(graph, 40, memory="additive", solver="greedy").k == 1
+        assert plan(graph, 40, memory="additive+kv", solver="greedy").k == 2
+
+    @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+    def test_bad_kv_bytes_named(self, bad):
+        graph = from_layers([10, 10])
+        graph.nodes["1"]["kv_bytes"] = bad
+        with pytest.raises(InputError, match=r"^node '1': `kv_bytes` must be a non-negative integer of bytes, got "):
+            plan(graph, 100, memory="liveness+kv", solver="greedy")
+
+    def test_with_kv_errors(self):
+        with pytest.raises(InputError, match=r"^`kv` must be one of 'streamed', 'resident', got 'swap'$"):
+            with_kv("liveness", "swap")
+        with pytest.raises(InputError, match=r"^`memory` must be one of "):
+            with_kv("nope", "resident")

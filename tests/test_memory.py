@@ -62,7 +62,7 @@ class TestGroupSizes:
             group_sizes(g, [["in", "left", "right"]])
 
     def test_bad_model_and_fraction(self):
-        with pytest.raises(InputError, match=r"`memory` must be one of 'additive', 'liveness', got 'lru'"):
+        with pytest.raises(InputError, match=r"`memory` must be one of 'additive', 'liveness', 'additive\+kv', 'liveness\+kv', got 'lru'"):
             group_sizes(diamond(), [list(diamond())], memory="lru")
         for bad in (0, 1.5, -0.1, "half", True):
             with pytest.raises(InputError, match=r"`chunk_fraction` must be a number in \(0, 1\]"):
@@ -153,7 +153,7 @@ FRACTIONS = st.sampled_from([1.0, 0.5, 1 / 3, 0.01])
 
 class TestRegistry:
     def test_names(self):
-        assert MEMORY_MODELS == tuple(MODELS) == ("additive", "liveness")
+        assert MEMORY_MODELS == tuple(MODELS) == ("additive", "liveness", "additive+kv", "liveness+kv")
         assert all(model.name == name for name, model in MODELS.items())
 
     @given(st.data())

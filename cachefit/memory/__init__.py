@@ -22,7 +22,8 @@ Layout
     the solvers, the checker and a reader with pencil and paper agree to the
     byte.
 
-The two models shipped:
+The models shipped (each also as ``NAME+kv``, which keeps every node's
+``kv_bytes`` resident with its group like its weights; see `with_kv`):
 
 ``additive``
     The seed paper's formula: S(P) = Σ_{v∈P} (weight + activation + buffer).
@@ -51,7 +52,7 @@ sizes, and the checker pick it up from the registry.
 from __future__ import annotations
 
 from .engine import Intervals, alone_sizes, group_sizes, sizes_alone
-from .models import MEMORY_MODELS, MODELS, MemoryModel, Terms, check_memory, get_model
+from .models import KV_PLACEMENTS, MEMORY_MODELS, MODELS, MemoryModel, Terms, check_memory, get_model, kv_placement, with_kv
 from .scale import check_chunk_fraction, scale_activation, scale_activation_array
 from .table import LayerTable, as_table
 
@@ -64,6 +65,9 @@ __all__ = [
     "Intervals",
     "check_memory",
     "get_model",
+    "with_kv",
+    "kv_placement",
+    "KV_PLACEMENTS",
     "check_chunk_fraction",
     "scale_activation",
     "scale_activation_array",

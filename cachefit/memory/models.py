@@ -10,6 +10,14 @@ where u is live in the p-th group when part(u) ≤ p ≤ last(u) (last(u): the
 largest group index among u's successors, part(u) when it has none), and a
 term the model lacks counts 0.  ``additive`` has only the summed term,
 ``liveness`` all three.
+
+The KV cache (decode, `cachefit.graphs.kv`) is a choice of each model, made
+by its name: ``additive+kv`` and ``liveness+kv`` keep every node's
+``kv_bytes`` resident with its group, like its weights (summed(v) gains
+kv_bytes(v)); the plain names leave the cache out of S(P) (streamed from
+off-chip memory at every step, which `cachefit.estimate` counts as traffic).
+`with_kv` maps (model, ``"resident"``/``"streamed"``) to the name, so the
+plan records the choice and the checker recomputes it.
 """
 
 from __future__ import annotations
@@ -18,11 +26,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+import weakref
+from numbers import Integral
+
 import numpy as np
 
 from ..errors import InputError
+from ..validation import MAX_BYTES
 
-__all__ = ["Terms", "MemoryModel", "MODELS", "MEMORY_MODELS", "check_memory", "get_model"]
+__all__ = ["Terms", "MemoryModel", "MODELS", "MEMORY_MODELS", "KV_PLACEMENTS", "check_memory", "get_model", "with_kv",
+           "kv_placement"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,45 @@ def _liveness_reference(graph, groups, group_of, chunk_fraction):
             for index, group in enumerate(groups)]
 
 
+_KV_ARRAYS = weakref.WeakKeyDictionary()  # LayerTable -> kv_bytes per position (tables are immutable)
+
+
+def _kv_array(table):
+    """``kv_bytes`` of every position as int64 (0 where absent, or for a table without a graph)."""
+    cached = _KV_ARRAYS.get(table)
+    if cached is not None:
+        return cached
+    values = np.zeros(table.n, dtype=np.int64)
+    if table.graph is not None:
+        nodes = table.graph.nodes
+        for index, node in enumerate(table.ids):
+            value = nodes[node].get("kv_bytes")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= MAX_BYTES:
+                raise InputError(f"node {node!r}: `kv_bytes` must be a non-negative integer of bytes, got {value!r}")
+            values[index] = value
+    if int(values.sum(dtype=object)) + int(table.weight.sum(dtype=object)) > MAX_BYTES:
+        raise InputError("the graph's weights and KV cache add up beyond 2**62 B (4 EiB), the most cachefit's "
+                         "exact integer arithmetic holds for a graph")
+    _KV_ARRAYS[table] = values
+    return values
+
+
+def _kv_resident(base_terms, base_reference):
+    """A model's terms and reference with every node's ``kv_bytes`` added to its group like weights."""
+    def terms(table):
+        base = base_terms(table)
+        return Terms(base.summed + _kv_array(table), base.peak, base.live)
+
+    def reference(graph, groups, group_of, chunk_fraction):
+        nodes = graph.nodes
+        return [size + sum(nodes[v].get("kv_bytes") or 0 for v in group)
+                for size, group in zip(base_reference(graph, groups, group_of, chunk_fraction), groups)]
+
+    return terms, reference
+
+
 #: Every memory model by name: the one list the solvers, `tile`, the bounds and the checker read.
 MODELS = {
     "additive": MemoryModel(
@@ -125,7 +177,33 @@ MODELS = {
     "liveness": MemoryModel(
         "liveness", "S(P) = Σ_{v∈P} weight + max_{v∈P} buffer + ⌈f · Σ_{u live in P} activation(u)⌉",
         _liveness_terms, _liveness_reference),
+    "additive+kv": MemoryModel(
+        "additive+kv", "S(P) = Σ_{v∈P} (weight + kv + activation + buffer)",
+        *_kv_resident(_additive_terms, _additive_reference)),
+    "liveness+kv": MemoryModel(
+        "liveness+kv", "S(P) = Σ_{v∈P} (weight + kv) + max_{v∈P} buffer + ⌈f · Σ_{u live in P} activation(u)⌉",
+        *_kv_resident(_liveness_terms, _liveness_reference)),
 }
+
+#: Where the KV cache lives: out of S(P) (read from off-chip memory every step) or in its group.
+KV_PLACEMENTS = ("streamed", "resident")
+
+
+def with_kv(memory, kv):
+    """The registry name of model `memory` with the KV cache `kv` (``"streamed"`` or ``"resident"``).
+
+    >>> with_kv("liveness", "resident"), with_kv("liveness+kv", "streamed"), with_kv("additive", "streamed")
+    ('liveness+kv', 'liveness', 'additive')
+    """
+    if kv not in KV_PLACEMENTS:
+        raise InputError(f"`kv` must be one of {', '.join(map(repr, KV_PLACEMENTS))}, got {kv!r}")
+    base = check_memory(memory).removesuffix("+kv")
+    return check_memory(base + "+kv" if kv == "resident" else base)
+
+
+def kv_placement(memory):
+    """``"resident"`` when model `memory` keeps the KV cache in S(P), else ``"streamed"``."""
+    return "resident" if check_memory(memory).endswith("+kv") else "streamed"
 
 #: The model names, in registry order (kept for `cachefit.MEMORY_MODELS`).
 MEMORY_MODELS = tuple(MODELS)
