@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from cachefit import InputError, LayerTable, group_sizes
 from cachefit.checker import check
-from cachefit.memory import (MEMORY_MODELS, MODELS, Intervals, MemoryModel, Terms, alone_sizes, scale_activation,
-                             sizes_alone)
+from cachefit.memory import (MEMORY_MODELS, MODELS, Intervals, MemoryModel, OpenGroup, Terms, alone_sizes,
+                             scale_activation, sizes_alone)
 from cachefit.result import Plan, Status
 from strategies import graphs
 
@@ -325,3 +325,21 @@ class TestFlatten:
         h.add_edge("a", "a")
         with pytest.raises(InputError, match=r"^the graph has a cycle: self-loop on node 'a'"):
             LayerTable.from_graph(h)
+
+
+class TestOpenGroup:
+    @given(st.data())
+    def test_matches_group_sizes_node_by_node(self, data):
+        """Building the groups of a run cut node by node gives the engine's sizes at every step."""
+        g = data.draw(graphs(min_nodes=1))
+        memory, fraction = data.draw(MODEL_NAMES), data.draw(FRACTIONS)
+        table = LayerTable.from_graph(g)
+        runs = Intervals(table, memory, fraction)
+        bounds = np.cumsum([0] + [len(group) for group in random_partition(data.draw, g)])
+        group = OpenGroup(MODELS[memory].terms(table), fraction)
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            group.reset(int(runs.incoming[start]) if runs.has_live else 0)
+            for v in range(start, end):
+                expected = runs.size(start, v + 1)
+                assert group.size_with(v) == expected and group.add(v) == expected
+            assert group.members == list(range(start, end))

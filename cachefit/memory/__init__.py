@@ -11,7 +11,8 @@ Layout
 ``engine``
     Every size query, for every model: `Intervals` (runs of a node order:
     sizes, the longest fit from a start, the earliest start for an end,
-    greedy cuts and counts), `group_sizes` (any grouping of a DAG),
+    greedy cuts and counts), `OpenGroup` (a group built node by node, for
+    list schedulers), `group_sizes` (any grouping of a DAG),
     `alone_sizes` (a node in a group of its own) and `sizes_alone` (the same
     with live bytes the caller counts, for tiles).
 ``table``
@@ -51,7 +52,7 @@ sizes, and the checker pick it up from the registry.
 
 from __future__ import annotations
 
-from .engine import Intervals, alone_sizes, group_sizes, sizes_alone
+from .engine import Intervals, OpenGroup, alone_sizes, group_sizes, sizes_alone
 from .models import KV_PLACEMENTS, MEMORY_MODELS, MODELS, MemoryModel, Terms, check_memory, get_model, kv_placement, with_kv
 from .scale import check_chunk_fraction, scale_activation, scale_activation_array
 from .table import LayerTable, as_table
@@ -63,6 +64,7 @@ __all__ = [
     "Terms",
     "LayerTable",
     "Intervals",
+    "OpenGroup",
     "check_memory",
     "get_model",
     "with_kv",

@@ -23,7 +23,7 @@ from .models import get_model
 from .scale import check_chunk_fraction, scale_activation, scale_activation_array
 from .table import as_table
 
-__all__ = ["Intervals", "group_sizes", "alone_sizes", "sizes_alone"]
+__all__ = ["Intervals", "OpenGroup", "group_sizes", "alone_sizes", "sizes_alone"]
 
 
 def _prefix(values):
@@ -323,6 +323,69 @@ class Intervals:
             bounds.append(end)
             start = end
         return np.asarray(bounds, dtype=np.int64), None
+
+
+class OpenGroup:
+    """S of a group built one node at a time in any order (a list scheduler's current group).
+
+    Parameters
+    ----------
+    terms : Terms
+        The model's terms of the table (``get_model(memory).terms(table)``).
+    chunk_fraction : float
+    carried : int
+        Live bytes that enter the group from earlier groups (nodes placed
+        before it with a successor not yet placed); 0 for a model without a
+        live term.
+
+    Notes
+    -----
+    ``size_with(v)`` is what the group would need with node ``v`` added,
+    ``add(v)`` adds it; both O(1) exact integer arithmetic on Python ints
+    (lists, not numpy scalars, so a scheduler's inner loop stays cheap).
+    The caller tracks ``carried`` across groups (it knows the placement).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable, get_model
+    >>> table = LayerTable.chain([10, 20], [4, 6], [1, 3])
+    >>> group = OpenGroup(get_model("liveness").terms(table), 0.5, carried=2)
+    >>> group.size_with(0), group.add(0), group.size_with(1)
+    (14, 14, 39)
+    """
+
+    def __init__(self, terms, chunk_fraction, carried=0):
+        self._summed = terms.summed.tolist()
+        self._peak = terms.peak.tolist() if terms.peak is not None else None
+        self._live = terms.live.tolist() if terms.live is not None else None
+        self._numerator, self._denominator = float(chunk_fraction).as_integer_ratio()
+        self.reset(carried)
+
+    def reset(self, carried=0):
+        """Start a new, empty group with `carried` live bytes entering it."""
+        self.summed, self.peak, self.live = 0, 0, carried
+        self.members = []
+
+    def size_with(self, v):
+        """S of the group with node `v` added (the group is not changed)."""
+        size = self.summed + self._summed[v]
+        if self._peak is not None:
+            size += max(self.peak, self._peak[v])
+        if self._live is not None:
+            live = self.live + self._live[v]
+            size -= (-live * self._numerator) // self._denominator
+        return size
+
+    def add(self, v):
+        """Add node `v`; returns the group's new size."""
+        size = self.size_with(v)
+        self.summed += self._summed[v]
+        if self._peak is not None:
+            self.peak = max(self.peak, self._peak[v])
+        if self._live is not None:
+            self.live += self._live[v]
+        self.members.append(v)
+        return size
 
 
 def _compose(terms, live_at, chunk_fraction):
