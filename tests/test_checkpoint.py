@@ -239,3 +239,26 @@ def test_every_tensor_lands_on_its_op(tmp_path, model_type, fields):
         assert data["weight_bytes"] == expected.nodes[node]["weight_bytes"] + buffers.get(node, 0), node
     assert graph.graph["unmapped_tensors"] == [] and graph.graph["unstored_nodes"] == []
     assert weight_bytes(graph) == stored_bytes(tmp_path)
+
+
+def test_fp8_checkpoint_with_scales(tmp_path):
+    """DeepSeek-V3-style FP8 storage: float8 projection weights plus per-block scale tensors."""
+    from safetensors.torch import save_file
+
+    config = dict(LLAMA, model_type="llama", torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("_proj.weight"):
+            state[name] = tensor.to(torch.float8_e4m3fn).contiguous()
+            state[name.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1, dtype=torch.float32)
+        else:
+            state[name] = tensor.contiguous()
+    save_file(state, tmp_path / "model.safetensors")
+    graph = from_checkpoint(tmp_path, seq_len=8, granularity="op")
+    assert weight_bytes(graph) == stored_bytes(tmp_path)
+    assert graph.nodes["block.0.q"]["stored_dtypes"] == {"F8_E4M3": 64 * 64, "F32": 4}
+    assert graph.nodes["block.0.attn_norm"]["stored_dtypes"] == {"BF16": 64 * 2}
+    bf16 = cachefit.graphs.from_hf_config(tmp_path, seq_len=8, granularity="op")
+    assert weight_bytes(graph) < weight_bytes(bf16)
