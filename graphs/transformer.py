@@ -87,8 +87,8 @@ keys:
 ``activation``     ``fn`` (``silu_mul``/``gelu_mul``/... for gated MLPs: act(gate)
                    × up; ``gelu``, ``gelu_tanh``, ``relu``, ``silu``), ``width``
 ``add``            ``width`` (residual add: the block input is a predecessor)
-``expert``         ``expert`` (absent on ``shared_expert``), ``in_features``, ``intermediate_size``, ``mlp``,
-                   ``fn``, ``bias``, ``rows``
+``expert``         ``expert`` (absent on ``shared_expert``), ``in_features``,
+                   ``intermediate_size``, ``mlp``, ``fn``, ``bias``, ``rows``
 ``moe_combine``    ``num_experts``, ``experts_per_token``, ``width``
 ``head_norm``      ``width`` (= ``head_dim``), ``num_heads``, ``norm``, ``eps``
 ``mla_attention``  ``num_heads``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,

@@ -202,3 +202,63 @@ def test_cli_plans_a_checkpoint_folder(llama_mixed, tmp_path):
     plan = json.loads(out.read_text())
     graph_bytes = sum(node["weight_bytes"] for node in plan["graph"]["nodes"])
     assert graph_bytes == stored_bytes(llama_mixed)
+
+
+# (model_type, fields) saved by transformers itself: every tensor must land on the node whose
+# config-derived bytes it equals (fp32 checkpoints, so stored bytes = params × 4 per node).
+SAVED_FAMILIES = [
+    ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 16}),
+    ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 2}),
+    ("qwen2_moe", {"num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 24}),
+    ("qwen3", {"head_dim": 8}),
+    ("gemma3_text", {"head_dim": 8}),
+    ("phi3", {}),
+    ("gpt_neox", {}),
+    ("starcoder2", {}),
+    ("deepseek_v3", {"q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+                     "v_head_dim": 4, "n_routed_experts": 3, "num_experts_per_tok": 2,
+                     "moe_intermediate_size": 16, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                     "n_group": 1, "topk_group": 1}),
+]
+
+
+@pytest.mark.parametrize("model_type, fields", SAVED_FAMILIES, ids=[m for m, _ in SAVED_FAMILIES])
+def test_every_tensor_lands_on_its_op(tmp_path, model_type, fields):
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "gpt2":  # GPT-2's config has its own spellings and no GQA or MLP width
+        base = {key: base[key] for key in ("vocab_size", "bos_token_id", "eos_token_id")}
+    config = transformers.AutoConfig.for_model(model_type, **dict(base, **fields))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    graph = from_checkpoint(tmp_path, seq_len=8, granularity="op", dtype="fp32")
+    expected = cachefit.graphs.from_hf_config(tmp_path, seq_len=8, granularity="op", dtype="fp32")
+    buffers = {"deepseek_v3": {"block.1.router": 3 * 4}}.get(model_type, {})  # e_score_correction_bias
+    for node, data in graph.nodes(data=True):
+        assert data["weight_bytes"] == expected.nodes[node]["weight_bytes"] + buffers.get(node, 0), node
+    assert graph.graph["unmapped_tensors"] == [] and graph.graph["unstored_nodes"] == []
+    assert weight_bytes(graph) == stored_bytes(tmp_path)
+
+
+def test_fp8_checkpoint_with_scales(tmp_path):
+    """DeepSeek-V3-style FP8 storage: float8 projection weights plus per-block scale tensors."""
+    from safetensors.torch import save_file
+
+    config = dict(LLAMA, model_type="llama", torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("_proj.weight"):
+            state[name] = tensor.to(torch.float8_e4m3fn).contiguous()
+            state[name.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1, dtype=torch.float32)
+        else:
+            state[name] = tensor.contiguous()
+    save_file(state, tmp_path / "model.safetensors")
+    graph = from_checkpoint(tmp_path, seq_len=8, granularity="op")
+    assert weight_bytes(graph) == stored_bytes(tmp_path)
+    assert graph.nodes["block.0.q"]["stored_dtypes"] == {"F8_E4M3": 64 * 64, "F32": 4}
+    assert graph.nodes["block.0.attn_norm"]["stored_dtypes"] == {"BF16": 64 * 2}
+    bf16 = cachefit.graphs.from_hf_config(tmp_path, seq_len=8, granularity="op")
+    assert weight_bytes(graph) < weight_bytes(bf16)
