@@ -111,7 +111,10 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
 
 
 def _key(plan):
-    return (0, plan.k, plan.bottleneck) if plan.ok else (1, 0, 0)
+    """Plans compare by k, then the bottleneck they were balanced for (bytes, or flops)."""
+    if not plan.ok:
+        return (1, 0, 0)
+    return (0, plan.k, plan.stats.get("bottleneck_flops", plan.bottleneck))
 
 
 def _better(first, second, k, started):
