@@ -500,7 +500,8 @@ def _cell(text, width=150):
 def markdown(rows, *, machine=""):
     """The table (and its summary) as markdown."""
     failing = [(case, why) for case, _, why in rows if why != "ok"]
-    pending = [(case, why) for case, why in failing if case.owner]
+    pending = [(case, why) for case, result, why in rows
+               if why != "ok" and case.owner and verdict(case, dict(result, wall_s=0.0)) != "ok"]
     from cachefit import limits
 
     lines = [
@@ -553,16 +554,21 @@ def markdown(rows, *, machine=""):
                      f"{case.owner or ''} | {_cell(why)} |")
     lines += ["", "## Rows that fail", ""]
     numbered = list(enumerate(rows, 1))
+
+    def slow_only(case, result, why):
+        return why != "ok" and verdict(case, dict(result, wall_s=0.0)) == "ok"
+
     for owner in sorted({case.owner for case, _, why in rows if case.owner and why != "ok"}):
-        failed = [f"#{index} {case.label}" for index, (case, _, why) in numbered if case.owner == owner and why != "ok"]
-        lines.append(f"- waiting for the *{owner}* work: {'; '.join(failed)}.")
+        failed = [f"#{index} {case.label}: {why}" for index, (case, result, why) in numbered
+                  if case.owner == owner and why != "ok" and not slow_only(case, result, why)]
+        if failed:
+            lines.append(f"- waiting for the *{owner}* work: {'; '.join(failed)}.")
     slow = [f"#{index} {case.label} ({result['wall_s']:.1f} s wall, {result['cpu_s']:.2f} s CPU)"
-            for index, (case, result, why) in numbered
-            if not case.owner and why != "ok" and verdict(case, dict(result, wall_s=0.0)) == "ok"]
+            for index, (case, result, why) in numbered if slow_only(case, result, why)]
     if slow:
         lines.append(f"- over {MAX_WALL_S:g} s in wall time only (answer and memory right): {'; '.join(slow)}.")
     other = [f"#{index} {case.label}: {why}" for index, (case, result, why) in numbered
-             if not case.owner and why != "ok" and verdict(case, dict(result, wall_s=0.0)) != "ok"]
+             if not case.owner and why != "ok" and not slow_only(case, result, why)]
     if other:
         lines.append(f"- other: {'; '.join(other)}.")
     if not failing:
