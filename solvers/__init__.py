@@ -123,6 +123,8 @@ def _better(first, second, k, started):
     OPTIMAL when no k was asked for and the plan's k meets that bound.
     """
     best = second if _key(second) < _key(first) else first
+    if not best.ok and second.status == "INFEASIBLE":  # a proof that no plan exists beats "none found"
+        best = second
     lower = max(first.lower_bound, second.lower_bound)
     if best.ok and lower > best.k:  # a bound above a valid plan's k is a bug in a bound
         raise AssertionError(f"lower bound {lower} exceeds the k = {best.k} of a valid plan")

@@ -159,3 +159,24 @@ def _chain():
         graph.add_node(name, weight_bytes=40, activation_bytes=0, buffer_bytes=0)
     graph.add_edge("a", "b")
     return graph
+
+
+def test_auto_keeps_cpsats_proof_that_no_plan_exists(monkeypatch):
+    # When the search finds nothing and cpsat proves infeasibility, auto reports the proof.
+    from cachefit.result import Status
+    from cachefit.solvers._common import Problem, no_plan
+
+    module = sys.modules["cachefit.solvers"]
+
+    def unknown(graph, capacity, **options):
+        problem = Problem.make(graph, capacity, **{k: v for k, v in options.items() if k != "stall_attempts"})
+        return no_plan(problem, "search", Status.UNKNOWN, "nothing found")
+
+    def infeasible(graph, capacity, **options):
+        problem = Problem.make(graph, capacity, **options)
+        return no_plan(problem, "cpsat", Status.INFEASIBLE, "proved")
+
+    monkeypatch.setattr(module, "search", unknown)
+    monkeypatch.setattr(module, "cpsat", infeasible)
+    plan = auto(_diamond(), 60, memory="additive", time_limit_s=5)
+    assert plan.status == "INFEASIBLE" and plan.solver == "cpsat"
