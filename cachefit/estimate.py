@@ -368,16 +368,9 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
     else:
         assignment = [unit[4] for unit in units]
     per_device = [assignment.count(index) for index in range(max(assignment) + 1)]
-    groups = []
-    for index, ((sub, group, size, chunks, _), shape) in enumerate(zip(units, shapes)):
-        pinned = fits[index] and per_device[assignment[index]] == 1
-        partition, token = _group_traffic(device, shape, chunks, kv, launch_s, pinned)
-        if not fits[index]:  # the group cannot stay on chip: weights stream per chunk either way
-            partition = token
-        batched = _roofline(device, _batched_bytes(sub, group, kv, pinned), 0, shape[5], 0, launch_s)
-        groups.append(GroupEstimate(index, assignment[index], len(group), size, *shape[:5],
-                                    flops=shape[5], pinned=pinned, fits_on_chip=fits[index], chunks=chunks,
-                                    partition_major=partition, token_major=token, batched=batched))
+    groups = [_group_estimate(index, unit, shape, fits[index], assignment[index],
+                              per_device[assignment[index]] == 1, device, kv, launch_s)
+              for index, (unit, shape) in enumerate(zip(units, shapes))]
     chunks = max(group.chunks for group in groups)
     schedules = tuple(_schedule(name, groups, len(per_device), device, launch_s, phase, batch * seq_len)
                       for name in SCHEDULES)
@@ -387,6 +380,19 @@ def estimate(plan, device="h100", *, devices=1, kv=None, launch_s=None):
     logger.info("estimate: %s on %d × %s: %s", graph.graph.get("name"), devices, device.name,
                 ", ".join(f"{item.schedule} {item.time_s * 1e3:.3f} ms" for item in schedules))
     return result
+
+
+def _group_estimate(index, unit, shape, fits, device_index, alone, device, kv, launch_s):
+    """The `GroupEstimate` of one group: pinned when alone on its device and on chip."""
+    sub, group, size, chunks, _ = unit
+    pinned = fits and alone
+    partition, token = _group_traffic(device, shape, chunks, kv, launch_s, pinned)
+    if not fits:  # the group cannot stay on chip: weights stream per chunk either way
+        partition = token
+    batched = _roofline(device, _batched_bytes(sub, group, kv, pinned), 0, shape[5], 0, launch_s)
+    return GroupEstimate(index, device_index, len(group), size, *shape[:5], flops=shape[5], pinned=pinned,
+                         fits_on_chip=fits, chunks=chunks, partition_major=partition, token_major=token,
+                         batched=batched)
 
 
 def _counts_kv(plan):
