@@ -18,14 +18,12 @@ greedy ≤ 3×).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import networkx as nx
 import numpy as np
 
 import cachefit
 
+from .bench_dp import median_seconds
 from .machine import machine_line
 
 
@@ -41,15 +39,6 @@ def chain_graph(n, seed):
     return graph, (sum(weights) + sum(activations)) // 32
 
 
-def median_seconds(function, repeats):
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -58,14 +47,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(machine_line())
     graph, capacity = chain_graph(args.n, args.seed)
-    read = median_seconds(lambda: [d["weight_bytes"] for _, d in graph.nodes(data=True)], args.repeats)
+    read, _ = median_seconds(lambda: [d["weight_bytes"] for _, d in graph.nodes(data=True)], args.repeats)
     print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, median of {args.repeats}")
     print(f"  read the weights:                      {read * 1e3:8.1f} ms")
     for solver in ("greedy", "dp"):
         for memory in ("additive", "liveness"):
-            plan = cachefit.plan(graph, capacity, solver=solver, memory=memory)
-            seconds = median_seconds(lambda: cachefit.plan(graph, capacity, solver=solver, memory=memory),
-                                     args.repeats)
+            seconds, plan = median_seconds(lambda: cachefit.plan(graph, capacity, solver=solver, memory=memory),
+                                           args.repeats)
             print(f"  cachefit.plan solver={solver:6s} {memory:8s}: {seconds * 1e3:8.1f} ms "
                   f"= {seconds / read:5.1f}x reading  ({plan.status}, k={plan.k})")
 
