@@ -181,9 +181,11 @@ class Plan:
             if not isinstance(data[key], kind) or isinstance(data[key], bool):
                 raise InputError(f"plan field {key!r} has the wrong type: {type(data[key]).__name__}")
         if not isinstance(data.get("stats", {}), dict):
-            raise InputError(f"plan field 'stats' has the wrong type: {type(data['stats']).__name__} (expected an object)")
+            raise InputError(f"plan field 'stats' has the wrong type: {type(data['stats']).__name__} "
+                             "(expected an object)")
         if not isinstance(data.get("reason", ""), str):
-            raise InputError(f"plan field 'reason' has the wrong type: {type(data['reason']).__name__} (expected a string)")
+            raise InputError(f"plan field 'reason' has the wrong type: {type(data['reason']).__name__} "
+                             "(expected a string)")
         if data["status"] not in Status.__members__:
             raise InputError(f"plan field 'status' must be one of {', '.join(Status.__members__)}, got {data['status']!r}")
         partitions = data["partitions"]
