@@ -154,8 +154,19 @@ def plot_option(function):
     """The ``--plot``/``--dot`` options (for `plan` and `show`)."""
     function = click.option("--dot", "dot", type=click.Path(dir_okay=False), default=None,
                             help="Write the plan as Graphviz DOT (groups as clusters).")(function)
-    return click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
+    return click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, callback=_picture_suffix,
                         help="Draw the plan: .png, .svg or .pdf (needs matplotlib: the `plot` extra).")(function)
+
+
+def _picture_suffix(context, parameter, value):
+    """Refuse a ``--plot`` name whose suffix is no picture format before any work is done."""
+    from .plot import PICTURE_FORMATS
+
+    suffix = Path(value).suffix.lower().lstrip(".") if value else None
+    if value and suffix not in PICTURE_FORMATS:
+        raise click.UsageError(f"`--plot` {value!r}: the file name must end in .png, .svg or .pdf, got "
+                               f"{('.' + suffix) if suffix else 'no suffix'}")
+    return value
 
 
 @click.command("show")

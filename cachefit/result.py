@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -300,18 +301,24 @@ def write_text_atomic(path, text):
 
     An existing file keeps its permission bits; a new one gets the ordinary
     ``0o666 & ~umask``.  On any failure the temporary file is removed and the
-    target is left as it was.
+    target is left as it was.  `text` may also be `bytes` (pictures).
 
     Raises
     ------
     OSError
-        The folder is missing or not writable, the disk is full, ...; the
-        error's ``filename`` is `path` (never the temporary file).
+        The folder is missing or not writable, the disk is full, the target
+        exists and is not an ordinary file (a device such as /dev/null, a
+        FIFO, a folder: renaming over it would replace it), ...; the error's
+        ``filename`` is `path` (never the temporary file).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "it exists and is not an ordinary file (cachefit writes only ordinary "
+                                        "files)", str(path))
+        mode = stat.S_IMODE(status.st_mode)
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
@@ -324,7 +331,8 @@ def write_text_atomic(path, text):
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         os.fchmod(handle, mode)  # mkstemp makes 0600
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        binary = isinstance(text, (bytes, bytearray))
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
