@@ -51,7 +51,9 @@ class TestDeploy:
         assert all(check(group).ok for group in again.groups)
 
     def test_bad_json(self):
-        with pytest.raises(InputError, match=r'^not a cachefit deployment: expected "format": "cachefit.deployment"$'):
+        with pytest.raises(InputError, match=r'^not a cachefit plan: expected "format": "cachefit.plan"$'):
+            Deployment.from_json('{"format": "cachefit.planx"}')
+        with pytest.raises(InputError, match=r"^unsupported plan version None; this cachefit reads versions 1 and 2$"):
             Deployment.from_json('{"format": "cachefit.plan"}')
 
     def test_estimate_places_groups_by_stage(self):
