@@ -93,8 +93,8 @@ def print_advice(ctx, graph, plan):
         for suggestion in advice.suggestions:
             _print_suggestion(ctx, suggestion, None)
     elif advice.considered:
-        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "granularity": "--granularity op",
-                 "batch": "a smaller --batch"}
+        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "kv": "--kv streamed",
+                 "granularity": "--granularity op", "batch": "a smaller --batch"}
         named = [flags[name] for name in advice.considered]
         what = f"{named[0]} does not give" if len(named) == 1 else f"no combination of {', '.join(named)} gives"
         console.print(f"  at {format_bytes(plan.capacity)}: {what} a plan", highlight=False, soft_wrap=True)
