@@ -176,8 +176,9 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise InputError(f"not a cachefit plan: expected \"format\": \"{PLAN_FORMAT}\"")
         if data.get("version") == TWO_LEVEL_VERSION:
-            raise InputError("this is a two-level plan (version 2: stages across devices, on-chip groups in each); "
-                             "read it with cachefit.result.read_plan or cachefit.Deployment.from_json")
+            raise InputError("this is a two-level plan (version 2: stages across devices, on-chip groups in each), "
+                             "not a single-level plan; `cachefit check`/`estimate`/`show` and "
+                             "cachefit.result.read_plan read it, and each stage's \"plan\" field is a single-level plan")
         check_version(data)
         expected = {"graph": dict, "capacity": int, "memory": str, "chunk_fraction": (int, float),
                     "solver": str, "status": str, "k": int, "lower_bound": int, "partitions": list,

@@ -161,8 +161,9 @@ class TestPlanFileVersion2:
                                                  r"this cachefit reads versions 1 and 2$"):
                 read_plan(json.dumps({**data, "version": version}))
         with pytest.raises(InputError, match=r"^this is a two-level plan \(version 2: stages across devices, on-chip "
-                                             r"groups in each\); read it with cachefit.result.read_plan or "
-                                             r"cachefit.Deployment.from_json$"):
+                                             r"groups in each\), not a single-level plan; `cachefit check`/`estimate`/"
+                                             r"`show` and cachefit.result.read_plan read it, and each stage's \"plan\" "
+                                             r"field is a single-level plan$"):
             Plan.from_json(result.to_json())
         single = cachefit.plan(chain(), 400, solver="greedy").to_json()
         with pytest.raises(InputError, match=r"^this is a single-level plan \(version 1\)"):
@@ -275,6 +276,13 @@ class TestPlanDevices:
         assert result.exit_code == 1
         assert result.output.splitlines() == [
             "1 violation(s):", "  - stages: stated sizes [1000, 1100] differ from recomputed [1050, 1100]"]
+
+    def test_run_refuses_version_2_in_one_line(self, tmp_path):
+        path = tmp_path / "p.json"
+        deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json(path)
+        result = CliRunner().invoke(main, ["run", str(path)])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+        assert "this is a two-level plan (version 2" in result.output
 
     def test_cli_refuses_single_level_options(self, tmp_path):
         layers = tmp_path / "layers.json"
