@@ -3,6 +3,8 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cachefit
 from cachefit import InputError, Plan, check, estimate, instances
@@ -10,6 +12,8 @@ from cachefit.cli import main
 from cachefit.deploy import Deployment, deploy, stage_graph
 from cachefit.graphs import from_layers
 from cachefit.result import read_plan
+
+from strategies import capacities, graphs
 
 
 def chain():
@@ -292,3 +296,24 @@ class TestPlanDevices:
                                                "--device-capacity", "1200", *extra])
             assert result.exit_code == 2
             assert f"`{flag}` applies to a single-level plan, not with `--devices`" in result.output
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=graphs(min_nodes=1, max_nodes=8), devices=st.integers(1, 3),
+       kv=st.sampled_from(["streamed", "resident"]))
+def test_property_every_deployment_round_trips_and_checks(data, graph, devices, kv):
+    """Whatever deploy returns, its version-2 file reads back equal and passes the check of both levels."""
+    for node in graph:
+        graph.nodes[node]["kv_bytes"] = data.draw(st.integers(0, 50), label=f"kv {node}")
+    total = sum(d["weight_bytes"] + d["activation_bytes"] + d["buffer_bytes"] + d["kv_bytes"]
+                for _, d in graph.nodes(data=True))
+    device_capacity = data.draw(st.integers(1, total + 1), label="device_capacity")
+    capacity = data.draw(capacities(graph), label="capacity")
+    result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, kv=kv,
+                    solver="greedy")
+    again = read_plan(result.to_json())
+    assert isinstance(again, Deployment)
+    assert (again.status, again.k, again.devices, again.capacity) == (result.status, result.k, result.devices,
+                                                                      result.capacity)
+    assert again.stages == result.stages and again.groups == result.groups
+    assert check(again).ok and all(again.check())
