@@ -317,3 +317,17 @@ def test_property_every_deployment_round_trips_and_checks(data, graph, devices, 
                                                                       result.capacity)
     assert again.stages == result.stages and again.groups == result.groups
     assert check(again).ok and all(again.check())
+
+
+@pytest.mark.parametrize("name, options", [
+    ("qwen1.5-moe-a2.7b", {"phase": "decode", "context": 256}),  # expert tiles joined by a sum
+    ("bert-large", {"granularity": "op"}),  # the embedding that holds its norm
+])
+def test_real_models_check_at_both_levels_after_a_round_trip(name, options):
+    graph = instances.load(name, **options)
+    result = deploy(graph, devices=3, device_capacity="h100-hbm", capacity="h100-l2", tile=True, solver="greedy",
+                    kv="resident")
+    again = read_plan(result.to_json())
+    assert result.ok and again.k == result.k
+    report = check(again)
+    assert report.ok, report.violations
