@@ -18,7 +18,8 @@ import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, group_sizes, kv_placement
+from ..memory import (Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, fold_resident_kv,
+                      group_sizes, kv_placement)
 from ..memory import alone_sizes as _alone_sizes
 from ..result import Plan, Status
 from ..validation import MAX_BYTES
@@ -48,6 +49,12 @@ class Problem:
     every group of a valid graph fits, since a graph holds at most that
     many bytes in all.  ``time_limit_s`` is None or a positive finite number.
 
+    ``memory`` is the model the solver computes with and ``model`` the one
+    the plan records: for a ``+kv`` model (K/V resident) the table's weights
+    hold weight + K/V and ``memory`` is the plain model, which gives the same
+    sizes (`cachefit.memory.fold_resident_kv`), so every algorithm and bound
+    written for the plain models holds; otherwise the two are equal.
+
     ``balance`` is ``"memory"`` (the bottleneck is the largest group's
     bytes) or ``"flops"`` (the largest group's flops, every group still
     within the capacity); ``flops`` is then the per-position array
@@ -64,6 +71,11 @@ class Problem:
     started: float
     balance: str = "memory"
     flops: np.ndarray | None = None
+    model: str | None = None
+
+    def __post_init__(self):
+        if self.model is None:
+            object.__setattr__(self, "model", self.memory)
 
     @classmethod
     def make(cls, graph, capacity, *, memory, chunk_fraction, k, time_limit_s, seed, balance="memory"):
@@ -74,8 +86,9 @@ class Problem:
         if capacity > MAX_BYTES:  # a valid graph holds at most MAX_BYTES in all: every group fits
             logger.info("capacity %d B is beyond 2**62 B; planning with 2**62 B, which every group fits", capacity)
             capacity = MAX_BYTES
-        memory = check_memory(memory)
+        model = check_memory(memory)
         chunk_fraction = check_chunk_fraction(chunk_fraction)
+        table, memory = fold_resident_kv(table, model, chunk_fraction)
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
             raise InputError(f"`k` must be a positive integer or None, got {k!r}")
         if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
@@ -85,7 +98,7 @@ class Problem:
             raise InputError(f"`seed` must be an integer from 0 to 2**31 - 1, got {seed!r}")
         flops = table.flops_array() if balance == "flops" else None
         return cls(table, capacity, memory, chunk_fraction, None if k is None else int(k),
-                   time_limit_s, int(seed), started, balance, flops)
+                   time_limit_s, int(seed), started, balance, flops, model)
 
     def group_flops(self, groups):
         """Σ flops of each group (lists or ranges of positions); needs ``balance="flops"``."""
@@ -131,14 +144,15 @@ def oversize_node(problem):
     index = int(over[np.argmax(alone[over])])
     from ..units import format_bytes
     kv = _resident_kv(problem, index)
-    parts = f"weights {format_bytes(int(table.weight[index]))}" + (f" + KV cache {format_bytes(kv)}" if kv else "")
+    weight = int(table.weight[index]) - kv  # the folded table's weights hold weight + resident K/V
+    parts = f"weights {format_bytes(weight)}" + (f" + KV cache {format_bytes(kv)}" if kv else "")
     if problem.intervals().has_live:
         parts += f" + buffer {format_bytes(int(table.buffer[index]))} + live activations"
     else:
         parts += f" + activation {format_bytes(int(table.activation[index]))} + buffer {format_bytes(int(table.buffer[index]))}"
     if not kv:
         advice = "tile it (tile=True) or raise the capacity"
-    elif kv >= problem.capacity or not table.weight[index]:
+    elif kv >= problem.capacity or not weight:
         what = "its KV cache alone fills the capacity" if kv >= problem.capacity else "it has no weights to tile"
         advice = (f"{what} and tiling does not split a KV cache: stream the cache "
                   "(kv='streamed', memory without '+kv'), shorten the context or batch, or raise the capacity")
@@ -152,10 +166,11 @@ def oversize_node(problem):
 
 
 def _resident_kv(problem, index):
-    """The KV cache bytes node `index` keeps in its group under `problem`'s memory model (0 unless ``+kv``)."""
-    if kv_placement(problem.memory) != "resident" or problem.table.graph is None:
+    """The K/V bytes (cache + chunked-prefill prefix) node `index` keeps in its group (0 unless ``+kv``)."""
+    if kv_placement(problem.model) != "resident" or problem.table.graph is None:
         return 0
-    return int(problem.table.graph.nodes[problem.table.ids[index]].get("kv_bytes") or 0)
+    node = problem.table.graph.nodes[problem.table.ids[index]]
+    return int(problem.table.weight[index]) - int(node["weight_bytes"])
 
 
 def refuse(problem, solver):
@@ -187,7 +202,7 @@ def no_plan(problem, solver, status, reason, *, lower=None, stats=None):
     stats = dict(stats or {})
     if problem.balance == "flops":
         stats["balance"] = "flops"
-    return Plan((), (), problem.capacity, problem.memory, problem.chunk_fraction, solver, Status(status),
+    return Plan((), (), problem.capacity, problem.model, problem.chunk_fraction, solver, Status(status),
                 0, int(lower), 0, problem.elapsed(), stats, reason, problem.table.graph or problem.table)
 
 
@@ -222,7 +237,7 @@ def finish(problem, solver, groups, *, status=None, lower=None, stats=None, size
     if problem.balance == "flops":
         flops = problem.group_flops(groups)
         stats.update(balance="flops", flops=flops, bottleneck_flops=max(flops, default=0))
-    return Plan(partitions, sizes, problem.capacity, problem.memory, problem.chunk_fraction, solver,
+    return Plan(partitions, sizes, problem.capacity, problem.model, problem.chunk_fraction, solver,
                 Status(status), k, lower, max(sizes) if sizes else 0, problem.elapsed(), stats, "",
                 table.graph if table.graph is not None else table)
 

@@ -1,7 +1,8 @@
 """Every claim of every registered solver, checked against brute force at real byte scales.
 
 A seeded fuzz over small DAGs (n ≤ 8) at byte scales 1, 1e6, 1e9 and 1e12,
-both memory models, f ∈ {1, 1/2}, with and without an explicit k, balanced
+both memory models (a third of the cases with a resident KV cache: the
+``+kv`` models), f ∈ {1, 1/2}, with and without an explicit k, balanced
 by memory and by flops.  A claim is false when
 
 - a plan fails `cachefit.check`;
@@ -64,7 +65,22 @@ def random_case(seed):
                    balance=rng.choice(["memory", "memory", "flops"]))
     if rng.random() < 0.4:
         options["k"] = rng.randint(1, n)
-    return graph, capacity, options
+    return _with_resident_kv(graph, capacity, options, seed)
+
+
+def _with_resident_kv(graph, capacity, options, seed):
+    """A third of the cases keep a KV cache resident (``+kv`` models): some nodes get ``kv_bytes``, C grows to match.
+
+    Drawn from a second generator, so the cases of the plain models stay what they were.
+    """
+    rng = random.Random(10**9 + seed)
+    if rng.random() >= 1 / 3:
+        return graph, capacity, options
+    scale = max(1, capacity // 8)
+    kv = {v: rng.randint(1, scale) for v in graph.nodes if rng.random() < 0.5}
+    nx.set_node_attributes(graph, kv, "kv_bytes")
+    capacity += max(kv.values(), default=0) + int(sum(kv.values()) * rng.uniform(0.0, 0.5))
+    return graph, capacity, {**options, "memory": options["memory"] + "+kv"}
 
 
 def false_claims(graph, capacity, options):

@@ -53,7 +53,8 @@ sizes, and the checker pick it up from the registry.
 from __future__ import annotations
 
 from .engine import Intervals, OpenGroup, alone_sizes, group_sizes, sizes_alone
-from .models import KV_PLACEMENTS, MEMORY_MODELS, MODELS, MemoryModel, Terms, check_memory, get_model, kv_placement, with_kv
+from .models import (KV_PLACEMENTS, MEMORY_MODELS, MODELS, MemoryModel, Terms, check_memory, fold_resident_kv,
+                     get_model, kv_placement, with_kv)
 from .scale import check_chunk_fraction, scale_activation, scale_activation_array
 from .table import LayerTable, as_table
 
@@ -68,6 +69,7 @@ __all__ = [
     "check_memory",
     "get_model",
     "with_kv",
+    "fold_resident_kv",
     "kv_placement",
     "KV_PLACEMENTS",
     "check_chunk_fraction",

@@ -37,7 +37,7 @@ therefore depend on f (``MemoryModel.chunked``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -51,7 +51,7 @@ from ..errors import InputError
 from ..validation import MAX_BYTES
 
 __all__ = ["Terms", "MemoryModel", "MODELS", "MEMORY_MODELS", "KV_PLACEMENTS", "check_memory", "get_model", "with_kv",
-           "kv_placement"]
+           "kv_placement", "fold_resident_kv"]
 
 
 @dataclass(frozen=True)
@@ -302,3 +302,22 @@ def check_memory(memory):
 def get_model(memory):
     """The `MemoryModel` named `memory` (`InputError` for an unknown name)."""
     return MODELS[check_memory(memory)]
+
+
+def fold_resident_kv(table, memory, chunk_fraction=1.0):
+    """``(table', base)``: a ``+kv`` model's resident K/V folded into the weights of its plain model.
+
+    Under ``additive+kv`` and ``liveness+kv`` every node's resident K/V (its
+    cache plus its chunked-prefill prefix) is a summed term exactly like its
+    weights, so the same sizes come out of the plain model (``additive``,
+    ``liveness``) on a table whose ``weight`` column holds weight + K/V.
+    Solvers plan that folded problem — every algorithm and bound written for
+    the plain models then holds for the ``+kv`` ones — and record the ``+kv``
+    name in the plan, whose sizes the checker recomputes from the original
+    graph.  Other models come back unchanged.
+    """
+    memory = check_memory(memory)
+    if kv_placement(memory) != "resident":
+        return table, memory
+    extra = _kv_array(table) + _prefix_array(table, chunk_fraction)
+    return replace(table, weight=table.weight + extra), memory.removesuffix("+kv")
