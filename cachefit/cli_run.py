@@ -20,19 +20,19 @@ __all__ = ["run", "exit_if_rejected"]
 _SCHEDULE_CHOICES = ("all", *SCHEDULES)
 
 
-#: Files larger than this are not parsed here: `load_model` reads them under its own limits.
-_PLAN_PARSE_LIMIT = 64 * 2**20
-
-
 def _read_json(path):
-    """The parsed JSON of regular file `path`, or None (not JSON, or too large: a model for `load_model`)."""
-    import json
+    """The parsed JSON of regular file `path`, or None when it is not JSON text (a model for `load_model`).
+
+    Read with `cachefit.limits.read_json_file`, so a file over the file-size
+    limit is refused here with that limit's message.
+    """
+    from .limits import max_file_bytes, read_json_file
 
     try:
-        if path.stat().st_size > _PLAN_PARSE_LIMIT:
-            return None
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return read_json_file(path, what="`MODEL`")
+    except InputError:
+        if path.stat().st_size > max_file_bytes():
+            raise
         return None
 
 

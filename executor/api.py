@@ -74,6 +74,9 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
             raise InputError(f"`device` {str(device)!r} differs from the model's device "
                              f"{str(model.device)!r}; build the model on the device to run on")
         return model, groups
+    if isinstance(model, torch.nn.Module) and plan.graph.graph.get("source") == "torch.export":
+        from .export import build_export
+        return build_export(plan.graph, model, example_inputs, groups=groups, device=device, dtype=dtype)
     if isinstance(model, torch.nn.Module):
         from .fx import build_fx
         return build_fx(plan.graph, model, example_inputs, groups=groups, device=device, dtype=dtype)

@@ -38,7 +38,6 @@ class FxCall(nn.Module):
         self.args_template, self.kwargs_template = node.args, node.kwargs
         self.input_names = tuple(input_names)
         self.call = None
-        self.attr = None
         if node.op == "call_module":
             self.call = root.get_submodule(node.target)
         elif node.op == "get_attr":
@@ -46,8 +45,8 @@ class FxCall(nn.Module):
             for part in str(node.target).split("."):
                 value = getattr(value, part)
             if isinstance(value, nn.Parameter):
-                self.attr = value
-            else:
+                self.attr = value  # registered as this step's parameter
+            else:  # a buffer or constant (a plain attribute set first would clash with the buffer's name)
                 self.register_buffer("attr", value if isinstance(value, torch.Tensor) else torch.as_tensor(value),
                                      persistent=False)
         self._map_arg = torch.fx.node.map_arg

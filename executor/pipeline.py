@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 #: Schedule names accepted by `run_pipeline` -> the ``torch.distributed.pipelining`` class name.
 PIPELINE_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 
+#: Graph sources whose plans run with the user's own module (`from_torch`).
+FROM_TORCH_SOURCES = ("torch.fx", "torch.export")
+
 #: The environment ``torchrun`` sets for every rank.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -521,7 +524,7 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
     graph = plan_graph(plan)
     stage_groups(plan, graph)
     verify_plan(plan)
-    from_torch = graph.graph.get("source") == "torch.fx"
+    from_torch = graph.graph.get("source") in FROM_TORCH_SOURCES
     reference_module, inputs, tokens_per_row = _reference(plan, graph, module, example_inputs, launcher=launcher,
                                                           seed=seed, dtype=dtype)
     rows = _check_rows(inputs, microbatches, tokens_per_row, int(graph.graph.get("seq_len") or 1),
@@ -557,7 +560,7 @@ def _reference(plan, graph, module, example_inputs, *, launcher, seed, dtype):
     plan's graph materialised, after its module bytes are verified against
     the plan and its copies are known to fit host memory.
     """
-    if graph.graph.get("source") == "torch.fx":
+    if graph.graph.get("source") in FROM_TORCH_SOURCES:
         if module is None or example_inputs is None:
             raise InputError("the plan's graph was imported with from_torch: pass that `module` and its "
                              "`example_inputs` (one step, batch along dimension 0)")
@@ -579,8 +582,12 @@ def _compare(output, reference_module, inputs):
     """The `Comparison` of the pipelined `output` with the whole module run here on `inputs`."""
     from .runner import compare_outputs
 
+    from .export import tensor_leaves
+
     with torch.no_grad():
         reference = reference_module(*inputs)
+    if not isinstance(reference, torch.Tensor):  # a ModelOutput, a dict, nested tuples: their tensors
+        reference, output = tensor_leaves(reference), tensor_leaves(output)
     several = isinstance(reference, (tuple, list))
     names = tuple(f"output.{i}" for i in range(len(reference))) if several else ("output",)
 

@@ -135,11 +135,12 @@ def verify_module_bytes(graph):
 
     Notes
     -----
-    Graphs imported from a torch module (``source`` ``"torch.fx"``) run with
+    Graphs imported from a torch module (``source`` ``"torch.fx"`` or
+    ``"torch.export"``) run with
     the user's own module and are not checked here; nor are graphs whose
     dtype has no fixed element size (the comparison needs one).
     """
-    if graph.graph.get("source") == "torch.fx":
+    if graph.graph.get("source") in ("torch.fx", "torch.export"):
         return
     dtype = str(graph.graph.get("dtype", "")).lower()
     if dtype not in DTYPE_BYTES:
