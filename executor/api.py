@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from ..progress import task
 from ..units import DTYPE_BYTES
 from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
@@ -126,6 +127,8 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         The whole pass's inputs for a ``torch.nn.Module`` model.
     progress : callable, optional
         Called with each `ScheduleResult` as soon as its schedule has run.
+        (Every pass is also reported to `cachefit.progress` as task
+        ``"run"``; the CLI shows it on a terminal.)
 
     Returns
     -------
@@ -181,11 +184,13 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         reference = {name: tensor.clone() for name, tensor in model.reference().items()}
     l2 = _L2Record(requested=bool(l2_persist) and on_cuda)
     results = []
-    for name in resolve_schedules(schedule, "cuda" if on_cuda else "cpu"):
-        result = _run_schedule(name, setup, reference, l2)
-        results.append(result)
-        if progress is not None:
-            progress(result)
+    names = resolve_schedules(schedule, "cuda" if on_cuda else "cpu")
+    with task("run", total=len(names) * (setup.warmup + setup.iters)) as bar:
+        for name in names:
+            result = _run_schedule(name, setup, reference, l2, on_pass=_pass_counter(bar, name, setup))
+            results.append(result)
+            if progress is not None:
+                progress(result)
     l2_info = l2.to_dict(bool(l2_persist))
     if l2.statuses and not l2_info.get("available"):
         notes.append(f"L2 persistence {l2.statuses[-1]}")
@@ -301,7 +306,19 @@ class _L2Record:
         return info
 
 
-def _run_schedule(name, setup, reference, l2):
+def _pass_counter(bar, name, setup):
+    """A callable that advances `bar` by one pass of schedule `name`, naming the pass."""
+    count = [0]
+
+    def on_pass():
+        count[0] += 1
+        kind = "warm-up" if count[0] <= setup.warmup else "timed"
+        bar.advance(detail=f"{name}: pass {count[0]}/{setup.warmup + setup.iters} ({kind})")
+
+    return on_pass
+
+
+def _run_schedule(name, setup, reference, l2, on_pass=None):
     """Prepare, time, check and release one schedule; its `ScheduleResult`.
 
     The L2 set-aside and the windows exist only around the schedules whose
@@ -312,6 +329,7 @@ def _run_schedule(name, setup, reference, l2):
     model, spec = setup.model, SCHEDULE_TABLE[name]
     job = make_schedule(name, model, setup.runners, setup.chunk_tokens, setup.micro_batches,
                         on_cuda=setup.on_cuda)
+    job.on_pass = on_pass
     with contextlib.ExitStack() as stack:
         stack.callback(job.release)
         persistence = None

@@ -262,6 +262,9 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
     (8, 50)
     """
     graph = _as_graph(graph)
+    from .verify import refuse_onnx
+
+    refuse_onnx(graph)
     if graph.graph.get("source") in ("torch.fx", "torch.export"):
         raise InputError(f"`graph` was imported from a torch module (source {graph.graph['source']!r}): run it "
                          "with that module, "
