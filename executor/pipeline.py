@@ -154,6 +154,7 @@ def run_stage(rank, world_size, job, *, device=None):
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import pipeline
+    from torch.utils._pytree import tree_map
 
     device = torch.device("cpu") if device is None else torch.device(device)
     module, inputs = _module_and_inputs(job)
@@ -177,10 +178,12 @@ def run_stage(rank, world_size, job, *, device=None):
             torch.cuda.synchronize(device)
         started[0] = time.perf_counter()
 
-    def after(_module, _args, _output):
+    def after(_module, _args, output):
         if on_cuda:
             torch.cuda.synchronize(device)
         busy[0] += time.perf_counter() - started[0]
+        # gloo sends only contiguous tensors; a stage may end on a view (a transposed or expanded mask)
+        return tree_map(lambda value: value.contiguous() if isinstance(value, torch.Tensor) else value, output)
 
     stage.submod.register_forward_pre_hook(before)
     stage.submod.register_forward_hook(after)
