@@ -139,6 +139,25 @@ def _first_stage_inputs(pipe):
     return [position[arg] for arg in first.args]
 
 
+def _contiguous_inputs(pipe):
+    """Make every stage receive its activations into contiguous buffers.
+
+    The runtime allocates a stage's receive buffers with the strides its
+    inputs had while tracing, and gloo refuses a non-contiguous buffer (an
+    expanded attention mask has stride 0); the sending stage hands on
+    contiguous tensors (`run_stage`'s forward hook), so contiguous buffers
+    receive the same values.
+    """
+    for _, submodule in pipe.split_gm.named_children():
+        graph = getattr(submodule, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            value = node.meta.get("val") if node.op == "placeholder" else None
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                node.meta["val"] = value.contiguous()
+
+
 def run_stage(rank, world_size, job, *, device=None):
     """Run this process's stage of `job` (the process group is already initialised).
 
@@ -162,6 +181,7 @@ def run_stage(rank, world_size, job, *, device=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own deprecation notices while tracing
         pipe = pipeline(module, _split_rows(inputs, job.microbatches), split_spec=spec)
+    _contiguous_inputs(pipe)
     if pipe.num_stages != world_size:
         raise CachefitError(f"the runtime cut the module into {pipe.num_stages} stage(s), the plan has "
                             f"{world_size}")

@@ -235,3 +235,35 @@ def test_transformers_two_stage_pipeline_on_gloo(imported, name):
     result = executor.run_pipeline(plan, module=model, example_inputs=(tokens,), microbatches=2, warmup=0,
                                    iters=1, timeout_s=600)
     assert result.equivalent
+
+
+# --- tiled plans of user modules (torch.fx) -----------------------------------------------------
+
+def test_tiled_user_module_runs_each_tile_as_its_slice():
+    from cachefit.graphs import tile
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(4, 64)
+    graph = from_torch(module, x)
+    tiled = tile(graph, 40000)
+    assert {"_0.tile.0", "_0.tile.1", "_2.tile.0", "_2.tile.1"} <= set(tiled)
+    plan = cachefit.plan(graph, 40000, tile=True, solver="dp")
+    assert plan.ok and cachefit.check(plan).ok
+    result = executor.run(plan, module, example_inputs=x, device="cpu", micro_batches=2, warmup=0, iters=1,
+                          schedule=["eager", "partition-major"])
+    assert result.equivalent
+    by_first = {group.first: group.weight_bytes for group in result.groups}
+    assert by_first["_0.tile.0"] == plan.graph.nodes["_0.tile.0"]["weight_bytes"] == 33280  # (64 + 1) × 128 × 4 B
+
+
+def test_tiles_of_an_export_graph_are_refused_in_one_line():
+    from cachefit.graphs import tile
+
+    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(4, 64)
+    graph = from_torch(module, x, capture="export")
+    plan = cachefit.plan(graph, 40000, tile=True, solver="dp")
+    assert plan.ok and any("tile" in node for group in plan.partitions for node in group)
+    with pytest.raises(InputError, match=r"^`plan` does not match `model`: plan node '.*\.tile\.0' is not"):
+        executor.run(plan, module, example_inputs=x, device="cpu", iters=1)
