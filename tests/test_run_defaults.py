@@ -96,3 +96,16 @@ def test_bench_reports_every_run():
     assert advanced == recorder.events[0][2] == len(results["runs"]) == 2
     details = [event[3] for event in recorder.events if event[0] == "update" and event[3]]
     assert any(detail.endswith(": dp") and detail.startswith(results["runs"][0]["instance"]) for detail in details)
+
+
+def test_plan_file_over_the_file_limit_is_refused_by_the_one_limit(stack_file, monkeypatch):
+    import cachefit
+
+    plan = cachefit.plan(linear_stack(4, 64, batch=2, seq_len=16), "20KiB", solver="greedy")
+    path = stack_file.parent / "plan.json"
+    plan.to_json(path)
+    monkeypatch.setenv("CACHEFIT_MAX_FILE_BYTES", "1000")
+    result = CliRunner().invoke(run_command, [str(path)])
+    assert result.exit_code == 2
+    assert "bytes; cachefit reads files of at most 1,000 bytes (set CACHEFIT_MAX_FILE_BYTES" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
