@@ -44,6 +44,8 @@ the start (where the kernel does not support the reset, ``ru_maxrss``).
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import logging
 import multiprocessing
@@ -492,7 +494,8 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
     check_timeout_s : float
         Allowance for `cachefit.check` in the child.
     progress : rich.progress.Progress, optional
-        A started progress bar to advance (the CLI passes one).
+        A started progress bar to advance; default: report through
+        `cachefit.progress` (one task, advanced per run; the CLI shows it).
 
     Returns
     -------
@@ -525,33 +528,14 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
         family_status[family] = {"available": ok, "reason": reason}
     specs = [spec for spec in specs if family_status[spec.family]["available"]]
 
-    task = None
-    if progress is not None:
-        task = progress.add_task("benchmark", total=len(specs) * (len(chosen) + len(peers)))
-    runs = []
     solve_timeout = 1.25 * time_limit_s + min(5.0, time_limit_s) + REPEAT_BUDGET_S
-    for spec in specs:
-        if progress is not None:
-            progress.update(task, description=f"{spec.name}: generating")
-        try:
-            instance, capacity = generate(spec.family, spec.n, seed=spec.seed, capacity=spec.capacity_mode,
-                                          memory=spec.memory)
-        except Exception as exc:  # a family that fails to build is recorded, not fatal
-            logger.warning("instance %s failed to build: %s", spec.name, exc)
-            family_status[spec.family] = {"available": False, "reason": f"{spec.name}: {type(exc).__name__}: {exc}"}
-            if progress is not None:
-                progress.advance(task, len(chosen) + len(peers))
-            continue
-        table, info = _instance_info(spec, instance, capacity)
-        check_graph = table.to_graph() if table.graph is None else table.graph
-        limits = {"time_limit_s": time_limit_s, "repeats": repeats, "memory_limit_bytes": memory_limit_bytes,
-                  "solve_timeout_s": solve_timeout, "check_timeout_s": check_timeout_s}
-        instance_runs = _run_solvers(spec, info, table, capacity, check_graph, chosen, limits, progress, task)
-        instance_runs.extend(_run_peers(spec, info, table, capacity, check_graph, instance_runs, peers,
-                                        time_limit_s, repeats, memory_limit_bytes, solve_timeout, check_timeout_s, progress,
-                                        task))
-        runs.extend(instance_runs)
-        del check_graph, table, instance
+    limits = {"time_limit_s": time_limit_s, "repeats": repeats, "memory_limit_bytes": memory_limit_bytes,
+              "solve_timeout_s": solve_timeout, "check_timeout_s": check_timeout_s}
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = _TaskProgress(stack)
+        task = progress.add_task("benchmark", total=len(specs) * (len(chosen) + len(peers)))
+        runs = _run_specs(specs, chosen, peers, family_status, limits, progress, task)
     add_quality(runs)
     settings = {"mode": "quick" if quick else "full", "time_limit_s": time_limit_s, "repeats": repeats,
                 "repeat_budget_s": REPEAT_BUDGET_S, "seed": seed, "memory_override": memory,
@@ -562,6 +546,51 @@ def run_benchmark(*, quick=False, families=None, ns=None, solvers=None, extra_so
                 "load_average_start": load_start, "load_average_end": _load_average()}
     return {"settings": settings, "families": family_status,
             "peers": {"available": available_peer_names, "missing": missing_peers}, "runs": runs}
+
+
+class _TaskProgress:
+    """The rich ``Progress`` calls `run_benchmark` makes, reported through `cachefit.progress`
+    (shown only where the CLI installed a reporter)."""
+
+    def __init__(self, stack):
+        self._stack, self._handle = stack, None
+
+    def add_task(self, name, total=None):
+        from cachefit.progress import task
+
+        self._handle = self._stack.enter_context(task(name, total=total))
+        return name
+
+    def update(self, _task, *, description=None, **_):
+        self._handle.update(detail=description)
+
+    def advance(self, _task, steps=1):
+        self._handle.advance(steps)
+
+
+def _run_specs(specs, chosen, peers, family_status, limits, progress, task):
+    """The run records of every instance in `specs` (a family that fails to build is marked unavailable)."""
+    runs = []
+    for spec in specs:
+        progress.update(task, description=f"{spec.name}: generating")
+        try:
+            instance, capacity = generate(spec.family, spec.n, seed=spec.seed, capacity=spec.capacity_mode,
+                                          memory=spec.memory)
+        except Exception as exc:  # a family that fails to build is recorded, not fatal
+            logger.warning("instance %s failed to build: %s", spec.name, exc)
+            family_status[spec.family] = {"available": False, "reason": f"{spec.name}: {type(exc).__name__}: {exc}"}
+            progress.advance(task, len(chosen) + len(peers))
+            continue
+        table, info = _instance_info(spec, instance, capacity)
+        check_graph = table.to_graph() if table.graph is None else table.graph
+        instance_runs = _run_solvers(spec, info, table, capacity, check_graph, chosen, limits, progress, task)
+        instance_runs.extend(_run_peers(spec, info, table, capacity, check_graph, instance_runs, peers,
+                                        limits["time_limit_s"], limits["repeats"], limits["memory_limit_bytes"],
+                                        limits["solve_timeout_s"], limits["check_timeout_s"], progress,
+                                        task))
+        runs.extend(instance_runs)
+        del check_graph, table, instance
+    return runs
 
 
 def _selection(solvers, extra_solvers, peers):

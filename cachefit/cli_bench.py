@@ -63,25 +63,27 @@ def _extra_solvers(values):
 @click.option("--no-peers", is_flag=True, help="Run no peer partitioners.")
 @click.option("--extra-solver", "extra", multiple=True, metavar="NAME=MODULE:FUNCTION",
               help="Also benchmark this function (the common solver signature) under NAME (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line (it is shown only on a terminal, on stderr).")
 @friendly
 def solvers_command(quick, families, solvers, ns, out_dir, time_limit_s, repeats, seed, capacity_modes, memory,
-                    no_peers, extra):
-    """Compare every solver (and the peers, on chains) on seeded instance families."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                    no_peers, extra, quiet):
+    """Compare every solver (and the peers, on chains) on seeded instance families.
 
+    Progress (per run: instance and solver) goes to stderr when it is a
+    terminal, through cachefit.progress; --quiet silences it.
+    """
     from cachefit.bench.report import write_report
     from cachefit.bench.solvers import run_benchmark
+    from cachefit.progress import cli_reporter, reporting
 
     extra_solvers = _extra_solvers(extra)
     if out_dir is None:
         out_dir = "bench/results-quick" if quick else "bench/results"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with reporting(cli_reporter(quiet)):
         results = run_benchmark(quick=quick, families=families or None, ns=list(ns) or None,
                                 solvers=list(solvers) or None, extra_solvers=extra_solvers,
                                 peers=[] if no_peers else None, time_limit_s=time_limit_s, repeats=repeats,
-                                seed=seed, memory=memory, capacity_modes=capacity_modes or ("tight", "loose"),
-                                progress=progress)
+                                seed=seed, memory=memory, capacity_modes=capacity_modes or ("tight", "loose"))
     command = "cachefit bench " + " ".join(shlex.quote(arg) for arg in sys.argv[sys.argv.index("solvers"):]) \
         if "solvers" in sys.argv else None
     paths = write_report(results, out_dir, command=command)

@@ -20,19 +20,19 @@ __all__ = ["run", "exit_if_rejected"]
 _SCHEDULE_CHOICES = ("all", *SCHEDULES)
 
 
-#: Files larger than this are not parsed here: `load_model` reads them under its own limits.
-_PLAN_PARSE_LIMIT = 64 * 2**20
-
-
 def _read_json(path):
-    """The parsed JSON of regular file `path`, or None (not JSON, or too large: a model for `load_model`)."""
-    import json
+    """The parsed JSON of regular file `path`, or None when it is not JSON text (a model for `load_model`).
+
+    Read with `cachefit.limits.read_json_file`, so a file over the file-size
+    limit is refused here with that limit's message.
+    """
+    from .limits import max_file_bytes, read_json_file
 
     try:
-        if path.stat().st_size > _PLAN_PARSE_LIMIT:
-            return None
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return read_json_file(path, what="`MODEL`")
+    except InputError:
+        if path.stat().st_size > max_file_bytes():
+            raise
         return None
 
 
@@ -84,6 +84,21 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
                      chunk_fraction=fraction, **options)
 
 
+#: The CPU quick check `cachefit run` makes when no schedule or pass count is given.
+QUICK_SCHEDULES, QUICK_WARMUP, QUICK_PASSES = ("eager", "partition-major"), 1, 3
+
+
+def _run_defaults(device, schedule, warmup, iters):
+    """(schedule, warmup, iters) to run: on a CPU with none of them given, the quick check (said on
+    the console, with how to ask for the full comparison); else 'all' and the executor's counts."""
+    if device == "cpu" and schedule is None and warmup is None and iters is None:
+        console.print(f"quick check: partition-major against eager (the reference), {QUICK_WARMUP} warm-up + "
+                      f"{QUICK_PASSES} timed passes; every schedule: --schedule all --passes 10",
+                      highlight=False)
+        return list(QUICK_SCHEDULES), QUICK_WARMUP, QUICK_PASSES
+    return schedule or "all", warmup, iters
+
+
 @click.command("run")
 @click.argument("model")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -91,8 +106,9 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
               help="Tokens per chunk (a multiple of seq_len for models with attention).")
 @click.option("--micro-batches", type=int, default=None,
               help="Chunks per pass; chunk-tokens × micro-batches = batch × seq_len.")
-@click.option("--schedule", type=click.Choice(_SCHEDULE_CHOICES), default="all", show_default=True,
-              help="Which schedule(s) to run; 'all' runs the plan's and every baseline.")
+@click.option("--schedule", type=click.Choice(_SCHEDULE_CHOICES), default=None,
+              help="Which schedule(s) to run; 'all' runs the plan's and every baseline.  Default: on a CPU "
+                   "a quick check, partition-major against eager (the reference); on CUDA 'all'.")
 @click.option("--l2-persist", is_flag=True,
               help="CUDA: persisting-L2 window over each group's weights on its graph's kernel nodes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -110,12 +126,15 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
 @click.option("--granularity", default="op", show_default=True, type=click.Choice(["block", "op"]))
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype to compute in (default: the graph's on CUDA, fp32 on the CPU).")
-@click.option("--warmup", type=int, default=None, help="Untimed passes per schedule (CPU 2, CUDA 5).")
-@click.option("--iters", type=int, default=None, help="Timed passes per schedule (CPU 10, CUDA 20).")
+@click.option("--warmup", type=int, default=None,
+              help="Untimed passes per schedule (CPU quick check 1, CPU 2, CUDA 5).")
+@click.option("--passes", "--iters", "iters", type=int, default=None,
+              help="Timed passes per schedule (CPU quick check 3, CPU 10, CUDA 20).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress line (it is shown only on a terminal, on stderr).")
 @friendly
 def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_path, capacity, solver, tile, memory,
-        batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed):
+        batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed, quiet):
     """Run MODEL (a plan file, or a model to plan first) group by group and time it against its baselines.
 
     The plan is checked first (cachefit check, then every node's module
@@ -123,6 +142,12 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     and every schedule's output against the unpartitioned model's.  Exit
     codes: 0 all outputs equivalent, 1 no plan, a plan the checks reject or
     an output differs, 2 bad input.
+
+    On a CPU, with no --schedule, --warmup or --passes, the run is a quick
+    check: partition-major against eager, 1 warm-up and 3 timed passes.
+    The full comparison of every schedule: --schedule all --passes 10.
+    Progress (per schedule and pass) goes to stderr on a terminal; --quiet
+    silences it.
     """
     try:
         import torch  # noqa: F401
@@ -130,6 +155,7 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
         raise InputError("`cachefit run` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .executor import render
     from .executor import run as execute
+    from .progress import cli_reporter, reporting
     from .units import format_bytes
 
     plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
@@ -141,9 +167,11 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     exit_if_rejected(plan)
     console.print(f"plan: {plan.k} group(s) ({plan.solver}, {plan.status}) within "
                   f"{format_bytes(plan.capacity)}; running on {device}", highlight=False)
-    result = execute(plan, device=device, chunk_tokens=chunk_tokens, micro_batches=micro_batches,
-                     schedule=schedule, l2_persist=l2_persist, seed=seed, dtype=compute_dtype,
-                     warmup=warmup, iters=iters)
+    schedule, warmup, iters = _run_defaults(device, schedule, warmup, iters)
+    with reporting(cli_reporter(quiet)):
+        result = execute(plan, device=device, chunk_tokens=chunk_tokens, micro_batches=micro_batches,
+                         schedule=schedule, l2_persist=l2_persist, seed=seed, dtype=compute_dtype,
+                         warmup=warmup, iters=iters)
     for renderable in render(result):
         console.print(renderable)
     if json_path:

@@ -81,6 +81,24 @@ def format_device(num_bytes):
     return format_bytes(num_bytes, binary=not decimal)
 
 
+def _allowed_starts(graph, boundaries):
+    """The nodes a stage may begin at under `boundaries` (see `stages`), or None for any node."""
+    if isinstance(boundaries, str):
+        if boundaries == "any":
+            return None
+        if boundaries != "auto":
+            raise InputError(f"`boundaries` must be 'auto', 'any' or a collection of node ids, got {boundaries!r}")
+        from .executor.boundaries import stage_boundaries
+
+        digraph = graph.graph if isinstance(graph, LayerTable) else graph
+        return None if digraph is None else stage_boundaries(digraph)
+    try:
+        return set(boundaries)
+    except TypeError:
+        raise InputError(f"`boundaries` must be 'auto', 'any' or a collection of node ids, got "
+                         f"{type(boundaries).__name__}") from None
+
+
 def _stage_capacity(device_capacity, reserve):
     total = parse_capacity(device_capacity, name="device_capacity")
     reserved = parse_bytes(reserve, name="reserve")
@@ -91,7 +109,7 @@ def _stage_capacity(device_capacity, reserve):
 
 
 def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memory="liveness", solver="dp",
-           time_limit_s=None):
+           time_limit_s=None, boundaries="auto"):
     """A pipeline-stage plan: exactly `devices` groups, each within one device, balanced.
 
     Parameters
@@ -120,6 +138,14 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
         the node order, which a pipeline runtime needs, and is exact for it.
     time_limit_s : float, optional
         For solvers that search.
+    boundaries : "auto", "any" or collection of str
+        Nodes a stage may begin at.  ``"auto"`` (default): for a graph that
+        ``from_torch`` captured with ``torch.export``, only nodes where a
+        module call begins (`cachefit.executor.boundaries`), the cuts
+        ``torch.distributed.pipelining`` can make; any node otherwise.
+        ``"any"``: no constraint.  With a constraint the stages are solved
+        by `cachefit.stage_cuts.cut_at_boundaries` (the smallest bottleneck
+        among runs that begin at allowed nodes; `solver` is not used).
 
     Returns
     -------
@@ -175,8 +201,14 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
     capacity = _stage_capacity(device_capacity, reserve)
     total = parse_capacity(device_capacity, name="device_capacity")
     fewest = min_devices(graph, total, reserve=total - capacity, memory=memory)
-    result = SOLVERS[solver](graph, capacity, memory=memory, k=devices, time_limit_s=time_limit_s,
-                             balance=balance)
+    allowed = _allowed_starts(graph, boundaries)
+    if allowed is not None:
+        from .stage_cuts import cut_at_boundaries
+
+        result = cut_at_boundaries(graph, capacity, k=devices, allowed=allowed, memory=memory, balance=balance)
+    else:
+        result = SOLVERS[solver](graph, capacity, memory=memory, k=devices, time_limit_s=time_limit_s,
+                                 balance=balance)
     stats = {"devices": devices, "device_capacity": total, "reserve": total - capacity, "min_devices": fewest,
              "balance": balance}
     if not result.ok:

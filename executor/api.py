@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from ..progress import task
 from ..units import DTYPE_BYTES
 from .chunked import kv_prefix_note, prepare_chunks
 from .fingerprint import check_plan_groups, check_same_graph, plan_graph
@@ -75,6 +76,9 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
             raise InputError(f"`device` {str(device)!r} differs from the model's device "
                              f"{str(model.device)!r}; build the model on the device to run on")
         return model, groups
+    if isinstance(model, torch.nn.Module) and plan.graph.graph.get("source") == "torch.export":
+        from .export import build_export
+        return build_export(plan.graph, model, example_inputs, groups=groups, device=device, dtype=dtype)
     if isinstance(model, torch.nn.Module):
         from .fx import build_fx
         return build_fx(plan.graph, model, example_inputs, groups=groups, device=device, dtype=dtype)
@@ -127,6 +131,8 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         The whole pass's inputs for a ``torch.nn.Module`` model.
     progress : callable, optional
         Called with each `ScheduleResult` as soon as its schedule has run.
+        (Every pass is also reported to `cachefit.progress` as task
+        ``"run"``; the CLI shows it on a terminal.)
 
     Returns
     -------
@@ -183,11 +189,13 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         reference = {name: tensor.clone() for name, tensor in model.reference().items()}
     l2 = _L2Record(requested=bool(l2_persist) and on_cuda)
     results = []
-    for name in resolve_schedules(schedule, "cuda" if on_cuda else "cpu"):
-        result = _run_schedule(name, setup, reference, l2)
-        results.append(result)
-        if progress is not None:
-            progress(result)
+    names = resolve_schedules(schedule, "cuda" if on_cuda else "cpu")
+    with task("run", total=len(names) * (setup.warmup + setup.iters)) as bar:
+        for name in names:
+            result = _run_schedule(name, setup, reference, l2, on_pass=_pass_counter(bar, name, setup))
+            results.append(result)
+            if progress is not None:
+                progress(result)
     l2_info = l2.to_dict(bool(l2_persist))
     if l2.statuses and not l2_info.get("available"):
         notes.append(f"L2 persistence {l2.statuses[-1]}")
@@ -303,7 +311,19 @@ class _L2Record:
         return info
 
 
-def _run_schedule(name, setup, reference, l2):
+def _pass_counter(bar, name, setup):
+    """A callable that advances `bar` by one pass of schedule `name`, naming the pass."""
+    count = [0]
+
+    def on_pass():
+        count[0] += 1
+        kind = "warm-up" if count[0] <= setup.warmup else "timed"
+        bar.advance(detail=f"{name}: pass {count[0]}/{setup.warmup + setup.iters} ({kind})")
+
+    return on_pass
+
+
+def _run_schedule(name, setup, reference, l2, on_pass=None):
     """Prepare, time, check and release one schedule; its `ScheduleResult`.
 
     The L2 set-aside and the windows exist only around the schedules whose
@@ -314,6 +334,7 @@ def _run_schedule(name, setup, reference, l2):
     model, spec = setup.model, SCHEDULE_TABLE[name]
     job = make_schedule(name, model, setup.runners, setup.chunk_tokens, setup.micro_batches,
                         on_cuda=setup.on_cuda)
+    job.on_pass = on_pass
     with contextlib.ExitStack() as stack:
         stack.callback(job.release)
         persistence = None

@@ -26,7 +26,7 @@ from ..errors import InputError
 from .fingerprint import graph_fingerprint
 from .model import BuiltModel, Step, torch_dtype
 
-__all__ = ["build_fx", "FxCall"]
+__all__ = ["build_fx", "FxCall", "Concat"]
 
 
 class FxCall(nn.Module):
@@ -38,7 +38,6 @@ class FxCall(nn.Module):
         self.args_template, self.kwargs_template = node.args, node.kwargs
         self.input_names = tuple(input_names)
         self.call = None
-        self.attr = None
         if node.op == "call_module":
             self.call = root.get_submodule(node.target)
         elif node.op == "get_attr":
@@ -46,8 +45,8 @@ class FxCall(nn.Module):
             for part in str(node.target).split("."):
                 value = getattr(value, part)
             if isinstance(value, nn.Parameter):
-                self.attr = value
-            else:
+                self.attr = value  # registered as this step's parameter
+            else:  # a buffer or constant (a plain attribute set first would clash with the buffer's name)
                 self.register_buffer("attr", value if isinstance(value, torch.Tensor) else torch.as_tensor(value),
                                      persistent=False)
         self._map_arg = torch.fx.node.map_arg
@@ -75,6 +74,8 @@ def _plan_names(graph, fx_nodes):
     by_target = {str(node.target): node for node in fx_nodes if node.op == "call_module"}
     mapping, taken = {}, {}
     for node_id, attrs in graph.nodes(data=True):
+        if attrs.get("tile") is not None and attrs.get("parent") is not None:
+            continue  # a tile runs as its slice of the parent's fx node (see `_tile_steps`)
         found = None
         for candidate in (node_id, attrs.get("fx_name")):
             if candidate is not None and candidate in by_name:
@@ -145,7 +146,7 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     fx_nodes = list(traced.graph.nodes)
     mapping = _plan_names(graph, fx_nodes)
     step_name = {fx: plan for plan, fx in mapping.items()}
-    group_of = {mapping[node]: index for index, group in enumerate(groups) for node in group}
+    group_of = {mapping[node]: index for index, group in enumerate(groups) for node in group if node in mapping}
 
     placeholders = [node for node in fx_nodes if node.op == "placeholder"]
     if len(placeholders) != len(inputs):
@@ -156,14 +157,20 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     def value_id(node):
         return f"@{node.name}" if node.op == "placeholder" else step_name.get(node.name, node.name)
 
+    tiles = _tiles_by_parent(graph, groups)
     steps = []
     completed = [[] for _ in groups]
     for node in fx_nodes:
         if node.op in ("placeholder", "output"):
             continue
         input_nodes = list(node.all_input_nodes)
+        reads = tuple(value_id(arg) for arg in input_nodes)
+        if value_id(node) in tiles:
+            _tile_steps(node, traced, tiles[value_id(node)], reads, group_of, steps, completed,
+                        [arg.name for arg in input_nodes])
+            continue
         call = FxCall(node, traced, [arg.name for arg in input_nodes])
-        steps.append(Step(value_id(node), call, tuple(value_id(arg) for arg in input_nodes)))
+        steps.append(Step(value_id(node), call, reads))
         completed[group_of[node.name]].append(value_id(node))
     output = next(node for node in fx_nodes if node.op == "output")
     result = output.args[0]
@@ -184,6 +191,81 @@ def build_fx(graph, module, example_inputs, *, groups, device=None, dtype=None):
     ordered = [model_inputs[f"@{node.name}"] for node in placeholders]
     model.whole_forward = lambda: traced(*ordered)
     return model, completed
+
+
+class Concat(nn.Module):
+    """Joins tile outputs along `dim` (the parent's output, rebuilt from its slices)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *parts):
+        return torch.cat(parts, dim=self.dim)
+
+
+def _tiles_by_parent(graph, groups):
+    """parent id -> [(tile id, offset, width, group index)] for the plan's tile nodes, in tile order."""
+    group_index = {node: index for index, group in enumerate(groups) for node in group}
+    tiles = {}
+    for node, attrs in graph.nodes(data=True):
+        if attrs.get("tile") is None or attrs.get("parent") is None:
+            continue
+        if attrs.get("join") != "cat":
+            raise InputError(f"tile {node!r} is joined by {attrs.get('join')!r}; a user module's tiles run "
+                             "only as output slices joined by concatenation")
+        axis = {"linear": "out_features", "conv": "out_features", "embedding": "embedding_dim"}.get(attrs.get("op"))
+        if axis is None:
+            raise InputError(f"tile {node!r} is of a {attrs.get('op')!r} node; a user module's tiles run for "
+                             "linear, conv and embedding modules")
+        tiles.setdefault(attrs["parent"], []).append(
+            (int(attrs["tile"][0]), node, int(attrs["tile_offset"]), int(attrs[axis]), group_index[node]))
+    return {parent: [entry[1:] for entry in sorted(entries)] for parent, entries in tiles.items()}
+
+
+def _sliced(module, offset, width):
+    """A copy of `module` computing output units [offset, offset + width) (its own weight slice)."""
+    if isinstance(module, nn.Linear):
+        part = nn.Linear(module.in_features, width, bias=module.bias is not None)
+        part.weight.data = module.weight.data[offset:offset + width].clone()
+    elif isinstance(module, nn.Embedding):
+        part = nn.Embedding(module.num_embeddings, width, padding_idx=module.padding_idx)
+        part.weight.data = module.weight.data[:, offset:offset + width].clone()
+        return part
+    elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+        part = copy.deepcopy(module)
+        part.out_channels = width
+        part.weight = nn.Parameter(module.weight.data[offset:offset + width].clone())
+        if module.bias is None:
+            return part
+    else:
+        raise InputError(f"a tile of module {type(module).__name__} cannot run: tiles of a user module run for "
+                         "nn.Linear, nn.Embedding and ungrouped convolutions")
+    if module.bias is not None:
+        part.bias = nn.Parameter(module.bias.data[offset:offset + width].clone())
+    return part
+
+
+def _tile_steps(node, traced, tiles, reads, group_of, steps, completed, input_names):
+    """One step per tile of fx node `node` (its module's slice, in the tile's group) and the join."""
+    if node.op != "call_module":
+        raise InputError(f"tiles of {node.name!r} cannot run: it is not a submodule call")
+    module = traced.get_submodule(node.target)
+    earliest = max((group_of.get(name, 0) for name in input_names), default=0)
+    join_group = group_of[node.name]
+    names = []
+    for tile_id, offset, width, group in tiles:
+        if not earliest <= group <= join_group:
+            raise InputError(f"`plan` cannot run `model` in order: tile {tile_id!r} (group {group}) must lie "
+                             f"between its inputs' group {earliest} and its join's group {join_group}")
+        call = FxCall(node, traced, input_names)
+        call.call = _sliced(module, offset, width)
+        steps.append(Step(tile_id, call, reads))
+        completed[group].append(tile_id)
+        names.append(tile_id)
+    dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+    steps.append(Step(node.name, Concat(dim), tuple(names)))
+    completed[join_group].append(node.name)
 
 
 def _complete_groups(fx_nodes, group_of):

@@ -262,8 +262,12 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
     (8, 50)
     """
     graph = _as_graph(graph)
-    if graph.graph.get("source") == "torch.fx":
-        raise InputError("`graph` was imported from a torch module (source 'torch.fx'): run it with that module, "
+    from .verify import refuse_onnx
+
+    refuse_onnx(graph)
+    if graph.graph.get("source") in ("torch.fx", "torch.export"):
+        raise InputError(f"`graph` was imported from a torch module (source {graph.graph['source']!r}): run it "
+                         "with that module, "
                          "cachefit.executor.run(plan, model=module, example_inputs=...)")
     device = _device(device)
     dtype = torch_dtype(dtype, graph_dtype=graph.graph.get("dtype"), device=device)

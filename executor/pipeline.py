@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 #: Schedule names accepted by `run_pipeline` -> the ``torch.distributed.pipelining`` class name.
 PIPELINE_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 
+#: Graph sources whose plans run with the user's own module (`from_torch`).
+FROM_TORCH_SOURCES = ("torch.fx", "torch.export")
+
 #: The environment ``torchrun`` sets for every rank.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -136,6 +139,25 @@ def _first_stage_inputs(pipe):
     return [position[arg] for arg in first.args]
 
 
+def _contiguous_inputs(pipe):
+    """Make every stage receive its activations into contiguous buffers.
+
+    The runtime allocates a stage's receive buffers with the strides its
+    inputs had while tracing, and gloo refuses a non-contiguous buffer (an
+    expanded attention mask has stride 0); the sending stage hands on
+    contiguous tensors (`run_stage`'s forward hook), so contiguous buffers
+    receive the same values.
+    """
+    for _, submodule in pipe.split_gm.named_children():
+        graph = getattr(submodule, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            value = node.meta.get("val") if node.op == "placeholder" else None
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                node.meta["val"] = value.contiguous()
+
+
 def run_stage(rank, world_size, job, *, device=None):
     """Run this process's stage of `job` (the process group is already initialised).
 
@@ -151,6 +173,7 @@ def run_stage(rank, world_size, job, *, device=None):
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import pipeline
+    from torch.utils._pytree import tree_map
 
     device = torch.device("cpu") if device is None else torch.device(device)
     module, inputs = _module_and_inputs(job)
@@ -158,6 +181,7 @@ def run_stage(rank, world_size, job, *, device=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own deprecation notices while tracing
         pipe = pipeline(module, _split_rows(inputs, job.microbatches), split_spec=spec)
+    _contiguous_inputs(pipe)
     if pipe.num_stages != world_size:
         raise CachefitError(f"the runtime cut the module into {pipe.num_stages} stage(s), the plan has "
                             f"{world_size}")
@@ -174,10 +198,12 @@ def run_stage(rank, world_size, job, *, device=None):
             torch.cuda.synchronize(device)
         started[0] = time.perf_counter()
 
-    def after(_module, _args, _output):
+    def after(_module, _args, output):
         if on_cuda:
             torch.cuda.synchronize(device)
         busy[0] += time.perf_counter() - started[0]
+        # gloo sends only contiguous tensors; a stage may end on a view (a transposed or expanded mask)
+        return tree_map(lambda value: value.contiguous() if isinstance(value, torch.Tensor) else value, output)
 
     stage.submod.register_forward_pre_hook(before)
     stage.submod.register_forward_hook(after)
@@ -521,7 +547,7 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
     graph = plan_graph(plan)
     stage_groups(plan, graph)
     verify_plan(plan)
-    from_torch = graph.graph.get("source") == "torch.fx"
+    from_torch = graph.graph.get("source") in FROM_TORCH_SOURCES
     reference_module, inputs, tokens_per_row = _reference(plan, graph, module, example_inputs, launcher=launcher,
                                                           seed=seed, dtype=dtype)
     rows = _check_rows(inputs, microbatches, tokens_per_row, int(graph.graph.get("seq_len") or 1),
@@ -557,7 +583,7 @@ def _reference(plan, graph, module, example_inputs, *, launcher, seed, dtype):
     plan's graph materialised, after its module bytes are verified against
     the plan and its copies are known to fit host memory.
     """
-    if graph.graph.get("source") == "torch.fx":
+    if graph.graph.get("source") in FROM_TORCH_SOURCES:
         if module is None or example_inputs is None:
             raise InputError("the plan's graph was imported with from_torch: pass that `module` and its "
                              "`example_inputs` (one step, batch along dimension 0)")
@@ -579,8 +605,12 @@ def _compare(output, reference_module, inputs):
     """The `Comparison` of the pipelined `output` with the whole module run here on `inputs`."""
     from .runner import compare_outputs
 
+    from .export import tensor_leaves
+
     with torch.no_grad():
         reference = reference_module(*inputs)
+    if not isinstance(reference, torch.Tensor):  # a ModelOutput, a dict, nested tuples: their tensors
+        reference, output = tensor_leaves(reference), tensor_leaves(output)
     several = isinstance(reference, (tuple, list))
     names = tuple(f"output.{i}" for i in range(len(reference))) if several else ("output",)
 

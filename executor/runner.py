@@ -263,6 +263,14 @@ class Schedule:
     """
 
     graph_replays = 0
+    #: Called with no argument after every pass, warm-up or timed (`cachefit.executor.run` reports
+    #: progress with it); None: nothing.
+    on_pass = None
+
+    def passed(self):
+        """One pass done (outside any timed region)."""
+        if self.on_pass is not None:
+            self.on_pass()
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
         self.name, self.spec, self.model, self.runners = name, SCHEDULE_TABLE[name], model, runners
@@ -306,10 +314,12 @@ class CpuSchedule(Schedule):
     def time(self, warmup, iters):
         for _ in range(warmup):
             self._pass()
+            self.passed()
         totals, per_segment = [], []
         for _ in range(iters):
             marks = [time.perf_counter()]
             self._pass(marks)
+            self.passed()
             totals.append((marks[-1] - marks[0]) * 1e3)
             per_segment.append([(b - a) * 1e3 for a, b in zip(marks, marks[1:])])
         return Timing.of(totals, per_segment)
@@ -336,6 +346,7 @@ class EagerSchedule(Schedule):
         device = self.model.device
         for _ in range(warmup):
             self._pass()
+            self.passed()
         totals = []
         for _ in range(iters):
             if device.type == "cuda":
@@ -349,6 +360,7 @@ class EagerSchedule(Schedule):
                 started = time.perf_counter()
                 self._pass()
                 totals.append((time.perf_counter() - started) * 1e3)
+            self.passed()
         return Timing.of(totals, None)
 
     def outputs(self):
@@ -430,6 +442,7 @@ class _CudaTimed(Schedule):
     def time(self, warmup, iters):
         for _ in range(warmup):
             self.replay()
+            self.passed()
         torch.cuda.synchronize(self.model.device)
         totals, per_segment = [], []
         for _ in range(iters):
@@ -437,6 +450,7 @@ class _CudaTimed(Schedule):
             events[0].record()
             self.replay(events)
             events[-1].synchronize()
+            self.passed()
             totals.append(events[0].elapsed_time(events[-1]))
             per_segment.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
         return Timing.of(totals, per_segment)

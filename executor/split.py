@@ -123,8 +123,8 @@ def pipeline_module(plan, *, seed=0, dtype=None, device="cpu"):
     from .model import build
 
     graph = plan_graph(plan)
-    if graph.graph.get("source") == "torch.fx":
-        raise InputError("the plan's graph was imported from a torch module (source 'torch.fx'): split that "
+    if graph.graph.get("source") in ("torch.fx", "torch.export"):
+        raise InputError("the plan's graph was imported from a torch module (from_torch): split that "
                          "module itself, split_spec(plan, module) or run_pipeline(plan, module=module, "
                          "example_inputs=...)")
     built = build(graph, seed=seed, dtype=dtype, device=device)
@@ -191,6 +191,31 @@ def _fx_boundaries(graph, module):
     return found
 
 
+def _export_spec(graph, groups, module):
+    """`split_spec` for a ``torch.export`` graph: each stage's first node must begin a module
+    (`cachefit.executor.boundaries.module_boundaries`); the key is that module's name."""
+    from torch.distributed.pipelining import SplitPoint
+
+    from .boundaries import module_boundaries
+
+    boundaries = module_boundaries(graph)
+    spec = {}
+    for index, group in enumerate(groups[1:], start=1):
+        node = group[0]
+        if node not in boundaries:
+            raise InputError(
+                f"stage {index} cannot begin at node {node!r}: no module call begins there, and "
+                "torch.distributed.pipelining splits a forward only where a submodule is called; plan the "
+                "stages with cachefit.stages, which cuts only where a module begins")
+        try:
+            module.get_submodule(boundaries[node])
+        except AttributeError:
+            raise InputError(f"`plan` does not match `module`: it has no submodule {boundaries[node]!r} "
+                             f"(stage {index}); plan the module's own from_torch graph") from None
+        spec[boundaries[node]] = SplitPoint.BEGINNING
+    return spec
+
+
 def split_spec(plan, module):
     """The ``split_spec`` of ``torch.distributed.pipelining.pipeline`` for a stage plan.
 
@@ -229,7 +254,10 @@ def split_spec(plan, module):
     groups that are the plan's groups.  For a ``from_torch`` graph the
     module is traced with torch.fx, treating as leaves the submodules the
     graph's nodes name, so each plan node is found as its fx node.
-    O(nodes) after the trace.
+    O(nodes) after the trace.  For a graph captured with ``torch.export``
+    (node ids are module names) no trace is needed: a stage may begin where
+    a module call begins (`cachefit.executor.boundaries`), and the key is the
+    outermost module beginning there, e.g. ``model.layers.4``.
 
     Examples
     --------
@@ -256,6 +284,8 @@ def split_spec(plan, module):
         for group in groups[1:]:
             spec[module.qualified_name(group[0])] = SplitPoint.BEGINNING
         return spec
+    if graph.graph.get("source") == "torch.export":
+        return _export_spec(graph, groups, module)
     if graph.graph.get("source") != "torch.fx":
         raise InputError("`module` is a user module but the plan's graph was not imported with from_torch: "
                          "use the StepsModule of pipeline_module(plan)")

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..units import DTYPE_BYTES
 from .fingerprint import plan_graph
 
-__all__ = ["PlanRejected", "plan_graph", "verify_plan", "verify_module_bytes", "verify_execution",
+__all__ = ["PlanRejected", "plan_graph", "is_onnx_graph", "refuse_onnx", "verify_plan", "verify_module_bytes", "verify_execution",
            "module_weight_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,19 @@ def module_weight_bytes(graph, element_bytes):
     return result
 
 
+def is_onnx_graph(graph):
+    """Whether `graph` was imported from an ONNX model (``from_onnx``: nodes carry ``op_type``)."""
+    return "dims" in graph.graph and any("op_type" in attrs for _, attrs in graph.nodes(data=True))
+
+
+def refuse_onnx(graph):
+    """Refuse an ONNX graph in one line: the executor runs PyTorch modules (see docs/executor.md)."""
+    if is_onnx_graph(graph):
+        raise InputError("the plan's graph was imported from ONNX, and cachefit.executor runs PyTorch modules "
+                         "only: import the PyTorch model with cachefit.graphs.from_torch and run that plan "
+                         "(cachefit.executor.run(plan, model=module, example_inputs=...))")
+
+
 def verify_module_bytes(graph):
     """Refuse `graph` when a node's module would hold other than its planned ``weight_bytes``.
 
@@ -132,14 +145,18 @@ def verify_module_bytes(graph):
     PlanRejected
         ``"node 'x': its module's parameters take 256000000000 B (shapes ×
         bf16), the plan counts 2048 B weight_bytes; ..."`` for the first such node.
+    InputError
+        The graph was imported from ONNX (`refuse_onnx`).
 
     Notes
     -----
-    Graphs imported from a torch module (``source`` ``"torch.fx"``) run with
+    Graphs imported from a torch module (``source`` ``"torch.fx"`` or
+    ``"torch.export"``) run with
     the user's own module and are not checked here; nor are graphs whose
     dtype has no fixed element size (the comparison needs one).
     """
-    if graph.graph.get("source") == "torch.fx":
+    refuse_onnx(graph)
+    if graph.graph.get("source") in ("torch.fx", "torch.export"):
         return
     dtype = str(graph.graph.get("dtype", "")).lower()
     if dtype not in DTYPE_BYTES:
