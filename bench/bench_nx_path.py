@@ -1,9 +1,10 @@
 """The path users take: `cachefit.plan` on a long networkx chain, against reading its weights.
 
-Run: ``python -m cachefit.bench.bench_nx_path [--n 1000000] [--repeats 3]``
+Run: ``python -m cachefit.bench.bench_nx_path [--n 1000000] [--repeats 5] [--deepspeed-n 1000]``
 
 Builds a random chain of `--n` nodes as a `networkx.DiGraph` (not timed),
-then prints the median wall time of
+then times, interleaved (each repeat runs every measurement once, so a
+loaded machine slows all of them alike),
 
 - reading the weights out of the graph,
   ``[d["weight_bytes"] for _, d in G.nodes(data=True)]`` (the yardstick);
@@ -11,19 +12,28 @@ then prints the median wall time of
   (validation, flattening, the solve, the Plan), with the capacity the
   total over 32, additive and liveness;
 
-and each plan's time as a multiple of the yardstick (issue 17's target:
-greedy ≤ 3×).
+and prints the medians of wall time and of process CPU time (which a
+machine shared with other jobs inflates less), each plan's as a multiple of
+the yardstick's (issue 17's target: greedy ≤ 3×).
+
+With ``--deepspeed-n N`` (and DeepSpeed installed) it also times DeepSpeed's
+``partition_balanced`` once on the additive sizes of an N-node chain, with
+the k of dp's plan, against dp through `cachefit.plan` on that networkx
+chain (issue 17: ≥ 1000× faster end to end).  partition_balanced is
+O(k·n²) pure Python: at N = 1000 it takes minutes on a loaded machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+
 import networkx as nx
 import numpy as np
 
 import cachefit
 
-from .bench_dp import median_seconds
 from .machine import machine_line
 
 
@@ -39,23 +49,64 @@ def chain_graph(n, seed):
     return graph, (sum(weights) + sum(activations)) // 32
 
 
+def interleaved(functions, repeats):
+    """{name: (median wall s, median CPU s, last result)}, each repeat calling every function once in turn."""
+    wall = {name: [] for name in functions}
+    cpu = {name: [] for name in functions}
+    results = {}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started_wall, started_cpu = time.perf_counter(), time.process_time()
+            results[name] = function()
+            cpu[name].append(time.process_time() - started_cpu)
+            wall[name].append(time.perf_counter() - started_wall)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), results[name]) for name in functions}
+
+
+def deepspeed_line(n, seed, repeats):
+    """dp through `cachefit.plan` against DeepSpeed's partition_balanced on an `n`-node chain, or why not."""
+    try:
+        from deepspeed.runtime.utils import partition_balanced
+    except Exception as error:  # noqa: BLE001 (any import failure means: not available here)
+        return f"DeepSpeed unavailable ({type(error).__name__}: {error}); no dp-vs-partition_balanced figure"
+    graph, capacity = chain_graph(n, seed)
+    sizes = [d["weight_bytes"] + d["activation_bytes"] + d["buffer_bytes"] for _, d in graph.nodes(data=True)]
+    capacity = max(capacity, max(sizes))  # a short chain's total / 32 can be below its largest node
+    measured = interleaved({"dp": lambda: cachefit.plan(graph, capacity, solver="dp", memory="additive")}, repeats)
+    dp_seconds, _, plan = measured["dp"]
+    started = time.perf_counter()
+    bounds = [int(b) for b in partition_balanced(sizes, plan.k)]
+    peer_seconds = time.perf_counter() - started
+    largest = max(sum(sizes[s:e]) for s, e in zip(bounds[:-1], bounds[1:]))
+    return (f"chain of {n:,} nodes, k = {plan.k}: dp via cachefit.plan {dp_seconds * 1e3:.2f} ms (median of {repeats}), "
+            f"deepspeed partition_balanced {peer_seconds:.2f} s (once) = {peer_seconds / dp_seconds:,.0f}x; "
+            f"largest part {largest:,} B vs dp's {plan.bottleneck:,} B, capacity {capacity:,} B")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deepspeed-n", type=int, default=0,
+                        help="also compare dp with DeepSpeed's partition_balanced on a chain of this many nodes")
     args = parser.parse_args(argv)
     print(machine_line())
     graph, capacity = chain_graph(args.n, args.seed)
-    read, _ = median_seconds(lambda: [d["weight_bytes"] for _, d in graph.nodes(data=True)], args.repeats)
-    print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, median of {args.repeats}")
-    print(f"  read the weights:                      {read * 1e3:8.1f} ms")
+    functions = {"read the weights": lambda: [d["weight_bytes"] for _, d in graph.nodes(data=True)]}
     for solver in ("greedy", "dp"):
         for memory in ("additive", "liveness"):
-            seconds, plan = median_seconds(lambda: cachefit.plan(graph, capacity, solver=solver, memory=memory),
-                                           args.repeats)
-            print(f"  cachefit.plan solver={solver:6s} {memory:8s}: {seconds * 1e3:8.1f} ms "
-                  f"= {seconds / read:5.1f}x reading  ({plan.status}, k={plan.k})")
+            functions[f"cachefit.plan solver={solver} {memory}"] = (
+                lambda solver=solver, memory=memory: cachefit.plan(graph, capacity, solver=solver, memory=memory))
+    measured = interleaved(functions, args.repeats)
+    read_wall, read_cpu, _ = measured.pop("read the weights")
+    print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, medians of {args.repeats} interleaved runs")
+    print(f"  {'read the weights':38s}: wall {read_wall * 1e3:8.1f} ms, CPU {read_cpu * 1e3:8.1f} ms")
+    for name, (wall, cpu, plan) in measured.items():
+        print(f"  {name:38s}: wall {wall * 1e3:8.1f} ms = {wall / read_wall:5.1f}x, "
+              f"CPU {cpu * 1e3:8.1f} ms = {cpu / read_cpu:5.1f}x reading  ({plan.status}, k={plan.k})")
+    if args.deepspeed_n:
+        print(deepspeed_line(args.deepspeed_n, args.seed, args.repeats))
 
 
 if __name__ == "__main__":

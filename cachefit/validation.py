@@ -81,11 +81,11 @@ def flatten(graph):
     """
     if not isinstance(graph, nx.DiGraph) or graph.is_multigraph():
         raise InputError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}")
-    ids = tuple(graph.nodes)
-    _check_ids(ids)
     storage = getattr(graph, "_node", None)  # networkx's node → attributes dict, in node order
-    datas = (list(storage.values()) if isinstance(storage, dict) and len(storage) == len(ids)
-             else [data for _, data in graph.nodes(data=True)])
+    direct = isinstance(storage, dict) and len(storage) == len(graph)
+    ids = tuple(storage) if direct else tuple(graph.nodes)
+    _check_ids(ids)
+    datas = storage.values() if direct else [data for _, data in graph.nodes(data=True)]
     columns = np.zeros((3, len(ids)), dtype=np.int64)
     for row, attribute in enumerate(BYTE_ATTRIBUTES):
         column = _byte_column(datas, attribute)
@@ -168,24 +168,28 @@ def _edge_positions(graph, ids):
     guessed to be the node right after its source, which it is for every
     edge of a chain and most edges of a layer graph, and the guess is
     verified by comparing ids; only the edges it misses are looked up in a
-    dict, built then.  Reads networkx's adjacency dict ``_succ`` (the
+    dict, built then.  A chain (one edge out of every node but the last,
+    to the next node) is recognised with one tuple comparison of the edge
+    targets against the node ids.  Reads networkx's adjacency dict ``_succ`` (the
     documented storage of `networkx.DiGraph`) rather than the ``succ`` view,
     whose per-node view objects cost as much as the rest together.
     """
     n = len(ids)
     adjacency = getattr(graph, "_succ", None)
-    if not isinstance(adjacency, dict) or tuple(adjacency) != ids:
+    if not isinstance(adjacency, dict) or len(adjacency) != n or tuple(adjacency) != ids:
         adjacency = {node: dict(graph.succ[node]) for node in ids}
     neighbours = adjacency.values()
     counts = np.fromiter(map(len, neighbours), dtype=np.int64, count=n)
+    keys = tuple(chain.from_iterable(neighbours))  # every edge's target id, in edge order
     sources = np.repeat(np.arange(n, dtype=np.int64), counts)
     targets = np.minimum(sources + 1, max(n - 1, 0))
-    guessed = np.array(ids, dtype=object)[targets] if n else ()
-    hits = np.fromiter(map(operator.eq, chain.from_iterable(neighbours), guessed), dtype=bool, count=len(targets))
+    if len(keys) == n - 1 and counts[:-1].all() and keys == ids[1:]:
+        return sources, targets  # one edge out of each node but the last, to the next node: a chain
+    guessed = np.fromiter(ids, dtype=object, count=n)[targets] if n else ()
+    hits = np.fromiter(map(operator.eq, keys, guessed), dtype=bool, count=len(targets))
     misses = np.flatnonzero(~hits)
     if misses.size:
         position = dict(zip(ids, range(n)))
-        keys = list(chain.from_iterable(neighbours))
         targets[misses] = [position[keys[index]] for index in misses.tolist()]
     return sources, targets
 
