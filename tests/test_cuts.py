@@ -65,20 +65,20 @@ def test_search_proves_a_series_parallel_graph(memory):
     assert check(plan).ok and plan.k == plan.lower_bound
 
 
-def _with_kv(graph, rng, capacity):
+def _registry_case(rng):
+    """A random case under a model cuts and search never name (a toy or a +kv one), and brute's plan for it."""
+    graph, capacity, _, fraction = random_case(rng, max_nodes=9)
     for v in graph.nodes:
         graph.nodes[v]["kv_bytes"] = int(rng.integers(0, capacity // 4 + 1)) if rng.random() < 0.5 else 0
-    return graph
+    memory = str(rng.choice(["peak", "swapped", "additive+kv", "liveness+kv"]))
+    return graph, capacity, memory, fraction, brute(graph, capacity, memory=memory, chunk_fraction=fraction)
 
 
 def test_seeded_fuzz_registry_models(toy_models):
     """Group sizes come from the engine: models cuts never names (toys, +kv) get brute's optimum too."""
     rng = np.random.default_rng(31)
     for _ in range(FUZZ_CASES // 3):
-        graph, capacity, _, fraction = random_case(rng, max_nodes=9)
-        graph = _with_kv(graph, rng, capacity)
-        memory = str(rng.choice(["peak", "swapped", "additive+kv", "liveness+kv"]))
-        oracle = brute(graph, capacity, memory=memory, chunk_fraction=fraction)
+        graph, capacity, memory, fraction, oracle = _registry_case(rng)
         table = LayerTable.from_graph(graph)
         result = fewest_groups(table, capacity, memory=memory, chunk_fraction=fraction)
         if not oracle.ok:
@@ -92,10 +92,7 @@ def test_search_under_registry_models_makes_no_false_claim(toy_models):
     """search (list scheduling, repacking and dp's recut) under models it never names: valid, never below brute."""
     rng = np.random.default_rng(37)
     for case in range(FUZZ_CASES // 6):
-        graph, capacity, _, fraction = random_case(rng, max_nodes=9)
-        graph = _with_kv(graph, rng, capacity)
-        memory = str(rng.choice(["peak", "swapped", "additive+kv", "liveness+kv"]))
-        oracle = brute(graph, capacity, memory=memory, chunk_fraction=fraction)
+        graph, capacity, memory, fraction, oracle = _registry_case(rng)
         plan = search(graph, capacity, memory=memory, chunk_fraction=fraction, stall_attempts=30, cuts=case % 2 == 0)
         assert check(plan).ok, (memory, check(plan).violations)
         if oracle.ok and plan.ok:
