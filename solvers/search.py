@@ -13,7 +13,7 @@ time limit, whichever comes first; ``stats["stop_reason"]`` says which.
 Notes
 -----
 A plan is a sequence of groups, each a set of nodes whose predecessors lie in
-the same or earlier groups.  Its size under either memory model depends only
+the same or earlier groups.  Its size under any memory model depends only
 on which nodes lie before the group, in it and after it: for liveness, the
 live set of group p is its members plus every earlier node with a successor
 in group p or later.  Two consequences drive the search.
@@ -22,9 +22,9 @@ in group p or later.  Two consequences drive the search.
 *ready* nodes (all predecessors placed) in the order of a priority, a node
 joining the open group when it fits; a node made ready by a member may join
 the same group; the group closes when no ready node fits.  Sizes are exact
-(integer arithmetic, ⌈f·x⌉ by `cachefit.memory.scale_activation`), because
-the live set carried into the open group (earlier nodes with an unplaced
-successor) is fixed while the group grows.  Priorities: the node order, the
+(the memory engine's `cachefit.memory.OpenGroup`, integer arithmetic),
+because the live set carried into the open group (earlier nodes with an
+unplaced successor) is fixed while the group grows.  Priorities: the node order, the
 heaviest path to a sink, the largest item, and random ones, each with and
 without a preference for nodes that free live activations (the last
 unplaced consumer of a carried output).
