@@ -89,5 +89,9 @@ def plan_to_dot(plan, *, name=None):
 
 
 def write_dot(plan, path, *, name=None):
-    """Write `plan_to_dot(plan)` to `path` (atomically)."""
-    write_text_atomic(path, plan_to_dot(plan, name=name))
+    """Write `plan_to_dot(plan)` to `path` (atomically); a failure is an InputError naming ``--dot``."""
+    try:
+        write_text_atomic(path, plan_to_dot(plan, name=name))
+    except OSError as exc:
+        raise InputError(f"`--dot` {str(path)!r}: cannot write the DOT file there: "
+                         f"{exc.strerror or type(exc).__name__}; nothing was written") from None

@@ -16,6 +16,8 @@ second definition of S(P) is written here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 from dataclasses import dataclass, replace
 
@@ -173,9 +175,32 @@ def plot_plan(plan, path=None, *, title=None, max_nodes=MAX_NODES):
     _draw_bars(bars, plan, parts, name)
     _draw_graph(drawing, plan, graph, shown, position, part)
     if path is not None:
-        figure.savefig(path, dpi=150)
+        _save(figure, path)
         plt.close(figure)
     return figure
+
+
+#: the picture formats `plot_plan` writes, by file suffix
+PICTURE_FORMATS = ("png", "svg", "pdf")
+
+
+def _save(figure, path):
+    """Render `figure` in the format its suffix names, then write it atomically (never over a device or FIFO)."""
+    import io
+
+    from .result import write_text_atomic
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PICTURE_FORMATS:
+        raise InputError(f"`--plot` {str(path)!r}: the file name must end in .png, .svg or .pdf, got "
+                         f"{('.' + suffix) if suffix else 'no suffix'}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=suffix, dpi=150)
+    try:
+        write_text_atomic(path, buffer.getvalue())
+    except OSError as exc:
+        raise InputError(f"`--plot` {str(path)!r}: cannot write the picture there: "
+                         f"{exc.strerror or type(exc).__name__}; nothing was written") from None
 
 
 def _draw_bars(axes, plan, parts, name):

