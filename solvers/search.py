@@ -18,7 +18,7 @@ on which nodes lie before the group, in it and after it: for liveness, the
 live set of group p is its members plus every earlier node with a successor
 in group p or later.  Two consequences drive the search.
 
-*Construction* (`_Packer.pack`): groups are filled one at a time from the
+*Construction* (`ListScheduler.pack`): groups are filled one at a time from the
 *ready* nodes (all predecessors placed) in the order of a priority, a node
 joining the open group when it fits; a node made ready by a member may join
 the same group; the group closes when no ready node fits.  Sizes are exact
@@ -54,9 +54,10 @@ import time
 
 import numpy as np
 
-from ..memory import OpenGroup, get_model, group_sizes
+from ..memory import get_model, group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
+from ._schedule import ListScheduler
 from .bounds import item_sizes, lower_bound, reachability
 from .cuts import MAX_CUT_STATES, fewest_groups
 from .dp import balanced_cut
@@ -79,99 +80,6 @@ CUT_ARCS_PER_NODE = 400
 
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
-
-
-class _Packer:
-    """Exact list scheduling of a table's nodes into groups (module notes, construction).
-
-    Positions are the table's; group sizes come from the memory engine's
-    `OpenGroup` over the model's terms.
-    """
-
-    def __init__(self, table, capacity, memory, chunk_fraction):
-        self.table = table
-        self.capacity = int(capacity)
-        terms = get_model(memory).terms(table)
-        self.group = OpenGroup(terms, chunk_fraction)
-        self.live = terms.live.tolist() if terms.live is not None else [0] * table.n
-        self.predecessors = table.predecessors()
-        self.successors = table.successors()
-
-    def pack(self, nodes, carried_nodes, priority, rule="fit"):
-        """(groups, sizes) holding `nodes` (lists of positions, exact S), or None when a node cannot start a group.
-
-        Parameters
-        ----------
-        nodes : list of int
-            The nodes to place; every predecessor of one is in `nodes` or placed earlier.
-        carried_nodes : dict of int to int
-            Every earlier-placed node with a successor not placed earlier, and
-            how many such successors it has (its output is live until they are placed).
-        priority : sequence of float
-            Higher goes first among the ready nodes that fit.
-        rule : {"fit", "free", "strict"}
-            ``"fit"``: the ready node of highest priority among those that fit;
-            ``"free"``: the same, preferring first a node that is the last
-            unplaced consumer of a carried output (it frees those bytes after
-            its group); ``"strict"``: the ready node of highest priority, the
-            group closing when it does not fit (a cut of the priority's order).
-        """
-        predecessors, successors, live = self.predecessors, self.successors, self.live
-        member = set(nodes)
-        waiting = {v: sum(1 for u in predecessors[v] if u in member) for v in nodes}
-        open_successors = dict(carried_nodes)
-        carried = sum(live[u] for u in carried_nodes)
-        closed = set(carried_nodes)
-        for v in nodes:
-            open_successors[v] = len(successors[v])
-        ready = [v for v in nodes if not waiting[v]]
-        groups, sizes = [], []
-        remaining = len(nodes)
-        while remaining:
-            group, size = self._fill(ready, waiting, carried, priority, rule, open_successors, closed)
-            if not group:
-                return None
-            for v in group:
-                for u in predecessors[v]:
-                    open_successors[u] -= 1
-                    if not open_successors[u] and u in closed:
-                        carried -= live[u]
-            for v in group:
-                closed.add(v)
-                if open_successors[v]:
-                    carried += live[v]
-            remaining -= len(group)
-            groups.append(group)
-            sizes.append(size)
-        return groups, sizes
-
-    def _fill(self, ready, waiting, carried, priority, rule, open_successors, closed):
-        """One group from the ready nodes (updates `ready` and `waiting`); `rule` as for `pack`."""
-        capacity, predecessors, successors = self.capacity, self.predecessors, self.successors
-        group = self.group
-        group.reset(carried)
-        size = 0
-        while True:
-            best, best_key = -1, None
-            for v in ready:
-                if rule != "strict" and group.size_with(v) > capacity:
-                    continue
-                key = priority[v]
-                if rule == "free":
-                    key = (sum(1 for u in predecessors[v] if u in closed and open_successors[u] == 1), key)
-                if best_key is None or key > best_key:
-                    best, best_key = v, key
-            if best >= 0 and rule == "strict" and group.size_with(best) > capacity:
-                best = -1  # the next node of the priority order does not fit: close the group
-            if best < 0:
-                return list(group.members), size
-            size = group.add(best)
-            ready.remove(best)
-            for z in successors[best]:
-                if z in waiting:
-                    waiting[z] -= 1
-                    if not waiting[z]:
-                        ready.append(z)
 
 
 class _Incumbent:
@@ -321,7 +229,7 @@ def _window_priority(incumbent, start, width, rng):
     return priority.tolist()
 
 
-#: The packing rules a window repacking draws from (`_Packer.pack`); "free" only for a model with a live term.
+#: The packing rules a window repacking draws from (`ListScheduler.pack`); "free" only for a model with a live term.
 _RULES = ("fit", "free", "strict")
 
 
@@ -432,7 +340,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     if exact is not None:
         return _from_cuts(problem, exact, lower, limit)
     rng = np.random.default_rng(problem.seed)
-    packer = _Packer(table, problem.capacity, problem.memory, problem.chunk_fraction)
+    packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
     start = _construct(problem, packer, rng, deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
