@@ -1,4 +1,7 @@
-"""Exact list scheduling of a DAG's nodes into groups: `search`'s constructions and repackings, `cpsat`'s hints.
+"""Orders of a DAG's nodes and their groups: `search`'s constructions and repackings, `cpsat`'s hints.
+
+`cut_order` cuts a node order into dp's balanced groups; `ListScheduler`
+finds orders by exact list scheduling.
 
 Groups are filled one at a time from the *ready* nodes (all predecessors
 placed) in the order of a priority, a node joining the open group when it
@@ -11,9 +14,45 @@ fixed while the group grows.
 
 from __future__ import annotations
 
-from ..memory import OpenGroup, get_model
+import numpy as np
 
-__all__ = ["ListScheduler"]
+from ..memory import OpenGroup, get_model, group_sizes
+from .dp import balanced_cut
+
+__all__ = ["ListScheduler", "cut_order"]
+
+
+def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
+    """dp's balanced groups (sorted lists of positions of `table`) for the topological `order`, or None.
+
+    Parameters
+    ----------
+    table : LayerTable
+    order : sequence of int
+        A topological order of `table`'s positions.
+    capacity, memory, chunk_fraction, k
+        As for `cachefit.solvers.dp.balanced_cut` (`k` None: the fewest groups).
+    flops : numpy.ndarray, optional
+        Per position of `table`: balance the runs by flops instead of bytes.
+
+    Returns
+    -------
+    list of lists of int, or None
+        None when dp finds no cut, or when a group does not fit once sized on
+        `table` itself: a reordered table keeps no graph, so dp does not see
+        node attributes beyond the byte columns (the ``+kv`` models'
+        ``kv_bytes``).
+    """
+    order = list(order)
+    bounds, _ = balanced_cut(table.reorder(order), capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)])
+    if bounds is None:
+        return None
+    groups = [sorted(order[s:e]) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    ids = table.ids
+    sizes = group_sizes(table, [[ids[v] for v in group] for group in groups], memory=memory,
+                        chunk_fraction=chunk_fraction)
+    return groups if max(sizes) <= capacity else None
 
 
 class ListScheduler:

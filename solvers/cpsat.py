@@ -71,9 +71,8 @@ from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
 from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
-from ._schedule import ListScheduler
+from ._schedule import ListScheduler, cut_order
 from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
-from .dp import balanced_cut
 
 __all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale"]
 
@@ -160,25 +159,6 @@ def _part_from(groups, n):
 
 # -- Hints: list scheduling over the DAG, then dp on the order it found ------------------------------
 
-def _cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
-    """dp's balanced groups (positions of `table`) for the topological `order`, or None.
-
-    With `flops` (per position of `table`) the runs are balanced by flops.
-    None as well when a group does not fit once sized on `table` itself: a
-    reordered table keeps no graph, so dp does not see node attributes
-    beyond the byte columns (the ``+kv`` models' ``kv_bytes``).
-    """
-    bounds, _ = balanced_cut(table.reorder(order), capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)])
-    if bounds is None:
-        return None
-    order = list(order)
-    groups = [sorted(order[i] for i in range(int(s), int(e))) for s, e in zip(bounds[:-1], bounds[1:])]
-    if _bottleneck(table, groups, memory, chunk_fraction) > capacity:
-        return None
-    return groups
-
-
 def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
 
@@ -215,7 +195,7 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
         if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
             continue
         seen.add(key)
-        groups = _cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
+        groups = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
         if groups is not None:
             starts.append((name, groups))
     return starts
@@ -534,8 +514,8 @@ def _better(search, groups, found):
         return groups
     problem = search.problem
     order = [v for group in found for v in group]
-    return _cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
-                      problem.flops) or found
+    return cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
+                     problem.flops) or found
 
 
 def _recheck_infeasible(search, phase, groups, **options):

@@ -57,10 +57,9 @@ import numpy as np
 from ..memory import get_model, group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
-from ._schedule import ListScheduler
+from ._schedule import ListScheduler, cut_order
 from .bounds import item_sizes, lower_bound, reachability
 from .cuts import MAX_CUT_STATES, fewest_groups
-from .dp import balanced_cut
 
 __all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS", "CUTS_SHARE"]
 
@@ -151,23 +150,9 @@ def _priorities(table, items, rng, count):
 
 
 def _recut(problem, groups, k):
-    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None.
-
-    None as well when a recut group does not fit once sized on the problem's
-    own table: a reordered table keeps no graph, so a model whose terms read
-    node attributes beyond the byte columns (the ``+kv`` models' ``kv_bytes``)
-    is not sized in full by dp there.
-    """
-    order = [v for group in groups for v in group]
-    flops = None if problem.flops is None else problem.flops[np.asarray(order, dtype=np.int64)]
-    bounds, _ = balanced_cut(problem.table.reorder(order), problem.capacity, memory=problem.memory,
-                             chunk_fraction=problem.chunk_fraction, k=k, flops=flops)
-    if bounds is None:
-        return None
-    recut = [sorted(order[s:e]) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-    if max(_sizes(problem, recut)) > problem.capacity:
-        return None
-    return recut
+    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None (`cut_order`)."""
+    return cut_order(problem.table, [v for group in groups for v in group], problem.capacity, problem.memory,
+                     problem.chunk_fraction, k, problem.flops)
 
 
 def _construct(problem, packer, rng, deadline):
