@@ -137,9 +137,9 @@ def generate(family, n, *, seed, capacity="tight", memory=None):
     capacity : {"tight", "loose"}
         ``"tight"`` aims at about n/8 groups, ``"loose"`` at about √n/2
         (see `capacity_for`).
-    memory : {"additive", "liveness"}, optional
-        The memory model the capacity is computed for (default: the
-        family's).
+    memory : str, optional
+        The memory model (a name in `cachefit.memory.MODELS`) the capacity
+        is computed for (default: the family's).
 
     Returns
     -------
@@ -205,13 +205,9 @@ def capacity_for(table, mode, *, memory):
     (14, 20)
     """
     n = table.n
-    intervals = Intervals(table, memory)
-    if memory == "additive":
-        singles = np.diff(intervals.prefix_total)
-    else:
-        # A node alone at position s: its weight and buffer, its own output and
-        # every earlier output still live at s (chunk fraction 1).
-        singles = table.weight + table.buffer + table.activation + intervals.incoming[:n]
+    # Each node alone at its position s, the run [s, s + 1) (chunk fraction 1): under
+    # liveness that counts every earlier output still live at s, not only its inputs.
+    singles = Intervals(table, memory).sizes(np.arange(n + 1))
     minimum = int(singles.max()) if n else 1
     total = int(table.weight.sum() + table.activation.sum() + table.buffer.sum())
     target = max(3, n // 8) if mode == "tight" else max(2, round(math.sqrt(n) / 2))

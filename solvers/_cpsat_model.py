@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from ..memory import get_model
 from ._cpsat_child import run_contained
 
 __all__ = ["Model", "BuildTimeout", "SEARCH", "CERTIFY"]
@@ -78,10 +79,7 @@ class Model:
         self._add_variables()
         self._add_precedence()
         self._add_group_use(exact_k, minimum_groups)
-        if memory == "additive":
-            self._add_capacity_additive()
-        else:
-            self._add_capacity_liveness(scale, reach)
+        self._add_capacity(get_model(memory).terms(table), scale, reach)
         self._add_objective(exact_k, minimum_groups, bottleneck_low, bottleneck_high, flops, objective)
 
     # -- building -------------------------------------------------------------------------------
@@ -164,32 +162,19 @@ class Model:
         terms = [(c, self.x[v][p]) for v, c in enumerate(coefficients) if c and not _constant(self.x[v][p])]
         return self.cp_model.LinearExpr.weighted_sum([var for _, var in terms], [c for c, _ in terms])
 
-    def _add_capacity_additive(self):
-        """size[p] = Σ (w + a + b)·x[v][p] ≤ C."""
-        table = self.table
-        total = (table.weight + table.activation + table.buffer).tolist()
-        self.sizes = []
-        for p in range(self.groups):
-            self._check_clock()
-            self.sizes.append(self._weighted(total, p))
-            self.model.add(self.sizes[p] <= self.capacity)
-
-    def _live_terms(self, reach):
-        """Per group, the (a_u, live[u][p]) terms of the activations live in it."""
+    def _live_terms(self, live, reach):
+        """Per group, the (live_u, live[u][p]) terms of the outputs live in it (`live`: the model's live term)."""
         model, table, K = self.model, self.table, self.groups
-        activation = table.activation.tolist()
-        successors = [[] for _ in range(self.n)]
-        for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-            successors[u].append(v)
+        successors = table.successors()
         live_terms = [[] for _ in range(K)]
         for u in range(self.n):
             self._check_clock()
-            if not activation[u]:
+            if not live[u]:
                 continue
             if table.last_use[u] == u:  # no successor: live only in its own group
                 for p in range(K):
                     if not _constant(self.x[u][p]):
-                        live_terms[p].append((activation[u], self.x[u][p]))
+                        live_terms[p].append((live[u], self.x[u][p]))
                 continue
             succ = successors[u]
             if reach is not None and len(succ) > 1:  # a successor with a later successor below it never decides last(u)
@@ -201,31 +186,37 @@ class Model:
                            if not (_constant(gone) and gone == 1)]
                 if not forcing or (_constant(produced) and produced == 0):
                     continue
-                live = model.new_bool_var(f"live_{u}_{p}")
+                flag = model.new_bool_var(f"live_{u}_{p}")
                 for gone in forcing:
-                    model.add(live >= produced - gone)
-                live_terms[p].append((activation[u], live))
+                    model.add(flag >= produced - gone)
+                live_terms[p].append((live[u], flag))
         return live_terms
 
-    def _add_capacity_liveness(self, scale, reach):
-        """size[p] = Σ w·x + buffer[p] + act[p] ≤ C, act[p] ≥ ⌈f·Σ live activations⌉."""
-        model, table = self.model, self.table
+    def _add_capacity(self, terms, scale, reach):
+        """size[p] = Σ summed·x + peak[p] + act[p] ≤ C over the model's terms (`cachefit.memory.Terms`).
+
+        peak[p] ≥ the largest peak term in group p, act[p] ≥ ⌈f·Σ live outputs⌉;
+        a term the model lacks is left out: additive is Σ (w + a + b)·x,
+        liveness Σ w·x + the largest buffer + the live activations.
+        """
+        model = self.model
         numerator, denominator = scale
-        weight, buffer = table.weight.tolist(), table.buffer.tolist()
-        live_terms = self._live_terms(reach)
-        max_buffer = max(buffer) if self.n else 0
+        summed = terms.summed.tolist()
+        peak = terms.peak.tolist() if terms.peak is not None else [0] * self.n
+        live_terms = self._live_terms(terms.live.tolist(), reach) if terms.live is not None else None
+        max_peak = max(peak) if self.n else 0
         LinearExpr = self.cp_model.LinearExpr
         self.sizes = []
         for p in range(self.groups):
             self._check_clock()
-            term = self._weighted(weight, p)
-            if max_buffer:
-                largest = model.new_int_var(0, max_buffer, f"buffer_{p}")
+            term = self._weighted(summed, p)
+            if max_peak:
+                largest = model.new_int_var(0, max_peak, f"buffer_{p}")
                 for v in range(self.n):
-                    if buffer[v] and not _constant(self.x[v][p]):
-                        model.add(largest >= buffer[v] * self.x[v][p])
+                    if peak[v] and not _constant(self.x[v][p]):
+                        model.add(largest >= peak[v] * self.x[v][p])
                 term = term + largest
-            if live_terms[p]:
+            if live_terms and live_terms[p]:
                 live_sum = LinearExpr.weighted_sum([var for _, var in live_terms[p]], [a for a, _ in live_terms[p]])
                 if (numerator, denominator) == (1, 1):
                     term = term + live_sum

@@ -1,12 +1,19 @@
-"""Lower bounds on the number of groups, valid for both memory models.
+"""Lower bounds on the number of groups, valid for every memory model of the registry.
 
 Every bound here is a number L such that no valid plan has fewer than L
 groups; `lower_bound` returns the best of them and every solver reports it.
 
 Notes
 -----
-Write S(P) for the size of a group under the chosen model (DESIGN.md §4) and
-f for the chunk fraction.
+Write S(P) for the size of a group under the chosen model and f for the chunk
+fraction.  Every model of `cachefit.memory.MODELS` has the shape
+S(P) = Σ_{v∈P} s(v) + max_{v∈P} b(v) + ⌈f · Σ_{u live in P} a(u)⌉ with its
+own per-node terms (`cachefit.memory.Terms`: s summed, b peak, a live; a
+term the model lacks counts 0), and the bounds below read only those terms,
+so a model added to the registry needs no change here.  The notes write them
+for the two base models: ``additive`` is s = w + a + b with no peak or live
+term; ``liveness`` is s = w, peak b, live a (the ``+kv`` models add each
+node's KV bytes to s).
 
 **Sum bound** (`sum_bound`).  Additive: Σ_p S(p) = Σ_v (w + a + b), so
 k ≥ ⌈Σ(w+a+b) / C⌉.  Liveness: Σ_p S(p) ≥ Σ_v w + max_v b + ⌈f Σ_v a⌉,
@@ -58,7 +65,7 @@ DAG, O(n + e)).  For a chain the path is the whole chain and L(R) is exactly
 S(R), so the bound equals the optimal k; `lower_bound` then returns it
 without computing the others, which cannot exceed it.
 
-**Liveness span bound** (`span_bound`, liveness only).  The sum bound counts
+**Liveness span bound** (`span_bound`, models with a live term).  The sum bound counts
 every activation once, but u's output is live in every group from part(u) to
 last(u), so Σ_p live_p = Σ_u a_u · (last(u) − part(u) + 1).  For an edge
 u → z, the nodes M(u, z) = {u, z} ∪ (descendants(u) ∩ ancestors(z)) all lie
@@ -79,11 +86,9 @@ edges keep outputs live across many groups.  Needs the reachability matrix
 
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 
-from ..memory import Intervals, scale_activation, scale_activation_array
+from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_activation_array
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
@@ -97,8 +102,15 @@ def _ceil_div(numerator, denominator):
     return -((-int(numerator)) // int(denominator))
 
 
+def _terms(table, memory):
+    """The model's per-node terms over `table` (`cachefit.memory.Terms`)."""
+    return get_model(memory).terms(table)
+
+
 def forced_bytes(table, *, memory="liveness", chunk_fraction=1.0):
     """A lower bound on Σ_p S(P_p) over the groups of any plan (module notes, sum bound).
+
+    Σ summed + max peak + ⌈f·Σ live⌉ of the model's terms.
 
     Examples
     --------
@@ -108,10 +120,18 @@ def forced_bytes(table, *, memory="liveness", chunk_fraction=1.0):
     """
     if table.n == 0:
         return 0
-    if memory == "additive":
-        return int(table.weight.sum()) + int(table.activation.sum()) + int(table.buffer.sum())
-    return (int(table.weight.sum()) + int(table.buffer.max())
-            + scale_activation(int(table.activation.sum()), chunk_fraction))
+    terms = _terms(table, memory)
+    return _total(terms, None if terms.live is None else int(terms.live.sum()), chunk_fraction)
+
+
+def _total(terms, live, chunk_fraction):
+    """Σ summed + max peak + ⌈f·live⌉ (a term the model lacks counts 0)."""
+    total = int(terms.summed.sum())
+    if terms.peak is not None:
+        total += int(terms.peak.max())
+    if terms.live is not None:
+        total += scale_activation(live, chunk_fraction)
+    return total
 
 
 def sum_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
@@ -134,9 +154,11 @@ def item_sizes(table, *, memory="liveness", chunk_fraction=1.0):
     Returns
     -------
     items : numpy.ndarray of int64
-        item(v) (module notes): ``w + a + b`` (additive) or ``w + ⌊f·a⌋`` (liveness).
+        item(v) (module notes): the summed term plus ⌊f·live⌋, that is ``w + a + b``
+        (additive) or ``w + ⌊f·a⌋`` (liveness).
     reserved : int
-        Bytes every group needs beyond its items (liveness: the smallest buffer; additive: 0).
+        Bytes every group needs beyond its items: the smallest peak term (liveness: the
+        smallest buffer; 0 for a model without one).
 
     Examples
     --------
@@ -145,10 +167,11 @@ def item_sizes(table, *, memory="liveness", chunk_fraction=1.0):
     >>> items.tolist(), reserved
     ([12, 22], 1)
     """
-    if memory == "additive":
-        return table.weight + table.activation + table.buffer, 0
-    items = table.weight + scale_activation_array(table.activation, chunk_fraction, ceil=False)
-    reserved = int(table.buffer.min()) if table.n else 0
+    terms = _terms(table, memory)
+    items = terms.summed
+    if terms.live is not None:
+        items = items + scale_activation_array(terms.live, chunk_fraction, ceil=False)
+    reserved = int(terms.peak.min()) if terms.peak is not None and table.n else 0
     return items, reserved
 
 
@@ -243,9 +266,7 @@ def reachability(table):
     if n > MAX_REACH_NODES:
         return None
     reach = np.zeros((n, n), dtype=bool)
-    successors = [[] for _ in range(n)]
-    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-        successors[u].append(v)
+    successors = table.successors()
     for u in range(n - 1, -1, -1):  # reverse topological order
         row = reach[u]
         for v in successors[u]:
@@ -316,65 +337,76 @@ def path_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0):
     if table.is_chain:
         intervals = Intervals(table, memory, chunk_fraction)
         count, start = 0, 0
-        if memory == "additive":
-            prefix = memoryview(intervals.prefix_total)
-            while start < n:
-                end = bisect.bisect_right(prefix, prefix[start] + capacity, start) - 1
-                start = max(end, start + 1)  # an oversize node counts as a group of its own
-                count += 1
-            return count
         while start < n:
-            start = max(intervals.longest_fit(start, capacity), start + 1)
+            start = max(intervals.end(start, capacity), start + 1)  # an oversize node is a group of its own
             count += 1
         return count
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     path, predecessors = _heaviest_path(table, items)
-    weight = table.weight.tolist()
-    activation = table.activation.tolist()
-    buffer = table.buffer.tolist()
-    additive = memory == "additive"
+    run = _PathRun(_terms(table, memory), predecessors, chunk_fraction)
     count = 0
     index = 0
     while index < len(path):
         count += 1
-        run_weight, run_buffer, live = 0, 0, 0
-        counted = set()
-        first = True
-        while index < len(path):
-            v = path[index]
-            if additive:
-                size = run_weight + weight[v] + activation[v] + buffer[v]
-                new_live = 0
-                new_nodes = ()
-            else:
-                new_nodes = [u for u in [v, *predecessors[v]] if u not in counted]
-                new_live = live + sum(activation[u] for u in new_nodes)
-                size = (run_weight + weight[v] + max(run_buffer, buffer[v])
-                        + scale_activation(new_live, chunk_fraction))
-            if size > capacity and not first:
-                break
-            # Take v into the run (alone if it is oversize: that run is one group anyway).
-            first = False
-            if additive:
-                run_weight = size
-            else:
-                run_weight += weight[v]
-                run_buffer = max(run_buffer, buffer[v])
-                live = new_live
-                counted.update(new_nodes)
+        run.reset()
+        # Take the path's nodes while the run fits (the first even if it is oversize: one group anyway).
+        while index < len(path) and (not run.members or run.size_with(path[index]) <= capacity):
+            run.add(path[index])
             index += 1
     return count
 
 
-def live_spans(table, capacity, *, chunk_fraction=1.0, reach=None):
+class _PathRun:
+    """L(R) of a run R along a path (module notes, heaviest-path bound), grown one node at a time.
+
+    An `OpenGroup` of the run's members, into which every predecessor of a
+    member from outside the run is carried (it is live in the run's group).
+    """
+
+    def __init__(self, terms, predecessors, chunk_fraction):
+        self._group = OpenGroup(terms, chunk_fraction)
+        self._live = terms.live.tolist() if terms.live is not None else None
+        self._predecessors = predecessors
+        self.reset()
+
+    def reset(self):
+        """Start an empty run."""
+        self._group.reset()
+        self.members = self._group.members
+        self._counted = set()  # members and their predecessors: live bytes already in the group
+
+    def _inputs(self, v):
+        """Live bytes of v's predecessors not yet counted in the run."""
+        if self._live is None:
+            return 0
+        return sum(self._live[u] for u in self._predecessors[v] if u not in self._counted)
+
+    def size_with(self, v):
+        """L of the run with `v` appended."""
+        inputs = self._inputs(v)
+        self._group.live += inputs  # carried in for the probe, taken back below
+        size = self._group.size_with(v)
+        self._group.live -= inputs
+        return size
+
+    def add(self, v):
+        """Append `v` to the run."""
+        inputs = self._inputs(v)
+        self._group.live += inputs
+        self._group.add(v)
+        self._counted.update(self._predecessors[v])
+        self._counted.add(v)
+
+
+def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
     """span(u): groups in which u's output is live in any plan, at least (module notes, span bound).
 
     Returns
     -------
     numpy.ndarray of int64 or None
-        One entry per position (1 for a sink); None when the reachability
-        matrix is not available (too many nodes) or no byte of a group is
-        free for items.
+        One entry per position (1 for a sink); None when the model has no
+        live term, the reachability matrix is not available (too many
+        nodes) or no byte of a group is free for items.
 
     Examples
     --------
@@ -386,11 +418,14 @@ def live_spans(table, capacity, *, chunk_fraction=1.0, reach=None):
         reach = reachability(table)
     if reach is None or table.n == 0:
         return None
-    items, reserved = item_sizes(table, memory="liveness", chunk_fraction=chunk_fraction)
+    live = _terms(table, memory).live
+    if live is None:
+        return None
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     room = int(capacity) - reserved
     if room <= 0 or int(items.sum()) >= 2**62:
         return None
-    passing = scale_activation_array(table.activation, chunk_fraction, ceil=False)  # ⌊f·a_u⌋
+    passing = scale_activation_array(live, chunk_fraction, ceil=False)  # ⌊f·a_u⌋
     spans = np.ones(table.n, dtype=np.int64)
     sources, targets = table.sources, table.targets
     for start in range(0, sources.size, 256):
@@ -408,7 +443,8 @@ def live_spans(table, capacity, *, chunk_fraction=1.0, reach=None):
 def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
     """⌈(Σw + max b + ⌈f·Σ a·span⌉) / C⌉ under liveness (module notes); 0 when not computed.
 
-    The additive model has no live term: 0 (the sum bound covers it).
+    In the model's terms: Σ summed + max peak + ⌈f·Σ live·span⌉.  A model
+    without a live term (additive) gets 0: the sum bound covers it.
 
     Examples
     --------
@@ -417,14 +453,14 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     >>> span_bound(table, 100), sum_bound(table, 100)  # each output is live in two groups
     (3, 2)
     """
-    if memory != "liveness" or table.n == 0:
+    if table.n == 0:
         return 0
-    spans = live_spans(table, capacity, chunk_fraction=chunk_fraction, reach=reach)
+    spans = live_spans(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
     if spans is None:
         return 0
-    live = sum(int(a) * int(s) for a, s in zip(table.activation.tolist(), spans.tolist()))
-    total = int(table.weight.sum()) + int(table.buffer.max()) + scale_activation(live, chunk_fraction)
-    return max(1, _ceil_div(total, capacity))
+    terms = _terms(table, memory)
+    live = sum(int(a) * int(s) for a, s in zip(terms.live.tolist(), spans.tolist()))
+    return max(1, _ceil_div(_total(terms, live, chunk_fraction), capacity))
 
 
 def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
@@ -463,7 +499,8 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     table : LayerTable
     capacity : int
         C in bytes.
-    memory : {"liveness", "additive"}
+    memory : str
+        A name in `cachefit.memory.MODELS`.
     chunk_fraction : float in (0, 1]
     reach : numpy.ndarray, optional
         A `reachability` matrix to reuse.

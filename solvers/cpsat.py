@@ -67,12 +67,12 @@ import numpy as np
 from ..checker import check
 from ..errors import InputError
 from ..result import Status
-from ..memory import LayerTable, group_sizes
+from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
 from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
+from ._schedule import ListScheduler, cut_order
 from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
-from .dp import balanced_cut
 
 __all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale"]
 
@@ -159,107 +159,7 @@ def _part_from(groups, n):
 
 # -- Hints: list scheduling over the DAG, then dp on the order it found ------------------------------
 
-def _list_schedule(table, capacity, memory, scale, priority):
-    """Groups built one at a time from the nodes whose predecessors are placed.
-
-    Each step adds the ready node of highest `priority` that still fits the
-    group (a node made ready by a member may join the same group); a group
-    closes when none fits.  Exact sizes: for the group being built, the live
-    set is its members plus every node of a closed group with a successor
-    not in a closed group, which is fixed while the group grows.  Returns the
-    groups, or None when a node cannot start a group.  O(n · ready) size
-    evaluations.
-    """
-    n = table.n
-    weight = table.weight.tolist()
-    activation = table.activation.tolist()
-    buffer = table.buffer.tolist()
-    predecessors = table.predecessors()
-    successors = [[] for _ in range(n)]
-    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-        successors[u].append(v)
-    waiting = [len(p) for p in predecessors]
-    open_successors = [len(s) for s in successors]
-    closed = [False] * n
-    ready = [v for v in range(n) if not waiting[v]]
-    numerator, denominator = scale
-    additive = memory == "additive"
-    carried = 0
-    groups = []
-    placed = 0
-    while placed < n:
-        group = []
-        total = weight_sum = activation_sum = largest_buffer = 0
-        while True:
-            best, best_key = -1, None
-            for v in ready:
-                if additive:
-                    size = total + weight[v] + activation[v] + buffer[v]
-                else:
-                    live = carried + activation_sum + activation[v]
-                    size = (weight_sum + weight[v] + max(largest_buffer, buffer[v])
-                            - ((-live * numerator) // denominator))
-                if size <= capacity and (best_key is None or priority[v] > best_key):
-                    best, best_key = v, priority[v]
-            if best < 0:
-                break
-            group.append(best)
-            ready.remove(best)
-            total += weight[best] + activation[best] + buffer[best]
-            weight_sum += weight[best]
-            activation_sum += activation[best]
-            largest_buffer = max(largest_buffer, buffer[best])
-            for z in successors[best]:
-                waiting[z] -= 1
-                if not waiting[z]:
-                    ready.append(z)
-        if not group:
-            return None
-        for v in group:
-            for u in predecessors[v]:
-                open_successors[u] -= 1
-                if not open_successors[u] and closed[u]:
-                    carried -= activation[u]
-        for v in group:
-            closed[v] = True
-            if open_successors[v]:
-                carried += activation[v]
-        placed += len(group)
-        groups.append(group)
-    return groups
-
-
-def _reorder(table, order):
-    """`table` with its nodes in `order` (a topological order of positions)."""
-    order = np.asarray(order, dtype=np.int64)
-    n = table.n
-    position = np.empty(n, dtype=np.int64)
-    position[order] = np.arange(n)
-    sources, targets = position[table.sources], position[table.targets]
-    last_use = np.arange(n, dtype=np.int64)
-    np.maximum.at(last_use, sources, targets)
-    linked = np.zeros(max(n - 1, 0), dtype=bool)
-    consecutive = targets == sources + 1
-    linked[sources[consecutive]] = True
-    return LayerTable(tuple(table.ids[i] for i in order.tolist()), table.weight[order], table.activation[order],
-                      table.buffer[order], last_use, sources, targets, bool(linked.all()), None)
-
-
-def _cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
-    """dp's balanced groups (positions of `table`) for the topological `order`, or None.
-
-    With `flops` (per position of `table`) the runs are balanced by flops.
-    """
-    reordered = _reorder(table, order)
-    bounds, _ = balanced_cut(reordered, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)])
-    if bounds is None:
-        return None
-    order = list(order)
-    return [sorted(order[i] for i in range(int(s), int(e))) for s, e in zip(bounds[:-1], bounds[1:])]
-
-
-def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None, deadline=None):
+def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
 
     Past `deadline` (a `time.perf_counter` value) no further order is tried;
@@ -269,9 +169,7 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None,
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     items = items.tolist()
     tail = list(items)  # heaviest item sum on a path from v to a sink
-    successors = [[] for _ in range(n)]
-    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-        successors[u].append(v)
+    successors = table.successors()
     for v in range(n - 1, -1, -1):
         tail[v] = items[v] + max((tail[z] for z in successors[v]), default=0)
     rng = np.random.default_rng(seed)
@@ -283,12 +181,13 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None,
     for index in range(2):
         rules[f"random {index}"] = rng.random(n).tolist()
     orders = {"given order": list(range(n))}
+    scheduler = ListScheduler(table, capacity, memory, chunk_fraction)
     for name, priority in rules.items():
         if deadline is not None and time.perf_counter() > deadline:
             break
-        groups = _list_schedule(table, capacity, memory, scale, priority)
-        if groups is not None:
-            orders[f"list schedule ({name})"] = [v for group in groups for v in group]
+        packed = scheduler.pack(list(range(n)), {}, priority)
+        if packed is not None:
+            orders[f"list schedule ({name})"] = [v for group in packed[0] for v in group]
     starts = []
     seen = set()
     for name, order in orders.items():
@@ -296,7 +195,7 @@ def _starts(table, capacity, memory, chunk_fraction, scale, k, seed, flops=None,
         if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
             continue
         seen.add(key)
-        groups = _cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
+        groups = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
         if groups is not None:
             starts.append((name, groups))
     return starts
@@ -320,7 +219,8 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     graph : networkx.DiGraph or LayerTable
     capacity : int, str
         C in bytes, a byte string or a device name.
-    memory : {"liveness", "additive"}
+    memory : str
+        A name in `cachefit.memory.MODELS`.
     chunk_fraction : float in (0, 1]
     k : int, optional
         Exactly k non-empty groups, balanced.  Default: the fewest.
@@ -361,7 +261,7 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     Notes
     -----
     Phase 0 (hints): list scheduling over the DAG with several priority
-    rules (`_list_schedule`), each order it finds cut by `dp` (balanced
+    rules (`cachefit.solvers._schedule.ListScheduler`), each order it finds cut by `dp` (balanced
     within that order), plus dp on the given order; the best plan (fewest
     groups, then smallest bottleneck) seeds both solves.  When it meets the
     lower bound of `cachefit.solvers.bounds`, k is proved without a solve.
@@ -462,8 +362,9 @@ class _Search:
         if self.import_s > 0.01:
             self.stats["import_s"] = round(self.import_s, 3)
         scale = (1, 1)
-        if problem.memory == "liveness":
-            scale = activation_scale(problem.chunk_fraction, int(self.table.activation.sum()), problem.capacity)
+        self.live = get_model(problem.memory).terms(self.table).live
+        if self.live is not None:
+            scale = activation_scale(problem.chunk_fraction, int(self.live.sum()), problem.capacity)
             if scale is not None:
                 self.stats["activation_scale"] = f"{scale[0]}/{scale[1]}"
         self.scale = scale
@@ -474,8 +375,7 @@ class _Search:
     def hints(self):
         """Phase 0: the best start (fewest groups, then smallest bottleneck), or None."""
         problem = self.problem
-        scale = self.scale or Fraction(problem.chunk_fraction).as_integer_ratio()
-        starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, scale, problem.k,
+        starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, problem.k,
                          problem.seed, problem.flops, deadline=problem.started + HINT_SHARE * self.limit)
         best = None
         for name, groups in starts:
@@ -500,7 +400,7 @@ class _Search:
         earliest, latest = _domains(self.table, problem.capacity, problem.memory, problem.chunk_fraction, groups,
                                     self.reach)
         budget = share * self.remaining()
-        cells = _model_cells(self.table, problem.memory, groups, earliest, latest)
+        cells = _model_cells(self.table, self.live is not None, groups, earliest, latest)
         if cells * BUILD_S_PER_CELL > budget:
             self.stats[phase] = (f"skipped: a model of ~{cells} cells would not be built within "
                                  f"{max(budget, 0):.3g} s of the time limit")
@@ -565,11 +465,11 @@ HINT_SHARE = 0.3
 BUILD_S_PER_CELL = 2e-5
 
 
-def _model_cells(table, memory, groups, earliest, latest):
-    """An estimate of `Model`'s size: domain cells, precedence cells and (liveness) live cells."""
+def _model_cells(table, has_live, groups, earliest, latest):
+    """An estimate of `Model`'s size: domain cells, precedence cells and (a model with a live term) live cells."""
     domain = (np.minimum(latest, groups - 1) - earliest + 1).astype(np.int64)
     cells = 2 * int(domain.sum()) + len(table.sources) * groups
-    if memory == "liveness":
+    if has_live:
         degree = np.bincount(table.sources, minlength=table.n)
         cells += int((domain * (1 + degree)).sum())
     return cells
@@ -614,8 +514,8 @@ def _better(search, groups, found):
         return groups
     problem = search.problem
     order = [v for group in found for v in group]
-    return _cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
-                      problem.flops) or found
+    return cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
+                     problem.flops) or found
 
 
 def _recheck_infeasible(search, phase, groups, **options):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from fractions import Fraction
+
+from ..memory import OpenGroup, get_model
 
 __all__ = ["CutSearch", "fewest_groups", "MAX_CUT_STATES"]
 
@@ -48,25 +49,21 @@ class CutSearch:
 
 
 class _Masks:
-    """The graph as bit masks of positions, and the byte columns as Python ints."""
+    """The graph as bit masks of positions, and the model's terms for the engine's `OpenGroup`."""
 
     def __init__(self, table, capacity, memory, chunk_fraction):
         n = table.n
         self.n = n
         self.capacity = int(capacity)
-        self.additive = memory == "additive"
-        self.numerator, self.denominator = Fraction(chunk_fraction).as_integer_ratio()
-        self.weight = table.weight.tolist()
-        self.activation = table.activation.tolist()
-        self.buffer = table.buffer.tolist()
-        self.total = [w + a + b for w, a, b in zip(self.weight, self.activation, self.buffer)]
+        self.terms = get_model(memory).terms(table)
+        self.chunk_fraction = chunk_fraction
+        self.live = self.terms.live.tolist() if self.terms.live is not None else [0] * n
         self.pred_mask = [0] * n
         self.succ_mask = [0] * n
-        self.successors = [[] for _ in range(n)]
+        self.successors = table.successors()
         for u, v in zip(table.sources.tolist(), table.targets.tolist()):
             self.pred_mask[v] |= 1 << u
             self.succ_mask[u] |= 1 << v
-            self.successors[u].append(v)
         self.roots = [v for v in range(n) if not self.pred_mask[v]]
 
     def ready(self, down, carried):
@@ -75,13 +72,20 @@ class _Masks:
         candidates.update(self.roots)
         return [z for z in candidates if not (down >> z) & 1 and not self.pred_mask[z] & ~down]
 
-    def fits(self, weight, activation, buffer, total, carried_bytes, v):
-        """Whether the open group with node v added stays within the capacity."""
-        if self.additive:
-            return total + self.total[v] <= self.capacity
-        live = carried_bytes + activation + self.activation[v]
-        return (weight + self.weight[v] + max(buffer, self.buffer[v])
-                - ((-live * self.numerator) // self.denominator)) <= self.capacity
+    def open_group(self, carried):
+        """An empty `OpenGroup` into which the outputs of the `carried` nodes enter."""
+        return OpenGroup(self.terms, self.chunk_fraction, carried=sum(self.live[u] for u in carried))
+
+
+def _state(group):
+    """The aggregates of an `OpenGroup` (Σ summed, max peak, live bytes): all its size depends on."""
+    return group.summed, group.peak, group.live
+
+
+def _load(group, state):
+    """Put `OpenGroup` `group` in a branch's `state` (the enumeration branches; one group serves them all)."""
+    group.summed, group.peak, group.live = state
+    group.members.clear()
 
 
 def _bits(mask):
@@ -95,13 +99,15 @@ def _bits(mask):
 
 def _arcs(masks, down, carried, clock):
     """Every (D', group mask) with D' ⊃ `down` a down-set whose new group fits (see the module notes)."""
-    carried_bytes = sum(masks.activation[u] for u in carried)
+    capacity = masks.capacity
     seen = set()
-    stack = [(0, 0, 0, 0, 0, masks.ready(down, carried))]
+    sizes = masks.open_group(carried)
+    stack = [(0, _state(sizes), masks.ready(down, carried))]
     while stack:
-        group, weight, activation, buffer, total, ready = stack.pop()
+        group, state, ready = stack.pop()
         for v in ready:
-            if not masks.fits(weight, activation, buffer, total, carried_bytes, v):
+            _load(sizes, state)
+            if sizes.size_with(v) > capacity:
                 continue
             grown = group | (1 << v)
             if grown in seen:
@@ -112,8 +118,8 @@ def _arcs(masks, down, carried, clock):
             next_ready = [z for z in ready if z != v]
             next_ready.extend(z for z in masks.successors[v] if not masks.pred_mask[z] & ~after)
             yield after, grown
-            stack.append((grown, weight + masks.weight[v], activation + masks.activation[v],
-                          max(buffer, masks.buffer[v]), total + masks.total[v], next_ready))
+            sizes.add(v)
+            stack.append((grown, _state(sizes), next_ready))
 
 
 class _OutOfBudget(Exception):
@@ -128,7 +134,8 @@ def fewest_groups(table, capacity, *, memory="liveness", chunk_fraction=1.0, max
     ----------
     table : LayerTable
     capacity : int
-    memory : {"liveness", "additive"}
+    memory : str
+        A name in `cachefit.memory.MODELS`.
     chunk_fraction : float in (0, 1]
     max_states : int
         Give up after this many down-sets.

@@ -13,18 +13,18 @@ time limit, whichever comes first; ``stats["stop_reason"]`` says which.
 Notes
 -----
 A plan is a sequence of groups, each a set of nodes whose predecessors lie in
-the same or earlier groups.  Its size under either memory model depends only
+the same or earlier groups.  Its size under any memory model depends only
 on which nodes lie before the group, in it and after it: for liveness, the
 live set of group p is its members plus every earlier node with a successor
 in group p or later.  Two consequences drive the search.
 
-*Construction* (`_Packer.pack`): groups are filled one at a time from the
+*Construction* (`ListScheduler.pack`): groups are filled one at a time from the
 *ready* nodes (all predecessors placed) in the order of a priority, a node
 joining the open group when it fits; a node made ready by a member may join
 the same group; the group closes when no ready node fits.  Sizes are exact
-(integer arithmetic, ⌈f·x⌉ by `cachefit.memory.scale_activation`), because
-the live set carried into the open group (earlier nodes with an unplaced
-successor) is fixed while the group grows.  Priorities: the node order, the
+(the memory engine's `cachefit.memory.OpenGroup`, integer arithmetic),
+because the live set carried into the open group (earlier nodes with an
+unplaced successor) is fixed while the group grows.  Priorities: the node order, the
 heaviest path to a sink, the largest item, and random ones, each with and
 without a preference for nodes that free live activations (the last
 unplaced consumer of a carried output).
@@ -54,12 +54,12 @@ import time
 
 import numpy as np
 
-from ..memory import LayerTable, group_sizes
+from ..memory import get_model, group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
+from ._schedule import ListScheduler, cut_order
 from .bounds import item_sizes, lower_bound, reachability
 from .cuts import MAX_CUT_STATES, fewest_groups
-from .dp import balanced_cut
 
 __all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS", "CUTS_SHARE"]
 
@@ -79,124 +79,6 @@ CUT_ARCS_PER_NODE = 400
 
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
-
-
-class _Packer:
-    """Exact list scheduling of a table's nodes into groups (module notes, construction).
-
-    Positions are the table's; ``scale`` = (num, den) with ⌈num·x/den⌉ = ⌈f·x⌉.
-    """
-
-    def __init__(self, table, capacity, memory, chunk_fraction):
-        self.table = table
-        self.capacity = int(capacity)
-        self.additive = memory == "additive"
-        self.numerator, self.denominator = float(chunk_fraction).as_integer_ratio()
-        self.weight = table.weight.tolist()
-        self.activation = table.activation.tolist()
-        self.buffer = table.buffer.tolist()
-        self.total = [w + a + b for w, a, b in zip(self.weight, self.activation, self.buffer)]
-        self.predecessors = table.predecessors()
-        successors = [[] for _ in range(table.n)]
-        for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-            successors[u].append(v)
-        self.successors = successors
-
-    def live_bytes(self, live):
-        return -((-live * self.numerator) // self.denominator)
-
-    def pack(self, nodes, carried_nodes, priority, rule="fit"):
-        """(groups, sizes) holding `nodes` (lists of positions, exact S), or None when a node cannot start a group.
-
-        Parameters
-        ----------
-        nodes : list of int
-            The nodes to place; every predecessor of one is in `nodes` or placed earlier.
-        carried_nodes : dict of int to int
-            Every earlier-placed node with a successor not placed earlier, and
-            how many such successors it has (its output is live until they are placed).
-        priority : sequence of float
-            Higher goes first among the ready nodes that fit.
-        rule : {"fit", "free", "strict"}
-            ``"fit"``: the ready node of highest priority among those that fit;
-            ``"free"``: the same, preferring first a node that is the last
-            unplaced consumer of a carried output (it frees those bytes after
-            its group); ``"strict"``: the ready node of highest priority, the
-            group closing when it does not fit (a cut of the priority's order).
-        """
-        predecessors, successors, activation = self.predecessors, self.successors, self.activation
-        member = set(nodes)
-        waiting = {v: sum(1 for u in predecessors[v] if u in member) for v in nodes}
-        open_successors = dict(carried_nodes)
-        carried = sum(activation[u] for u in carried_nodes)
-        closed = set(carried_nodes)
-        for v in nodes:
-            open_successors[v] = len(successors[v])
-        ready = [v for v in nodes if not waiting[v]]
-        groups, sizes = [], []
-        remaining = len(nodes)
-        while remaining:
-            group, size = self._fill(ready, waiting, carried, priority, rule, open_successors, closed)
-            if not group:
-                return None
-            for v in group:
-                for u in predecessors[v]:
-                    open_successors[u] -= 1
-                    if not open_successors[u] and u in closed:
-                        carried -= activation[u]
-            for v in group:
-                closed.add(v)
-                if open_successors[v]:
-                    carried += activation[v]
-            remaining -= len(group)
-            groups.append(group)
-            sizes.append(size)
-        return groups, sizes
-
-    def _fill(self, ready, waiting, carried, priority, rule, open_successors, closed):
-        """One group from the ready nodes (updates `ready` and `waiting`); `rule` as for `pack`."""
-        weight, activation, buffer, total = self.weight, self.activation, self.buffer, self.total
-        capacity, additive, live_bytes = self.capacity, self.additive, self.live_bytes
-        predecessors, successors = self.predecessors, self.successors
-        group = []
-        size = weight_sum = activation_sum = largest_buffer = 0
-        while True:
-            best, best_key = -1, None
-            for v in ready:
-                if rule != "strict":
-                    if additive:
-                        if size + total[v] > capacity:
-                            continue
-                    elif (weight_sum + weight[v] + max(largest_buffer, buffer[v])
-                          + live_bytes(carried + activation_sum + activation[v])) > capacity:
-                        continue
-                key = priority[v]
-                if rule == "free":
-                    key = (sum(1 for u in predecessors[v] if u in closed and open_successors[u] == 1), key)
-                if best_key is None or key > best_key:
-                    best, best_key = v, key
-            if best >= 0 and rule == "strict":  # the next node of the priority order, or close the group
-                if additive:
-                    fits = size + total[best] <= capacity
-                else:
-                    fits = (weight_sum + weight[best] + max(largest_buffer, buffer[best])
-                            + live_bytes(carried + activation_sum + activation[best])) <= capacity
-                best = best if fits else -1
-            if best < 0:
-                if additive:
-                    return group, size
-                return group, weight_sum + largest_buffer + live_bytes(carried + activation_sum)
-            group.append(best)
-            ready.remove(best)
-            size += total[best]
-            weight_sum += weight[best]
-            activation_sum += activation[best]
-            largest_buffer = max(largest_buffer, buffer[best])
-            for z in successors[best]:
-                if z in waiting:
-                    waiting[z] -= 1
-                    if not waiting[z]:
-                        ready.append(z)
 
 
 class _Incumbent:
@@ -258,9 +140,7 @@ def _priorities(table, items, rng, count):
     """Named priority vectors for the initial constructions (module notes)."""
     n = table.n
     tail = items.tolist()  # heaviest item sum on a path from v to a sink
-    successors = [[] for _ in range(n)]
-    for u, v in zip(table.sources.tolist(), table.targets.tolist()):
-        successors[u].append(v)
+    successors = table.successors()
     for v in range(n - 1, -1, -1):
         tail[v] += max((tail[z] for z in successors[v]), default=0)
     rules = {"order": [-v for v in range(n)], "critical path": tail, "largest": items.tolist()}
@@ -269,30 +149,10 @@ def _priorities(table, items, rng, count):
     return rules
 
 
-def _reordered(table, order):
-    """`table` with its nodes in `order` (a topological order of positions), for dp."""
-    order = np.asarray(order, dtype=np.int64)
-    n = table.n
-    position = np.empty(n, dtype=np.int64)
-    position[order] = np.arange(n)
-    sources, targets = position[table.sources], position[table.targets]
-    last_use = np.arange(n, dtype=np.int64)
-    np.maximum.at(last_use, sources, targets)
-    consecutive = np.zeros(max(n - 1, 0), dtype=bool)
-    consecutive[sources[targets == sources + 1]] = True
-    return LayerTable(tuple(table.ids[i] for i in order.tolist()), table.weight[order], table.activation[order],
-                      table.buffer[order], last_use, sources, targets, bool(consecutive.all()), None)
-
-
 def _recut(problem, groups, k):
-    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None."""
-    order = [v for group in groups for v in group]
-    flops = None if problem.flops is None else problem.flops[np.asarray(order, dtype=np.int64)]
-    bounds, _ = balanced_cut(_reordered(problem.table, order), problem.capacity, memory=problem.memory,
-                             chunk_fraction=problem.chunk_fraction, k=k, flops=flops)
-    if bounds is None:
-        return None
-    return [sorted(order[s:e]) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None (`cut_order`)."""
+    return cut_order(problem.table, [v for group in groups for v in group], problem.capacity, problem.memory,
+                     problem.chunk_fraction, k, problem.flops)
 
 
 def _construct(problem, packer, rng, deadline):
@@ -307,7 +167,7 @@ def _construct(problem, packer, rng, deadline):
     if given is not None:
         candidates.append(("dp on the given order", given))
     items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
-    rules = ("fit", "free") if problem.memory == "liveness" else ("fit",)
+    rules = ("fit", "free") if _has_live(problem) else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
         for rule in rules:
             if time.perf_counter() > deadline and candidates:
@@ -325,6 +185,11 @@ def _construct(problem, packer, rng, deadline):
     scored.sort(key=lambda entry: entry[0])
     _, name, groups, sizes = scored[0]
     return name, groups, sizes
+
+
+def _has_live(problem):
+    """Whether the model has a live term (freeing carried outputs matters only then)."""
+    return get_model(problem.memory).terms(problem.table).live is not None
 
 
 def _sizes(problem, groups):
@@ -349,7 +214,7 @@ def _window_priority(incumbent, start, width, rng):
     return priority.tolist()
 
 
-#: The packing rules a window repacking draws from (`_Packer.pack`); "free" only under liveness.
+#: The packing rules a window repacking draws from (`ListScheduler.pack`); "free" only for a model with a live term.
 _RULES = ("fit", "free", "strict")
 
 
@@ -387,7 +252,8 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     graph : networkx.DiGraph or LayerTable
     capacity : int, str
         C in bytes, a byte string or a device name.
-    memory : {"liveness", "additive"}
+    memory : str
+        A name in `cachefit.memory.MODELS`.
     chunk_fraction : float in (0, 1]
     k : int, optional
         Exactly k groups, balanced by dp on the best plan's order; default the fewest found.
@@ -451,14 +317,15 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     reason = check_k(problem, lower)
     if reason:
         return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
-    exact = None if not cuts else fewest_groups(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
-                          max_states=min(MAX_CUT_STATES, CUT_STATES_PER_NODE * table.n),
-                          max_arcs=CUT_ARCS_PER_NODE * table.n,
-                          deadline=problem.started + CUTS_SHARE * limit)
+    exact = None
+    if cuts:
+        exact = fewest_groups(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
+                              max_states=min(MAX_CUT_STATES, CUT_STATES_PER_NODE * table.n),
+                              max_arcs=CUT_ARCS_PER_NODE * table.n, deadline=problem.started + CUTS_SHARE * limit)
     if exact is not None:
         return _from_cuts(problem, exact, lower, limit)
     rng = np.random.default_rng(problem.seed)
-    packer = _Packer(table, problem.capacity, problem.memory, problem.chunk_fraction)
+    packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
     start = _construct(problem, packer, rng, deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -466,7 +333,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     name, groups, sizes = start
     incumbent = _Incumbent(packer, groups, sizes)
     stop, attempts, improvements = _improve(incumbent, rng, deadline, max(lower, problem.k or 0),
-                                            stall_attempts, problem.memory == "liveness")
+                                            stall_attempts, _has_live(problem))
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
              "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
              "cuts": "gave up: too wide for the time or state budget"}

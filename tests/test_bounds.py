@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cachefit import LayerTable, group_sizes
-from cachefit.memory import scale_activation
+from cachefit.memory import MODELS as REGISTRY, MemoryModel, Terms, scale_activation
 from cachefit.solvers import brute, cpsat, greedy
 from cachefit.solvers.bounds import (all_bounds, forced_bytes, head_tail_bound, item_sizes, l2_bound, live_spans,
                                      lower_bound, path_bound, reachability, span_bound, sum_bound)
@@ -244,3 +244,77 @@ def test_seeded_fuzz_every_bound_against_brute():
                                                   [(v, d) for v, d in graph.nodes(data=True)], list(graph.edges))
         checked += 1
     assert checked > FUZZ_CASES // 3
+
+
+# ---------------------------------------------------------------------------
+# the bounds read the registry's terms: a model added there needs no edit here
+
+def _peak_terms(table):
+    """A toy model: S(P) = Σ weight + max (activation + buffer) (summed and peak terms, no live one)."""
+    return Terms(table.weight, table.activation + table.buffer)
+
+
+def _peak_reference(graph, groups, group_of, chunk_fraction):
+    nodes = graph.nodes
+    return [sum(nodes[v]["weight_bytes"] for v in group)
+            + max(nodes[v]["activation_bytes"] + nodes[v]["buffer_bytes"] for v in group) for group in groups]
+
+
+def _swapped_terms(table):
+    """A toy model with all three terms, the buffer summed and the weight the peak."""
+    return Terms(table.buffer, table.weight, table.activation)
+
+
+def _swapped_reference(graph, groups, group_of, chunk_fraction):
+    swapped = nx.DiGraph(graph)
+    for v, data in swapped.nodes(data=True):
+        data["weight_bytes"], data["buffer_bytes"] = data["buffer_bytes"], data["weight_bytes"]
+    return REGISTRY["liveness"].reference(swapped, groups, group_of, chunk_fraction)
+
+
+@pytest.fixture
+def toy_models(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "peak", MemoryModel("peak", "toy", _peak_terms, _peak_reference))
+    monkeypatch.setitem(REGISTRY, "swapped", MemoryModel("swapped", "toy", _swapped_terms, _swapped_reference))
+
+
+def test_registry_models_by_hand(toy_models):
+    table = LayerTable.chain([10, 20], [7, 3], [1, 9])
+    assert forced_bytes(table, memory="peak") == 10 + 20 + 12
+    items, reserved = item_sizes(table, memory="peak")
+    assert items.tolist() == [10, 20] and reserved == 8
+    assert forced_bytes(table, memory="swapped", chunk_fraction=0.5) == 1 + 9 + 20 + 5
+    assert span_bound(table, 100, memory="peak") == 0  # no live term
+
+
+def test_seeded_fuzz_registry_models_against_brute(toy_models):
+    """Every bound stays at most brute's optimum under models the bounds never name (toys and +kv)."""
+    rng = np.random.default_rng(29)
+    checked = 0
+    for _ in range(FUZZ_CASES // 2):
+        graph, capacity, _, fraction = random_case(rng, max_nodes=9)
+        for v in graph.nodes:
+            graph.nodes[v]["kv_bytes"] = int(rng.integers(0, capacity // 4 + 1)) if rng.random() < 0.5 else 0
+        memory = str(rng.choice(["peak", "swapped", "additive+kv", "liveness+kv"]))
+        oracle = brute(graph, capacity, memory=memory, chunk_fraction=fraction)
+        if not oracle.ok:
+            continue
+        table = LayerTable.from_graph(graph)
+        bounds = all_bounds(table, capacity, memory=memory, chunk_fraction=fraction)
+        assert max(bounds.values()) <= oracle.k, (bounds, oracle.k, memory)
+        assert forced_bytes(table, memory=memory, chunk_fraction=fraction) <= sum(oracle.sizes)
+        checked += 1
+    assert checked > FUZZ_CASES // 8
+
+
+def test_kv_resident_bytes_raise_the_bounds():
+    """``liveness+kv`` counts the KV bytes in every bound (they were invisible before the terms)."""
+    graph = nx.DiGraph()
+    for v in "abc":
+        graph.add_node(v, weight_bytes=30, activation_bytes=5, buffer_bytes=0, kv_bytes=30)
+    graph.add_node("d", weight_bytes=0, activation_bytes=0, buffer_bytes=0)  # not a chain: every bound runs
+    graph.add_edges_from([("a", "b"), ("b", "c")])
+    table = LayerTable.from_graph(graph)
+    assert set(all_bounds(table, 100, memory="liveness").values()) == {2}
+    assert all_bounds(table, 100, memory="liveness+kv") == {"sum": 2, "l2": 3, "path": 3, "head_tail": 3, "span": 3}
+    assert brute(graph, 100, memory="liveness+kv").k == 3  # a, b and c each need a group of their own

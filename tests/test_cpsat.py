@@ -18,6 +18,7 @@ from cachefit.solvers._cpsat_child import run_contained
 from cachefit.solvers._cpsat_model import BuildTimeout, Model
 from cachefit.solvers.cpsat import activation_scale
 from cachefit.testing import assert_valid_plan, dags
+from test_bounds import toy_models  # noqa: F401 (a fixture)
 
 MODELS = ["additive", "liveness"]
 
@@ -278,3 +279,19 @@ class TestTimeBudget:
         with pytest.raises(BuildTimeout):
             Model(table, capacity, "additive", (1, 1), 5, np.zeros(40, dtype=np.int64), np.full(40, 4), None,
                   exact_k=False, deadline=time.perf_counter() - 1)
+
+
+def test_registry_models_it_never_names(toy_models):
+    """The CP-SAT model is built from the registry's terms: toy and +kv models get valid plans, no false claim."""
+    from cachefit import check
+    from test_cuts import _registry_case
+
+    rng = np.random.default_rng(41)
+    for _ in range(12):
+        graph, capacity, memory, fraction, oracle = _registry_case(rng)
+        plan = cpsat(graph, capacity, memory=memory, chunk_fraction=fraction, workers=1, time_limit_s=20)
+        assert check(plan).ok, (memory, check(plan).violations)
+        assert plan.ok == oracle.ok, memory
+        if plan.ok:
+            assert plan.lower_bound <= oracle.k <= plan.k
+            assert plan.status != Status.OPTIMAL or plan.k == oracle.k

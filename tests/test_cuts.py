@@ -7,7 +7,7 @@ from cachefit.instances.families import generate
 from cachefit.solvers import brute, search
 from cachefit.solvers.cuts import fewest_groups
 
-from test_bounds import random_case
+from test_bounds import random_case, toy_models  # noqa: F401 (a fixture)
 
 #: Cases of the seeded fuzz; a longer run: CACHEFIT_FUZZ_CASES=5000 python -m pytest tests/test_cuts.py
 FUZZ_CASES = int(__import__("os").environ.get("CACHEFIT_FUZZ_CASES", "300"))
@@ -63,3 +63,40 @@ def test_search_proves_a_series_parallel_graph(memory):
     plan = search(graph, capacity, memory=memory)
     assert plan.status == "OPTIMAL" and plan.stats["stop_reason"] == "the search over cuts proved k"
     assert check(plan).ok and plan.k == plan.lower_bound
+
+
+def _registry_case(rng):
+    """A random case under a model cuts and search never name (a toy or a +kv one), and brute's plan for it."""
+    graph, capacity, _, fraction = random_case(rng, max_nodes=9)
+    for v in graph.nodes:
+        graph.nodes[v]["kv_bytes"] = int(rng.integers(0, capacity // 4 + 1)) if rng.random() < 0.5 else 0
+    memory = str(rng.choice(["peak", "swapped", "additive+kv", "liveness+kv"]))
+    return graph, capacity, memory, fraction, brute(graph, capacity, memory=memory, chunk_fraction=fraction)
+
+
+def test_seeded_fuzz_registry_models(toy_models):
+    """Group sizes come from the engine: models cuts never names (toys, +kv) get brute's optimum too."""
+    rng = np.random.default_rng(31)
+    for _ in range(FUZZ_CASES // 3):
+        graph, capacity, memory, fraction, oracle = _registry_case(rng)
+        table = LayerTable.from_graph(graph)
+        result = fewest_groups(table, capacity, memory=memory, chunk_fraction=fraction)
+        if not oracle.ok:
+            assert result is None
+            continue
+        assert result.k == oracle.k == len(result.groups), memory
+        _plan_is_valid(table, result.groups, capacity, memory, fraction)
+
+
+def test_search_under_registry_models_makes_no_false_claim(toy_models):
+    """search (list scheduling, repacking and dp's recut) under models it never names: valid, never below brute."""
+    rng = np.random.default_rng(37)
+    for case in range(FUZZ_CASES // 6):
+        graph, capacity, memory, fraction, oracle = _registry_case(rng)
+        plan = search(graph, capacity, memory=memory, chunk_fraction=fraction, stall_attempts=30, cuts=case % 2 == 0)
+        assert check(plan).ok, (memory, check(plan).violations)
+        if oracle.ok and plan.ok:
+            assert plan.lower_bound <= oracle.k <= plan.k
+            assert plan.status != "OPTIMAL" or plan.k == oracle.k
+        else:
+            assert not plan.ok

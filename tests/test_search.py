@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from cachefit import LayerTable, check, group_sizes
 from cachefit.instances.families import generate
 from cachefit.solvers import SOLVERS, auto, brute, search
-from cachefit.solvers.search import _Incumbent, _Packer
+from cachefit.solvers._schedule import ListScheduler
+from cachefit.solvers.search import _Incumbent
 from cachefit.testing import dags
 
 MODELS = ["additive", "liveness"]
@@ -89,7 +90,7 @@ def test_window_repacking_keeps_every_size_exact(data, memory, fraction, seed):
     graph, capacity = generate("dag-layered", data.draw(st.integers(20, 80)), seed=seed, capacity="tight",
                                memory=memory)
     table = LayerTable.from_graph(graph)
-    packer = _Packer(table, capacity, memory, fraction)
+    packer = ListScheduler(table, capacity, memory, fraction)
     rng = np.random.default_rng(seed)
     packed = packer.pack(list(range(table.n)), {}, [-v for v in range(table.n)])
     if packed is None:
