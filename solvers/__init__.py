@@ -98,12 +98,12 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     remaining = limit - (time.perf_counter() - started)
     groups = first.k if first.ok else (k or table.n)
     cells = (table.n + len(table.sources)) * max(groups, 1)
+    if remaining < 0.5:
+        return first.with_stats(auto="search (no time left for another solver)",
+                                stop_reason=f"time limit ({limit:g} s) after the search")
     if cells > AUTO_CPSAT_MAX_CELLS:
         second = dp(table, capacity, time_limit_s=max(remaining, 1e-3), **options)
         why = f"search, then dp (CP-SAT model too large: {cells} cells > {AUTO_CPSAT_MAX_CELLS})"
-    elif remaining < 0.5:
-        return first.with_stats(auto="search (no time left for cpsat)",
-                                stop_reason=f"time limit ({limit:g} s) after the search")
     else:
         second = cpsat(table, capacity, time_limit_s=remaining, **options)
         why = f"search ({first.stats.get('stop_reason', first.reason)}), then cpsat for {remaining:.3g} s"

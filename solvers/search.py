@@ -60,6 +60,7 @@ from ._common import Problem, check_k, finish, no_plan, refuse
 from ._schedule import ListScheduler, cut_order
 from .bounds import item_sizes, lower_bound, reachability
 from .cuts import MAX_CUT_STATES, fewest_groups
+from .greedy import greedy_bounds
 
 __all__ = ["search", "DEFAULT_SEARCH_LIMIT_S", "STALL_ATTEMPTS", "CUTS_SHARE"]
 
@@ -79,6 +80,9 @@ CUT_ARCS_PER_NODE = 400
 
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
+
+#: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone).
+REBALANCE_SHARE = 0.2
 
 
 class _Incumbent:
@@ -155,6 +159,14 @@ def _recut(problem, groups, k):
                      problem.chunk_fraction, k, problem.flops)
 
 
+def _greedy_groups(problem):
+    """Greedy's fewest groups of the given node order (lists of positions), or None when the order cannot fit."""
+    bounds, _ = greedy_bounds(problem.intervals(), problem.capacity)
+    if bounds is None:
+        return None
+    return [list(range(s, e)) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
 def _construct(problem, packer, rng, deadline):
     """The best initial plan: dp on the given order and list schedules under several priorities.
 
@@ -163,9 +175,9 @@ def _construct(problem, packer, rng, deadline):
     """
     table = problem.table
     candidates = []
-    given = _recut(problem, [list(range(table.n))], None)
+    given = _greedy_groups(problem)  # cheap; the final plan is rebalanced by dp when time allows
     if given is not None:
-        candidates.append(("dp on the given order", given))
+        candidates.append(("greedy on the given order", given))
     items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
     rules = ("fit", "free") if _has_live(problem) else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
@@ -326,13 +338,14 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return _from_cuts(problem, exact, lower, limit)
     rng = np.random.default_rng(problem.seed)
     packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
-    start = _construct(problem, packer, rng, deadline)
+    search_deadline = deadline - REBALANCE_SHARE * limit  # the rest is for dp's rebalancing
+    start = _construct(problem, packer, rng, search_deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
                        "no construction found a plan (live activations overflow every order tried)", lower=lower)
     name, groups, sizes = start
     incumbent = _Incumbent(packer, groups, sizes)
-    stop, attempts, improvements = _improve(incumbent, rng, deadline, max(lower, problem.k or 0),
+    stop, attempts, improvements = _improve(incumbent, rng, search_deadline, max(lower, problem.k or 0),
                                             stall_attempts, _has_live(problem))
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
              "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
@@ -342,7 +355,11 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return no_plan(problem, "search", Status.UNKNOWN,
                        f"k = {problem.k}: the search found no plan with fewer than {incumbent.k} groups",
                        lower=lower, stats=stats)
-    final = _recut(problem, incumbent.groups, problem.k)
+    # dp rebalances the plan's order (and splits it into an explicit k); with the time gone, a k=None plan is
+    # returned as found rather than late.
+    rebalance = problem.k is not None or time.perf_counter() < deadline
+    final = _recut(problem, incumbent.groups, problem.k) if rebalance else None
+    stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > incumbent.k):
         final = incumbent.groups
     return finish(problem, "search", final, lower=lower, stats=stats)
