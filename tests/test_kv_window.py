@@ -1,0 +1,75 @@
+"""Sliding-window KV caches per layer (gemma2/gemma3 local/global layers, Mistral, Qwen2)."""
+
+import pytest
+
+from cachefit import instances
+from cachefit.errors import InputError
+from cachefit.graphs.kv import cached_tokens, layer_is_local
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_local_layers(config_class, **fields):
+    config = config_class(**fields)
+    return [kind == "sliding_attention" for kind in config.layer_types]
+
+
+@pytest.mark.parametrize("family, config_class, fields", [
+    ("gemma2", "Gemma2Config", {"num_hidden_layers": 42, "sliding_window": 4096}),
+    ("gemma3_text", "Gemma3TextConfig", {"num_hidden_layers": 26, "sliding_window": 512}),
+    ("gemma3_text", "Gemma3TextConfig", {"num_hidden_layers": 12, "sliding_window": 512,
+                                         "sliding_window_pattern": 4}),
+    ("qwen2", "Qwen2Config", {"num_hidden_layers": 8, "sliding_window": 64, "use_sliding_window": True,
+                              "max_window_layers": 3}),
+    ("qwen2", "Qwen2Config", {"num_hidden_layers": 8, "sliding_window": 64, "max_window_layers": 3}),
+    ("qwen3", "Qwen3Config", {"num_hidden_layers": 8, "sliding_window": 64, "use_sliding_window": True,
+                              "max_window_layers": 0}),
+])
+def test_local_layers_match_transformers(family, config_class, fields):
+    expected = hf_local_layers(getattr(transformers, config_class), **fields)
+    config = dict(fields, model_type=family)
+    assert [layer_is_local(config, i) for i in range(fields["num_hidden_layers"])] == expected
+
+
+def test_explicit_layer_types_win():
+    config = {"model_type": "gemma2", "sliding_window": 10, "layer_types": ["full_attention", "sliding_attention"]}
+    assert [cached_tokens(config, 100, i) for i in (0, 1)] == [100, 10]
+    with pytest.raises(InputError, match=r"`config\['layer_types'\]` must be a list of strings"):
+        layer_is_local({"sliding_window": 10, "layer_types": "sliding"}, 0)
+
+
+def test_mistral_windows_every_layer():
+    config = {"model_type": "mistral", "sliding_window": 4096}
+    assert {cached_tokens(config, 8192, i) for i in range(32)} == {4096}
+    assert cached_tokens(config, 8192) == 4096
+
+
+def test_gemma3_1b_decode_cache_at_8192():
+    """4 global layers × 8 MiB + 22 local layers × 512 tokens (0.5 MiB) = 43 MiB, not 26 × 8 MiB."""
+    graph = instances.load("gemma-3-1b", phase="decode", context=8192)
+    per_token = 2 * 1 * 256 * 2
+    assert graph.graph["kv_bytes"] == 4 * per_token * 8192 + 22 * per_token * 512 == 45_088_768
+    assert graph.graph["kv_layers"] == 26
+    assert "on 4 global layers" in graph.graph["kv_formula"] and "on 22 local layers" in graph.graph["kv_formula"]
+    by_op = instances.load("gemma-3-1b", phase="decode", context=8192, granularity="op")
+    assert by_op.graph["kv_bytes"] == graph.graph["kv_bytes"]
+    assert by_op.nodes["block.5.attn"]["kv_bytes"] == per_token * 8192  # every 6th layer is global
+    assert by_op.nodes["block.4.attn"]["kv_bytes"] == per_token * 512
+
+
+def test_gemma2_9b_decode_cache_at_8192():
+    graph = instances.load("gemma-2-9b", phase="decode", context=8192)
+    per_token = 2 * 8 * 256 * 2
+    assert graph.graph["kv_bytes"] == 21 * per_token * 8192 + 21 * per_token * 4096
+    assert graph.nodes["block.0"]["kv_bytes"] == per_token * 4096  # layer 0 is local
+    assert graph.nodes["block.1"]["kv_bytes"] == per_token * 8192
+
+
+def test_short_context_is_not_windowed():
+    graph = instances.load("gemma-3-1b", phase="decode", context=256)
+    assert graph.graph["kv_bytes"] == 26 * 2 * 256 * 2 * 256
+
+
+def test_context_zero_keeps_the_layer_count():
+    graph = instances.load("gpt2", phase="decode", context=0)
+    assert graph.graph["kv_bytes"] == 0 and graph.graph["kv_layers"] == 12
