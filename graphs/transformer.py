@@ -984,6 +984,10 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
         raise InputError(f"{what} must be at most the learned position table's "
                          f"`max_position_embeddings` = {cfg['max_position_embeddings']}, "
                          f"got {context + seq_len}")
+    if (phase == "decode" or context) and 0 < cfg["max_position_embeddings"] < context + seq_len:
+        raise InputError(f"`context` + new tokens = {context + seq_len:,} exceeds the model's "
+                         f"`max_position_embeddings` = {cfg['max_position_embeddings']:,}; "
+                         f"a context of at most {cfg['max_position_embeddings'] - seq_len:,} tokens fits")
 
     name = config.get("name") or config.get("_name_or_path") or cfg["model_type"] or "transformer"
     graph = nx.DiGraph(name=str(name), dtype=dtype, batch=batch, seq_len=seq_len,

@@ -57,12 +57,13 @@ def test_gemma3_1b_decode_cache_at_8192():
     assert by_op.nodes["block.4.attn"]["kv_bytes"] == per_token * 512
 
 
-def test_gemma2_9b_decode_cache_at_8192():
-    graph = instances.load("gemma-2-9b", phase="decode", context=8192)
+def test_gemma2_9b_decode_cache_at_its_last_position():
+    """8,191 cached tokens + the new one fill gemma-2's 8,192 positions; local layers keep 4,096."""
+    graph = instances.load("gemma-2-9b", phase="decode", context=8191)
     per_token = 2 * 8 * 256 * 2
-    assert graph.graph["kv_bytes"] == 21 * per_token * 8192 + 21 * per_token * 4096
+    assert graph.graph["kv_bytes"] == 21 * per_token * 8191 + 21 * per_token * 4096
     assert graph.nodes["block.0"]["kv_bytes"] == per_token * 4096  # layer 0 is local
-    assert graph.nodes["block.1"]["kv_bytes"] == per_token * 8192
+    assert graph.nodes["block.1"]["kv_bytes"] == per_token * 8191
 
 
 def test_short_context_is_not_windowed():
@@ -73,3 +74,23 @@ def test_short_context_is_not_windowed():
 def test_context_zero_keeps_the_layer_count():
     graph = instances.load("gpt2", phase="decode", context=0)
     assert graph.graph["kv_bytes"] == 0 and graph.graph["kv_layers"] == 12
+
+
+@pytest.mark.parametrize("context", [131_072, 200_000, 10**11])
+def test_context_beyond_max_positions_is_refused(context):
+    """RoPE models too (llama-3.1-8b: 131,072 positions); both numbers are named."""
+    with pytest.raises(InputError, match=rf"`context` \+ new tokens = {context + 1:,} exceeds the model's "
+                                         r"`max_position_embeddings` = 131,072; a context of at most 131,071"):
+        instances.load("llama-3.1-8b", phase="decode", context=context)
+    assert instances.load("llama-3.1-8b", phase="decode", context=131_071).graph["context"] == 131_071
+
+
+def test_cli_context_beyond_max_positions_exits_2():
+    from click.testing import CliRunner
+
+    from cachefit.cli import main
+
+    result = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "-c", "80GB", "--phase", "decode",
+                                       "--context", "200000"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "200,001 exceeds the model's `max_position_embeddings` = 131,072" in result.output
