@@ -82,7 +82,7 @@ def _model_type(config):
     if model_type is None:
         architectures = config.get("architectures") or []
         for architecture in architectures if isinstance(architectures, list) else []:
-            if architecture in _ARCHITECTURES:
+            if isinstance(architecture, str) and architecture in _ARCHITECTURES:
                 return _ARCHITECTURES[architecture]
         raise InputError(f"`config` must give `model_type` (one of {', '.join(SUPPORTED_MODEL_TYPES)}); "
                          f"it has none and its `architectures` {architectures!r} name no supported family")

@@ -115,6 +115,8 @@ def test_checkpoint_decode_builds_the_kv_cache(tmp_path):
 def test_hf_config_model_type_not_a_string(tmp_path):
     with pytest.raises(InputError, match=r"`config\['model_type'\]` must be a string .* got \['llama'\]"):
         from_hf_config({"model_type": ["llama"], "hidden_size": 64})
+    with pytest.raises(InputError, match=r"its `architectures` \[\['x'\]\] name no supported family"):
+        from_hf_config({"architectures": [["x"]], "hidden_size": 64})
 
 
 def test_hf_config_file_is_read_with_the_limits(tmp_path):

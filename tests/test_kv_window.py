@@ -94,3 +94,11 @@ def test_cli_context_beyond_max_positions_exits_2():
                                        "--context", "200000"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "200,001 exceeds the model's `max_position_embeddings` = 131,072" in result.output
+
+
+def test_decode_default_context_leaves_a_position_for_the_new_token():
+    """gpt2's default prompt is 1,024 tokens; decode caches 1,023 so token 1,024 fits its 1,024 positions."""
+    assert instances.load("gpt2", phase="decode").graph["context"] == 1023
+    assert instances.load("llama-3.1-8b", phase="decode", seq_len=4096).graph["context"] == 4096
+    with pytest.raises(InputError, match="must be at most the learned position table's"):
+        instances.load("gpt2", phase="decode", context=1024)
