@@ -36,7 +36,7 @@ import numpy as np
 
 from .devices import parse_capacity
 from .errors import InputError
-from .memory import Intervals, as_table, check_memory
+from .memory import Intervals, as_table, check_memory, kv_placement, with_kv
 from .progress import task
 from .units import parse_bytes
 
@@ -45,7 +45,7 @@ __all__ = ["Advice", "Suggestion", "suggest", "smallest_capacity", "capacity_tex
 logger = logging.getLogger(__name__)
 
 #: The changes `suggest` tries, in the order it reports them.
-CHANGES = ("tile", "chunk_tokens", "granularity", "batch")
+CHANGES = ("tile", "chunk_tokens", "kv", "granularity", "batch")
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class Suggestion:
     changes : dict
         Option → value relative to the settings asked for, with the names of
         `cachefit.plan` and the CLI: ``capacity`` (bytes), ``tile`` (True),
-        ``chunk_tokens`` (``"auto"``), ``granularity`` (``"op"``),
-        ``batch`` (int).
+        ``chunk_tokens`` (``"auto"``), ``kv`` (``"streamed"``: the memory
+        model without ``+kv``), ``granularity`` (``"op"``), ``batch`` (int).
     plan : Plan
         The greedy plan that verified it (status OPTIMAL or FEASIBLE).
     """
@@ -115,7 +115,7 @@ class Advice:
         groups first; empty when none does.
     considered : tuple of str
         The options `suggest` could change here (``tile``, ``chunk_tokens``,
-        ``granularity``, ``batch``): those not already set and applicable.
+        ``kv``, ``granularity``, ``batch``): those not already set and applicable.
     tried : tuple of (dict, int or None)
         Every change tried and the k of its plan (None: no plan).
     """
@@ -283,8 +283,9 @@ def _plan_with(graph, capacity, current, changes, rebuild):
     if "batch" in changes or "granularity" in changes:
         graph = rebuild(batch=settings["batch"], granularity=settings["granularity"])
     chunk_fraction = settings["chunk_fraction"] if settings["chunk_tokens"] is None else 1.0
+    memory = with_kv(settings["memory"], changes["kv"]) if "kv" in changes else settings["memory"]
     try:
-        return make_plan(graph, changes.get("capacity", capacity), solver="greedy", memory=settings["memory"],
+        return make_plan(graph, changes.get("capacity", capacity), solver="greedy", memory=memory,
                          chunk_fraction=chunk_fraction, k=settings["k"], tile=settings["tile"],
                          chunk_tokens=settings["chunk_tokens"])
     except InputError as exc:  # e.g. a batch the graph cannot be rebuilt with
@@ -353,8 +354,11 @@ def _options(graph, current, rebuild):
     options = []
     if not current["tile"]:
         options.append(("tile", True))
-    if current["chunk_tokens"] != "auto" and current["memory"] == "liveness" and _has_tokens(graph):
+    streaming = current["memory"].removesuffix("+kv") == "liveness"  # chunks scale live activations only
+    if current["chunk_tokens"] != "auto" and streaming and _has_tokens(graph):
         options.append(("chunk_tokens", "auto"))
+    if kv_placement(current["memory"]) == "resident":
+        options.append(("kv", "streamed"))
     if rebuild is not None and current["granularity"] == "block":
         options.append(("granularity", "op"))
     can_batch = rebuild is not None and isinstance(current["batch"], int) and current["batch"] > 1

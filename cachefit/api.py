@@ -11,7 +11,8 @@ __all__ = ["plan"]
 
 
 def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.0, k=None,
-         time_limit_s=None, seed=0, tile=False, chunk_tokens=None, balance="memory"):
+         time_limit_s=None, seed=0, tile=False, chunk_tokens=None, balance="memory", devices=None,
+         device_capacity=None, reserve=0):
     """Partition `graph` into ordered groups that each fit `capacity`.
 
     Parameters
@@ -53,6 +54,12 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
         ``stats["bottleneck_flops"]``; ``plan.bottleneck`` stays the largest
         size in bytes.  ``dp`` is exact for the node order, ``cpsat`` and
         ``brute`` over every grouping; ``greedy`` does not balance.
+    devices, device_capacity, reserve : optional
+        A two-level plan: `devices` pipeline stages of at most
+        ``device_capacity − reserve`` bytes each (KV cache counted, balanced
+        by flops), and inside each stage the fewest groups of `capacity`
+        (`cachefit.deploy.plan_two_level`); a `cachefit.deploy.Deployment`
+        is returned, written as a version-2 plan file.
 
     Returns
     -------
@@ -92,6 +99,12 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     from .solvers import SOLVERS
     from .solvers._common import check_balance
 
+    if devices is not None or device_capacity is not None:  # two levels: devices × on-chip groups
+        from .deploy import plan_two_level
+
+        return plan_two_level(graph, capacity, devices=devices, device_capacity=device_capacity, reserve=reserve,
+                              solver=solver, memory=memory, chunk_fraction=chunk_fraction, k=k,
+                              time_limit_s=time_limit_s, tile=tile, chunk_tokens=chunk_tokens, balance=balance)
     if solver not in SOLVERS:
         raise InputError(f"`solver` must be one of {', '.join(SOLVERS)}, got {solver!r}")
     check_balance(balance)

@@ -6,6 +6,11 @@ it reads only the model names and each model's ``reference`` function (no
 solver code, no engine, no numpy), and checks coverage, order, capacity,
 non-empty groups and the plan's own claims (k, sizes, bottleneck, lower
 bound ≤ k).
+
+A two-level plan (`cachefit.deploy.Deployment`) is checked level by level
+(`check_levels`): the stage plan, each stage's on-chip plan, and the link
+between them (each on-chip graph is its stage's nodes, with the
+activations it receives as ``stage_input`` nodes).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import networkx as nx
 from .memory import MODELS, LayerTable
 from .result import Status
 
-__all__ = ["CheckReport", "check"]
+__all__ = ["CheckReport", "check", "check_levels"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,14 @@ class CheckReport:
 def check(plan, graph=None):
     """Check `plan` against `graph` (default: the graph the plan carries).
 
+    Parameters
+    ----------
+    plan : Plan or cachefit.deploy.Deployment
+        A two-level plan is checked by `check_levels` (`graph` is then not
+        used) and reported as one: its violations name their level, its
+        sizes are the stage sizes.
+    graph : networkx.DiGraph or LayerTable, optional
+
     Returns
     -------
     CheckReport
@@ -63,6 +76,8 @@ def check(plan, graph=None):
     >>> report.ok, report.sizes
     (True, (60, 30))
     """
+    if hasattr(plan, "stages") and hasattr(plan, "groups"):  # a two-level plan: one report over both levels
+        return _merge(check_levels(plan))
     graph = plan.graph if graph is None else graph
     if isinstance(graph, LayerTable):
         graph = graph.to_graph()
@@ -121,3 +136,73 @@ def check(plan, graph=None):
     if plan.lower_bound > len(groups):
         violations.append(f"lower bound {plan.lower_bound} exceeds k = {len(groups)}")
     return CheckReport(not violations, tuple(violations), sizes)
+
+
+def check_levels(deployment):
+    """Check both levels of a two-level plan: a report for the stage plan, then one per stage's on-chip plan.
+
+    Each on-chip report also holds the violations of the link to its stage:
+    its graph's ``stage_input`` nodes must be exactly the producers outside
+    the stage that feed it, each with its producer's ``activation_bytes``;
+    every node of the stage must be in it (by id, or as the block it was
+    expanded from); and its Σ ``weight_bytes`` and Σ ``kv_bytes`` must equal
+    the stage's (tiling splits weights exactly).
+
+    Returns
+    -------
+    tuple of CheckReport
+        ``(stage report, stage 0 on-chip report, ...)``.
+    """
+    stages, groups = deployment.stages, tuple(deployment.groups)
+    stage_report = check(stages)
+    if stages.ok and len(groups) not in (0, stages.k):
+        stage_report = CheckReport(False, (*stage_report.violations, f"the stage plan has {stages.k} stages but "
+                                          f"{len(groups)} on-chip plans"), stage_report.sizes)
+    reports = [stage_report]
+    whole = stages.graph.to_graph() if isinstance(stages.graph, LayerTable) else stages.graph
+    for index, group in enumerate(groups):
+        report = check(group)
+        links = ()
+        if stages.ok and index < len(stages.partitions) and isinstance(whole, nx.DiGraph):
+            links = _link_violations(whole, stages.partitions[index], group.graph)
+        reports.append(CheckReport(report.ok and not links, (*report.violations, *links), report.sizes))
+    return tuple(reports)
+
+
+def _link_violations(whole, nodes, sub):
+    """Why the on-chip graph `sub` is not the stage `nodes` of `whole` (empty when it is)."""
+    if isinstance(sub, LayerTable):
+        sub = sub.to_graph()
+    if not isinstance(sub, nx.DiGraph):
+        return ("the on-chip plan carries no graph",)
+    members = set(nodes)
+    missing = [node for node in nodes if node not in whole]
+    if missing:
+        return (f"stage node {missing[0]!r} is not in the model graph",)
+    violations = []
+    wanted = {u: whole.nodes[u].get("activation_bytes", 0)
+              for v in nodes for u in whole.predecessors(v) if u not in members}
+    given = {v: data.get("activation_bytes", 0) for v, data in sub.nodes(data=True) if data.get("op") == "stage_input"}
+    for u in sorted(set(wanted) ^ set(given)):
+        violations.append(f"stage_input {u!r} is {'missing' if u in wanted else 'not an input of this stage'}")
+    for u in sorted(set(wanted) & set(given)):
+        if wanted[u] != given[u]:
+            violations.append(f"stage_input {u!r} has activation_bytes {given[u]} B, its producer {wanted[u]} B")
+    expanded = set(sub.graph.get("expanded_blocks") or ())
+    absent = [node for node in nodes if node not in expanded
+              and (node not in sub or sub.nodes[node].get("op") == "stage_input")]
+    if absent:
+        violations.append(f"{len(absent)} stage node(s) are not in the on-chip graph, first {absent[0]!r}")
+    for key in ("weight_bytes", "kv_bytes"):
+        stage_total = sum(whole.nodes[v].get(key) or 0 for v in nodes)
+        chip_total = sum(data.get(key) or 0 for _, data in sub.nodes(data=True) if data.get("op") != "stage_input")
+        if stage_total != chip_total:
+            violations.append(f"the on-chip graph holds {chip_total} B of {key}, its stage {stage_total} B")
+    return tuple(violations)
+
+
+def _merge(reports):
+    """One report of a two-level plan's reports, each violation prefixed by its level."""
+    names = ["stages", *(f"stage {index} on chip" for index in range(len(reports) - 1))]
+    violations = tuple(f"{name}: {violation}" for name, report in zip(names, reports) for violation in report.violations)
+    return CheckReport(not violations, violations, reports[0].sizes)

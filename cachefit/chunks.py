@@ -7,6 +7,13 @@ f = chunk_tokens / (batch × seq_len) of the activations live in it
 chunks leave more room for weights (fewer groups) but each pass does less
 work per weight byte, so `choose_chunk_tokens` picks the largest chunk among
 those giving the fewest groups.
+
+A chunk smaller than a sequence (chunked prefill) also makes every attention
+node hold the K/V of its sequence's earlier tokens, which grows as the chunk
+shrinks: kv_bytes_per_token × c·(⌈s/c⌉ − 1) for a chunk of c < s tokens
+(`cachefit.graphs.kv.prefix_tokens`).  The ``+kv`` memory models count it in
+S(P) (resident); the plain ones stream it.  The search probes with the plan's
+model, so under ``+kv`` it weighs both effects.
 """
 
 from __future__ import annotations
@@ -103,9 +110,11 @@ def choose_chunk_tokens(graph, capacity, *, solver="greedy", memory="liveness", 
     solver : str
         The solver that probes each chunk (default greedy: fast, and optimal
         in k for the graph's order).
-    memory : {"liveness", "additive"}
-        Under ``additive`` activations are never scaled, every chunk gives
-        the same k, and the full batch × seq_len is chosen.
+    memory : str
+        A name in `cachefit.memory.MODELS`.  Under ``additive`` activations
+        are never scaled, every chunk gives the same k, and the full
+        batch × seq_len is chosen; under ``+kv`` models a chunk inside a
+        sequence adds each attention node's K/V prefix.
     tile : bool
         Tile the graph for each chunk (`cachefit.graphs.tile`) before probing,
         as ``cachefit.plan(..., tile=True)`` will.
@@ -128,13 +137,11 @@ def choose_chunk_tokens(graph, capacity, *, solver="greedy", memory="liveness", 
     -----
     Candidates: the powers of two from 1 to tokens = batch × seq_len and
     tokens itself (`chunk_candidates`), at most ⌈log2 tokens⌉ + 1 of them,
-    and every one is probed.  For a fixed graph the probe is monotone: every
-    group size is non-decreasing in f, so greedy's k for the fixed order can
-    only fall as the chunk shrinks, and a bisection would find the same
-    answer.  With tiling the graph itself depends on f (fewer tiles at a
-    smaller chunk), so the probes are exhaustive rather than relying on that
-    argument; with ≤ 22 candidates for a 2^21-token batch the cost is a few
-    greedy passes.
+    and every one is probed.  The probes are exhaustive, not a bisection:
+    under a ``+kv`` model the chunked-prefill K/V term falls as f grows while
+    the live activations rise, so k is not monotone in f; and with tiling the
+    graph itself depends on f.  With ≤ 22 candidates for a 2^21-token batch
+    the cost is a few greedy passes.
 
     Examples
     --------

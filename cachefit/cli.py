@@ -121,11 +121,17 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--chunk-tokens", default=None, metavar="N|auto",
               help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
                    "'auto' picks the largest chunk among those giving the fewest groups.")
+@click.option("--devices", type=int, default=None,
+              help="Two levels: pipeline stages across N devices (KV counted, balanced by flops), "
+                   "the fewest on-chip groups of --capacity inside each; needs --device-capacity.")
+@click.option("--device-capacity", default=None, help="Memory of one device with --devices: bytes or a name (h100-hbm).")
+@click.option("--reserve", default="0", show_default=True, help="Bytes kept free on every device (with --devices).")
 @plot_option
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv="streamed"):
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv="streamed",
+                 devices=None, device_capacity=None, reserve="0"):
     """Plan MODEL for a capacity.
 
     \b
@@ -136,17 +142,23 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
       a plan file              (cachefit plan --json ...: its graph is planned again)
       a node-link graph .json  (networkx node-link data with the byte attributes)
       a .json list of layers   (byte sizes, or objects with weight_bytes, ...)
+
+    With --devices N --device-capacity C, the plan has two levels: N pipeline
+    stages (one per device) and the fewest on-chip groups inside each; the
+    --json file is then a version-2 plan file.
     """
     from .memory import with_kv
 
     memory = with_kv(memory, kv)
+    two_level = {"devices": devices, "device_capacity": device_capacity, "reserve": reserve}
     with reporting(cli_reporter(quiet)):
         _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
-                      balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase, context)
+                      balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase, context, two_level)
 
 
 def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
-                  balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase="prefill", context=None):
+                  balance, time_limit, json_path, tile, chunk_tokens, plot, dot, phase="prefill", context=None,
+                  two_level=None):
     from .api import plan as make_plan
     from .devices import parse_capacity
     from .loading import load_model, parse_dims
@@ -166,6 +178,10 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
         chunk_tokens = int(chunk_tokens)
     if solver == "all" and (plot or dot):
         raise InputError("`--plot` and `--dot` draw one plan: give `--solver NAME`, not 'all'")
+    if two_level and (two_level["devices"] is not None or two_level["device_capacity"] is not None):
+        sys.exit(_plan_devices(graph, name, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction,
+                               k=k, time_limit=time_limit, tile=tile, chunk_tokens=chunk_tokens, balance=balance,
+                               json_path=json_path, pictures=bool(plot or dot), **two_level))
     if solver == "all":
         sys.exit(compare_solvers(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                                  time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, json_path=json_path,
@@ -195,6 +211,30 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
     if result.ok:
         write_pictures(result, plot=plot, dot=dot, title=name)
     sys.exit(EXIT_OK if result.ok else EXIT_NO_PLAN)
+
+
+def _plan_devices(graph, name, capacity, *, devices, device_capacity, reserve, solver, memory, chunk_fraction, k,
+                  time_limit, tile, chunk_tokens, balance, json_path, pictures):
+    """`plan --devices N --device-capacity C`: the two-level plan, both levels checked; returns the exit code."""
+    from .api import plan as make_plan
+    from .cli_estimate import print_deployment
+
+    for given, flag in ((solver == "all", "--solver all"), (k is not None, "--k"), (pictures, "--plot/--dot")):
+        if given:
+            raise InputError(f"`{flag}` applies to a single-level plan, not with `--devices`")
+    with task(f"planning {name} on {devices} device(s)"):
+        result = make_plan(graph, capacity, solver=solver, memory=memory, chunk_fraction=chunk_fraction,
+                           time_limit_s=time_limit, tile=tile, chunk_tokens=chunk_tokens, balance=balance,
+                           devices=devices, device_capacity=device_capacity, reserve=reserve)
+    if tile and result.groups:
+        tiled = sum(group.stats.get("tiled_nodes", 0) for group in result.groups)
+        untiled = sum(len(group.stats.get("untiled", ())) for group in result.groups)
+        console.print(f"tiled {tiled} node(s) over all stages; {untiled} oversize node(s) could not be tiled",
+                      highlight=False)
+    reports = print_deployment(result)
+    if json_path:
+        write_plan(result, json_path)
+    return EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN
 
 
 def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s, tile, chunk_tokens, json_path,
@@ -249,19 +289,25 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
 @friendly
 def check_command(plan_file):
-    """Check PLAN_FILE independently: coverage, order, sizes, capacity."""
-    from .result import Plan
+    """Check PLAN_FILE independently: coverage, order, sizes, capacity (both levels of a two-level plan)."""
+    from .result import read_plan
 
-    plan = Plan.from_json(plan_file)
+    plan = read_plan(Path(plan_file))
     from .checker import check  # after parsing: a malformed file is refused without loading numpy
     report = check(plan)
+    if report.ok and hasattr(plan, "stages"):
+        console.print(f"[green]ok[/]: {len(plan.stages.partitions)} stage(s) within "
+                      f"{format_bytes(plan.device_capacity)} each (status {plan.stages.status}); {plan.k} on-chip "
+                      f"group(s) within {format_bytes(plan.capacity)}; status {plan.status}; all sizes recomputed "
+                      "at both levels", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)
     if report.ok:
         console.print(f"[green]ok[/]: {plan.k} group(s), status {plan.status}, all sizes recomputed "
                       f"and within {format_bytes(plan.capacity)}", highlight=False)
         sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)
     console.print(f"[red]{len(report.violations)} violation(s)[/]:")
     for violation in report.violations:
-        console.print(Text(f"  - {violation}"), highlight=False)
+        console.print(Text(f"  - {violation}"), highlight=False, soft_wrap=True)
     sys.exit(EXIT_NO_PLAN)
 
 

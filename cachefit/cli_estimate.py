@@ -14,7 +14,7 @@ from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
 from .errors import InputError
 from .units import format_bytes, format_count
 
-__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "COMMANDS"]
+__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_deployment", "COMMANDS"]
 
 
 def _size(num_bytes):
@@ -128,16 +128,9 @@ def _schedule_table(result):
 def _read_plan_or_deployment(path):
     from pathlib import Path
 
-    from .deploy import DEPLOYMENT_FORMAT, Deployment
-    from .result import Plan
+    from .result import read_plan
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"`PLAN_FILE` {str(path)!r} is not readable JSON: {exc}") from None
-    if isinstance(data, dict) and data.get("format") == DEPLOYMENT_FORMAT:
-        return Deployment.from_dict(data)
-    return Plan.from_dict(data)
+    return read_plan(Path(path))
 
 
 @click.command("estimate")
@@ -153,7 +146,7 @@ def _read_plan_or_deployment(path):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the estimate here.")
 @friendly
 def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_path):
-    """Predict the time of PLAN_FILE (a plan or a deployment): partition-major, token-major, batched."""
+    """Predict the time of PLAN_FILE (a plan, or a two-level plan): partition-major, token-major, batched."""
     from .estimate import estimate
     from .result import write_text_atomic
 
@@ -188,7 +181,10 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
 @friendly
 def deploy_command(model, devices, device_capacity, capacity, reserve, batch, seq_len, dtype, granularity, phase,
                    context, kv, tile, chunk_tokens, solver, json_path):
-    """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels."""
+    """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels.
+
+    The same as `cachefit plan MODEL --devices N --device-capacity C --capacity C2 --kv ...`.
+    """
     from .deploy import deploy
     from .loading import load_model
 
@@ -202,30 +198,41 @@ def deploy_command(model, devices, device_capacity, capacity, reserve, batch, se
         chunk_tokens = int(chunk_tokens)
     result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, reserve=reserve,
                     kv=kv, tile=tile, chunk_tokens=chunk_tokens, solver=solver)
-    table = Table(title=f"{devices} device(s) × on-chip groups")
+    reports = print_deployment(result)
+    if json_path and result.ok:
+        result.to_json(json_path)
+        console.print(f"two-level plan (version 2) written to {json_path}", highlight=False)
+    sys.exit(EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN)
+
+
+def print_deployment(result):
+    """Print a two-level plan's stages (one row per device) and the check of both levels; return the reports."""
+    table = Table(title=f"{result.devices} device(s) × on-chip groups")
     for column in ("stage", "first .. last node", "stage bytes", "stage flops", "groups", "status", "largest group"):
         table.add_column(column, justify="left" if column.startswith("first") else "right")
     flops = result.stages.stats.get("flops") or [0] * result.stages.k
     for index, (nodes, size) in enumerate(zip(result.stages.partitions, result.stages.sizes)):
-        sub = result.groups[index] if result.groups else None
+        sub = result.groups[index] if index < len(result.groups) else None
         table.add_row(str(index), Text(f"{nodes[0]} .. {nodes[-1]}"), format_bytes(size), format_count(flops[index]),
                       str(sub.k) if sub else "-", str(sub.status) if sub else "-",
                       format_bytes(sub.bottleneck) if sub and sub.ok else "-")
     console.print(table)
-    if not result.stages.ok:
-        console.print(Text(f"stages: {result.stages.status}: {result.stages.reason}"), highlight=False)
+    capacity = format_bytes(result.capacity) if result.capacity is not None else "?"
+    console.print(f"stages: {result.stages.memory}, within {format_bytes(result.device_capacity)} each; "
+                  f"on chip: {result.groups[0].memory if result.groups else '-'}, within {capacity}",
+                  highlight=False, soft_wrap=True)
+    if not result.ok:
+        console.print(Text(f"{result.status}: {result.reason}"), soft_wrap=True)
     reports = result.check() if result.ok else ()
-    for name, report in zip(["stages", *(f"stage {i} groups" for i in range(len(result.groups)))], reports):
-        if not report.ok:
-            console.print(Text(f"{name}: {len(report.violations)} violation(s): {report.violations[0]}"))
+    names = ["stages", *(f"stage {index} on chip" for index in range(len(result.groups)))]
+    for name, report in zip(names, reports):
+        for violation in report.violations:
+            console.print(Text(f"{name}: {violation}"), soft_wrap=True)
     if reports:
         console.print(f"check: {'[green]ok[/]' if all(reports) else '[red]violations[/]'} "
-                      f"({len(reports)} plans recomputed independently); {result.k} on-chip groups in all",
-                      highlight=False)
-    if json_path and result.ok:
-        result.to_json(json_path)
-        console.print(f"deployment written to {json_path}", highlight=False)
-    sys.exit(EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN)
+                      f"({len(reports)} plans recomputed independently, and each stage's link to its on-chip plan); "
+                      f"{result.k} on-chip groups in all", highlight=False, soft_wrap=True)
+    return reports
 
 
 #: The commands this module adds to `cachefit`.

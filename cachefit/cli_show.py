@@ -14,6 +14,7 @@ import click
 from rich.text import Text
 
 from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
+from .errors import InputError
 from .units import format_bytes
 
 __all__ = ["show_command", "print_advice", "write_pictures", "command_line"]
@@ -92,8 +93,8 @@ def print_advice(ctx, graph, plan):
         for suggestion in advice.suggestions:
             _print_suggestion(ctx, suggestion, None)
     elif advice.considered:
-        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "granularity": "--granularity op",
-                 "batch": "a smaller --batch"}
+        flags = {"tile": "--tile", "chunk_tokens": "--chunk-tokens auto", "kv": "--kv streamed",
+                 "granularity": "--granularity op", "batch": "a smaller --batch"}
         named = [flags[name] for name in advice.considered]
         what = f"{named[0]} does not give" if len(named) == 1 else f"no combination of {', '.join(named)} gives"
         console.print(f"  at {format_bytes(plan.capacity)}: {what} a plan", highlight=False, soft_wrap=True)
@@ -174,13 +175,25 @@ def _picture_suffix(context, parameter, value):
 @plot_option
 @friendly
 def show_command(plan_file, plot, dot):
-    """Print PLAN_FILE's groups; draw them with --plot, write Graphviz with --dot."""
-    from .cli import print_plan
-    from .result import Plan
+    """Print PLAN_FILE's groups; draw them with --plot, write Graphviz with --dot.
 
-    plan = Plan.from_json(plan_file)
+    A two-level plan (version 2) is shown as its stages, one row per device
+    (--plot and --dot draw single-level plans only).
+    """
+    from .cli import print_plan
+    from .result import read_plan
+
+    plan = read_plan(Path(plan_file))
+    if hasattr(plan, "stages") and (plot or dot):
+        raise InputError("`--plot`/`--dot` draw a single-level plan; PLAN_FILE is a two-level plan (version 2): "
+                         "`cachefit show` without them lists its stages")
     name = plan.graph.graph.get("name") if hasattr(plan.graph, "graph") else None
     console.print(f"[bold]{name or Path(plan_file).stem}[/] (from {plan_file})", highlight=False)
+    if hasattr(plan, "stages"):
+        from .cli_estimate import print_deployment
+
+        reports = print_deployment(plan)
+        sys.exit(EXIT_OK if plan.ok and all(reports) else EXIT_NO_PLAN)
     print_plan(plan)
     write_pictures(plan, plot=plot, dot=dot, title=name or Path(plan_file).stem)
     sys.exit(EXIT_OK if plan.ok else EXIT_NO_PLAN)

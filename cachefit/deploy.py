@@ -16,11 +16,26 @@ activations as live in the groups that consume them, exactly as in the
 whole graph.
 
 Both levels are plain `Plan` objects, so `cachefit.check` verifies each one
-independently (`Deployment.check`).  The JSON form is
-``{"format": "cachefit.deployment", "version": 1, "stages": <plan>,
-"groups": [<plan>, ...]}`` with every plan self-contained.  Tensor
-parallelism is not modelled: a device holds whole nodes (or tiles of them
-made for the on-chip level).
+independently, and the link between them: each on-chip plan's graph is its
+stage's nodes (`Deployment.check`, `cachefit.checker.check_levels`).
+
+The JSON form is a plan file of version 2 (version 1 is a single-level
+`Plan`; `cachefit.result.read_plan` reads both)::
+
+    {"format": "cachefit.plan", "version": 2,
+     "graph": <the whole model graph, node-link data>,
+     "devices": N, "device_capacity": <bytes per stage>, "capacity": <on-chip bytes>,
+     "status": "FEASIBLE", "k": <on-chip groups in all>, "reason": "",
+     "stage_level": {"memory", "chunk_fraction", "solver", "status", "lower_bound",
+                     "bottleneck", "wall_s", "reason", "stats"},
+     "stages": [{"device": i, "nodes": [ids], "size": <bytes>,
+                 "plan": <a self-contained version-1 plan of the stage's sub-graph>}, ...]}
+
+The top-level fields describe the whole deployment (the reader refuses a
+file where they disagree with the stages); ``stage_level`` holds the stage
+plan's own claims; each stage's ``plan`` can be cut out and read, checked
+or run as an ordinary plan file.  Tensor parallelism is not modelled: a
+device holds whole nodes (or tiles of them made for the on-chip level).
 
 Examples
 --------
@@ -37,21 +52,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import networkx as nx
 
 from .errors import InputError
 from .memory import with_kv
-from .result import Plan, write_text_atomic
+from .result import PLAN_FORMAT, PLAN_VERSION, TWO_LEVEL_VERSION, Plan, Status, check_version, graph_to_data, \
+    write_text_atomic
 
-__all__ = ["Deployment", "deploy", "DEPLOYMENT_FORMAT", "stage_graph"]
+__all__ = ["Deployment", "deploy", "plan_two_level", "DEPLOYMENT_FORMAT", "DEPLOYMENT_VERSION", "stage_graph"]
 
 logger = logging.getLogger(__name__)
 
+#: The format name of the unreleased first form of a deployment file (still read; written as version 2).
 DEPLOYMENT_FORMAT = "cachefit.deployment"
-DEPLOYMENT_VERSION = 1
+#: The plan-file version of a deployment (``"format": "cachefit.plan"``).
+DEPLOYMENT_VERSION = TWO_LEVEL_VERSION
 
 
 @dataclass(frozen=True)
@@ -65,10 +83,14 @@ class Deployment:
     groups : tuple of Plan
         The on-chip plan of each stage's sub-graph (`stage_graph`), in
         stage order; empty when the stage plan failed.
+    on_chip_capacity : int, optional
+        The on-chip capacity asked for (kept for a deployment whose stage
+        plan failed; otherwise the on-chip plans carry it).
     """
 
     stages: Plan
     groups: tuple
+    on_chip_capacity: int | None = None
 
     @property
     def ok(self):
@@ -77,8 +99,13 @@ class Deployment:
 
     @property
     def devices(self):
-        """Number of stages (devices)."""
-        return self.stages.k
+        """Number of stages (devices); the number asked for when the stage plan failed."""
+        return self.stages.k if self.stages.ok else int(self.stages.stats.get("devices", 0))
+
+    @property
+    def device_capacity(self):
+        """The bytes each stage must fit (device memory less the reserve)."""
+        return self.stages.capacity
 
     @property
     def k(self):
@@ -87,19 +114,62 @@ class Deployment:
 
     @property
     def capacity(self):
-        """The on-chip capacity in bytes (that of the first stage's plan), None without groups."""
-        return self.groups[0].capacity if self.groups else None
+        """The on-chip capacity in bytes (that of the first stage's plan), None when unknown."""
+        return self.groups[0].capacity if self.groups else self.on_chip_capacity
+
+    @property
+    def graph(self):
+        """The whole model graph (the stage plan's)."""
+        return self.stages.graph
+
+    @property
+    def status(self):
+        """FEASIBLE when both levels hold groups, else the status of the first level or stage that failed.
+
+        Never OPTIMAL: each plan's own claim is in that plan (the stage
+        split is not chosen to minimise the total of on-chip groups).
+        """
+        failed = next((plan for plan in (self.stages, *self.groups) if not plan.ok), None)
+        return Status.FEASIBLE if failed is None else failed.status
+
+    @property
+    def reason(self):
+        """Why the deployment has no plan, naming the level ("" when `ok`)."""
+        if not self.stages.ok:
+            return f"stages: {self.stages.reason}"
+        if not self.groups:
+            return "no on-chip plans"
+        index = next((index for index, group in enumerate(self.groups) if not group.ok), None)
+        return "" if index is None else f"stage {index} on chip: {self.groups[index].reason}"
 
     def check(self):
-        """`cachefit.check` of the stage plan, then of every stage's on-chip plan (a tuple of reports)."""
-        from .checker import check
+        """`cachefit.check` of the stage plan, then of every stage's on-chip plan (a tuple of reports).
 
-        return (check(self.stages), *(check(group) for group in self.groups))
+        Each on-chip report also holds the violations of its link to the
+        stage (`cachefit.checker.check_levels`).
+        """
+        from .checker import check_levels
+
+        return check_levels(self)
 
     def to_dict(self):
-        """The JSON object (see the module docstring)."""
-        return {"format": DEPLOYMENT_FORMAT, "version": DEPLOYMENT_VERSION, "stages": self.stages.to_dict(),
-                "groups": [group.to_dict() for group in self.groups]}
+        """The JSON object: a version-2 plan file (see `cachefit.deploy` and docs/concepts.md)."""
+        stages = self.stages
+        if stages.graph is None:
+            raise InputError("this deployment carries no graph, so it cannot be written self-contained")
+        return {
+            "format": PLAN_FORMAT, "version": TWO_LEVEL_VERSION,
+            "graph": graph_to_data(stages.graph),
+            "devices": self.devices, "device_capacity": stages.capacity, "capacity": self.capacity,
+            "status": str(self.status), "k": self.k, "reason": self.reason,
+            "stage_level": {"memory": stages.memory, "chunk_fraction": stages.chunk_fraction,
+                            "solver": stages.solver, "status": str(stages.status), "lower_bound": stages.lower_bound,
+                            "bottleneck": stages.bottleneck, "wall_s": stages.wall_s, "reason": stages.reason,
+                            "stats": stages.stats},
+            "stages": [{"device": index, "nodes": list(nodes), "size": size,
+                        "plan": self.groups[index].to_dict() if index < len(self.groups) else None}
+                       for index, (nodes, size) in enumerate(zip(stages.partitions, stages.sizes))],
+        }
 
     def to_json(self, path=None):
         """The JSON text; with `path`, also written atomically."""
@@ -110,31 +180,91 @@ class Deployment:
 
     @classmethod
     def from_json(cls, source):
-        """Read a deployment from JSON text or a path.
+        """Read a deployment from JSON text or a path (a version-2 plan file).
 
         Raises
         ------
         InputError
-            Not JSON, not a cachefit deployment, or a plan inside is malformed.
+            Not JSON, not a two-level plan, or a field malformed (one line naming it).
         """
-        text = Path(source).read_text() if not str(source).lstrip().startswith("{") else source
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"deployment is not valid JSON: {exc}") from None
+        from .limits import parse_json, read_json_file
+
+        if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            data = read_json_file(source, what="plan file")
+        else:
+            data = parse_json(source, what="plan")
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data):
-        """Build a deployment from its JSON object."""
-        if not isinstance(data, dict) or data.get("format") != DEPLOYMENT_FORMAT:
-            raise InputError(f"not a cachefit deployment: expected \"format\": \"{DEPLOYMENT_FORMAT}\"")
-        if data.get("version") != DEPLOYMENT_VERSION:
-            raise InputError(f"unsupported deployment version {data.get('version')!r}; "
-                             f"this cachefit reads version {DEPLOYMENT_VERSION}")
-        if not isinstance(data.get("groups"), list):
-            raise InputError("deployment field 'groups' must be a list of plans")
-        return cls(Plan.from_dict(data.get("stages")), tuple(Plan.from_dict(group) for group in data["groups"]))
+        """Build a deployment from its JSON object (version 2; the unreleased ``cachefit.deployment`` form too)."""
+        if isinstance(data, dict) and data.get("format") == DEPLOYMENT_FORMAT:
+            return _from_legacy(cls, data)
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise InputError(f"not a cachefit plan: expected \"format\": \"{PLAN_FORMAT}\"")
+        if data.get("version") == PLAN_VERSION:
+            raise InputError("this is a single-level plan (version 1): read it with cachefit.Plan.from_json "
+                             "or cachefit.result.read_plan")
+        check_version(data)
+        _require(data, {"graph": dict, "devices": int, "device_capacity": int, "status": str, "k": int,
+                        "stage_level": dict, "stages": list}, "plan field")
+        level = data["stage_level"]
+        _require(level, {"memory": str, "chunk_fraction": (int, float), "solver": str, "status": str,
+                         "lower_bound": int, "bottleneck": int, "wall_s": (int, float)}, "plan field 'stage_level':")
+        entries = data["stages"]
+        for index, entry in enumerate(entries):
+            where = f"plan field 'stages'[{index}]:"
+            _require(entry, {"device": int, "nodes": list, "size": int, "plan": (dict, type(None))}, where)
+            if entry["device"] != index:
+                raise InputError(f"{where} 'device' must be {index} (stage i runs on device i), got {entry['device']}")
+            if not all(isinstance(node, str) for node in entry["nodes"]):
+                raise InputError(f"{where} 'nodes' must be a list of node ids (strings)")
+        stage_data = {**level, "format": PLAN_FORMAT, "version": PLAN_VERSION, "graph": data["graph"],
+                      "capacity": data["device_capacity"], "k": len(entries),
+                      "partitions": [entry["nodes"] for entry in entries],
+                      "sizes": [entry["size"] for entry in entries], "stats": level.get("stats", {}),
+                      "reason": level.get("reason", "")}
+        groups = [entry["plan"] for entry in entries if entry["plan"] is not None]
+        if groups and len(groups) != len(entries):
+            raise InputError("plan field 'stages': either every stage has an on-chip 'plan' or none has")
+        capacity = data.get("capacity")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
+            raise InputError(f"plan field 'capacity' has the wrong type: {type(capacity).__name__}")
+        result = cls(Plan.from_dict(stage_data), tuple(Plan.from_dict(group) for group in groups), capacity)
+        _agree(result, data)
+        return result
+
+
+def _require(data, expected, where):
+    """Refuse a missing field or one of the wrong type (`InputError` naming it)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be an object, got {type(data).__name__}")
+    for key, kind in expected.items():
+        if key not in data:
+            raise InputError(f"{where} {key!r} is missing")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise InputError(f"{where} {key!r} has the wrong type: {type(data[key]).__name__}")
+
+
+def _agree(result, data):
+    """Refuse a file whose whole-deployment fields disagree with its levels."""
+    stated = {"devices": data["devices"], "device_capacity": data["device_capacity"], "k": data["k"],
+              "status": data["status"], "capacity": data.get("capacity")}
+    actual = {"devices": result.devices, "device_capacity": result.device_capacity, "k": result.k,
+              "status": str(result.status), "capacity": result.capacity}
+    for key, value in stated.items():
+        if value != actual[key]:
+            raise InputError(f"plan field {key!r} is {value!r}, but the stages give {actual[key]!r}")
+
+
+def _from_legacy(cls, data):
+    """A ``cachefit.deployment`` version-1 object (written before two-level plan files were version 2)."""
+    if data.get("version") != 1:
+        raise InputError(f"unsupported deployment version {data.get('version')!r}; re-plan it with "
+                         "`cachefit plan MODEL --devices N ...`")
+    if not isinstance(data.get("groups"), list):
+        raise InputError("deployment field 'groups' must be a list of plans")
+    return cls(Plan.from_dict(data.get("stages")), tuple(Plan.from_dict(group) for group in data["groups"]))
 
 
 def stage_graph(graph, nodes, index):
@@ -157,7 +287,8 @@ def stage_graph(graph, nodes, index):
 
 
 def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flops", memory="liveness",
-           kv="streamed", solver="auto", tile=False, chunk_tokens=None, time_limit_s=None):
+           kv="streamed", solver="auto", tile=False, chunk_tokens=None, chunk_fraction=1.0, time_limit_s=None,
+           group_balance="memory"):
     """Stages across `devices` devices, and the fewest on-chip groups of `capacity` inside each.
 
     Parameters
@@ -172,9 +303,11 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
         The on-chip capacity every group of every stage must fit.
     balance : {"flops", "memory"}
         What the stages balance (the slowest stage sets a pipeline's pace).
-    memory, solver, tile, chunk_tokens, time_limit_s
+    memory, solver, tile, chunk_tokens, chunk_fraction, time_limit_s
         As in `cachefit.plan`, for the on-chip level (the stage level uses
         `memory` and ``dp``, which keeps the node order).
+    group_balance : {"memory", "flops"}
+        `cachefit.plan`'s ``balance`` for each stage's on-chip plan.
     kv : {"streamed", "resident"}
         Where the on-chip level keeps each layer's KV cache (``kv_bytes``):
         in its group's size (``resident``, memory model ``NAME+kv``) or
@@ -197,17 +330,48 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
     from .api import plan as make_plan
     from .stages import stages
 
+    from .devices import parse_capacity
+
     if not isinstance(graph, nx.DiGraph):
         raise InputError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}")
+    on_chip_capacity = parse_capacity(capacity)
     stage_plan = stages(graph, devices=devices, device_capacity=device_capacity, balance=balance, reserve=reserve,
                         memory=with_kv(memory, "resident"), time_limit_s=time_limit_s)
     memory = with_kv(memory, kv)
     if not stage_plan.ok:
-        return Deployment(stage_plan, ())
+        return Deployment(stage_plan, (), on_chip_capacity)
     groups = []
     for index, nodes in enumerate(stage_plan.partitions):
         sub = stage_graph(graph, nodes, index)
-        groups.append(make_plan(sub, capacity, solver=solver, memory=memory, tile=tile, chunk_tokens=chunk_tokens,
-                                time_limit_s=time_limit_s))
+        groups.append(make_plan(sub, on_chip_capacity, solver=solver, memory=memory, tile=tile,
+                                chunk_tokens=chunk_tokens, chunk_fraction=chunk_fraction, time_limit_s=time_limit_s,
+                                balance=group_balance))
         logger.info("deploy: stage %d: %d nodes, %s, k = %d", index, len(nodes), groups[-1].status, groups[-1].k)
-    return Deployment(stage_plan, tuple(groups))
+    return Deployment(stage_plan, tuple(groups), on_chip_capacity)
+
+
+def plan_two_level(graph, capacity, *, devices, device_capacity, reserve=0, solver="auto", memory="liveness",
+                   chunk_fraction=1.0, k=None, time_limit_s=None, tile=False, chunk_tokens=None, balance="memory"):
+    """`cachefit.plan` with ``devices=``/``device_capacity=``: a `deploy` whose on-chip memory model is `memory`.
+
+    The KV choice is `memory`'s (``NAME+kv`` keeps the cache in each on-chip
+    group); the stages always count it and are balanced by flops; `balance`
+    applies inside each stage's on-chip plan.
+
+    Raises
+    ------
+    InputError
+        Only one of `devices` and `device_capacity` given, or `k` given
+        (the number of on-chip groups is each stage's fewest).
+    """
+    from .memory import kv_placement
+
+    if devices is None or device_capacity is None:
+        given, needed = ("devices", "device_capacity") if devices is not None else ("device_capacity", "devices")
+        raise InputError(f"`{given}` plans stages across devices and needs `{needed}` too")
+    if k is not None:
+        raise InputError(f"`k` fixes the number of groups of a single-level plan; with `devices`, each stage gets "
+                         f"its fewest on-chip groups (got k={k!r})")
+    return deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, reserve=reserve,
+                  memory=memory, kv=kv_placement(memory), solver=solver, tile=tile, chunk_tokens=chunk_tokens,
+                  chunk_fraction=chunk_fraction, time_limit_s=time_limit_s, group_balance=balance)

@@ -274,8 +274,8 @@ def _validate(plan, device, devices, kv, launch_s):
 
 
 def _chunks(plan, tokens):
-    """Chunks per pass of `plan`: ⌈tokens / chunk tokens⌉ under liveness with f < 1, else 1."""
-    fraction = plan.chunk_fraction if plan.memory == "liveness" else 1.0
+    """Chunks per pass of `plan`: ⌈tokens / chunk tokens⌉ under liveness (with or without ``+kv``) with f < 1, else 1."""
+    fraction = plan.chunk_fraction if plan.memory.removesuffix("+kv") == "liveness" else 1.0
     return max(1, math.ceil(tokens / max(1, round(fraction * tokens)))) if fraction < 1 else 1
 
 

@@ -14,11 +14,16 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "graph_to_data", "graph_from_data",
-           "write_text_atomic"]
+__all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "TWO_LEVEL_VERSION", "PLAN_VERSIONS", "read_plan", "check_version",
+           "graph_to_data", "graph_from_data", "write_text_atomic"]
 
 PLAN_FORMAT = "cachefit.plan"
+#: A single-level plan: one capacity, one list of groups (`Plan`).
 PLAN_VERSION = 1
+#: A two-level plan: stages across devices, an on-chip plan inside each (`cachefit.deploy.Deployment`).
+TWO_LEVEL_VERSION = 2
+#: The plan-file versions this cachefit reads.
+PLAN_VERSIONS = (PLAN_VERSION, TWO_LEVEL_VERSION)
 
 
 class Status(str, Enum):
@@ -171,8 +176,11 @@ class Plan:
         """Build a plan from its JSON object (see `from_json`)."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise InputError(f"not a cachefit plan: expected \"format\": \"{PLAN_FORMAT}\"")
-        if data.get("version") != PLAN_VERSION:
-            raise InputError(f"unsupported plan version {data.get('version')!r}; this cachefit reads version {PLAN_VERSION}")
+        if data.get("version") == TWO_LEVEL_VERSION:
+            raise InputError("this is a two-level plan (version 2: stages across devices, on-chip groups in each), "
+                             "not a single-level plan; `cachefit check`/`estimate`/`show` and "
+                             "cachefit.result.read_plan read it, and each stage's \"plan\" field is a single-level plan")
+        check_version(data)
         expected = {"graph": dict, "capacity": int, "memory": str, "chunk_fraction": (int, float),
                     "solver": str, "status": str, "k": int, "lower_bound": int, "partitions": list,
                     "sizes": list, "bottleneck": int, "wall_s": (int, float)}
@@ -210,6 +218,46 @@ class Plan:
             reason=str(data.get("reason", "")),
             graph=_validated(graph_from_data(data["graph"])),  # ids are strings: partitions can name them
         )
+
+
+def check_version(data):
+    """Refuse a plan object whose ``version`` this cachefit does not read (`InputError`, one line)."""
+    version = data.get("version")
+    if isinstance(version, bool) or version not in PLAN_VERSIONS:
+        raise InputError(f"unsupported plan version {version!r}; this cachefit reads versions "
+                         f"{' and '.join(map(str, PLAN_VERSIONS))}")
+
+
+def read_plan(source):
+    """Read a plan file of any version: a `Plan` (version 1) or a two-level `Deployment` (version 2).
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        JSON text, or a path to a plan file.
+
+    Returns
+    -------
+    Plan or cachefit.deploy.Deployment
+
+    Raises
+    ------
+    InputError
+        Not JSON, not a cachefit plan, an unknown version, or a malformed
+        field (see `Plan.from_json` and `cachefit.deploy.Deployment.from_dict`).
+    """
+    from .limits import parse_json, read_json_file
+
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+        data = read_json_file(source, what="plan file")
+    else:
+        data = parse_json(source, what="plan")
+    if isinstance(data, dict) and data.get("format") in (PLAN_FORMAT, "cachefit.deployment"):
+        if data.get("version") == TWO_LEVEL_VERSION or data.get("format") == "cachefit.deployment":
+            from .deploy import Deployment
+
+            return Deployment.from_dict(data)
+    return Plan.from_dict(data)
 
 
 def _validated(graph):

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import InputError
 from ..units import DTYPE_BYTES
+from .chunked import kv_prefix_note, prepare_chunks
 from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
 from .results import GroupReport, RunResult, ScheduleResult
@@ -101,9 +102,12 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     chunk_tokens, micro_batches : int, optional
         The pass (batch × seq_len tokens of the graph) is cut into
         `micro_batches` chunks of `chunk_tokens` tokens; give either or both
-        (chunk_tokens × micro_batches must equal batch × seq_len).  A model
-        with attention needs whole sequences per chunk (chunk_tokens a
-        multiple of seq_len): chunks are micro-batches of sequences.
+        (chunk_tokens × micro_batches must equal batch × seq_len).  Neither:
+        the plan's chunk (chunk_fraction × batch × seq_len) when it divides
+        the pass, else the whole pass.  A chunk smaller than seq_len (it must
+        divide it) runs chunked prefill (`cachefit.executor.chunked`: a K/V
+        buffer per attention, CPU only); a module that cannot be chunked
+        inside a sequence is refused by name.
     schedule : str or sequence of str
         ``"partition-major"`` (default), ``"token-major"``, ``"batched"``,
         ``"eager"``, ``"partition-major-fused"``, ``"partition-major-replay"``
@@ -168,12 +172,13 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         device = torch.device("cpu")
     model, groups = _resolve_model(plan, model, groups, device=device, dtype=dtype, seed=seed,
                                    example_inputs=example_inputs)
+    chunk_tokens, micro_batches, chunk_notes = prepare_chunks(plan, model, chunk_tokens, micro_batches)
     chunk_tokens, micro_batches = check_chunks(model, chunk_tokens, micro_batches)
     on_cuda = _is_cuda(model.device)
     setup = _RunSetup.make(plan, model, groups, chunk_tokens, micro_batches, on_cuda=on_cuda,
                            warmup=(5 if on_cuda else 2) if warmup is None else warmup,
                            iters=(20 if on_cuda else 10) if iters is None else iters)
-    notes = _notes(plan, setup, l2_persist)
+    notes = _notes(plan, setup, l2_persist) + chunk_notes + [note for note in [kv_prefix_note(plan, groups)] if note]
     with torch.no_grad():
         reference = {name: tensor.clone() for name, tensor in model.reference().items()}
     l2 = _L2Record(requested=bool(l2_persist) and on_cuda)

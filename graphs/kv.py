@@ -22,6 +22,15 @@ every other family (Mistral) all layers when ``sliding_window`` is set.
 nodes, which hold their attention) of a graph the transformer builder is
 making, and adds the flops of attending to the cached tokens.
 
+Chunked prefill (a sequence streamed in chunks of c < s tokens) holds K/V
+too: the chunk's queries attend to the keys and values of the tokens of its
+sequence before it.  `node_kv_bytes_per_token` says what each attention node
+caches per token (the same per-token formula), `chunk_tokens` and
+`prefix_tokens` how many tokens a chunk's prefix spans at a chunk fraction f,
+and `prefix_formula` writes it out; the memory models count
+kv_prefix_bytes(v) = kv_bytes_per_token(v) × prefix_tokens (see
+`cachefit.memory`).
+
 Examples
 --------
 >>> llama8b = {"num_key_value_heads": 8, "head_dim": 128}
@@ -37,11 +46,14 @@ from numbers import Integral
 
 from ..errors import InputError
 
-__all__ = ["PHASES", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local", "kv_formula", "annotate",
-           "check_phase"]
+__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local", "kv_formula",
+           "annotate", "check_phase", "node_kv_bytes_per_token", "chunk_tokens", "prefix_tokens", "prefix_formula"]
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")
+
+#: Ops whose node holds an attention over its sequence (a whole ``block`` holds its layer's attention).
+ATTENTION_OPS = ("attention", "mla_attention", "block")
 
 
 def check_phase(phase, context, seq_len):
@@ -203,7 +215,7 @@ def annotate(graph, config, *, context, dtype_size):
     batch, seq_len = graph.graph["batch"], graph.graph["seq_len"]
     total, layers = 0, []
     for _, data in graph.nodes(data=True):
-        if data.get("op") in ("attention", "block"):
+        if data.get("op") in ATTENTION_OPS:  # mla_attention too: DeepSeek's op graphs had no KV
             layer = data.get("layer")
             tokens = cached_tokens(config, context, layer)
             data["kv_bytes"] = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size, layer=layer)
@@ -215,3 +227,103 @@ def annotate(graph, config, *, context, dtype_size):
                        kv_formula=kv_formula(config, context=context, batch=batch, dtype_size=dtype_size,
                                              layers=None if None in layers else layers))
     return graph
+
+
+def node_kv_bytes_per_token(graph):
+    """K/V bytes per token of one sequence of every node of `graph` that holds an attention.
+
+    A node's ``kv_bytes_per_token`` attribute when it has one (any graph: an
+    importer that recognises an attention module sets it); otherwise, in a
+    transformer graph (graph attributes ``config`` and ``dtype``, as
+    `cachefit.graphs.transformer` builds), every node whose ``op`` is in
+    `ATTENTION_OPS` caches `kv_bytes_per_token` (config, dtype bytes).  A
+    graph whose ``config`` has neither ``num_key_value_heads`` and
+    ``head_dim`` nor ``kv_lora_rank`` (not a transformer config) derives
+    nothing.
+
+    Returns
+    -------
+    dict
+        node → bytes per token (only nodes with a positive value).
+
+    Raises
+    ------
+    InputError
+        A ``kv_bytes_per_token`` that is not a non-negative integer (naming
+        the node), or a config without the KV fields.
+
+    Examples
+    --------
+    >>> from cachefit.instances import load
+    >>> node_kv_bytes_per_token(load("gpt2"))["block.0"]  # 2 × 12 kv_heads × 64 head_dim × 2 B
+    3072
+    """
+    from ..units import dtype_bytes
+
+    attributes = graph.graph if isinstance(getattr(graph, "graph", None), dict) else {}
+    config = attributes.get("config")
+    transformer = isinstance(config, dict) and (config.get("kv_lora_rank")
+                                                or {"num_key_value_heads", "head_dim"} <= config.keys())
+    dtype_size = dtype_bytes(attributes.get("dtype", "bf16")) if transformer else None
+    per_token = {}
+    derived = None
+    for node, data in graph.nodes(data=True):
+        value = data.get("kv_bytes_per_token")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise InputError(f"node {node!r}: `kv_bytes_per_token` must be a non-negative integer of bytes, "
+                                 f"got {value!r}")
+        elif dtype_size is not None and data.get("op") in ATTENTION_OPS:
+            if derived is None:
+                derived = kv_bytes_per_token(config, dtype_size)
+            value = derived
+        if value:
+            per_token[node] = int(value)
+    return per_token
+
+
+def chunk_tokens(chunk_fraction, tokens):
+    """Tokens per chunk at fraction f of `tokens` = batch × seq_len: f × tokens to the nearest integer, ≥ 1.
+
+    f is taken as the exact rational its float denotes, so ``64 / 1024`` of
+    1,024 tokens is 64 and ``0.1`` of 10 is 1 (the float is a hair above).
+
+    >>> chunk_tokens(0.0625, 1024), chunk_tokens(0.1, 10), chunk_tokens(1 / 3, 3), chunk_tokens(1e-9, 8)
+    (64, 1, 1, 1)
+    """
+    from fractions import Fraction
+
+    scaled = Fraction(chunk_fraction) * tokens
+    return max(1, int(scaled + Fraction(1, 2)))  # the nearest integer, halves up (scaled > 0)
+
+
+def prefix_tokens(seq_len, batch, chunk_fraction):
+    """Tokens of its own sequence before a chunk, at most (0 unless chunks split sequences).
+
+    With c = `chunk_tokens` (f, batch × seq_len) < seq_len = s, a sequence is
+    streamed in ⌈s / c⌉ chunks of c tokens (the last may be shorter; a chunk
+    never spans two sequences), and its last chunk starts after
+    c × (⌈s / c⌉ − 1) tokens: s − c when c divides s.  With c ≥ s a chunk
+    holds whole sequences and nothing before it: 0.
+
+    >>> prefix_tokens(1024, 1, 0.0625), prefix_tokens(1000, 1, 0.3), prefix_tokens(8, 4, 0.25)
+    (960, 900, 0)
+    """
+    chunk = chunk_tokens(chunk_fraction, seq_len * batch)
+    if chunk >= seq_len:
+        return 0
+    return chunk * (-(-seq_len // chunk) - 1)
+
+
+def prefix_formula(per_token, seq_len, batch, chunk_fraction):
+    """The chunked-prefill K/V term of one node, written out with its numbers.
+
+    >>> prefix_formula(3072, 1024, 1, 0.0625)
+    '3,072 B/token × 960 tokens before the last 64-token chunk of 1,024 = 2,949,120 B'
+    """
+    chunk = chunk_tokens(chunk_fraction, seq_len * batch)
+    tokens = prefix_tokens(seq_len, batch, chunk_fraction)
+    if not tokens:
+        return f"0 B (chunks of {chunk:,} tokens hold whole sequences of {seq_len:,})"
+    return (f"{per_token:,} B/token × {tokens:,} tokens before the last {chunk:,}-token chunk of {seq_len:,} = "
+            f"{per_token * tokens:,} B")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..devices import parse_capacity
 from ..errors import InputError
-from ..memory import Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, group_sizes
+from ..memory import Intervals, LayerTable, as_table, check_chunk_fraction, check_memory, group_sizes, kv_placement
 from ..memory import alone_sizes as _alone_sizes
 from ..result import Plan, Status
 from ..validation import MAX_BYTES
@@ -117,8 +117,11 @@ def oversize_node(problem):
     """The reason no plan can exist because a node cannot fit alone, or None.
 
     A node alone in a group still needs its own weights, its buffer, its own
-    output and (liveness) every input it consumes; if that exceeds C, no
-    grouping of any order can hold it.
+    output and (liveness) every input it consumes, and under a ``+kv``
+    model its KV cache; if that exceeds C, no grouping of any order can hold
+    it.  The advice fits the node: tiling splits weights, never a KV cache,
+    so a node whose resident cache fills the capacity alone is told to stream
+    it (``kv="streamed"``), not to tile.
     """
     table = problem.table
     alone = alone_sizes(problem)
@@ -127,15 +130,32 @@ def oversize_node(problem):
         return None
     index = int(over[np.argmax(alone[over])])
     from ..units import format_bytes
-    parts = f"weights {format_bytes(int(table.weight[index]))}"
+    kv = _resident_kv(problem, index)
+    parts = f"weights {format_bytes(int(table.weight[index]))}" + (f" + KV cache {format_bytes(kv)}" if kv else "")
     if problem.intervals().has_live:
         parts += f" + buffer {format_bytes(int(table.buffer[index]))} + live activations"
     else:
         parts += f" + activation {format_bytes(int(table.activation[index]))} + buffer {format_bytes(int(table.buffer[index]))}"
+    if not kv:
+        advice = "tile it (tile=True) or raise the capacity"
+    elif kv >= problem.capacity or not table.weight[index]:
+        what = "its KV cache alone fills the capacity" if kv >= problem.capacity else "it has no weights to tile"
+        advice = (f"{what} and tiling does not split a KV cache: stream the cache "
+                  "(kv='streamed', memory without '+kv'), shorten the context or batch, or raise the capacity")
+    else:
+        advice = ("tiling splits its weights, not its KV cache: tile it (tile=True), stream the cache "
+                  "(kv='streamed', memory without '+kv') or raise the capacity")
     return (f"node {table.ids[index]!r} needs {format_bytes(int(alone[index]))} ({int(alone[index])} B) alone "
             f"({parts}) > capacity {format_bytes(problem.capacity)} ({problem.capacity} B)"
             + (f"; {over.size} node(s) are oversize in all" if over.size > 1 else "")
-            + "; tile it (tile=True) or raise the capacity")
+            + f"; {advice}")
+
+
+def _resident_kv(problem, index):
+    """The KV cache bytes node `index` keeps in its group under `problem`'s memory model (0 unless ``+kv``)."""
+    if kv_placement(problem.memory) != "resident" or problem.table.graph is None:
+        return 0
+    return int(problem.table.graph.nodes[problem.table.ids[index]].get("kv_bytes") or 0)
 
 
 def refuse(problem, solver):

@@ -1,12 +1,19 @@
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cachefit import InputError, check, estimate, instances
+import cachefit
+from cachefit import InputError, Plan, check, estimate, instances
 from cachefit.cli import main
 from cachefit.deploy import Deployment, deploy, stage_graph
 from cachefit.graphs import from_layers
+from cachefit.result import read_plan
+
+from strategies import capacities, graphs
 
 
 def chain():
@@ -51,7 +58,9 @@ class TestDeploy:
         assert all(check(group).ok for group in again.groups)
 
     def test_bad_json(self):
-        with pytest.raises(InputError, match=r'^not a cachefit deployment: expected "format": "cachefit.deployment"$'):
+        with pytest.raises(InputError, match=r'^not a cachefit plan: expected "format": "cachefit.plan"$'):
+            Deployment.from_json('{"format": "cachefit.planx"}')
+        with pytest.raises(InputError, match=r"^unsupported plan version None; this cachefit reads versions 1 and 2$"):
             Deployment.from_json('{"format": "cachefit.plan"}')
 
     def test_estimate_places_groups_by_stage(self):
@@ -80,8 +89,9 @@ class TestDeployCli:
                                       "4", "--devices", "2", "--device-capacity", "h100-hbm", "--capacity",
                                       "h100-l2", "--tile", "--solver", "greedy", "--json", str(path)])
         assert result.exit_code == 0, result.output
-        assert "check: ok (3 plans recomputed independently)" in result.output
-        assert json.loads(path.read_text())["format"] == "cachefit.deployment"
+        assert "check: ok (3 plans recomputed independently" in result.output
+        data = json.loads(path.read_text())
+        assert (data["format"], data["version"]) == ("cachefit.plan", 2)
         result = runner.invoke(main, ["estimate", str(path), "--device", "h100"])
         assert result.exit_code == 0, result.output
         assert "each stage's groups on its device" in result.output
@@ -99,3 +109,225 @@ class TestDeployKv:
         resident = deploy(graph, devices=2, device_capacity=1000, capacity=500, kv="resident", solver="greedy")
         assert [group.memory for group in resident.groups] == ["liveness+kv", "liveness+kv"]
         assert all(report.ok for report in resident.check())
+
+
+def legacy(result):
+    """The unreleased ``cachefit.deployment`` form of `result`."""
+    return json.dumps({"format": "cachefit.deployment", "version": 1, "stages": result.stages.to_dict(),
+                       "groups": [group.to_dict() for group in result.groups]})
+
+
+class TestPlanFileVersion2:
+    def test_layout(self):
+        result = deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy")
+        data = json.loads(result.to_json())
+        assert {key: data[key] for key in ("format", "version", "devices", "device_capacity", "capacity", "status",
+                                           "k", "reason")} == {
+            "format": "cachefit.plan", "version": 2, "devices": 2, "device_capacity": 1200, "capacity": 400,
+            "status": "FEASIBLE", "k": 6, "reason": ""}
+        assert data["stage_level"]["memory"] == "liveness+kv" and data["stage_level"]["status"] == "OPTIMAL"
+        assert [(stage["device"], stage["nodes"], stage["size"]) for stage in data["stages"]] == [
+            (0, ["0", "1", "2"], 1050), (1, ["3", "4", "5"], 1100)]
+        # each stage's on-chip plan is an ordinary (version 1) plan file
+        inner = Plan.from_dict(data["stages"][1]["plan"])
+        assert inner.k == 3 and check(inner).ok and "2" in inner.graph
+
+    def test_round_trip_and_read_plan(self, tmp_path):
+        result = deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy")
+        path = tmp_path / "d.json"
+        result.to_json(path)
+        again = read_plan(path)
+        assert isinstance(again, Deployment)
+        assert again.stages.partitions == result.stages.partitions and again.stages.sizes == result.stages.sizes
+        assert [group.partitions for group in again.groups] == [group.partitions for group in result.groups]
+        assert (again.devices, again.k, again.capacity, again.device_capacity) == (2, 6, 400, 1200)
+        assert check(again).ok and all(again.check())
+        single = cachefit.plan(chain(), 400, solver="greedy")
+        assert isinstance(read_plan(single.to_json()), Plan)
+
+    def test_failed_stage_level_round_trips(self):
+        result = deploy(chain(), devices=1, device_capacity=1000, capacity=400)
+        again = read_plan(result.to_json())
+        assert not again.ok and again.status == "INFEASIBLE" and again.devices == 1 and again.capacity == 400
+        assert again.reason.startswith("stages: 1 device(s) of 1000 B")
+        assert check(again).ok  # a consistent plan without groups
+
+    def test_legacy_deployment_file_is_read(self):
+        result = deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy")
+        again = read_plan(legacy(result))
+        assert again.k == 6 and check(again).ok
+
+    def test_versions(self):
+        result = deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy")
+        data = json.loads(result.to_json())
+        for version in (3, 0, "2", True, None):
+            with pytest.raises(InputError, match=rf"^unsupported plan version {re.escape(repr(version))}; "
+                                                 r"this cachefit reads versions 1 and 2$"):
+                read_plan(json.dumps({**data, "version": version}))
+        with pytest.raises(InputError, match=r"^this is a two-level plan \(version 2: stages across devices, on-chip "
+                                             r"groups in each\), not a single-level plan; `cachefit check`/`estimate`/"
+                                             r"`show` and cachefit.result.read_plan read it, and each stage's \"plan\" "
+                                             r"field is a single-level plan$"):
+            Plan.from_json(result.to_json())
+        single = cachefit.plan(chain(), 400, solver="greedy").to_json()
+        with pytest.raises(InputError, match=r"^this is a single-level plan \(version 1\)"):
+            Deployment.from_json(single)
+
+    @pytest.mark.parametrize("change, message", [
+        (lambda d: d.update(k=7), r"^plan field 'k' is 7, but the stages give 6$"),
+        (lambda d: d.update(status="OPTIMAL"), r"^plan field 'status' is 'OPTIMAL', but the stages give 'FEASIBLE'$"),
+        (lambda d: d.update(devices=3), r"^plan field 'devices' is 3, but the stages give 2$"),
+        (lambda d: d["stages"][1].update(device=0),
+         r"^plan field 'stages'\[1\]: 'device' must be 1 \(stage i runs on device i\), got 0$"),
+        (lambda d: d["stages"][0].pop("nodes"), r"^plan field 'stages'\[0\]: 'nodes' is missing$"),
+        (lambda d: d["stages"][0].update(plan=None),
+         r"^plan field 'stages': either every stage has an on-chip 'plan' or none has$"),
+        (lambda d: d.pop("stage_level"), r"^plan field 'stage_level' is missing$"),
+        (lambda d: d.update(capacity="50MiB"), r"^plan field 'capacity' has the wrong type: str$"),
+    ])
+    def test_malformed(self, change, message):
+        data = json.loads(deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json())
+        change(data)
+        with pytest.raises(InputError, match=message):
+            read_plan(json.dumps(data))
+
+
+class TestCheckBothLevels:
+    def data(self):
+        return json.loads(deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json())
+
+    def test_forged_stage_size(self):
+        data = self.data()
+        data["stages"][0]["size"] = 1000
+        report = check(read_plan(json.dumps(data)))
+        assert not report.ok
+        assert report.violations == ("stages: stated sizes [1000, 1100] differ from recomputed [1050, 1100]",)
+
+    def test_on_chip_graph_lighter_than_its_stage(self):
+        data = self.data()
+        inner = data["stages"][1]["plan"]
+        node = next(node for node in inner["graph"]["nodes"] if node["id"] == "4")
+        node["weight_bytes"] = 200
+        inner["sizes"] = [size - 100 if index == 1 else size for index, size in enumerate(inner["sizes"])]
+        report = check(read_plan(json.dumps(data)))
+        assert report.violations == ("stage 1 on chip: the on-chip graph holds 800 B of weight_bytes, its stage 900 B",)
+
+    def test_missing_stage_input(self):
+        data = self.data()
+        inner = data["stages"][1]["plan"]
+        inner["graph"]["nodes"] = [node for node in inner["graph"]["nodes"] if node["id"] != "2"]
+        inner["graph"]["edges"] = [edge for edge in inner["graph"]["edges"] if edge["source"] != "2"]
+        report = check(read_plan(json.dumps(data)))
+        assert "stage 1 on chip: stage_input '2' is missing" in report.violations
+
+    def test_on_chip_plan_of_another_stage(self):
+        data = self.data()
+        data["stages"][0]["plan"], data["stages"][1]["plan"] = data["stages"][1]["plan"], data["stages"][0]["plan"]
+        data["k"] = 6
+        report = check(read_plan(json.dumps(data)))
+        assert report.violations == (
+            "stage 0 on chip: stage_input '2' is not an input of this stage",
+            "stage 0 on chip: 3 stage node(s) are not in the on-chip graph, first '0'",
+            "stage 1 on chip: stage_input '2' is missing",
+            "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'")
+
+
+class TestPlanDevices:
+    def test_api(self):
+        result = cachefit.plan(chain(), 400, devices=2, device_capacity=1200, solver="greedy")
+        assert isinstance(result, Deployment) and result.k == 6 and check(result).ok
+        assert [group.memory for group in result.groups] == ["liveness", "liveness"]
+        resident = cachefit.plan(chain(), 400, devices=2, device_capacity=1200, solver="greedy", memory="liveness+kv")
+        assert [group.memory for group in resident.groups] == ["liveness+kv", "liveness+kv"]
+
+    @pytest.mark.parametrize("kwargs, message", [
+        ({"devices": 2}, r"^`devices` plans stages across devices and needs `device_capacity` too$"),
+        ({"device_capacity": 1200}, r"^`device_capacity` plans stages across devices and needs `devices` too$"),
+        ({"devices": 2, "device_capacity": 1200, "k": 3},
+         r"^`k` fixes the number of groups of a single-level plan; with `devices`, each stage gets its fewest "
+         r"on-chip groups \(got k=3\)$"),
+    ])
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(InputError, match=message):
+            cachefit.plan(chain(), 400, **kwargs)
+
+    def test_cli_plan_check_estimate_show(self, tmp_path):
+        path = tmp_path / "p.json"
+        runner = CliRunner()
+        result = runner.invoke(main, ["plan", "llama-3.1-8b", "--phase", "decode", "--context", "1024", "--batch", "4",
+                                      "--devices", "2", "--device-capacity", "h100-hbm", "--capacity", "h100-l2",
+                                      "--tile", "--solver", "greedy", "--json", str(path), "-q"])
+        assert result.exit_code == 0, result.output
+        assert "check: ok (3 plans recomputed independently" in result.output
+        assert json.loads(path.read_text())["version"] == 2
+        result = runner.invoke(main, ["check", str(path)])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("ok: 2 stage(s) within 74.5 GiB each (status OPTIMAL); ")
+        result = runner.invoke(main, ["estimate", str(path), "--device", "h100"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(main, ["show", str(path)])
+        assert result.exit_code == 0 and "2 device(s) × on-chip groups" in result.output
+        result = runner.invoke(main, ["show", str(path), "--plot", str(tmp_path / "p.png")])
+        assert result.exit_code == 2
+        assert "`--plot`/`--dot` draw a single-level plan; PLAN_FILE is a two-level plan (version 2)" in result.output
+
+    def test_cli_check_violations(self, tmp_path):
+        data = json.loads(deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json())
+        data["stages"][0]["size"] = 1000
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(data))
+        result = CliRunner().invoke(main, ["check", str(path)])
+        assert result.exit_code == 1
+        assert result.output.splitlines() == [
+            "1 violation(s):", "  - stages: stated sizes [1000, 1100] differ from recomputed [1050, 1100]"]
+
+    def test_run_refuses_version_2_in_one_line(self, tmp_path):
+        path = tmp_path / "p.json"
+        deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json(path)
+        result = CliRunner().invoke(main, ["run", str(path)])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+        assert "this is a two-level plan (version 2" in result.output
+
+    def test_cli_refuses_single_level_options(self, tmp_path):
+        layers = tmp_path / "layers.json"
+        layers.write_text(json.dumps([300] * 6))
+        for extra, flag in ((["--k", "3"], "--k"), (["--solver", "all"], "--solver all")):
+            result = CliRunner().invoke(main, ["plan", str(layers), "-c", "400", "--devices", "2",
+                                               "--device-capacity", "1200", *extra])
+            assert result.exit_code == 2
+            assert f"`{flag}` applies to a single-level plan, not with `--devices`" in result.output
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=graphs(min_nodes=1, max_nodes=8), devices=st.integers(1, 3),
+       kv=st.sampled_from(["streamed", "resident"]))
+def test_property_every_deployment_round_trips_and_checks(data, graph, devices, kv):
+    """Whatever deploy returns, its version-2 file reads back equal and passes the check of both levels."""
+    for node in graph:
+        graph.nodes[node]["kv_bytes"] = data.draw(st.integers(0, 50), label=f"kv {node}")
+    total = sum(d["weight_bytes"] + d["activation_bytes"] + d["buffer_bytes"] + d["kv_bytes"]
+                for _, d in graph.nodes(data=True))
+    device_capacity = data.draw(st.integers(1, total + 1), label="device_capacity")
+    capacity = data.draw(capacities(graph), label="capacity")
+    result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity=capacity, kv=kv,
+                    solver="greedy")
+    again = read_plan(result.to_json())
+    assert isinstance(again, Deployment)
+    assert (again.status, again.k, again.devices, again.capacity) == (result.status, result.k, result.devices,
+                                                                      result.capacity)
+    assert again.stages == result.stages and again.groups == result.groups
+    assert check(again).ok and all(again.check())
+
+
+@pytest.mark.parametrize("name, options", [
+    ("qwen1.5-moe-a2.7b", {"phase": "decode", "context": 256}),  # expert tiles joined by a sum
+    ("bert-large", {"granularity": "op"}),  # the embedding that holds its norm
+])
+def test_real_models_check_at_both_levels_after_a_round_trip(name, options):
+    graph = instances.load(name, **options)
+    result = deploy(graph, devices=3, device_capacity="h100-hbm", capacity="h100-l2", tile=True, solver="greedy",
+                    kv="resident")
+    again = read_plan(result.to_json())
+    assert result.ok and again.k == result.k
+    report = check(again)
+    assert report.ok, report.violations

@@ -393,7 +393,7 @@ class TestRunRefusals:
     @pytest.mark.parametrize("kwargs, match", [
         ({"chunk_tokens": 8, "micro_batches": 2}, r"chunk_tokens` × `micro_batches` must equal the tokens of one "
                                                   r"pass, batch × seq_len = 32, got 8 × 2 = 16"),
-        ({"chunk_tokens": 4}, "`chunk_tokens` must be a multiple of seq_len = 8: attention needs whole sequences"),
+        ({"chunk_tokens": 3}, "`chunk_tokens` must divide the tokens of one pass"),  # 4 runs: chunked prefill
         ({"micro_batches": 3}, "`micro_batches` must divide the tokens of one pass"),
         ({"micro_batches": 0}, "`micro_batches` must be a positive integer, got 0"),
         ({"schedule": "fast"}, "`schedule` must be 'all' or one of"),

@@ -102,3 +102,11 @@ def test_decode_default_context_leaves_a_position_for_the_new_token():
     assert instances.load("llama-3.1-8b", phase="decode", seq_len=4096).graph["context"] == 4096
     with pytest.raises(InputError, match="must be at most the learned position table's"):
         instances.load("gpt2", phase="decode", context=1024)
+
+
+def test_latent_attention_op_nodes_hold_the_cache():
+    """DeepSeek's op-granularity attention is `mla_attention`: it holds the same cache as the block graph."""
+    block = instances.load("deepseek-v2-lite", phase="decode", context=4096)
+    by_op = instances.load("deepseek-v2-lite", phase="decode", context=4096, granularity="op")
+    assert by_op.graph["kv_bytes"] == block.graph["kv_bytes"] == 27 * (512 + 64) * 2 * 4096
+    assert by_op.graph["kv_layers"] == 27

@@ -56,7 +56,9 @@ class TestJson:
     @pytest.mark.parametrize("text, message", [
         ("{not json", r"plan is not valid JSON"),
         ('{"format": "other"}', r'not a cachefit plan: expected "format": "cachefit.plan"'),
-        ('{"format": "cachefit.plan", "version": 9}', r"unsupported plan version 9; this cachefit reads version 1"),
+        ('{"format": "cachefit.plan", "version": 9}',
+         r"^unsupported plan version 9; this cachefit reads versions 1 and 2$"),
+        ('{"format": "cachefit.plan", "version": 2}', r"^this is a two-level plan \(version 2"),
         ('{"format": "cachefit.plan", "version": 1}', r"plan field 'graph' is missing"),
     ])
     def test_bad_files(self, text, message):

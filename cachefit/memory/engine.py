@@ -110,7 +110,7 @@ class Intervals:
         self.model = get_model(memory)
         self.chunk_fraction = chunk_fraction
         self._numerator, self._denominator = float(chunk_fraction).as_integer_ratio()
-        terms = self.terms = self.model.terms(table)
+        terms = self.terms = self.model.terms_at(table, chunk_fraction)
         self.prefix_summed = _prefix(terms.summed)
         self.has_live = terms.live is not None
         self._levels = _sparse_max(terms.peak) if terms.peak is not None and n and terms.peak.any() else None
@@ -331,7 +331,7 @@ class OpenGroup:
     Parameters
     ----------
     terms : Terms
-        The model's terms of the table (``get_model(memory).terms(table)``).
+        The model's terms of the table (``get_model(memory).terms_at(table, chunk_fraction)``).
     chunk_fraction : float
     carried : int
         Live bytes that enter the group from earlier groups (nodes placed
@@ -349,7 +349,7 @@ class OpenGroup:
     --------
     >>> from cachefit.memory import LayerTable, get_model
     >>> table = LayerTable.chain([10, 20], [4, 6], [1, 3])
-    >>> group = OpenGroup(get_model("liveness").terms(table), 0.5, carried=2)
+    >>> group = OpenGroup(get_model("liveness").terms_at(table, 0.5), 0.5, carried=2)
     >>> group.size_with(0), group.add(0), group.size_with(1)
     (14, 14, 39)
     """
@@ -412,7 +412,7 @@ def sizes_alone(table, memory, chunk_fraction, live_at):
     >>> sizes_alone(table, "liveness", 0.5, [4, 12]).tolist(), sizes_alone(table, "additive", 0.5, None).tolist()
     ([13, 26], [15, 24])
     """
-    terms = get_model(memory).terms(table)
+    terms = get_model(memory).terms_at(table, chunk_fraction)
     if terms.live is not None:
         live_at = np.asarray(live_at)
         if live_at.dtype != object:
@@ -435,7 +435,7 @@ def alone_sizes(table, memory, chunk_fraction=1.0, *, intervals=None):
     [14, 30]
     """
     table = as_table(table)
-    terms = get_model(memory).terms(table)
+    terms = get_model(memory).terms_at(table, chunk_fraction)
     live_at = None
     if terms.live is not None:
         inputs = np.zeros(table.n, dtype=np.int64)
@@ -500,7 +500,7 @@ def group_sizes(graph, partitions, *, memory="liveness", chunk_fraction=1.0):
     table = as_table(graph)
     part = _positions_of_groups(table, partitions)
     k = len(partitions)
-    terms = model.terms(table)
+    terms = model.terms_at(table, chunk_fraction)
     sizes = [int(x) for x in _sum_by_group(part, terms.summed, k)]
     if terms.peak is not None:
         peak = np.zeros(k, dtype=np.int64)

@@ -18,6 +18,21 @@ kv_bytes(v)); the plain names leave the cache out of S(P) (streamed from
 off-chip memory at every step, which `cachefit.estimate` counts as traffic).
 `with_kv` maps (model, ``"resident"``/``"streamed"``) to the name, so the
 plan records the choice and the checker recomputes it.
+
+Chunked prefill is the same choice.  When the chunk fraction f splits
+sequences (c = f × batch × seq_len tokens per chunk, c < seq_len = s), every
+node that holds an attention also needs the K/V of the tokens of its
+sequence before the chunk:
+
+    kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens,
+    prefix_tokens = c × (⌈s / c⌉ − 1)   (= s − c when c divides s; 0 when c ≥ s)
+
+(`cachefit.graphs.kv`: kv_bytes_per_token = 2 × kv_heads × head_dim × dtype
+bytes, or MLA's latent width × dtype bytes; the chunk is inside one
+sequence, so one sequence's prefix).  The ``+kv`` models keep it resident:
+summed(v) = weight + kv_bytes + kv_prefix(v) (the last chunk's prefix, the
+largest the group holds); the plain models stream it.  The ``+kv`` terms
+therefore depend on f (``MemoryModel.chunked``).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+import math
 import weakref
 from numbers import Integral
 
@@ -77,12 +93,23 @@ class MemoryModel:
         the networkx graph (no numpy, no engine code).  The checker calls
         this, so a bug in the engine cannot hide behind the same bug in the
         checker.
+    chunked : bool
+        The terms depend on the chunk fraction: ``terms(table,
+        chunk_fraction)`` (the ``+kv`` models, whose chunked-prefill K/V term
+        does).  Otherwise ``terms(table)``.
     """
 
     name: str
     formula: str
     terms: Callable
     reference: Callable
+    chunked: bool = False
+
+    def terms_at(self, table, chunk_fraction=1.0):
+        """The model's `Terms` of `table` at chunk fraction `chunk_fraction` (what the engine reads)."""
+        if self.chunked:
+            return self.terms(table, chunk_fraction)
+        return self.terms(table)
 
 
 def _additive_terms(table):
@@ -130,16 +157,19 @@ def _liveness_reference(graph, groups, group_of, chunk_fraction):
             for index, group in enumerate(groups)]
 
 
-_KV_ARRAYS = weakref.WeakKeyDictionary()  # LayerTable -> kv_bytes per position (tables are immutable)
+_KV_ARRAYS = weakref.WeakKeyDictionary()  # LayerTable -> (kv_bytes, kv_bytes_per_token) per position
 
 
-def _kv_array(table):
-    """``kv_bytes`` of every position as int64 (0 where absent, or for a table without a graph)."""
+def _kv_arrays(table):
+    """``kv_bytes`` and K/V bytes per token of every position as int64 (zeros for a table without a graph)."""
     cached = _KV_ARRAYS.get(table)
     if cached is not None:
         return cached
     values = np.zeros(table.n, dtype=np.int64)
+    per_token = np.zeros(table.n, dtype=np.int64)
     if table.graph is not None:
+        from ..graphs.kv import node_kv_bytes_per_token  # lazy: cachefit.graphs imports this package
+
         nodes = table.graph.nodes
         for index, node in enumerate(table.ids):
             value = nodes[node].get("kv_bytes")
@@ -148,22 +178,74 @@ def _kv_array(table):
             if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= MAX_BYTES:
                 raise InputError(f"node {node!r}: `kv_bytes` must be a non-negative integer of bytes, got {value!r}")
             values[index] = value
+        position = {node: index for index, node in enumerate(table.ids)}
+        for node, value in node_kv_bytes_per_token(table.graph).items():
+            if value > MAX_BYTES:
+                raise InputError(f"node {node!r}: `kv_bytes_per_token` {value} is beyond 2**62 B")
+            per_token[position[node]] = value
     if int(values.sum(dtype=object)) + int(table.weight.sum(dtype=object)) > MAX_BYTES:
         raise InputError("the graph's weights and KV cache add up beyond 2**62 B (4 EiB), the most cachefit's "
                          "exact integer arithmetic holds for a graph")
-    _KV_ARRAYS[table] = values
-    return values
+    _KV_ARRAYS[table] = values, per_token
+    return values, per_token
+
+
+def _kv_array(table):
+    """``kv_bytes`` of every position as int64 (0 where absent, or for a table without a graph)."""
+    return _kv_arrays(table)[0]
+
+
+def _graph_shape(graph):
+    """(seq_len, batch) of a graph whose nodes cache K/V per token (`InputError` when it lacks them)."""
+    attributes = graph.graph
+    shape = attributes.get("seq_len"), attributes.get("batch")
+    for name, value in zip(("seq_len", "batch"), shape):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise InputError(f"the graph's `{name}` must be a positive integer for its nodes' K/V per token "
+                             f"(chunked prefill), got {value!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _prefix_array(table, chunk_fraction):
+    """kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens of every position (int64, exact)."""
+    from ..graphs.kv import prefix_tokens
+
+    per_token = _kv_arrays(table)[1]
+    if not per_token.any():
+        return per_token
+    seq_len, batch = _graph_shape(table.graph)
+    tokens = prefix_tokens(seq_len, batch, chunk_fraction)
+    total = int(per_token.sum(dtype=object)) * tokens + int(_kv_array(table).sum(dtype=object))
+    if total + int(table.weight.sum(dtype=object)) > MAX_BYTES:
+        raise InputError("the graph's weights and KV (cache and chunked-prefill prefix) add up beyond 2**62 B "
+                         "(4 EiB), the most cachefit's exact integer arithmetic holds for a graph")
+    return per_token * tokens
+
+
+def _reference_prefix(graph, chunk_fraction):
+    """kv_prefix of every attention node straight from the definition (plain Python, exact rationals)."""
+    from ..graphs.kv import node_kv_bytes_per_token
+
+    per_token = node_kv_bytes_per_token(graph)
+    if not per_token:
+        return {}
+    seq_len, batch = _graph_shape(graph)
+    scaled = Fraction(chunk_fraction) * (seq_len * batch)
+    chunk = max(1, math.floor(scaled + Fraction(1, 2)))  # the nearest integer, halves up
+    before = 0 if chunk >= seq_len else seq_len - (seq_len - 1) % chunk - 1  # start of the last chunk
+    return {node: value * before for node, value in per_token.items()}
 
 
 def _kv_resident(base_terms, base_reference):
-    """A model's terms and reference with every node's ``kv_bytes`` added to its group like weights."""
-    def terms(table):
+    """A model's terms and reference with every node's KV (cache and chunked-prefill prefix) in its group."""
+    def terms(table, chunk_fraction=1.0):
         base = base_terms(table)
-        return Terms(base.summed + _kv_array(table), base.peak, base.live)
+        return Terms(base.summed + _kv_array(table) + _prefix_array(table, chunk_fraction), base.peak, base.live)
 
     def reference(graph, groups, group_of, chunk_fraction):
         nodes = graph.nodes
-        return [size + sum(nodes[v].get("kv_bytes") or 0 for v in group)
+        prefix = _reference_prefix(graph, chunk_fraction)
+        return [size + sum((nodes[v].get("kv_bytes") or 0) + prefix.get(v, 0) for v in group)
                 for size, group in zip(base_reference(graph, groups, group_of, chunk_fraction), groups)]
 
     return terms, reference
@@ -178,11 +260,12 @@ MODELS = {
         "liveness", "S(P) = Σ_{v∈P} weight + max_{v∈P} buffer + ⌈f · Σ_{u live in P} activation(u)⌉",
         _liveness_terms, _liveness_reference),
     "additive+kv": MemoryModel(
-        "additive+kv", "S(P) = Σ_{v∈P} (weight + kv + activation + buffer)",
-        *_kv_resident(_additive_terms, _additive_reference)),
+        "additive+kv", "S(P) = Σ_{v∈P} (weight + kv + kv_prefix + activation + buffer)",
+        *_kv_resident(_additive_terms, _additive_reference), chunked=True),
     "liveness+kv": MemoryModel(
-        "liveness+kv", "S(P) = Σ_{v∈P} (weight + kv) + max_{v∈P} buffer + ⌈f · Σ_{u live in P} activation(u)⌉",
-        *_kv_resident(_liveness_terms, _liveness_reference)),
+        "liveness+kv", "S(P) = Σ_{v∈P} (weight + kv + kv_prefix) + max_{v∈P} buffer "
+        "+ ⌈f · Σ_{u live in P} activation(u)⌉",
+        *_kv_resident(_liveness_terms, _liveness_reference), chunked=True),
 }
 
 #: Where the KV cache lives: out of S(P) (read from off-chip memory every step) or in its group.

@@ -1,0 +1,232 @@
+"""Chunked prefill: chunks of c < seq_len tokens inside a sequence, with a K/V buffer per attention (imports torch).
+
+A chunk of c tokens at position p of its sequence attends causally to the
+keys and values of tokens 0 .. p + c − 1 of that sequence.  `ChunkedAttention`
+wraps one `cachefit.executor.nodes.Attention`: it keeps a K/V buffer of one
+sequence (``seq_len`` rows per KV head, filled as chunks arrive), appends each
+chunk's K/V (after RoPE at the chunk's own positions) and attends the chunk's
+queries over the buffer with the causal mask j ≤ p + i.  Position ids
+continue across chunks by construction: every chunk's store reads its rows of
+the model inputs (``@positions`` = token index mod seq_len).
+
+Every schedule feeds each group the chunks of a pass in order (partition-major:
+for group, for chunk; token-major: for chunk, for group), so each attention
+sees a sequence's chunks in order and its cursor p wraps to 0 at each
+sequence's end.  A call of whole sequences (rows a multiple of seq_len, as the
+unchunked reference and ``batched`` make) runs the wrapped module unchanged.
+
+What this does not do: chunks that span two sequences (c must divide
+seq_len), non-causal attention (a chunk would need later tokens), BERT's
+pooler (it reads each sequence's first row), and CUDA: per-chunk CUDA graph
+capture with a static K/V buffer is not implemented, so chunks inside a
+sequence run on the CPU only.
+
+The planner's side is `cachefit.graphs.kv.prefix_tokens` (the K/V the last
+chunk's prefix holds) and the ``+kv`` memory models that count it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .nodes import Attention, Block, Pooler
+
+__all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkedAttention(nn.Module):
+    """An `Attention` that also takes chunks of c < seq_len rows of one sequence, in order.
+
+    Attributes
+    ----------
+    attention : Attention
+        The wrapped module (it holds no parameters: bytes are unchanged).
+    cursor : int
+        Tokens of the current sequence already in the K/V buffer.
+    """
+
+    def __init__(self, attention, key):
+        super().__init__()
+        if not attention.causal:
+            raise InputError(f"node {key!r}: non-causal attention cannot be chunked inside a sequence (a chunk "
+                             "would need the keys of later tokens); run whole-sequence chunks")
+        self.attention, self.key, self.cursor = attention, key, 0
+        self._key_buffer = self._value_buffer = None
+
+    @property
+    def seq_len(self):
+        return self.attention.seq_len
+
+    def _kv_buffers(self, like):
+        shape = (1, self.attention.kv_heads, self.seq_len, self.attention.head_dim)
+        if self._key_buffer is None or self._key_buffer.dtype != like.dtype or self._key_buffer.device != like.device:
+            self._key_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._value_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._key_buffer, self._value_buffer
+
+    def _heads(self, x, heads):
+        return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
+
+    def _rope(self, x, start):
+        x32, rows = x.float(), slice(start, start + x.shape[2])
+        inner = self.attention
+        return (x32 * inner.cos[rows] + _rotate_half(x32) * inner.sin[rows]).to(x.dtype)
+
+    def forward(self, q, k, v):
+        rows, inner = q.shape[0], self.attention
+        if rows % self.seq_len == 0:  # whole sequences: the plain module
+            self.cursor = 0
+            return inner(q, k, v)
+        start = self.cursor
+        if start + rows > self.seq_len:
+            raise InputError(f"node {self.key!r}: a chunk of {rows} tokens at position {start} spans two "
+                             f"sequences of {self.seq_len}; chunk_tokens must divide seq_len")
+        q, k, v = self._heads(q, inner.heads), self._heads(k, inner.kv_heads), self._heads(v, inner.kv_heads)
+        if inner.rope:
+            q, k = self._rope(q, start), self._rope(k, start)
+        keys, values = self._kv_buffers(k)
+        end = start + rows
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        k, v = keys[:, :, :end], values[:, :, :end]
+        if inner.kv_heads != inner.heads:
+            repeat = inner.heads // inner.kv_heads
+            k, v = (x[:, :, None].expand(1, inner.kv_heads, repeat, *x.shape[2:])
+                    .reshape(1, inner.heads, *x.shape[2:]) for x in (k, v))
+        query_at = torch.arange(start, end, device=q.device)[:, None]
+        mask = torch.arange(end, device=q.device)[None, :] <= query_at  # key j ≤ query position p + i
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        self.cursor = end % self.seq_len
+        return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attention_sites(model):
+    """(node, container, name, module) of every sequence-mixing module of `model`'s steps."""
+    sites = []
+    for step in model.steps:
+        module = step.module
+        if isinstance(module, (Attention, ChunkedAttention, Pooler)):
+            sites.append((step.node, step, "module", module))
+        elif isinstance(module, Block):
+            for name, inner in module.layers.items():
+                if isinstance(inner, (Attention, ChunkedAttention)):
+                    sites.append((f"{step.node}.{name}", module.layers, name, inner))
+    return sites
+
+
+def enable_chunked_prefill(model):
+    """Wrap every attention module of `model` in a `ChunkedAttention` (idempotent), in place.
+
+    Raises
+    ------
+    InputError
+        Naming the first module that cannot be chunked inside a sequence: a
+        pooler, a non-causal attention, an imported (torch.fx) model, or a
+        model on CUDA.
+    """
+    if model.source != "graph":
+        raise InputError("chunks inside a sequence need a model the executor builds from a cachefit graph; "
+                         f"this model is {model.source!r}: run whole-sequence chunks")
+    if model.device.type != "cpu":
+        raise InputError("chunks inside a sequence run on the CPU only: per-chunk CUDA graph capture with a "
+                         "static K/V buffer is not implemented; run whole-sequence chunks on CUDA")
+    sites = _attention_sites(model)
+    for node, _, _, module in sites:
+        if isinstance(module, Pooler):
+            raise InputError(f"node {node!r}: a pooler reads each sequence's first row and cannot be chunked "
+                             "inside a sequence; run whole-sequence chunks")
+    for node, container, name, module in sites:
+        if isinstance(module, Attention):
+            wrapped = ChunkedAttention(module, node)
+            if isinstance(container, nn.ModuleDict):
+                container[name] = wrapped
+            else:
+                setattr(container, name, wrapped)
+    model.whole_sequences = False
+    logger.info("chunked prefill: %d attention module(s) keep a K/V buffer per sequence", len(sites))
+    return model
+
+
+def plan_chunk_tokens(plan, model):
+    """The chunk the plan was made for: chunk_fraction × batch × seq_len tokens (nearest integer)."""
+    from ..graphs.kv import chunk_tokens
+
+    return chunk_tokens(plan.chunk_fraction, model.tokens)
+
+
+def prepare_chunks(plan, model, chunk_tokens, micro_batches):
+    """(chunk_tokens, micro_batches, notes) for a run, enabling chunked prefill where the chunk needs it.
+
+    With neither given, the run streams the plan's chunk (`plan_chunk_tokens`)
+    when it divides the pass; a chunk inside a sequence that the model cannot
+    run falls back to the whole pass, said in a note naming the module.  A
+    chunk asked for explicitly that the model cannot run is refused.
+
+    Raises
+    ------
+    InputError
+        An explicit chunk inside a sequence that does not divide seq_len, or
+        that a module cannot run (naming it, see `enable_chunked_prefill`).
+    """
+    by_default = chunk_tokens is None and micro_batches is None
+    if by_default:
+        planned = plan_chunk_tokens(plan, model)
+        if planned >= model.tokens or model.tokens % planned or planned % model.tokens_per_row:
+            return None, None, []
+        chunk_tokens = planned
+    asked = chunk_tokens
+    if asked is None and _positive(micro_batches) and model.tokens % micro_batches == 0:
+        asked = model.tokens // micro_batches
+    if not _positive(asked) or model.tokens % asked:
+        return chunk_tokens, micro_batches, []  # `check_chunks` refuses what does not cut the pass
+    notes = [f"streams the plan's chunk: {asked:,} of {model.tokens:,} tokens per pass"] if by_default else []
+    if asked % model.seq_len == 0 or not model.whole_sequences:
+        return chunk_tokens, micro_batches, notes
+    try:
+        if model.seq_len % asked:
+            raise InputError(f"`chunk_tokens` {asked} must divide seq_len = {model.seq_len} (a chunk inside a "
+                             "sequence never spans two) or be a multiple of it")
+        enable_chunked_prefill(model)
+    except InputError as refusal:
+        if not by_default:
+            raise
+        return None, None, [f"the plan's chunk of {asked:,} tokens cannot run here ({refusal}); "
+                            "streams the whole pass"]
+    notes = [f"{notes[0] if notes else f'chunks of {asked:,} tokens'}, inside sequences of {model.seq_len:,} "
+             "(chunked prefill: a K/V buffer per attention)"]
+    return chunk_tokens, micro_batches, notes
+
+
+def _positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def kv_prefix_note(plan, groups):
+    """A note with the planned chunked-prefill K/V per group (the ``+kv`` term), or None when there is none."""
+    from ..graphs.kv import node_kv_bytes_per_token, prefix_tokens
+    from .fingerprint import plan_graph
+
+    graph = plan_graph(plan)
+    per_token = node_kv_bytes_per_token(graph)
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch")
+    if not per_token or not seq_len or not batch:
+        return None
+    tokens = prefix_tokens(seq_len, batch, plan.chunk_fraction)
+    if not tokens:
+        return None
+    per_group = [sum(per_token.get(node, 0) for node in group) * tokens for group in groups]
+    where = "in S(P), resident" if plan.memory.endswith("+kv") else "streamed, not in S(P)"
+    return (f"planned chunked-prefill K/V per group ({where}; {tokens:,} tokens before the last chunk): "
+            + ", ".join(f"{value:,} B" for value in per_group))

@@ -1,0 +1,95 @@
+"""Chunked prefill in the executor: chunks inside a sequence against the unchunked model."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cachefit  # noqa: E402
+from cachefit.errors import InputError  # noqa: E402
+from cachefit.executor import build, run  # noqa: E402
+from cachefit.executor.chunked import ChunkedAttention, enable_chunked_prefill, prepare_chunks  # noqa: E402
+from cachefit.executor.nodes import Attention  # noqa: E402
+from cachefit.graphs import transformer  # noqa: E402
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100}
+GPT2 = {"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
+BERT = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
+
+
+def _plan(config, granularity="op", chunk=8, memory="liveness+kv"):
+    graph = transformer(config, batch=2, seq_len=32, granularity=granularity)
+    return cachefit.plan(graph, "120KiB", solver="dp", memory=memory, chunk_tokens=chunk, tile=True)
+
+
+class TestChunkedAttention:
+    @pytest.mark.parametrize("rope,kv_heads", [(True, 2), (False, 4)])
+    def test_chunks_match_whole_sequence(self, rope, kv_heads):
+        attrs = {"num_heads": 4, "num_kv_heads": kv_heads, "head_dim": 8, "causal": True, "rope": rope}
+        whole = Attention("attn", attrs, 16, "cpu")
+        chunked = ChunkedAttention(Attention("attn", attrs, 16, "cpu"), "attn")
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(32, 32, generator=generator)
+        k, v = (torch.randn(32, 8 * kv_heads, generator=generator) for _ in range(2))
+        expected = whole(q, k, v)
+        parts = [chunked(q[i:i + 4], k[i:i + 4], v[i:i + 4]) for i in range(0, 32, 4)]
+        torch.testing.assert_close(torch.cat(parts), expected, rtol=1e-5, atol=1e-5)
+        assert chunked.cursor == 0
+
+    def test_non_causal_refused(self):
+        attrs = {"num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "causal": False}
+        with pytest.raises(InputError, match=r"^node 'enc\.attn': non-causal attention cannot be chunked"):
+            ChunkedAttention(Attention("enc.attn", attrs, 16, "cpu"), "enc.attn")
+
+    def test_chunk_spanning_sequences_refused(self):
+        attrs = {"num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "causal": True}
+        chunked = ChunkedAttention(Attention("attn", attrs, 16, "cpu"), "attn")
+        x = torch.zeros(12, 32)
+        chunked(x, x, x)
+        with pytest.raises(InputError, match=r"^node 'attn': a chunk of 12 tokens at position 12 spans two"):
+            chunked(x, x, x)
+
+
+class TestRun:
+    @pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+    @pytest.mark.parametrize("granularity", ["op", "block"])
+    def test_plan_chunk_runs_by_default_and_matches(self, config, granularity):
+        plan = _plan(config, granularity)
+        assert cachefit.check(plan).ok
+        result = run(plan, schedule=["partition-major", "token-major"], iters=1, warmup=0)
+        assert (result.chunk_tokens, result.micro_batches) == (8, 8)
+        assert result.equivalent and all(s.equivalent for s in result.schedules)
+        assert any("inside sequences of 32 (chunked prefill" in note for note in result.notes)
+        assert any(note.startswith("planned chunked-prefill K/V per group (in S(P), resident; 24 tokens")
+                   for note in result.notes)
+
+    def test_whole_sequence_chunks_still_run(self):
+        plan = _plan(LLAMA, chunk=32)
+        result = run(plan, iters=1, warmup=0)
+        assert (result.chunk_tokens, result.micro_batches) == (32, 2) and result.equivalent
+
+    def test_pooler_refused_by_name(self):
+        plan = _plan(BERT, chunk=8, memory="liveness")
+        with pytest.raises(InputError, match=r"^node 'pooler': a pooler reads each sequence's first row"):
+            run(plan, chunk_tokens=8, iters=1, warmup=0)
+
+    def test_pooler_default_falls_back_to_the_whole_pass(self):
+        plan = _plan(BERT, chunk=8, memory="liveness")
+        result = run(plan, iters=1, warmup=0)
+        assert result.micro_batches == 1 and result.equivalent
+        assert any(note.startswith("the plan's chunk of 8 tokens cannot run here (node 'pooler'")
+                   for note in result.notes)
+
+    def test_chunk_not_dividing_seq_len_refused(self):
+        model = build(transformer(LLAMA, batch=2, seq_len=24, granularity="op"))
+        plan = cachefit.plan(model.graph, "1GiB", solver="greedy")
+        with pytest.raises(InputError, match=r"^`chunk_tokens` 16 must divide seq_len = 24"):
+            prepare_chunks(plan, model, 16, None)
+
+    def test_cuda_model_refused(self):
+        model = build(transformer(LLAMA, batch=1, seq_len=8, granularity="op"))
+        model.device = torch.device("meta")
+        with pytest.raises(InputError, match=r"^chunks inside a sequence run on the CPU only"):
+            enable_chunked_prefill(model)
