@@ -118,14 +118,19 @@ PRESETS = {
         notes="the vendor's '50 MB' L2 is 50 MiB"),
     "h200": Device(
         "h200", "NVIDIA H200 SXM 141GB", "L2", 60 * MiB, "HBM3e", 141 * GB, 4.8 * TB, None, 989e12,
-        sources={"on_chip_bytes": "the L2 size the CUDA driver reports for an H200 (cachefit's earlier table)",
+        sources={"on_chip_bytes": "not published for the H200: NVIDIA's H200 datasheet lists no L2 size. The H200 is "
+                                  "the GH100 die (as the H100), whose full implementation has 60 MB of L2 "
+                                  "(NVIDIA H100 Tensor Core GPU Architecture whitepaper, 2022); the H100 SXM5 "
+                                  "product enables 50 MB of it. 60 MiB is the full die's figure, kept because "
+                                  "the capacity name `h200-l2` is fixed at 60 MiB",
                  "memory_bytes": "NVIDIA H200 datasheet: 141 GB",
                  "memory_bandwidth": "NVIDIA H200 datasheet: 4.8 TB/s",
                  "on_chip_bandwidth": "not published by NVIDIA",
                  "peak_flops": "NVIDIA H200 datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity (SXM); "
                                + _SPARSITY},
-        notes="no L2 size in NVIDIA's H200 datasheet; 60 MiB is the driver-reported figure kept from "
-              "cachefit's first table"),
+        notes="the L2 size is not published for the H200; 60 MiB (h200-l2) is the full GH100 die's L2, an "
+              "upper bound: if the H200 enables what the H100 SXM5 does, its L2 is 50 MiB and plans made "
+              "for h200-l2 may not fit; pass --capacity 50MiB (or h100-l2) for the conservative figure"),
     "a100": Device(
         "a100", "NVIDIA A100 SXM4 80GB", "L2", 40 * MiB, "HBM2e", 80 * GB, 2.039 * TB, None, 312e12,
         sources={"on_chip_bytes": "NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 40 MB L2",
@@ -197,9 +202,12 @@ PRESETS = {
                                  "which is not device memory",
                  "memory_bandwidth": "none (no off-chip DRAM on the wafer)",
                  "on_chip_bandwidth": "Cerebras WSE-3 announcement: 21 PB/s memory bandwidth",
-                 "peak_flops": "Cerebras WSE-3 announcement: 125 PFLOPS 'peak AI' performance (precision "
-                               "and sparsity not stated, so this is an upper bound for dense BF16)"},
-        notes="'44 GB' read as decimal; peak FLOP/s is the vendor's AI figure, likely with sparsity"),
+                 "peak_flops": "dense BF16 not published: Cerebras states only 125 PFLOPS 'peak AI' "
+                               "performance (WSE-3 announcement, March 2024; precision and sparsity not "
+                               "stated). That figure is used as an upper bound, so compute-bound times on "
+                               "wse-3 are optimistic"},
+        notes="'44 GB' read as decimal; the FLOP/s figure is NOT a dense BF16 figure (none is published): it "
+              "is the vendor's 'peak AI' figure, an upper bound"),
 }
 
 

@@ -1,7 +1,10 @@
 """Byte quantities: parse ``"50MiB"``/``"50MB"``/ints, format sizes with a unit.
 
 Binary prefixes (KiB, MiB, GiB, TiB, PiB) are powers of 1024; decimal ones
-(KB, MB, GB, TB, PB) are powers of 1000.  A bare number is bytes.  Parsing is
+(KB, MB, GB, TB, PB) are powers of 1000.  A bare number is bytes.  The
+prefix's case is free (``kB``, ``KB``, ``mib``, ``MIB``), but the final ``B``
+must be upper-case: a lower-case ``b`` is the usual spelling of bits
+(``50Mb`` is 50 megabits, 6.25 MB), so it is refused rather than guessed.  Parsing is
 exact (decimal arithmetic): ``"1.5GiB"`` is 1610612736 bytes, and a value that
 is not a whole number of bytes is refused rather than rounded.
 
@@ -11,6 +14,10 @@ Examples
 52428800
 >>> parse_bytes("50MB")
 50000000
+>>> parse_bytes("50Mb")
+Traceback (most recent call last):
+...
+cachefit.errors.InputError: `capacity` must be bytes, spelled with an upper-case B ('MB' or 'MiB'), got '50Mb': a lower-case 'b' means bits
 >>> format_bytes(52428800)
 '50.0 MiB'
 >>> format_bytes(999)
@@ -27,7 +34,7 @@ from .errors import InputError
 
 __all__ = ["UNITS", "DTYPE_BYTES", "parse_bytes", "format_bytes", "format_count", "dtype_bytes"]
 
-#: Multiplier of every accepted unit suffix (case-insensitive on the prefix).
+#: Multiplier of every accepted unit suffix (case-insensitive on the prefix; the final "B" is upper-case).
 UNITS = {
     "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
@@ -49,7 +56,8 @@ def parse_bytes(value, *, name="capacity"):
     ----------
     value : int or str
         Bytes as an int, or a string: a number and an optional unit
-        (B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB).
+        (B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB; the prefix in
+        any case, the ``B`` upper-case: ``50Mb``, bits, is refused).
     name : str
         The argument's name, used in error messages.
 
@@ -75,6 +83,11 @@ def parse_bytes(value, *, name="capacity"):
     unit = match.group(2).upper() if match else None
     if match is None or (unit and unit not in UNITS):
         raise InputError(f"`{name}` must be {_FORMS}, got {_shorten(value)}")
+    if unit and not match.group(2).endswith("B"):
+        prefix = unit[0] if len(unit) > 1 else ""
+        spelled = f"'{prefix}B' or '{prefix}iB'" if prefix else "'B'"
+        raise InputError(f"`{name}` must be bytes, spelled with an upper-case B ({spelled}), got "
+                         f"{_shorten(value)}: a lower-case 'b' means bits")
     number = Decimal(match.group(1))  # exact: construction does not round
     if number and number.adjusted() > 24:  # checked before any arithmetic, which could overflow the context
         raise InputError(f"`{name}` is too large to be a number of bytes, got {_shorten(value)}; expected {_FORMS}")

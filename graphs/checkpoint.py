@@ -18,13 +18,15 @@ checked against the file size.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import re
+import stat
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import InputError
+from ..limits import parse_json, read_json_file
 
 __all__ = ["from_checkpoint", "read_safetensors_header", "read_checkpoint", "is_checkpoint",
            "MAX_HEADER_BYTES"]
@@ -99,8 +101,17 @@ def read_safetensors_header(path):
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat refuses it before any read
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"safetensors file {str(path)!r} is not readable: {exc.strerror or exc}") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"safetensors file {str(path)!r} is not a regular file "
+                                 "(a folder, device, FIFO or socket)")
+            size = info.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise InputError(f"safetensors file {str(path)!r} is shorter than its 8-byte header length")
@@ -109,12 +120,15 @@ def read_safetensors_header(path):
                 raise InputError(f"safetensors file {str(path)!r} declares a {length}-byte header; "
                                  f"at most {min(MAX_HEADER_BYTES, max(size - 8, 0))} fit")
             raw = handle.read(length)
-    except OSError as exc:
-        raise InputError(f"safetensors file {str(path)!r} is not readable: {exc}") from None
+        except OSError as exc:
+            raise InputError(f"safetensors file {str(path)!r} is not readable: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"safetensors file {str(path)!r} has a header that is not JSON: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"safetensors file {str(path)!r} has a header that is not UTF-8 JSON: {exc}") from None
+    # parse_json bounds the nesting depth and the value count (a 200,000-deep header is one line, not a
+    # RecursionError) and refuses NaN and over-long integers
+    header = parse_json(text, what=f"safetensors file {str(path)!r} has a header that")
     if not isinstance(header, dict):
         raise InputError(f"safetensors file {str(path)!r} has a header that is not a JSON object")
     data_bytes = size - 8 - length
@@ -127,6 +141,18 @@ def read_safetensors_header(path):
     return tensors
 
 
+def _check_shard_name(folder, tensor, name):
+    """Refuse an index entry whose shard is not a relative path inside `folder` (one line)."""
+    where = f"`{INDEX}` in {str(folder)!r}: tensor {tensor!r}"
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{where} must name its shard file as a string, got {name!r}")
+    parts = PurePosixPath(name).parts
+    if ("\\" in name or "\0" in name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive
+            or ".." in parts):
+        raise InputError(f"{where} names shard {name!r}; a shard must be a file inside the checkpoint "
+                         "folder (no absolute path, no `..`)")
+
+
 def read_checkpoint(folder):
     """Tensor name -> ``{"dtype", "shape", "bytes", "file"}`` over a folder's shards.
 
@@ -136,19 +162,29 @@ def read_checkpoint(folder):
     Raises
     ------
     InputError
-        No shards, an unreadable index, a tensor the index names that its
-        shard lacks, a tensor in two shards, or a malformed header.
+        No shards, an unreadable index (over `cachefit.limits.max_file_bytes`,
+        not JSON, nested too deeply), a shard named by something other than
+        a string or by a path that leaves the folder (absolute, ``..``), a
+        shard that is not a regular file (a FIFO is refused before it is
+        read), a tensor the index names that its shard lacks, a tensor in
+        two shards, or a malformed header.
+
+    Notes
+    -----
+    A shard may be a symbolic link: the Hugging Face cache's snapshot folders
+    link every file to ``../../blobs/<hash>``, outside the folder.  The
+    index, the untrusted part, can only name paths inside the folder.
     """
     folder = Path(folder)
     index = folder / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-                AttributeError) as exc:
-            raise InputError(f"`{INDEX}` in {str(folder)!r} must be JSON with a `weight_map` "
-                             f"object: {type(exc).__name__}: {exc}") from None
+        data = read_json_file(index, what="checkpoint index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"`{INDEX}` in {str(folder)!r} must be JSON with a `weight_map` object")
+        for tensor, name in weight_map.items():
+            _check_shard_name(folder, tensor, name)
+        files = sorted(set(weight_map.values()))
     else:
         weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -278,8 +314,8 @@ def _activation_dtype(folder, dtype):
     if dtype is not None:
         return dtype
     try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = read_json_file(Path(folder) / "config.json", what="`config.json`")
+    except InputError:
         return "bf16"  # from_hf_config reports the unreadable file
     stated = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
     return _CONFIG_DTYPES.get(stated, "bf16")
@@ -299,7 +335,8 @@ def _charge(graph, tensors, layers, by_op):
     return stored, unmapped
 
 
-def from_checkpoint(folder, *, batch=1, seq_len=2048, dtype=None, granularity="block"):
+def from_checkpoint(folder, *, batch=1, seq_len=None, dtype=None, granularity="block", phase="prefill",
+                    context=None):
     """The graph of a checkpoint folder, weights sized from its safetensors headers.
 
     Parameters
@@ -308,12 +345,18 @@ def from_checkpoint(folder, *, batch=1, seq_len=2048, dtype=None, granularity="b
         Holds ``config.json`` and ``*.safetensors`` shards (with
         ``model.safetensors.index.json`` when sharded).
     batch, seq_len : int
-        As `cachefit.graphs.from_hf_config`.
+        As `cachefit.graphs.from_hf_config` (`seq_len` None: 2048, or the
+        config's ``max_position_embeddings`` when that is smaller, so a GPT-2
+        folder plans at 1,024).
     dtype : str, optional
         The activations' dtype; default the config's ``dtype`` /
         ``torch_dtype`` (bf16, fp16 or fp32), else bf16.  Weights are always
         the stored bytes.
     granularity : {"block", "op"}
+    phase, context
+        ``"decode"`` and the tokens already cached, as in
+        `cachefit.graphs.transformer.transformer` (the KV cache is the
+        config's, in the activations' dtype).
 
     Returns
     -------
@@ -351,8 +394,8 @@ def from_checkpoint(folder, *, batch=1, seq_len=2048, dtype=None, granularity="b
     if not (folder / "config.json").is_file():
         raise InputError(f"checkpoint folder {str(folder)!r} must hold a config.json")
     tensors = read_checkpoint(folder)
-    graph = from_hf_config(folder, batch=batch, seq_len=seq_len,
-                           dtype=_activation_dtype(folder, dtype), granularity=granularity)
+    graph = from_hf_config(folder, batch=batch, seq_len=seq_len, dtype=_activation_dtype(folder, dtype),
+                           granularity=granularity, phase=phase, context=context)
     layers = graph.graph["config"]["num_hidden_layers"]
     stored, unmapped = _charge(graph, tensors, layers, granularity == "op")
     for node, by_dtype in stored.items():

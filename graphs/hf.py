@@ -12,18 +12,17 @@ is not a local file or folder is an error that says how to get the file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
-from ..limits import check_config_size
+from ..limits import check_config_size, read_json_file
 from ..units import dtype_bytes
 from .transformer import transformer
 
-__all__ = ["from_hf_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["from_hf_config", "SUPPORTED_MODEL_TYPES", "DEFAULT_SEQ_LEN", "default_seq_len"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +62,11 @@ def _read(path_or_mapping):
     path = Path(path_or_mapping)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device exists: read_json_file refuses it without opening it blocking
         raise InputError(f"`path_or_mapping` {str(path_or_mapping)!r} is not a local config.json "
                          "or a folder holding one; cachefit never downloads: save the model's "
                          "config.json (e.g. from its Hugging Face page) and pass its path")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"`path_or_mapping` {str(path)!r} is not readable JSON: {exc}") from None
+    data = read_json_file(path, what="`path_or_mapping`")  # size, file type, depth and NaN checked
     if not isinstance(data, dict):
         raise InputError(f"`path_or_mapping` {str(path)!r} must hold a JSON object, "
                          f"got {type(data).__name__}")
@@ -80,10 +76,13 @@ def _read(path_or_mapping):
 
 def _model_type(config):
     model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise InputError(f"`config['model_type']` must be a string (one of {', '.join(SUPPORTED_MODEL_TYPES)}), "
+                         f"got {model_type!r}")
     if model_type is None:
         architectures = config.get("architectures") or []
         for architecture in architectures if isinstance(architectures, list) else []:
-            if architecture in _ARCHITECTURES:
+            if isinstance(architecture, str) and architecture in _ARCHITECTURES:
                 return _ARCHITECTURES[architecture]
         raise InputError(f"`config` must give `model_type` (one of {', '.join(SUPPORTED_MODEL_TYPES)}); "
                          f"it has none and its `architectures` {architectures!r} name no supported family")
@@ -171,7 +170,24 @@ def _add_opt_projections(graph, projection, size):
     return result
 
 
-def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", granularity="block",
+#: The tokens per sequence when the caller gives none (capped by the model's positions).
+DEFAULT_SEQ_LEN = 2048
+
+
+def default_seq_len(config):
+    """`DEFAULT_SEQ_LEN`, or the config's position count when that is smaller.
+
+    >>> default_seq_len({"n_positions": 1024}), default_seq_len({"max_position_embeddings": 131072})
+    (1024, 2048)
+    """
+    for key in ("max_position_embeddings", "n_positions"):
+        positions = config.get(key)
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            return min(DEFAULT_SEQ_LEN, positions)
+    return DEFAULT_SEQ_LEN
+
+
+def from_hf_config(path_or_mapping, *, batch=1, seq_len=None, dtype="bf16", granularity="block",
                    phase="prefill", context=None):
     """The graph of a model described by a local Hugging Face ``config.json``.
 
@@ -182,7 +198,8 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
         Never a hub name: nothing is downloaded.
     batch, seq_len : int
         Sequences per batch and tokens per sequence (activations are sized
-        for the whole batch).
+        for the whole batch); `seq_len` None is `default_seq_len`: 2048, or
+        the config's ``max_position_embeddings`` when smaller (GPT-2: 1024).
     dtype : str
         bf16, fp16, fp32, fp8 or int8 (the config's ``torch_dtype`` is not
         read: the deployment dtype is the caller's choice).
@@ -246,6 +263,7 @@ def from_hf_config(path_or_mapping, *, batch=1, seq_len=2048, dtype="bf16", gran
         model["word_embed_proj_dim"] = model.get("hidden_size")
     model["name"] = str(config.get("_name_or_path") or config.get("name") or label or model_type)
     model["source"] = source
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
     check_config_size(model, batch=batch, seq_len=seq_len, granularity=granularity)  # before allocating
     graph = transformer(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity,
                         phase=phase, context=context)

@@ -11,9 +11,12 @@ latent attention (DeepSeek MLA: the config has ``kv_lora_rank``)
     (one compressed latent plus the shared RoPE key per token; the per-head
     keys and values are re-expanded from it);
 
-where cached tokens = min(context, sliding_window) when the config has an
-active sliding window (Mistral's ``sliding_window``; Qwen2's only when
-``use_sliding_window``), else context.
+where cached tokens = min(context, sliding_window) on a sliding-window
+(local) layer, else context.  Which layers are local follows the HF config
+(`layer_is_local`): ``layer_types`` when given; gemma2 every other layer,
+gemma3_text five of every ``sliding_window_pattern`` = 6; Qwen2/Qwen3 the
+layers from ``max_window_layers`` on and only with ``use_sliding_window``;
+every other family (Mistral) all layers when ``sliding_window`` is set.
 
 `annotate` sets ``kv_bytes`` on the attention nodes (and on whole-block
 nodes, which hold their attention) of a graph the transformer builder is
@@ -43,8 +46,8 @@ from numbers import Integral
 
 from ..errors import InputError
 
-__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "kv_formula", "annotate",
-           "check_phase", "node_kv_bytes_per_token", "chunk_tokens", "prefix_tokens", "prefix_formula"]
+__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local", "kv_formula",
+           "annotate", "check_phase", "node_kv_bytes_per_token", "chunk_tokens", "prefix_tokens", "prefix_formula"]
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")
@@ -84,57 +87,145 @@ def kv_bytes_per_token(config, dtype_size):
     return 2 * _positive_key(config, "num_key_value_heads") * _positive_key(config, "head_dim") * dtype_size
 
 
-def cached_tokens(config, context):
-    """Tokens one layer keeps: `context`, capped by an active sliding window."""
+# Families whose sliding window covers only some layers when the config has no `layer_types`:
+# gemma2 alternates local and global layers (0, 2, 4, ... local); gemma3_text has `sliding_window_pattern`
+# (default 6: five local layers, then one global); Qwen2/Qwen3 (and their MoE) window the layers from
+# `max_window_layers` on, and only with `use_sliding_window`.
+_QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+
+def _window(config):
+    """The config's sliding window in tokens, or None (none, null, 0, or switched off)."""
     window = config.get("sliding_window")
-    if not window or config.get("use_sliding_window") is False:
-        return context
-    return min(context, int(window))
+    if window is None or window == 0 or config.get("use_sliding_window") is False:
+        return None
+    if config.get("model_type") in _QWEN and not config.get("use_sliding_window"):
+        return None  # HF Qwen2/Qwen3 drop the window unless use_sliding_window is true
+    if isinstance(window, bool) or not isinstance(window, Integral) or window < 0:
+        raise InputError(f"`config['sliding_window']` must be a non-negative integer (tokens), got {window!r}")
+    return int(window)
 
 
-def kv_bytes(config, *, context, batch, dtype_size):
-    """One attention layer's KV cache in bytes at `context` tokens for `batch` sequences."""
-    return kv_bytes_per_token(config, dtype_size) * cached_tokens(config, context) * batch
+def _positive_setting(config, key, default):
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise InputError(f"`config['{key}']` must be a positive integer, got {value!r}")
+    return int(value)
 
 
-def kv_formula(config, *, context, batch, dtype_size):
-    """The KV formula of one layer with the numbers, e.g. ``'2 × 8 kv_heads × 128 head_dim × 2 B × ...'``.
+def layer_is_local(config, layer):
+    """Whether attention layer `layer` (0-based; None: "every layer") is a sliding-window layer.
 
-    >>> kv_formula({"num_key_value_heads": 8, "head_dim": 128}, context=4096, batch=8, dtype_size=2)
-    '2 × 8 kv_heads × 128 head_dim × 2 B × 4,096 tokens × 8 batch = 134,217,728 B'
+    Follows the HF configs: an explicit ``layer_types`` list
+    (``"sliding_attention"`` / ``"full_attention"``) wins; else gemma2 has
+    every other layer local (0, 2, ...), gemma3_text all but every
+    ``sliding_window_pattern``-th (default 6), Qwen2/Qwen3 the layers from
+    ``max_window_layers`` on; every other family windows all layers.
+
+    >>> [layer_is_local({"model_type": "gemma3_text", "sliding_window": 512}, i) for i in range(6)]
+    [True, True, True, True, True, False]
     """
-    tokens = cached_tokens(config, context)
-    window = f" (sliding window {config['sliding_window']:,} of context {context:,})" if tokens != context else ""
+    if _window(config) is None:
+        return False
+    types = config.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or not all(isinstance(kind, str) for kind in types):
+            raise InputError(f"`config['layer_types']` must be a list of strings, got {types!r}")
+        if layer is None:
+            return bool(types) and all(kind == "sliding_attention" for kind in types)
+        if layer >= len(types):
+            raise InputError(f"`config['layer_types']` has {len(types)} entries; layer {layer} has none")
+        return types[layer] == "sliding_attention"
+    family = config.get("model_type")
+    if family == "gemma2":
+        return layer is not None and (layer + 1) % 2 != 0
+    if family == "gemma3_text":
+        pattern = _positive_setting(config, "sliding_window_pattern", 6)
+        return layer is not None and (layer + 1) % pattern != 0
+    if family in _QWEN:
+        first = config.get("max_window_layers", 28)
+        if isinstance(first, bool) or not isinstance(first, Integral) or first < 0:
+            raise InputError(f"`config['max_window_layers']` must be a non-negative integer, got {first!r}")
+        return first == 0 if layer is None else layer >= first
+    return True
+
+
+def cached_tokens(config, context, layer=None):
+    """Tokens attention layer `layer` keeps: `context`, capped by its sliding window if it is local.
+
+    `layer` None asks for a layer of a model whose layers are all alike: the
+    window applies only when every layer is local (Mistral), not to
+    gemma's alternating local/global layers.
+    """
+    return min(context, _window(config)) if layer_is_local(config, layer) else context
+
+
+def kv_bytes(config, *, context, batch, dtype_size, layer=None):
+    """Attention layer `layer`'s KV cache in bytes at `context` tokens for `batch` sequences."""
+    return kv_bytes_per_token(config, dtype_size) * cached_tokens(config, context, layer) * batch
+
+
+def _one_formula(config, *, tokens, context, batch, dtype_size):
+    window = f" (sliding window {_window(config):,} of context {context:,})" if tokens != context else ""
     if config.get("kv_lora_rank"):
         head = (f"({config['kv_lora_rank']} kv_lora_rank + {int(config.get('qk_rope_head_dim') or 0)} "
                 f"qk_rope_head_dim)")
     else:
         head = f"2 × {config['num_key_value_heads']} kv_heads × {config['head_dim']} head_dim"
-    total = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size)
+    total = kv_bytes_per_token(config, dtype_size) * tokens * batch
     return f"{head} × {dtype_size} B × {tokens:,} tokens{window} × {batch} batch = {total:,} B"
+
+
+def kv_formula(config, *, context, batch, dtype_size, layers=None):
+    """The KV formula of one layer with the numbers, e.g. ``'2 × 8 kv_heads × 128 head_dim × 2 B × ...'``.
+
+    With `layers` (the attention layers' indices) and a model that mixes
+    sliding-window and global layers, one formula per kind with its count.
+
+    >>> kv_formula({"num_key_value_heads": 8, "head_dim": 128}, context=4096, batch=8, dtype_size=2)
+    '2 × 8 kv_heads × 128 head_dim × 2 B × 4,096 tokens × 8 batch = 134,217,728 B'
+    """
+    if not layers:
+        return _one_formula(config, tokens=cached_tokens(config, context), context=context, batch=batch,
+                            dtype_size=dtype_size)
+    counts = {}
+    for layer in layers:
+        tokens = cached_tokens(config, context, layer)
+        counts[tokens] = counts.get(tokens, 0) + 1
+    if len(counts) == 1:
+        return _one_formula(config, tokens=next(iter(counts)), context=context, batch=batch, dtype_size=dtype_size)
+    return "; ".join(f"{_one_formula(config, tokens=tokens, context=context, batch=batch, dtype_size=dtype_size)}"
+                     f" on {count} {'local' if tokens != context else 'global'} layer{'s' * (count != 1)}"
+                     for tokens, count in sorted(counts.items(), reverse=True))
 
 
 def annotate(graph, config, *, context, dtype_size):
     """Set ``kv_bytes`` and the cached tokens' attention flops on `graph`'s attention and block nodes.
 
-    For the batch × seq_len new query tokens, attending to the `context`
-    cached tokens costs 4 × batch × seq_len × cached tokens × heads ×
-    head_dim flops (QKᵀ and AV), added to the node's ``flops``.  Sets graph
-    attributes ``phase``-independent ``context`` and ``kv_bytes`` (the
-    total over layers).  Works on the graph being built (the builder's own).
+    For the batch × seq_len new query tokens, attending to the cached
+    tokens costs 4 × batch × seq_len × cached tokens × heads × head_dim
+    flops (QKᵀ and AV), added to the node's ``flops``.  A node's cached
+    tokens are those of its layer (its ``layer`` attribute): `context`, or
+    the sliding window for a local layer (`cached_tokens`).  Sets graph
+    attributes ``phase``-independent ``context``, ``kv_bytes`` (the total
+    over layers), ``kv_layers`` (how many layers hold a cache, also when
+    `context` is 0) and ``kv_formula``.  Works on the graph being built
+    (the builder's own).
     """
     batch, seq_len = graph.graph["batch"], graph.graph["seq_len"]
-    per_layer = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size)
-    tokens = cached_tokens(config, context)
-    extra_flops = 4 * batch * seq_len * tokens * config["num_attention_heads"] * config["head_dim"]
-    total = 0
+    total, layers = 0, []
     for _, data in graph.nodes(data=True):
-        if data.get("op") in ("attention", "block"):
-            data["kv_bytes"] = per_layer
-            data["flops"] = data.get("flops", 0) + extra_flops
-            total += per_layer
-    graph.graph.update(context=context, kv_bytes=total,
-                       kv_formula=kv_formula(config, context=context, batch=batch, dtype_size=dtype_size))
+        if data.get("op") in ATTENTION_OPS:  # mla_attention too: DeepSeek's op graphs had no KV
+            layer = data.get("layer")
+            tokens = cached_tokens(config, context, layer)
+            data["kv_bytes"] = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size, layer=layer)
+            data["flops"] = data.get("flops", 0) + (4 * batch * seq_len * tokens * config["num_attention_heads"]
+                                                    * config["head_dim"])
+            total += data["kv_bytes"]
+            layers.append(layer)
+    graph.graph.update(context=context, kv_bytes=total, kv_layers=len(layers),
+                       kv_formula=kv_formula(config, context=context, batch=batch, dtype_size=dtype_size,
+                                             layers=None if None in layers else layers))
     return graph
 
 

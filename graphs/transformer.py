@@ -915,8 +915,11 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
         sequence, so the graph's ``seq_len`` is 1) attending to `context`
         cached tokens.  See `cachefit.graphs.kv`.
     context : int, optional
-        Tokens already in the KV cache (decode default: `seq_len`; prefill
-        default: 0).  Every attention node (every block node at block
+        Tokens already in the KV cache (decode default: `seq_len`, capped
+        so that the new token still has a position: at most
+        ``max_position_embeddings`` - 1; prefill default: 0).  A context
+        whose tokens, with the new ones, exceed ``max_position_embeddings``
+        is refused.  Every attention node (every block node at block
         granularity) gets ``kv_bytes``, its layer's cache, and the flops of
         attending to it.
 
@@ -972,8 +975,11 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
     cfg = normalize_config(config)
     batch = _positive(batch, "batch")
     seq_len = _positive(seq_len, "seq_len")
+    defaulted = context is None
     phase, context = kv.check_phase(phase, context, seq_len)
     seq_len = 1 if phase == "decode" else seq_len
+    if defaulted and phase == "decode" and cfg["max_position_embeddings"] > 0:
+        context = min(context, cfg["max_position_embeddings"] - seq_len)  # the prompt fills the positions
     size = dtype_bytes(dtype)
     dtype = str(dtype).lower()
     if granularity not in GRANULARITIES:
@@ -984,6 +990,10 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
         raise InputError(f"{what} must be at most the learned position table's "
                          f"`max_position_embeddings` = {cfg['max_position_embeddings']}, "
                          f"got {context + seq_len}")
+    if (phase == "decode" or context) and 0 < cfg["max_position_embeddings"] < context + seq_len:
+        raise InputError(f"`context` + new tokens = {context + seq_len:,} exceeds the model's "
+                         f"`max_position_embeddings` = {cfg['max_position_embeddings']:,}; "
+                         f"a context of at most {cfg['max_position_embeddings'] - seq_len:,} tokens fits")
 
     name = config.get("name") or config.get("_name_or_path") or cfg["model_type"] or "transformer"
     graph = nx.DiGraph(name=str(name), dtype=dtype, batch=batch, seq_len=seq_len,

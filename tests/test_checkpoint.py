@@ -136,7 +136,7 @@ class TestMalformed:
 
     def test_bad_json(self, tmp_path):
         path = write_raw(tmp_path / "a.safetensors", b"{not json")
-        with pytest.raises(InputError, match=r"has a header that is not JSON: "):
+        with pytest.raises(InputError, match=r"has a header that is not valid JSON: "):
             read_safetensors_header(path)
 
     def test_not_an_object(self, tmp_path):

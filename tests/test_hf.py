@@ -155,7 +155,7 @@ class TestErrors:
     def test_not_json(self, tmp_path):
         path = tmp_path / "config.json"
         path.write_text("{not json")
-        with pytest.raises(InputError, match=r"is not readable JSON"):
+        with pytest.raises(InputError, match=r"`path_or_mapping` .* is not valid JSON"):
             from_hf_config(path)
 
     def test_json_not_an_object(self, tmp_path):

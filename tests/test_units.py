@@ -7,7 +7,7 @@ from cachefit.devices import DEVICES
 class TestParseBytes:
     @pytest.mark.parametrize("text, expected", [
         ("50MiB", 50 * 2**20), ("50MB", 50 * 10**6), ("1.5GiB", 3 * 2**29), ("64KiB", 65536),
-        ("4096", 4096), (" 2 kb ", 2000), ("1e3B", 1000), (123, 123), (0, 0), ("3TB", 3 * 10**12),
+        ("4096", 4096), (" 2 kB ", 2000), ("2KB", 2000), ("3miB", 3 * 2**20), ("3MIB", 3 * 2**20), ("1e3B", 1000), (123, 123), (0, 0), ("3TB", 3 * 10**12),
     ])
     def test_accepted_forms(self, text, expected):
         assert parse_bytes(text) == expected
@@ -16,6 +16,14 @@ class TestParseBytes:
     def test_bad_strings_name_argument_and_forms(self, bad):
         with pytest.raises(InputError, match=r"`capacity` must be an int of bytes or a string such as '50MiB'"):
             parse_bytes(bad)
+
+    @pytest.mark.parametrize("bits, spelled", [("50Mb", "'MB' or 'MiB'"), ("2 kb", "'KB' or 'KiB'"),
+                                               ("1Gib", "'GB' or 'GiB'"), ("8b", "'B'"), ("3tb", "'TB' or 'TiB'")])
+    def test_lower_case_b_is_bits_and_refused(self, bits, spelled):
+        """Reviewer D10: '50Mb' (megabits) was read as 50 MB."""
+        with pytest.raises(InputError, match=rf"^`capacity` must be bytes, spelled with an upper-case B \({spelled}\), "
+                                             rf"got '{bits}': a lower-case 'b' means bits$"):
+            parse_bytes(bits)
 
     def test_overflow(self):
         with pytest.raises(InputError, match=r"`capacity` is too large to be a number of bytes, got '1e400'"):
@@ -58,6 +66,11 @@ class TestParseCapacity:
     def test_devices(self):
         assert parse_capacity("h100-l2") == 50 * 2**20
         assert parse_capacity("H200-L2") == 60 * 2**20
+        assert parse_capacity(" H100-L2 ") == parse_capacity("h100-l2")
+
+    def test_unknown_name_lists_the_known_ones(self):
+        with pytest.raises(InputError, match=r"or a device name: h100-l2, h200-l2, a100-l2, .*wse-3-sram"):
+            parse_capacity("h100-l3")
         assert parse_capacity("a100-l2") == 40 * 2**20
         assert parse_capacity("h100-hbm") == 80 * 10**9
         assert parse_capacity("h200-hbm") == 141 * 10**9
