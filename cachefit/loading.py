@@ -51,8 +51,8 @@ def load_model(spec, *, batch=None, seq_len=None, dtype="bf16", granularity="blo
     (`cachefit.graphs.from_onnx`); it is ignored for other inputs.
 
     `phase` and `context` (decode with a KV cache, see
-    `cachefit.graphs.transformer.transformer`) apply to embedded models and
-    HF configs; other inputs ignore them (check ``graph.graph["phase"]``).
+    `cachefit.graphs.transformer.transformer`) apply to embedded models, HF
+    configs and checkpoint folders; other inputs ignore them (check ``graph.graph["phase"]``).
 
     Raises
     ------
@@ -92,7 +92,7 @@ def _load_graph(spec, *, batch, seq_len, dtype, granularity, dims, kv_args):
     if path.is_dir():
         from .graphs.checkpoint import from_checkpoint, is_checkpoint
         if is_checkpoint(path):  # a checkpoint folder: config.json + safetensors, weights from their headers
-            return from_checkpoint(path, dtype=dtype, granularity=granularity,
+            return from_checkpoint(path, dtype=dtype, granularity=granularity, **kv_args,
                                    **{k: v for k, v in (("batch", batch), ("seq_len", seq_len)) if v is not None})
         if not (path / "config.json").is_file():
             raise InputError(f"`MODEL` {spec!r} is a folder without a config.json; pass a model file, "
