@@ -25,7 +25,7 @@ def plan(graph, capacity, *, solver="auto", memory="liveness", chunk_fraction=1.
     solver : str
         A name in `cachefit.solvers.SOLVERS` (default ``"auto"``).
     memory : {"liveness", "additive"}
-        The memory model (DESIGN.md §4).
+        The memory model (docs/concepts.md §4).
     chunk_fraction : float in (0, 1]
         Fraction of the activations resident at once (liveness model).
     k : int, optional

@@ -2,7 +2,7 @@
 
 Under the ``liveness`` memory model a group holds its weights and a fraction
 f = chunk_tokens / (batch × seq_len) of the activations live in it
-(DESIGN.md §4, §8): the input stream passes through each group in chunks of
+(docs/concepts.md §4, §8): the input stream passes through each group in chunks of
 ``chunk_tokens`` tokens while the group's weights stay resident.  Smaller
 chunks leave more room for weights (fewer groups) but each pass does less
 work per weight byte, so `choose_chunk_tokens` picks the largest chunk among

@@ -1,4 +1,4 @@
-"""The `Plan` every solver returns, its `Status`, and its JSON form (DESIGN.md §5)."""
+"""The `Plan` every solver returns, its `Status`, and its JSON form (docs/concepts.md §5)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class Plan:
 
     # -- JSON ---------------------------------------------------------------
     def to_dict(self):
-        """The JSON object of the plan (DESIGN.md §5)."""
+        """The JSON object of the plan (docs/concepts.md §5)."""
         if self.graph is None:
             raise InputError("this plan carries no graph, so it cannot be written self-contained")
         return {

@@ -1,6 +1,6 @@
 """Helpers for testing partitioners: hypothesis strategies for model graphs, and a plan assertion.
 
-`chains` and `dags` draw small model graphs (DESIGN.md §3) whose sizes are
+`chains` and `dags` draw small model graphs (docs/concepts.md §3) whose sizes are
 chosen around a capacity, with zero-byte nodes and exact-fit weights mixed
 in, edges only from lower to higher index (acyclic by construction) and
 nodes inserted in index order (a topological order).  `assert_valid_plan`

@@ -1,4 +1,4 @@
-"""Validation of model graphs (DESIGN.md §3): one function, used by every entry point.
+"""Validation of model graphs (docs/concepts.md §3): one function, used by every entry point.
 
 The checks run over whole columns at once (one list comprehension per
 attribute, types checked on the set of types present, ranges with numpy),

@@ -1,4 +1,4 @@
-"""Model → networkx DAG builders (DESIGN.md §3), and tiling.
+"""Model → networkx DAG builders (docs/concepts.md §3), and tiling.
 
 Every builder returns a new `networkx.DiGraph` whose nodes carry
 ``weight_bytes``, ``activation_bytes`` and ``buffer_bytes``, inserted in a

@@ -2,7 +2,7 @@
 
 `transformer` turns a config mapping (the fields of a model's ``config.json``,
 plus a few explicit cachefit keys where HF leaves the structure implicit) into
-a `networkx.DiGraph` whose nodes carry the byte counts of DESIGN.md §3 and the
+a `networkx.DiGraph` whose nodes carry the byte counts of docs/concepts.md §3 and the
 shapes an executor needs to materialise each node as a PyTorch module.
 `param_count` and `param_breakdown` give the exact parameter count the graph
 holds, from the same definitions.

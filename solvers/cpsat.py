@@ -268,7 +268,7 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
 
     Phase 1 (fewest groups) and phase 2 (smallest bottleneck at that k or
     the given k) solve `Model` (`cachefit.solvers._cpsat_model`), which encodes the memory model of
-    DESIGN.md §4 exactly: precedence, the group prefix (symmetry breaking),
+    docs/concepts.md §4 exactly: precedence, the group prefix (symmetry breaking),
     liveness from a producer's group to its last consumer's, the largest
     buffer, and ⌈f·Σ activations⌉ through `activation_scale`.  Every node's
     group is confined to [earliest, latest] by the head–tail bound and the

@@ -1,4 +1,4 @@
-"""The contract every registered solver keeps (DESIGN.md §6), written once and run for each."""
+"""The contract every registered solver keeps (docs/concepts.md §6), written once and run for each."""
 
 import json
 import re
