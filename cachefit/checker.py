@@ -198,7 +198,27 @@ def _link_violations(whole, nodes, sub):
         chip_total = sum(data.get(key) or 0 for _, data in sub.nodes(data=True) if data.get("op") != "stage_input")
         if stage_total != chip_total:
             violations.append(f"the on-chip graph holds {chip_total} B of {key}, its stage {stage_total} B")
+    violations.extend(_untouched_violations(whole, nodes, sub, expanded))
     return tuple(violations)
+
+
+def _untouched_violations(whole, nodes, sub, expanded):
+    """Nodes the on-chip level kept as they are (not tiled, joined or expanded) keep their bytes and edges."""
+    def untouched(node):
+        data = sub.nodes[node] if node in sub else None
+        return (data is not None and node not in expanded and "tile" not in data
+                and data.get("op") not in ("concat", "stage_input"))
+
+    kept = [node for node in nodes if untouched(node)]
+    for node in kept:
+        for key in ("activation_bytes", "buffer_bytes"):
+            planned, stage = sub.nodes[node].get(key) or 0, whole.nodes[node].get(key) or 0
+            if planned != stage:
+                yield f"node {node!r} has {key} {planned} B on chip, {stage} B in the model"
+    kept = set(kept)
+    for u, v in whole.subgraph(kept).edges:
+        if not sub.has_edge(u, v):
+            yield f"the on-chip graph lacks the model's edge {u!r} -> {v!r}"
 
 
 def _merge(reports):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import networkx as nx
@@ -335,16 +336,23 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
     if not isinstance(graph, nx.DiGraph):
         raise InputError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}")
     on_chip_capacity = parse_capacity(capacity)
+    started = time.perf_counter()
+    # One call, one time limit: the stage level and every stage's on-chip plan share it.
     stage_plan = stages(graph, devices=devices, device_capacity=device_capacity, balance=balance, reserve=reserve,
-                        memory=with_kv(memory, "resident"), time_limit_s=time_limit_s)
+                        memory=with_kv(memory, "resident"),
+                        time_limit_s=None if time_limit_s is None else time_limit_s / (devices + 1))
     memory = with_kv(memory, kv)
     if not stage_plan.ok:
         return Deployment(stage_plan, (), on_chip_capacity)
     groups = []
     for index, nodes in enumerate(stage_plan.partitions):
         sub = stage_graph(graph, nodes, index)
+        share = None
+        if time_limit_s is not None:  # what is left, shared by the stages not planned yet
+            left = time_limit_s - (time.perf_counter() - started)
+            share = max(left, 1e-3) / (len(stage_plan.partitions) - index)
         groups.append(make_plan(sub, on_chip_capacity, solver=solver, memory=memory, tile=tile,
-                                chunk_tokens=chunk_tokens, chunk_fraction=chunk_fraction, time_limit_s=time_limit_s,
+                                chunk_tokens=chunk_tokens, chunk_fraction=chunk_fraction, time_limit_s=share,
                                 balance=group_balance))
         logger.info("deploy: stage %d: %d nodes, %s, k = %d", index, len(nodes), groups[-1].status, groups[-1].k)
     return Deployment(stage_plan, tuple(groups), on_chip_capacity)

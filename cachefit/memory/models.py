@@ -320,4 +320,8 @@ def fold_resident_kv(table, memory, chunk_fraction=1.0):
     if kv_placement(memory) != "resident":
         return table, memory
     extra = _kv_array(table) + _prefix_array(table, chunk_fraction)
+    total = sum(int(column.sum(dtype=object)) for column in (table.weight, extra, table.activation, table.buffer))
+    if total > MAX_BYTES:  # every S(P) of the folded problem is at most this sum: keep it exact in int64
+        raise InputError("the graph's weights, K/V, activations and buffers add up beyond 2**62 B (4 EiB), "
+                         "the most cachefit's exact integer arithmetic holds for a graph")
     return replace(table, weight=table.weight + extra), memory.removesuffix("+kv")
