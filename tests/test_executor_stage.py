@@ -1,0 +1,97 @@
+"""`cachefit run --stage I` / `executor.run(deployment, stage=I)`: one stage of a two-level plan on one device."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+import cachefit  # noqa: E402
+from cachefit.cli import main  # noqa: E402
+from cachefit.errors import InputError  # noqa: E402
+from cachefit.executor import run  # noqa: E402
+from cachefit.executor.verify import PlanRejected  # noqa: E402
+from cachefit.graphs import transformer  # noqa: E402
+
+TINY_GPT2 = {"model_type": "gpt2", "name": "tiny-gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300,
+             "n_positions": 64, "tie_word_embeddings": True}
+
+
+def _deployment(granularity="op", on_chip=4, device=0.8):
+    graph = transformer(TINY_GPT2, batch=2, seq_len=8, granularity=granularity)
+    total = sum(data["weight_bytes"] for _, data in graph.nodes(data=True))
+    deployment = cachefit.plan(graph, total // on_chip, devices=2, device_capacity=int(total * device),
+                               solver="greedy")
+    assert deployment.ok, deployment.reason
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    return _deployment()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_each_stage_runs_every_schedule_equivalently(deployment, stage):
+    result = run(deployment, stage=stage, schedule="all", warmup=0, iters=1)
+    assert result.equivalent
+    assert [s.name for s in result.schedules] == ["eager", "batched", "token-major", "partition-major"]
+    assert len(result.groups) == deployment.groups[stage].k
+
+
+def test_later_stage_takes_its_received_activations_and_a_head_tied_across_stages(deployment):
+    sub = deployment.groups[1].graph
+    received = [v for v in sub if sub.nodes[v]["op"] == "stage_input"]
+    assert received and "lm_head" in sub and "embed" not in sub
+    result = run(deployment, stage=1, schedule="partition-major", warmup=0, iters=1)
+    assert result.equivalent
+    assert any("seeded random inputs" in note for note in result.notes)
+    assert any(note.startswith("lm_head is tied to an embedding in another stage") for note in result.notes)
+
+
+def test_block_granularity_stage_runs():
+    deployment = _deployment("block", on_chip=2, device=0.8)
+    for stage in range(len(deployment.groups)):
+        assert run(deployment, stage=stage, schedule="partition-major", warmup=0, iters=1).equivalent
+
+
+def test_stage_is_required_and_checked(deployment):
+    with pytest.raises(InputError, match=r"^this is a two-level plan \(version 2\) of 2 stage\(s\): 0 \("):
+        run(deployment)
+    with pytest.raises(InputError, match=r"`stage` must be an integer in 0\.\.1 \(the plan has 2 stage\(s\)\), got 2"):
+        run(deployment, stage=2)
+    with pytest.raises(InputError, match="`stage` applies to a two-level plan"):
+        run(deployment.groups[0], stage=0)
+
+
+def test_a_forged_stage_is_rejected_before_anything_runs(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][1]["size"] += 1
+    with pytest.raises((PlanRejected, InputError)):
+        run(cachefit.result.read_plan(json.dumps(data)), stage=1)
+
+
+def test_cli_stage(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(path)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "pass" not in result.output and "with --stage I" in result.output
+    result = runner.invoke(main, ["run", str(path), "--stage", "1", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "tiny-gpt2 stage 1" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["equivalent"] is True
+    result = runner.invoke(main, ["run", str(path), "--stage", "7"])
+    assert result.exit_code == 2
+    assert "`stage` must be an integer in 0..1" in result.output
+
+
+def test_cli_stage_on_a_single_level_plan_is_refused(deployment, tmp_path):
+    path = tmp_path / "one.json"
+    deployment.groups[0].to_json(path)
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "0"])
+    assert result.exit_code == 2
+    assert "`--stage` applies to a two-level plan file (version 2)" in result.output
