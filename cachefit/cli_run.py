@@ -95,6 +95,21 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
                      chunk_fraction=fraction, **options)
 
 
+def _with_estimate(result, plan):
+    """`result` with the estimate next to each schedule's measurement (one device probe), said in a line each."""
+    from .executor.calibration import with_estimate
+
+    result = with_estimate(result, plan)
+    record = result.estimate
+    for name, row in record["schedules"].items():
+        console.print(f"estimate ({record['device']['name']} device, probed now): {name} {row['estimate_ms']:.3f} ms "
+                      f"vs measured {row['measured_ms']:.3f} ms per pass ({100 * row['error']:+.1f}%, "
+                      f"{row['bound']}-bound)", highlight=False, soft_wrap=True)
+    for note in record["notes"]:
+        console.print(f"estimate note: {note}", highlight=False, soft_wrap=True)
+    return result
+
+
 #: The CPU quick check `cachefit run` makes when no schedule or pass count is given.
 QUICK_SCHEDULES, QUICK_WARMUP, QUICK_PASSES = ("eager", "partition-major"), 1, 3
 
@@ -123,7 +138,8 @@ def _run_defaults(device, schedule, warmup, iters):
 @click.option("--l2-persist", is_flag=True,
               help="CUDA: persisting-L2 window over each group's weights on its graph's kernel nodes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the full result as JSON here.")
+              help="Write the full result as JSON here, with the estimate (cachefit.estimate on this device, "
+                   "probed once) next to each schedule's measurement.")
 @click.option("--capacity", "-c", default=None,
               help="For a MODEL: plan for this capacity (bytes, '50MiB', or a device such as h100-l2; "
                    "default h100-l2).")
@@ -195,6 +211,7 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     for renderable in render(result):
         console.print(renderable)
     if json_path:
+        result = _with_estimate(result, plan)
         result.to_json(json_path)
         console.print(f"result written to {json_path}", highlight=False)
     sys.exit(EXIT_OK if result.equivalent else EXIT_NO_PLAN)

@@ -95,3 +95,55 @@ def test_cli_stage_on_a_single_level_plan_is_refused(deployment, tmp_path):
     result = CliRunner().invoke(main, ["run", str(path), "--stage", "0"])
     assert result.exit_code == 2
     assert "`--stage` applies to a two-level plan file (version 2)" in result.output
+
+
+# -- the estimate next to the measurement (issue 12 item 4) ---------------------------------------------
+
+
+def test_estimate_record_pairs_each_estimated_schedule_with_its_run():
+    from cachefit.devices import get_device
+    from cachefit.estimate import estimate
+    from cachefit.executor import linear_stack
+    from cachefit.executor.calibration import estimate_record, with_estimate
+
+    graph = linear_stack(4, 32, batch=4, seq_len=8, dtype="fp32")
+    plan = cachefit.plan(graph, "10KiB", chunk_fraction=0.25, solver="greedy")
+    assert plan.k >= 2
+    result = run(plan, micro_batches=4, schedule="all", warmup=0, iters=1)
+    figures = get_device("h100")
+    record = estimate_record(plan, result, figures)
+    assert set(record["schedules"]) == {"partition-major", "token-major", "batched"}  # eager is not estimated
+    predicted = estimate(plan, figures)
+    for name, row in record["schedules"].items():
+        assert row["estimate_ms"] == pytest.approx(predicted.schedule(name).time_s * 1e3)
+        assert row["measured_ms"] == result.schedule(name).ms_per_pass
+        assert row["error"] == pytest.approx((row["estimate_ms"] - row["measured_ms"]) / row["measured_ms"])
+    assert record["chunks"] == record["run_chunks"] == 4 and record["notes"] == []
+    assert json.loads(with_estimate(result, plan, figures).to_json())["estimate"]["schedules"].keys() == \
+        record["schedules"].keys()
+
+
+def test_estimate_record_says_when_the_run_differs_from_the_estimate(deployment):
+    from cachefit.devices import get_device
+    from cachefit.executor.calibration import estimate_record
+
+    plan = deployment.groups[1]
+    result = run(deployment, stage=1, micro_batches=2, schedule="partition-major", warmup=0, iters=1)
+    record = estimate_record(plan, result, get_device("h100"))
+    assert list(record["schedules"]) == ["partition-major"]
+    assert record["notes"] == [
+        "the estimate counts 1 chunk(s) per pass (the plan's chunk fraction), the run streamed 2",
+        "the estimate counts the graph's bf16 bytes, the run computed in float32"]
+
+
+def test_cli_json_carries_the_estimate(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "0", "--schedule", "partition-major",
+                                       "--passes", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "estimate (measured device, probed now): partition-major" in result.output
+    record = json.loads(out.read_text())["estimate"]
+    assert record["device"]["name"] == "measured" and list(record["schedules"]) == ["partition-major"]
+    assert record["schedules"]["partition-major"]["measured_ms"] > 0
