@@ -147,3 +147,38 @@ def test_cli_json_carries_the_estimate(deployment, tmp_path):
     record = json.loads(out.read_text())["estimate"]
     assert record["device"]["name"] == "measured" and list(record["schedules"]) == ["partition-major"]
     assert record["schedules"]["partition-major"]["measured_ms"] > 0
+
+
+# -- cachefit pipeline on a two-level plan: its stage level ----------------------------------------------
+
+
+def test_cli_pipeline_runs_the_stage_level_of_a_two_level_plan(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2", "--iters", "1", "--warmup", "0",
+                                       "--timeout", "240"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("two-level plan: running its 2 stage(s) (the stage level, both levels "
+                                    "checked first); inside a stage each micro-batch runs the stage's nodes in order")
+    assert "PASS" in result.output
+
+
+def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][1]["plan"]["sizes"][0] += 1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2"])
+    assert result.exit_code == 1
+    assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 1 on chip:")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_run_stage_rejects_a_forged_two_level_plan(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][0]["plan"]["sizes"][0] += 1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 0 on chip:")
