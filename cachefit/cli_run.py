@@ -185,13 +185,12 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
         raise InputError("`cachefit run` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .executor import render
     from .executor import run as execute
+    from .executor.verify import PlanRejected
     from .progress import cli_reporter, reporting
     from .units import format_bytes
 
-    from .executor.verify import PlanRejected
-
     try:
-            plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
+        plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
                           dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
                           micro_batches=micro_batches, tile=tile, stage=stage)
     except PlanRejected as exc:  # a two-level plan whose check fails: as `cachefit check`, exit 1

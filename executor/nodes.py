@@ -466,6 +466,9 @@ def order_inputs(node, attrs, preds, logical):
 
     def by_roles(wanted):
         found = [next((p for p in preds if roles[p] == role), None) for role in wanted]
+        unmatched = [p for p in preds if p not in found]
+        if found.count(None) == 1 and len(unmatched) == 1 and len(preds) == len(wanted):
+            found[found.index(None)] = unmatched[0]  # one input without a role (a stage_input): the one left
         if None in found:
             if len(preds) != len(wanted):
                 raise InputError(f"node {node!r} ({op}) needs inputs {', '.join(wanted)}, got {preds}")

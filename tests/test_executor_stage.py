@@ -182,3 +182,10 @@ def test_cli_run_stage_rejects_a_forged_two_level_plan(deployment, tmp_path):
     result = CliRunner().invoke(main, ["run", str(path), "--stage", "1"])
     assert result.exit_code == 1
     assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 0 on chip:")
+
+
+def test_an_input_without_a_role_takes_the_role_left_over():
+    from cachefit.executor.nodes import order_inputs
+
+    roles = {"a": {"role": "v"}, "b": {}, "c": {"role": "q"}}
+    assert order_inputs("attn", {"op": "attention"}, ["a", "b", "c"], roles.__getitem__) == ["c", "b", "a"]
