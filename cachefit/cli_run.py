@@ -52,7 +52,7 @@ def exit_if_rejected(plan):
 
 
 def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granularity, chunk_tokens,
-               micro_batches, tile=False):
+               micro_batches, tile=False, stage=None):
     """A plan file as it is, or MODEL planned for `capacity` at the run's chunk fraction.
 
     A plan file is a JSON object whose ``"format"`` is ``"cachefit.plan"``,
@@ -63,14 +63,25 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
     from .api import plan as make_plan
     from .devices import parse_capacity
     from .loading import load_model
-    from .result import PLAN_FORMAT, Plan
+    from .deploy import Deployment
+    from .result import PLAN_FORMAT, TWO_LEVEL_VERSION, Plan
 
     path = Path(spec)
     data = _read_json(path) if path.is_file() and path.suffix != ".onnx" else None
     if isinstance(data, dict) and data.get("format") == PLAN_FORMAT:
         if capacity is not None:
             raise InputError("`--capacity` applies to a MODEL; a plan file already has its capacity")
+        if data.get("version") == TWO_LEVEL_VERSION:
+            from .executor.stage import stage_plan
+
+            deployment = Deployment.from_dict(data)
+            failed = next((level for level in (deployment.stages, *deployment.groups) if not level.ok), None)
+            return failed or stage_plan(deployment, stage)  # a failed level: "no plan" (exit 1)
+        if stage is not None:
+            raise InputError("`--stage` applies to a two-level plan file (version 2)")
         return Plan.from_dict(data)
+    if stage is not None:
+        raise InputError("`--stage` applies to a two-level plan file (version 2), not to a MODEL")
     graph = load_model(spec, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity)
     tokens = int(graph.graph.get("batch", 1)) * int(graph.graph.get("seq_len", 1))
     if chunk_tokens is not None:
@@ -82,6 +93,21 @@ def _load_plan(spec, *, capacity, solver, memory, batch, seq_len, dtype, granula
     options = {"tile": True} if tile else {}
     return make_plan(graph, parse_capacity(capacity or "h100-l2"), solver=solver, memory=memory,
                      chunk_fraction=fraction, **options)
+
+
+def _with_estimate(result, plan):
+    """`result` with the estimate next to each schedule's measurement (one device probe), said in a line each."""
+    from .executor.calibration import with_estimate
+
+    result = with_estimate(result, plan)
+    record = result.estimate
+    for name, row in record["schedules"].items():
+        console.print(f"estimate ({record['device']['name']} device, probed now): {name} {row['estimate_ms']:.3f} ms "
+                      f"vs measured {row['measured_ms']:.3f} ms per pass ({100 * row['error']:+.1f}%, "
+                      f"{row['bound']}-bound)", highlight=False, soft_wrap=True)
+    for note in record["notes"]:
+        console.print(f"estimate note: {note}", highlight=False, soft_wrap=True)
+    return result
 
 
 #: The CPU quick check `cachefit run` makes when no schedule or pass count is given.
@@ -112,7 +138,8 @@ def _run_defaults(device, schedule, warmup, iters):
 @click.option("--l2-persist", is_flag=True,
               help="CUDA: persisting-L2 window over each group's weights on its graph's kernel nodes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the full result as JSON here.")
+              help="Write the full result as JSON here, with the estimate (cachefit.estimate on this device, "
+                   "probed once) next to each schedule's measurement.")
 @click.option("--capacity", "-c", default=None,
               help="For a MODEL: plan for this capacity (bytes, '50MiB', or a device such as h100-l2; "
                    "default h100-l2).")
@@ -131,10 +158,13 @@ def _run_defaults(device, schedule, warmup, iters):
 @click.option("--passes", "--iters", "iters", type=int, default=None,
               help="Timed passes per schedule (CPU quick check 3, CPU 10, CUDA 20).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stage", type=int, default=None,
+              help="For a two-level plan file (version 2): run this stage's on-chip plan on one device; its "
+                   "received activations are seeded inputs and the reference is the stage sub-model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line (it is shown only on a terminal, on stderr).")
 @friendly
 def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_path, capacity, solver, tile, memory,
-        batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed, quiet):
+        batch, seq_len, dtype, granularity, compute_dtype, warmup, iters, seed, stage, quiet):
     """Run MODEL (a plan file, or a model to plan first) group by group and time it against its baselines.
 
     The plan is checked first (cachefit check, then every node's module
@@ -155,12 +185,17 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
         raise InputError("`cachefit run` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .executor import render
     from .executor import run as execute
+    from .executor.verify import PlanRejected
     from .progress import cli_reporter, reporting
     from .units import format_bytes
 
-    plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
-                      dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
-                      micro_batches=micro_batches, tile=tile)
+    try:
+        plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
+                          dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
+                          micro_batches=micro_batches, tile=tile, stage=stage)
+    except PlanRejected as exc:  # a two-level plan whose check fails: as `cachefit check`, exit 1
+        error_console.print(f"[bold red]plan rejected:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
     if not plan.ok:
         error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)
@@ -175,6 +210,7 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     for renderable in render(result):
         console.print(renderable)
     if json_path:
+        result = _with_estimate(result, plan)
         result.to_json(json_path)
         console.print(f"result written to {json_path}", highlight=False)
     sys.exit(EXIT_OK if result.equivalent else EXIT_NO_PLAN)

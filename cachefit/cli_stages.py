@@ -120,6 +120,39 @@ def _pipeline_table(result):
     return table
 
 
+#: What `cachefit pipeline` says when it runs the stage level of a two-level plan.
+TWO_LEVEL_LINE = ("two-level plan: running its {n} stage(s) (the stage level, both levels checked first); inside "
+                  "a stage each micro-batch runs the stage's nodes in order, not group by group: stage I's on-chip "
+                  "groups run partition-major with `cachefit run PLAN --stage I`")
+
+
+def _stage_level(plan_file):
+    """The plan `cachefit pipeline` runs: a version-1 plan as it is, or a version-2 plan's stage level.
+
+    A version-2 plan is checked at both levels and their link first
+    (`cachefit.check`); a rejection exits 1 with one line, as `cachefit run`.
+    """
+    from .deploy import Deployment
+    from .result import read_plan
+
+    plan = read_plan(plan_file)
+    if not isinstance(plan, Deployment):
+        return plan
+    if not plan.ok:
+        failed = next(level for level in (plan.stages, *plan.groups) if not level.ok)
+        return failed
+    from .checker import check
+
+    report = check(plan)
+    if not report.ok:
+        more = len(report.violations) - 1
+        error_console.print(f"[bold red]plan rejected:[/] `plan` fails cachefit.check: {report.violations[0]}"
+                            + (f" (and {more} more)" if more else ""), highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
+    console.print(TWO_LEVEL_LINE.format(n=plan.stages.k), highlight=False, soft_wrap=True)
+    return plan.stages
+
+
 @click.command("pipeline")
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default="gpipe", show_default=True)
@@ -156,9 +189,7 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
         raise InputError("`cachefit pipeline` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .cli_run import exit_if_rejected
     from .executor.pipeline import run_pipeline, under_torchrun
-    from .result import Plan
-
-    plan = Plan.from_json(plan_file)
+    plan = _stage_level(plan_file)
     if not plan.ok:
         error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)

@@ -88,13 +88,14 @@ def _resolve_model(plan, model, groups, *, device, dtype, seed, example_inputs):
 
 def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         schedule="partition-major", l2_persist=False, seed=0, dtype=None, warmup=None, iters=None,
-        example_inputs=None, progress=None):
+        example_inputs=None, progress=None, stage=None):
     """Run `plan` group by group over the chunks of one pass, check it and time it.
 
     Parameters
     ----------
-    plan : cachefit.Plan
-        A plan with groups (OPTIMAL or FEASIBLE) that carries its graph.
+    plan : cachefit.Plan or cachefit.deploy.Deployment
+        A plan with groups (OPTIMAL or FEASIBLE) that carries its graph; or a
+        two-level plan, of which stage `stage` runs (`cachefit.executor.stage`).
     model : BuiltModel or torch.nn.Module, optional
         None: built from ``plan.graph`` (`build`, seeded random weights).  A
         `BuiltModel` must come from the plan's graph (same
@@ -133,6 +134,11 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         Called with each `ScheduleResult` as soon as its schedule has run.
         (Every pass is also reported to `cachefit.progress` as task
         ``"run"``; the CLI shows it on a terminal.)
+    stage : int, optional
+        For a two-level plan (required there): the stage whose on-chip plan
+        runs, on one device.  Both levels are checked first; the stage's
+        ``stage_input`` activations are seeded random inputs and the
+        reference is the stage sub-model run unpartitioned.
 
     Returns
     -------
@@ -173,6 +179,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     (['eager', 'batched', 'token-major', 'partition-major'], True, 3)
     """
     device = _check_arguments(device, warmup, iters, schedule)
+    plan = _one_level(plan, stage, model)
     groups = _verified_groups(plan, model)
     if device is None and not isinstance(model, BuiltModel):
         device = torch.device("cpu")
@@ -200,6 +207,20 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     if l2.statuses and not l2_info.get("available"):
         notes.append(f"L2 persistence {l2.statuses[-1]}")
     return _assemble(plan, setup, tuple(results), l2_info, notes)
+
+
+def _one_level(plan, stage, model):
+    """`plan`, or stage `stage`'s on-chip plan of a two-level plan (`cachefit.executor.stage.stage_plan`)."""
+    from .stage import is_deployment, stage_plan
+
+    if not is_deployment(plan):
+        if stage is not None:
+            raise InputError(f"`stage` applies to a two-level plan (version 2); this plan has one level, "
+                             f"got stage={stage!r}")
+        return plan
+    if model is not None:
+        raise InputError("`model` is not supported with a two-level plan: each stage is built from its graph")
+    return stage_plan(plan, stage)
 
 
 def _check_arguments(device, warmup, iters, schedule):
@@ -286,8 +307,28 @@ def _notes(plan, setup, l2_persist):
     if any(model.graph.nodes[v].get("op") == "expert" for v in model.graph):
         notes.append("mixture of experts run densely (every expert on every token, weighted by the router): "
                      "exact output, but experts / experts_per_token times the routed expert work")
+    notes += _stage_notes(model)
     if l2_persist and not setup.on_cuda:
         notes.append("--l2-persist applies to CUDA only; ignored on the CPU")
+    return notes
+
+
+def _stage_notes(model):
+    """Notes for a stage sub-model of a two-level plan (its received activations, a head tied across stages)."""
+    from .nodes import ForeignTable
+
+    notes = []
+    received = [v for v in model.graph if model.graph.nodes[v].get("op") == "stage_input"]
+    if received:
+        notes.append(f"stage {model.graph.graph.get('stage')}: {len(received)} activation(s) from earlier stages "
+                     f"({', '.join(received[:3])}{', ...' if len(received) > 3 else ''}) are seeded random inputs; "
+                     "the reference is this stage's sub-model run unpartitioned")
+    for step in model.steps:
+        table = getattr(step.module, "tied", None)
+        if isinstance(table, ForeignTable):
+            notes.append(f"{step.node} is tied to an embedding in another stage: its table "
+                         f"({table.token.numel() * table.token.element_size():,} B as allocated) is held on this "
+                         "device outside every group, and the plan counts 0 B for it")
     return notes
 
 

@@ -207,6 +207,20 @@ def _source_width(graph, node):
     raise InputError(f"node {node!r} ({op}) has no input in the graph and cannot take the model input")
 
 
+def _stage_input_width(graph, node, tokens):
+    """Features per token of ``stage_input`` `node`: its ``activation_bytes`` / (tokens × dtype bytes)."""
+    from ..units import DTYPE_BYTES
+
+    element = DTYPE_BYTES.get(str(graph.graph.get("dtype", "")).lower())
+    if graph.in_degree(node):
+        raise InputError(f"stage_input {node!r} has predecessors; a stage input must be a source of its stage graph")
+    width, rest = divmod(int(graph.nodes[node].get("activation_bytes", 0)), tokens * (element or 0) or 1)
+    if element is None or rest or width < 1:
+        raise InputError(f"stage_input {node!r}: activation_bytes {graph.nodes[node].get('activation_bytes')!r} is "
+                         f"not tokens ({tokens}) × features × dtype bytes; the executor cannot shape this input")
+    return width
+
+
 def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
     """Materialise `graph` as PyTorch modules with seeded random weights.
 
@@ -284,7 +298,7 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
 
     steps, modules = [], {}
     whole_sequences = False
-    input_widths = {}
+    input_widths, stage_widths = {}, {}
     uses_tokens = False
     for node in graph:
         attrs = graph.nodes[node]
@@ -293,7 +307,10 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
         module.eval()
         modules[node] = module
         preds = list(graph.predecessors(node))
-        if preds:
+        if attrs.get("op") == "stage_input":
+            inputs = [f"@{node}"]
+            stage_widths[node] = _stage_input_width(graph, node, tokens)
+        elif preds:
             inputs = order_inputs(node, attrs, preds, lambda pred: logical_attrs(graph, pred))
         elif attrs.get("op") == "embedding":
             inputs, uses_tokens = ["@tokens", "@positions"], True
@@ -318,6 +335,8 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
                              "feeds every input node the same model input")
         inputs["@input"] = torch.randn(tokens, widths.pop(), generator=generator).to(device=device,
                                                                                          dtype=dtype)
+    for node, width in stage_widths.items():  # activations from earlier stages: seeded per node
+        inputs[f"@{node}"] = torch.randn(tokens, width, generator=generator).to(device=device, dtype=dtype)
     outputs = tuple(node for node in graph if graph.out_degree(node) == 0)
     model = BuiltModel(graph=graph, fingerprint=graph_fingerprint(graph), steps=steps, inputs=inputs,
                        outputs=outputs, device=device, dtype=dtype, tokens=tokens, seq_len=seq_len,

@@ -42,11 +42,11 @@ from ..errors import InputError
 from ..graphs.tile import TILE_AXES
 
 __all__ = ["ParamFactory", "Part", "make_node_module", "order_inputs", "logical_attrs", "tile_part",
-           "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS"]
+           "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS", "StageInput", "ForeignTable"]
 
 #: The node ``op`` values the executor materialises.
 SUPPORTED_OPS = ("embedding", "norm", "linear", "attention", "activation", "add", "expert", "moe_combine",
-                 "pooler", "block", "concat")
+                 "pooler", "block", "concat", "stage_input")
 
 ROPE_THETA = 10000.0
 
@@ -235,6 +235,29 @@ class TiedTable:
             out = part if out is None else out + part
             offset += width
         return out
+
+
+class ForeignTable:
+    """The token table of an embedding in another pipeline stage, for a tied LM head in this one.
+
+    Drawn with the owner's weight key (the same values as in the whole
+    model), held as a plain tensor, not a parameter: the head owns no
+    parameter, as its ``weight_bytes`` (0) says.
+    """
+
+    def __init__(self, owner, vocab, width, factory, dtype):
+        self.token = factory.normal(f"{owner}/token", (vocab, width), std=1.0).to(dtype)
+
+    def token_weight(self):
+        return self.token
+
+
+class StageInput(nn.Module):
+    """An activation received from an earlier pipeline stage (``op="stage_input"``, `cachefit.deploy`):
+    the stage sub-model's input, passed through unchanged."""
+
+    def forward(self, x):
+        return x
 
 
 def _rotate_half(x):
@@ -443,6 +466,9 @@ def order_inputs(node, attrs, preds, logical):
 
     def by_roles(wanted):
         found = [next((p for p in preds if roles[p] == role), None) for role in wanted]
+        unmatched = [p for p in preds if p not in found]
+        if found.count(None) == 1 and len(unmatched) == 1 and len(preds) == len(wanted):
+            found[found.index(None)] = unmatched[0]  # one input without a role (a stage_input): the one left
         if None in found:
             if len(preds) != len(wanted):
                 raise InputError(f"node {node!r} ({op}) needs inputs {', '.join(wanted)}, got {preds}")
@@ -508,6 +534,8 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
         return MoECombine(key, attrs)
     if op == "pooler":
         return Pooler(key, attrs, seq_len, factory, dtype, part=part)
+    if op == "stage_input":
+        return StageInput()
     if op == "block":
         if config is None:
             raise InputError(f"node {key!r} (block) needs the graph attribute `config` "
@@ -604,6 +632,8 @@ def make_node_module(graph, node, *, seq_len, factory, dtype, device, tiles=None
             tied = TiedTable([modules[t] for t in owner_tiles])
         elif owner in modules and hasattr(modules[owner], "token_weight"):
             tied = modules[owner]
+        elif owner not in graph and graph.graph.get("stage") is not None and op == "linear":
+            tied = ForeignTable(owner, int(attrs["out_features"]), int(attrs["in_features"]), factory, dtype)
         else:
             raise InputError(f"node {node!r} is tied to {owner!r}, which must be an embedding (or its tiles) "
                              "earlier in the graph")

@@ -148,6 +148,10 @@ class RunResult:
         L2 persistence: requested, status, set-aside and window counts.
     timing_method : str
     warmup, iters : int
+    estimate : dict or None
+        `cachefit.executor.calibration.estimate_record`: per estimated
+        schedule, the estimate's and the run's ms per pass and the relative
+        error (set by ``cachefit run --json``; None otherwise).
     notes : tuple of str
     machine : dict
     """
@@ -176,6 +180,7 @@ class RunResult:
     notes: tuple = ()
     machine: dict = field(default_factory=dict)
     replay_overhead_us_per_chunk: float | None = None
+    estimate: dict | None = None
 
     @property
     def equivalent(self):

@@ -1,0 +1,191 @@
+"""`cachefit run --stage I` / `executor.run(deployment, stage=I)`: one stage of a two-level plan on one device."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+import cachefit  # noqa: E402
+from cachefit.cli import main  # noqa: E402
+from cachefit.errors import InputError  # noqa: E402
+from cachefit.executor import run  # noqa: E402
+from cachefit.executor.verify import PlanRejected  # noqa: E402
+from cachefit.graphs import transformer  # noqa: E402
+
+TINY_GPT2 = {"model_type": "gpt2", "name": "tiny-gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300,
+             "n_positions": 64, "tie_word_embeddings": True}
+
+
+def _deployment(granularity="op", on_chip=4, device=0.8):
+    graph = transformer(TINY_GPT2, batch=2, seq_len=8, granularity=granularity)
+    total = sum(data["weight_bytes"] for _, data in graph.nodes(data=True))
+    deployment = cachefit.plan(graph, total // on_chip, devices=2, device_capacity=int(total * device),
+                               solver="greedy")
+    assert deployment.ok, deployment.reason
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    return _deployment()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_each_stage_runs_every_schedule_equivalently(deployment, stage):
+    result = run(deployment, stage=stage, schedule="all", warmup=0, iters=1)
+    assert result.equivalent
+    assert [s.name for s in result.schedules] == ["eager", "batched", "token-major", "partition-major"]
+    assert len(result.groups) == deployment.groups[stage].k
+
+
+def test_later_stage_takes_its_received_activations_and_a_head_tied_across_stages(deployment):
+    sub = deployment.groups[1].graph
+    received = [v for v in sub if sub.nodes[v]["op"] == "stage_input"]
+    assert received and "lm_head" in sub and "embed" not in sub
+    result = run(deployment, stage=1, schedule="partition-major", warmup=0, iters=1)
+    assert result.equivalent
+    assert any("seeded random inputs" in note for note in result.notes)
+    assert any(note.startswith("lm_head is tied to an embedding in another stage") for note in result.notes)
+
+
+def test_block_granularity_stage_runs():
+    deployment = _deployment("block", on_chip=2, device=0.8)
+    for stage in range(len(deployment.groups)):
+        assert run(deployment, stage=stage, schedule="partition-major", warmup=0, iters=1).equivalent
+
+
+def test_stage_is_required_and_checked(deployment):
+    with pytest.raises(InputError, match=r"^this is a two-level plan \(version 2\) of 2 stage\(s\): 0 \("):
+        run(deployment)
+    with pytest.raises(InputError, match=r"`stage` must be an integer in 0\.\.1 \(the plan has 2 stage\(s\)\), got 2"):
+        run(deployment, stage=2)
+    with pytest.raises(InputError, match="`stage` applies to a two-level plan"):
+        run(deployment.groups[0], stage=0)
+
+
+def test_a_forged_stage_is_rejected_before_anything_runs(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][1]["size"] += 1
+    with pytest.raises((PlanRejected, InputError)):
+        run(cachefit.result.read_plan(json.dumps(data)), stage=1)
+
+
+def test_cli_stage(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(path)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "pass" not in result.output and "with --stage I" in result.output
+    result = runner.invoke(main, ["run", str(path), "--stage", "1", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "tiny-gpt2 stage 1" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["equivalent"] is True
+    result = runner.invoke(main, ["run", str(path), "--stage", "7"])
+    assert result.exit_code == 2
+    assert "`stage` must be an integer in 0..1" in result.output
+
+
+def test_cli_stage_on_a_single_level_plan_is_refused(deployment, tmp_path):
+    path = tmp_path / "one.json"
+    deployment.groups[0].to_json(path)
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "0"])
+    assert result.exit_code == 2
+    assert "`--stage` applies to a two-level plan file (version 2)" in result.output
+
+
+# -- the estimate next to the measurement (issue 12 item 4) ---------------------------------------------
+
+
+def test_estimate_record_pairs_each_estimated_schedule_with_its_run():
+    from cachefit.devices import get_device
+    from cachefit.estimate import estimate
+    from cachefit.executor import linear_stack
+    from cachefit.executor.calibration import estimate_record, with_estimate
+
+    graph = linear_stack(4, 32, batch=4, seq_len=8, dtype="fp32")
+    plan = cachefit.plan(graph, "10KiB", chunk_fraction=0.25, solver="greedy")
+    assert plan.k >= 2
+    result = run(plan, micro_batches=4, schedule="all", warmup=0, iters=1)
+    figures = get_device("h100")
+    record = estimate_record(plan, result, figures)
+    assert set(record["schedules"]) == {"partition-major", "token-major", "batched"}  # eager is not estimated
+    predicted = estimate(plan, figures)
+    for name, row in record["schedules"].items():
+        assert row["estimate_ms"] == pytest.approx(predicted.schedule(name).time_s * 1e3)
+        assert row["measured_ms"] == result.schedule(name).ms_per_pass
+        assert row["error"] == pytest.approx((row["estimate_ms"] - row["measured_ms"]) / row["measured_ms"])
+    assert record["chunks"] == record["run_chunks"] == 4 and record["notes"] == []
+    assert json.loads(with_estimate(result, plan, figures).to_json())["estimate"]["schedules"].keys() == \
+        record["schedules"].keys()
+
+
+def test_estimate_record_says_when_the_run_differs_from_the_estimate(deployment):
+    from cachefit.devices import get_device
+    from cachefit.executor.calibration import estimate_record
+
+    plan = deployment.groups[1]
+    result = run(deployment, stage=1, micro_batches=2, schedule="partition-major", warmup=0, iters=1)
+    record = estimate_record(plan, result, get_device("h100"))
+    assert list(record["schedules"]) == ["partition-major"]
+    assert record["notes"] == [
+        "the estimate counts 1 chunk(s) per pass (the plan's chunk fraction), the run streamed 2",
+        "the estimate counts the graph's bf16 bytes, the run computed in float32"]
+
+
+def test_cli_json_carries_the_estimate(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "0", "--schedule", "partition-major",
+                                       "--passes", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "estimate (measured device, probed now): partition-major" in result.output
+    record = json.loads(out.read_text())["estimate"]
+    assert record["device"]["name"] == "measured" and list(record["schedules"]) == ["partition-major"]
+    assert record["schedules"]["partition-major"]["measured_ms"] > 0
+
+
+# -- cachefit pipeline on a two-level plan: its stage level ----------------------------------------------
+
+
+def test_cli_pipeline_runs_the_stage_level_of_a_two_level_plan(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2", "--iters", "1", "--warmup", "0",
+                                       "--timeout", "240"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("two-level plan: running its 2 stage(s) (the stage level, both levels "
+                                    "checked first); inside a stage each micro-batch runs the stage's nodes in order")
+    assert "PASS" in result.output
+
+
+def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][1]["plan"]["sizes"][0] += 1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2"])
+    assert result.exit_code == 1
+    assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 1 on chip:")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_run_stage_rejects_a_forged_two_level_plan(deployment, tmp_path):
+    data = json.loads(deployment.to_json())
+    data["stages"][0]["plan"]["sizes"][0] += 1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["run", str(path), "--stage", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 0 on chip:")
+
+
+def test_an_input_without_a_role_takes_the_role_left_over():
+    from cachefit.executor.nodes import order_inputs
+
+    roles = {"a": {"role": "v"}, "b": {}, "c": {"role": "q"}}
+    assert order_inputs("attn", {"op": "attention"}, ["a", "b", "c"], roles.__getitem__) == ["c", "b", "a"]
