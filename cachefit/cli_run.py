@@ -179,26 +179,30 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
     Progress (per schedule and pass) goes to stderr on a terminal; --quiet
     silences it.
     """
+    from .executor.verify import PlanRejected, verify_plan
+    from .progress import cli_reporter, reporting
+    from .units import format_bytes
+
+    # Input first, torch after: a bad file or a plan the checker rejects is answered without importing torch.
+    try:
+        plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
+                          dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
+                          micro_batches=micro_batches, tile=tile, stage=stage)
+        if plan.ok:
+            verify_plan(plan)
+    except PlanRejected as exc:  # a plan whose check fails: as `cachefit check`, exit 1
+        error_console.print(f"[bold red]plan rejected:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
+    if not plan.ok:
+        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
     try:
         import torch  # noqa: F401
     except ImportError:
         raise InputError("`cachefit run` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .executor import render
     from .executor import run as execute
-    from .executor.verify import PlanRejected
-    from .progress import cli_reporter, reporting
-    from .units import format_bytes
 
-    try:
-        plan = _load_plan(model, capacity=capacity, solver=solver, memory=memory, batch=batch, seq_len=seq_len,
-                          dtype=dtype, granularity=granularity, chunk_tokens=chunk_tokens,
-                          micro_batches=micro_batches, tile=tile, stage=stage)
-    except PlanRejected as exc:  # a two-level plan whose check fails: as `cachefit check`, exit 1
-        error_console.print(f"[bold red]plan rejected:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_NO_PLAN)
-    if not plan.ok:
-        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_NO_PLAN)
     exit_if_rejected(plan)
     console.print(f"plan: {plan.k} group(s) ({plan.solver}, {plan.status}) within "
                   f"{format_bytes(plan.capacity)}; running on {device}", highlight=False)

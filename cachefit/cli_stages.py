@@ -183,16 +183,17 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
     failed or the checks reject the plan, 2 bad input.  The stage processes
     end with this one, however it ends.
     """
+    plan = _stage_level(plan_file)  # the file first: bad input is answered without importing torch
+    if not plan.ok:
+        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_NO_PLAN)
     try:
         import torch  # noqa: F401
     except ImportError:
         raise InputError("`cachefit pipeline` needs PyTorch: pip install 'cachefit[torch]'") from None
     from .cli_run import exit_if_rejected
     from .executor.pipeline import run_pipeline, under_torchrun
-    plan = _stage_level(plan_file)
-    if not plan.ok:
-        error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_NO_PLAN)
+
     exit_if_rejected(plan)
     torchrun = under_torchrun()
     last = not torchrun or int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
