@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli_show import plot_option, print_advice, write_pictures
-from .clikit import EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, model_options, write_plan
+from .clikit import EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, model_options, print_table, write_plan
 from .errors import InputError
 from .progress import cli_reporter, reporting, task
 from .units import format_bytes, format_count
@@ -57,8 +57,9 @@ def print_plan(plan, *, max_rows=40):
 
     if plan.ok:
         table = Table(title=f"{plan.k} group(s), capacity {format_bytes(plan.capacity)}")
-        for column in ("group", "first .. last node", "nodes", "size", "% of capacity"):
-            table.add_column(column, justify="left" if column.startswith("first") else "right")
+        for column in ("group", "first .. last node", "nodes", "size", "% of capacity"):  # node names never wrap
+            table.add_column(column, justify="left" if column.startswith("first") else "right",
+                             no_wrap=column.startswith("first"))
         rows = list(enumerate(zip(plan.partitions, plan.sizes)))
         shown = rows if len(rows) <= max_rows else rows[: max_rows - 5] + [None] + rows[-5:]
         for row in shown:
@@ -69,7 +70,7 @@ def print_plan(plan, *, max_rows=40):
             span = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
             table.add_row(str(index), Text(span), str(len(group)), format_bytes(size),
                           f"{100 * size / plan.capacity:.1f}%")
-        console.print(table)
+        print_table(table)
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options, print_table
 from .errors import InputError
 from .units import format_bytes, format_count
 
@@ -93,7 +93,7 @@ def _group_table(result, max_rows):
     table = Table(title=f"per group and pass ({result.tokens_per_pass:,} tokens, {result.chunks} chunk(s))")
     for column in ("group", "dev", "pinned", "weights", "KV", "flops",
                    "part.-major HBM", "time", "token-major HBM", "time", "batched HBM", "time"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right")  # printed by print_table: numbers are never cut
     rows = list(result.groups)
     shown = rows if len(rows) <= max_rows else rows[: max_rows - 4] + [None] + rows[-3:]
     for group in shown:
@@ -113,8 +113,7 @@ def _schedule_table(result):
     table = Table(title=f"per pass on {result.devices} × {result.device.name} ({result.phase})")
     columns = ["schedule", "HBM bytes", "on-chip bytes", "flops", "launches", "time / pass", "bound", "tokens/s"]
     for column in columns + (["time / output token"] if decode else []):
-        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right",
-                         no_wrap=column == "schedule", min_width=15 if column == "schedule" else None)
+        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right")
     for item in result.schedules:
         row = [item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
                format_count(item.flops, "FLOP"), f"{item.launches:,}", _time(item.time_s), item.bound,
@@ -152,8 +151,8 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
 
     plan = _read_plan_or_deployment(plan_file)
     result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
-    console.print(_group_table(result, max_rows))
-    console.print(_schedule_table(result))
+    print_table(_group_table(result, max_rows))
+    print_table(_schedule_table(result))
     console.print("[bold]assumptions[/]")
     for note in result.assumptions:
         console.print(Text(f"  - {note}"), highlight=False)
@@ -216,7 +215,7 @@ def print_deployment(result):
         table.add_row(str(index), Text(f"{nodes[0]} .. {nodes[-1]}"), format_bytes(size), format_count(flops[index]),
                       str(sub.k) if sub else "-", str(sub.status) if sub else "-",
                       format_bytes(sub.bottleneck) if sub and sub.ok else "-")
-    console.print(table)
+    print_table(table)
     capacity = format_bytes(result.capacity) if result.capacity is not None else "?"
     console.print(f"stages: {result.stages.memory}, within {format_bytes(result.device_capacity)} each; "
                   f"on chip: {result.groups[0].memory if result.groups else '-'}, within {capacity}",

@@ -16,7 +16,7 @@ from rich.markup import escape
 from .errors import CachefitError, InputError
 
 __all__ = ["EXIT_OK", "EXIT_NO_PLAN", "EXIT_BAD_INPUT", "console", "error_console", "friendly", "model_options",
-           "OneLineGroup", "write_plan"]
+           "OneLineGroup", "write_plan", "print_table"]
 
 console = Console()
 error_console = Console(stderr=True)
@@ -69,6 +69,24 @@ class OneLineGroup(click.Group):
             error_console.print("aborted", highlight=False)
             sys.exit(EXIT_NO_PLAN)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def print_table(table):
+    """Print a rich table whose cells are never cut or wrapped (only its headers may wrap).
+
+    Every column is at least as wide as its widest cell; when that is wider
+    than the console (80 columns when piped), the table is printed at its
+    narrowest width rather than cut to "3,335…" or "block.2.f…".
+    """
+    for column in table.columns:
+        widest = max((console.measure(cell).maximum for cell in column.cells), default=0)
+        word = max(map(len, str(column.header).split()), default=0)
+        column.min_width = max(column.min_width or 0, widest, word)
+    narrowest = console.measure(table, options=console.options.update_width(10**4)).minimum
+    if narrowest > console.width:
+        console.print(table, width=narrowest, crop=False)
+    else:
+        console.print(table)
 
 
 def write_plan(plan, json_path):

@@ -1,0 +1,38 @@
+"""The CLI's shared options and output at 80 columns (issue 13 leftovers)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _cachefit(*args, columns=80):
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-m", "cachefit.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def gpt2_plan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("polish") / "g.json"
+    done = _cachefit("plan", "gpt2", "-c", "50MiB", "--granularity", "op", "--tile", "--chunk-tokens", "auto",
+                     "--json", str(path), "-q")
+    assert done.returncode == 0, done.stderr
+    return path, done.stdout
+
+
+class TestEightyColumns:
+    def test_plan_table_keeps_node_names_whole(self, gpt2_plan):
+        _, output = gpt2_plan
+        assert "│ block.0.mlp_norm .. block.3.attn_add │" in output
+        assert "…" not in output
+        assert max(map(len, output.splitlines())) <= 80
+
+    def test_estimate_piped_never_cuts_numbers(self, gpt2_plan):
+        path, _ = gpt2_plan
+        done = _cachefit("estimate", str(path), "--device", "h100")
+        assert done.returncode == 0, done.stderr
+        tables = done.stdout.split("assumptions")[0]
+        assert "…" not in tables
+        assert "part.-major" in tables and "tokens/s" in tables and "partition-major" in tables
