@@ -132,6 +132,20 @@ def _read_plan_or_deployment(path):
     return read_plan(Path(path))
 
 
+def _exit_if_check_fails(plan):
+    """Exit 1, one line per violation as `cachefit check` prints them, when `cachefit.check` rejects `plan`."""
+    from .checker import check
+
+    report = check(plan)
+    if report.ok:
+        return
+    console.print(f"[red]{len(report.violations)} violation(s)[/] (`cachefit check` rejects this plan; "
+                  "nothing is estimated):", highlight=False, soft_wrap=True)
+    for violation in report.violations:
+        console.print(Text(f"  - {violation}"), highlight=False, soft_wrap=True)
+    sys.exit(EXIT_NO_PLAN)
+
+
 @click.command("estimate")
 @click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", default="h100", show_default=True,
@@ -145,11 +159,15 @@ def _read_plan_or_deployment(path):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the estimate here.")
 @friendly
 def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_path):
-    """Predict the time of PLAN_FILE (a plan, or a two-level plan): partition-major, token-major, batched."""
+    """Predict the time of PLAN_FILE (a plan, or a two-level plan): partition-major, token-major, batched.
+
+    The plan is checked first (`cachefit check`): one that fails is refused, exit 1.
+    """
     from .estimate import estimate
     from .result import write_text_atomic
 
     plan = _read_plan_or_deployment(plan_file)
+    _exit_if_check_fails(plan)
     result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
     print_table(_group_table(result, max_rows))
     print_table(_schedule_table(result))

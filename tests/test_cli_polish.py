@@ -36,3 +36,40 @@ class TestEightyColumns:
         tables = done.stdout.split("assumptions")[0]
         assert "…" not in tables
         assert "part.-major" in tables and "tokens/s" in tables and "partition-major" in tables
+
+
+class TestEstimateChecksFirst:
+    @pytest.mark.parametrize("spoil", ["swap", "capacity", "drop"])
+    def test_refuses_a_plan_check_rejects(self, gpt2_plan, tmp_path, spoil):
+        import json
+
+        from click.testing import CliRunner
+
+        from cachefit.cli import main
+
+        path, _ = gpt2_plan
+        data = json.loads(path.read_text())
+        if spoil == "swap":
+            data["partitions"][0], data["partitions"][1] = data["partitions"][1], data["partitions"][0]
+        elif spoil == "capacity":
+            data["capacity"] = 10
+        else:
+            data["partitions"].pop()
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(data))
+        runner = CliRunner()
+        checked = runner.invoke(main, ["check", str(bad)])
+        estimated = runner.invoke(main, ["estimate", str(bad), "--device", "h100"])
+        assert checked.exit_code == 1 and estimated.exit_code == 1, estimated.output
+        assert "nothing is estimated" in estimated.output and "tokens/s" not in estimated.output
+        violations = [line for line in checked.output.splitlines() if line.startswith("  - ")]
+        assert violations and all(line in estimated.output for line in violations)
+
+    def test_accepts_a_plan_check_accepts(self, gpt2_plan):
+        from click.testing import CliRunner
+
+        from cachefit.cli import main
+
+        path, _ = gpt2_plan
+        result = CliRunner().invoke(main, ["estimate", str(path), "--device", "h100"])
+        assert result.exit_code == 0 and "tokens/s" in result.output
