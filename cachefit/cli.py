@@ -202,6 +202,9 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
     if tile or chunk_tokens is not None:
         console.print(f"tiling and chunk search took {result.stats['prepare_s'] * 1000:.1f} ms "
                       "(not in the solver time below)", highlight=False)
+    if result.ok:
+        from .cli_estimate import print_prefix_kv
+        print_prefix_kv(result, memory=memory)
     print_plan(result)
     if result.status == "INFEASIBLE":
         print_advice(click.get_current_context(), graph, result)

@@ -14,7 +14,7 @@ from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options, pri
 from .errors import InputError
 from .units import format_bytes, format_count
 
-__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_deployment", "COMMANDS"]
+__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_prefix_kv", "print_deployment", "COMMANDS"]
 
 
 def _size(num_bytes):
@@ -73,6 +73,10 @@ def print_kv(graph, model, *, memory=None):
                          "or an HF config.json")
     layers = [data["kv_bytes"] for _, data in graph.nodes(data=True) if data.get("kv_bytes")]
     per_layer = layers[0] if layers else 0
+    if not graph.graph.get("kv_bytes"):
+        console.print(f"KV cache ({graph.graph.get('phase', 'prefill')}, context {graph.graph['context']:,} "
+                      "tokens): empty, no token is cached", highlight=False, soft_wrap=True)
+        return
     console.print(f"KV cache ({graph.graph.get('phase', 'prefill')}, context {graph.graph['context']:,} tokens): "
                   f"per layer {graph.graph['kv_formula']} ({format_bytes(per_layer)}); "
                   f"{len(layers)} layers: {graph.graph['kv_bytes']:,} B ({format_bytes(graph.graph['kv_bytes'])})",
@@ -83,6 +87,32 @@ def print_kv(graph, model, *, memory=None):
         where = ("resident: in each group's size S(P), like its weights" if kv_placement(memory) == "resident"
                  else "streamed: not in S(P); read from off-chip memory at every step (`cachefit estimate` counts it)")
         console.print(f"KV cache {where} (memory model {memory})", highlight=False, soft_wrap=True)
+
+
+def print_prefix_kv(plan, *, memory):
+    """Print the chunked-prefill K/V term of `plan` when its chunks split sequences (nothing otherwise).
+
+    A chunk inside a sequence attends to the K/V of the chunks of that
+    sequence before it (`cachefit.graphs.kv.prefix_formula`); with `memory`
+    a ``+kv`` model it is in each attention node's size, else it is read
+    from off-chip memory and not in S(P).
+    """
+    from .graphs.kv import node_kv_bytes_per_token, prefix_formula, prefix_tokens
+    from .memory import kv_placement
+
+    graph = plan.graph
+    if graph is None or plan.chunk_fraction >= 1 or graph.graph.get("phase", "prefill") != "prefill":
+        return
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch", 1)
+    per_token = node_kv_bytes_per_token(graph) if seq_len else {}
+    if not per_token or not prefix_tokens(seq_len, batch, plan.chunk_fraction):
+        return
+    largest = max(per_token.values())
+    where = ("resident: in each attention node's size S(P)" if kv_placement(memory) == "resident"
+             else "streamed: not in S(P), read from off-chip memory (--kv resident counts it on chip)")
+    console.print(f"K/V of the earlier chunks, per attention node ({len(per_token)}): "
+                  f"{prefix_formula(largest, seq_len, batch, plan.chunk_fraction)}; {where}",
+                  highlight=False, soft_wrap=True)
 
 
 def _time(seconds):

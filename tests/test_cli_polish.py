@@ -26,8 +26,9 @@ class TestEightyColumns:
     def test_plan_table_keeps_node_names_whole(self, gpt2_plan):
         _, output = gpt2_plan
         assert "│ block.0.mlp_norm .. block.3.attn_add │" in output
-        assert "…" not in output
-        assert max(map(len, output.splitlines())) <= 80
+        table = [line for line in output.splitlines() if line[:1] in "┏┃┡│└"]
+        assert table and "…" not in "".join(table)
+        assert max(map(len, table)) <= 80
 
     def test_estimate_piped_never_cuts_numbers(self, gpt2_plan):
         path, _ = gpt2_plan
@@ -73,3 +74,27 @@ class TestEstimateChecksFirst:
         path, _ = gpt2_plan
         result = CliRunner().invoke(main, ["estimate", str(path), "--device", "h100"])
         assert result.exit_code == 0 and "tokens/s" in result.output
+
+
+class TestKvLines:
+    def _plan(self, *args):
+        from click.testing import CliRunner
+
+        from cachefit.cli import main
+
+        return CliRunner().invoke(main, ["plan", "gpt2", "-c", "50MiB", "-q", *args])
+
+    def test_chunked_prefill_prints_its_kv_term(self):
+        result = self._plan("--granularity", "op", "--tile", "--chunk-tokens", "auto")
+        assert result.exit_code == 0
+        assert ("K/V of the earlier chunks, per attention node (12): 3,072 B/token × 960 tokens before the last "
+                "64-token chunk of 1,024 = 2,949,120 B; streamed: not in S(P)") in result.output
+
+    def test_whole_sequences_print_no_kv_term(self):
+        result = self._plan("--granularity", "op", "--tile", "--chunk-tokens", "1024")
+        assert "K/V of the earlier chunks" not in result.output
+
+    def test_empty_decode_context_says_so(self):
+        result = self._plan("--phase", "decode", "--context", "0")
+        assert "KV cache (decode, context 0 tokens): empty, no token is cached" in result.output
+        assert "× 0 tokens" not in result.output and "0 layers" not in result.output
