@@ -216,19 +216,17 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
 @click.option("--device-capacity", required=True, help="Memory of one device: bytes or a name (h100-hbm, ...).")
 @click.option("--capacity", "-c", required=True, help="On-chip capacity of every group: bytes or a name (h100-l2, ...).")
 @click.option("--reserve", default="0", show_default=True, help="Bytes kept free on every device.")
-@model_options
-@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]))
-@click.option("--context", type=int, default=None, help="Tokens already in the KV cache (decode default: --seq-len).")
-@click.option("--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
-              help="KV cache in each on-chip group's size, or read from device memory (stages always count it).")
+@model_options(decode=True, kv=True, chunk_tokens="auto")
 @click.option("--tile", is_flag=True, default=False, help="Tile nodes too large for the on-chip capacity.")
-@click.option("--chunk-tokens", default=None, metavar="N|auto", help="Tokens per streaming pass inside each stage.")
 @click.option("--solver", default="auto", show_default=True, help="Solver of the on-chip level.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the deployment here.")
 @friendly
 def deploy_command(model, devices, device_capacity, capacity, reserve, batch, seq_len, dtype, granularity, phase,
                    context, kv, tile, chunk_tokens, solver, json_path):
     """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels.
+
+    --kv applies to the on-chip groups: the stages always count the K/V cache
+    (it lives in device memory).
 
     The same as `cachefit plan MODEL --devices N --device-capacity C --capacity C2 --kv ...`.
     """

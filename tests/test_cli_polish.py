@@ -98,3 +98,47 @@ class TestKvLines:
         result = self._plan("--phase", "decode", "--context", "0")
         assert "KV cache (decode, context 0 tokens): empty, no token is cached" in result.output
         assert "× 0 tokens" not in result.output and "0 layers" not in result.output
+
+
+class TestSharedModelOptions:
+    """Every command that takes a MODEL has the same model options, defaults and help."""
+
+    COMMANDS = ("plan", "run", "stages", "deploy")
+
+    def _params(self, name):
+        from cachefit.cli import main
+
+        return {param.name: param for param in main.commands[name].params}
+
+    def test_same_options_and_defaults(self):
+        shared = ("batch", "seq_len", "dtype", "granularity")
+        reference = self._params("plan")
+        for name in self.COMMANDS:
+            params = self._params(name)
+            for option in shared:
+                assert params[option].default == reference[option].default or (name, option) == ("run", "granularity")
+                assert params[option].help.startswith(reference[option].help.split(" Default ")[0])
+
+    def test_a_different_default_says_why(self):
+        params = self._params("run")
+        assert params["granularity"].default == "op" and "Default op, not plan's block" in params["granularity"].help
+        assert params["solver"].default == "greedy" and "not plan's auto" in params["solver"].help
+
+    def test_decode_and_kv_options_are_the_same_in_plan_and_deploy(self):
+        plan, deploy = self._params("plan"), self._params("deploy")
+        for option in ("phase", "context", "kv", "chunk_tokens"):
+            assert (plan[option].default, plan[option].help) == (deploy[option].default, deploy[option].help)
+
+    def test_memory_offers_kv_where_there_is_no_kv_option(self):
+        for name in self.COMMANDS:
+            params = self._params(name)
+            choices = set(getattr(params["memory"].type, "choices", ())) if "memory" in params else None
+            if choices is not None and "kv" not in params:
+                assert {"liveness+kv", "additive+kv"} <= choices or name == "stages", name
+
+    def test_run_plans_a_model_with_a_kv_memory_model(self):
+        from cachefit import cli_run
+
+        plan = cli_run._load_plan("gpt2", capacity="100MiB", solver="greedy", memory="liveness+kv", batch=1,
+                                  seq_len=64, dtype="bf16", granularity="op", chunk_tokens=16, micro_batches=None)
+        assert plan.ok and plan.memory == "liveness+kv"
