@@ -142,3 +142,27 @@ class TestSharedModelOptions:
         plan = cli_run._load_plan("gpt2", capacity="100MiB", solver="greedy", memory="liveness+kv", batch=1,
                                   seq_len=64, dtype="bf16", granularity="op", chunk_tokens=16, micro_batches=None)
         assert plan.ok and plan.memory == "liveness+kv"
+
+
+class TestCpsatProgress:
+    def test_build_and_solve_phases_are_reported(self):
+        import cachefit
+        from cachefit.progress import Reporter, reporting
+
+        class Recorder(Reporter):
+            def __init__(self):
+                self.names = []
+
+            def start(self, name, total=None):
+                self.names.append(name)
+                return len(self.names)
+
+        graph = cachefit.instances.load("gpt2")
+        recorder = Recorder()
+        with reporting(recorder):
+            result = cachefit.plan(graph, "100MiB", solver="cpsat", time_limit_s=20)
+        assert result.ok
+        assert "CP-SAT phase2: building a 4-group model" in recorder.names  # k = 4 meets the bound: no phase 1
+        assert any(name.startswith("CP-SAT phase2: solving (limit ") for name in recorder.names)
+        plain = cachefit.plan(graph, "100MiB", solver="cpsat", time_limit_s=20)  # no reporter: same plan
+        assert plain.partitions == result.partitions
