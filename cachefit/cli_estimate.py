@@ -119,39 +119,47 @@ def _time(seconds):
     return f"{seconds * 1e6:,.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:,.3f} ms"
 
 
-def _group_table(result, max_rows):
-    table = Table(title=f"per group and pass ({result.tokens_per_pass:,} tokens, {result.chunks} chunk(s))")
-    for column in ("group", "dev", "pinned", "weights", "KV", "flops",
-                   "part.-major HBM", "time", "token-major HBM", "time", "batched HBM", "time"):
-        table.add_column(column, justify="right")  # printed by print_table: numbers are never cut
+def _group_tables(result, max_rows):
+    """Per group and pass, stacked to fit 80 columns: what each group holds, then HBM bytes and time per schedule."""
+    title = f"per group and pass ({result.tokens_per_pass:,} tokens, {result.chunks} chunk(s))"
+    held = Table(title=title)
+    for column in ("group", "device", "pinned", "weights", "KV", "flops"):
+        held.add_column(column, justify="right")
+    traffic = Table(title=f"HBM bytes and time per group and pass ({result.device.name})")
+    for column in ("group", "partition-major", "token-major", "batched"):
+        traffic.add_column(column, justify="right")
     rows = list(result.groups)
     shown = rows if len(rows) <= max_rows else rows[: max_rows - 4] + [None] + rows[-3:]
     for group in shown:
         if group is None:
-            table.add_row("…", *[""] * 11)
+            held.add_row("…", *[""] * 5)
+            traffic.add_row("…", *[""] * 3)
             continue
-        cells = [str(group.index), str(group.device), "yes" if group.pinned else "no",
-                 format_bytes(group.weight_bytes), format_bytes(group.kv_bytes), format_count(group.flops)]
-        for traffic in (group.partition_major, group.token_major, group.batched):
-            cells += [format_bytes(traffic.hbm_bytes), _time(traffic.time_s)]
-        table.add_row(*cells)
-    return table
+        held.add_row(str(group.index), str(group.device), "yes" if group.pinned else "no",
+                     format_bytes(group.weight_bytes), format_bytes(group.kv_bytes), format_count(group.flops))
+        traffic.add_row(str(group.index), *(f"{format_bytes(item.hbm_bytes)}, {_time(item.time_s)}"
+                                            for item in (group.partition_major, group.token_major, group.batched)))
+    return held, traffic
 
 
-def _schedule_table(result):
+def _schedule_tables(result):
+    """Per pass and schedule, stacked to fit 80 columns: bytes, flops and launches, then time and throughput."""
     decode = result.phase == "decode"
-    table = Table(title=f"per pass on {result.devices} × {result.device.name} ({result.phase})")
-    columns = ["schedule", "HBM bytes", "on-chip bytes", "flops", "launches", "time / pass", "bound", "tokens/s"]
-    for column in columns + (["time / output token"] if decode else []):
-        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right")
+    where = f"{result.devices} × {result.device.name} ({result.phase})"
+    work = Table(title=f"per pass on {where}: traffic and work")
+    for column in ("schedule", "HBM bytes", "on-chip bytes", "flops", "launches"):
+        work.add_column(column, justify="left" if column == "schedule" else "right")
+    speed = Table(title=f"per pass on {where}: time")
+    for column in ["schedule", "time / pass", "bound", "tokens/s"] + (["time / output token"] if decode else []):
+        speed.add_column(column, justify="left" if column in ("schedule", "bound") else "right")
     for item in result.schedules:
-        row = [item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
-               format_count(item.flops, "FLOP"), f"{item.launches:,}", _time(item.time_s), item.bound,
-               f"{item.tokens_per_s:,.0f}"]
+        work.add_row(item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
+                     format_count(item.flops, "FLOP"), f"{item.launches:,}")
+        row = [item.schedule, _time(item.time_s), item.bound, f"{item.tokens_per_s:,.0f}"]
         if decode:
             row.append(_time(item.time_per_output_token_s))
-        table.add_row(*row)
-    return table
+        speed.add_row(*row)
+    return work, speed
 
 
 def _read_plan_or_deployment(path):
@@ -199,8 +207,10 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
     plan = _read_plan_or_deployment(plan_file)
     _exit_if_check_fails(plan)
     result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
-    print_table(_group_table(result, max_rows))
-    print_table(_schedule_table(result))
+    for table in _group_tables(result, max_rows):
+        print_table(table)
+    for table in _schedule_tables(result):
+        print_table(table)
     console.print("[bold]assumptions[/]")
     for note in result.assumptions:
         console.print(Text(f"  - {note}"), highlight=False)
