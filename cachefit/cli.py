@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli_show import plot_option, print_advice, write_pictures
-from .clikit import (EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, memory_option, model_options,
-                     print_table, stream_options, write_plan)
+from .clikit import (EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, kv_default, memory_option,
+                     model_options, print_table, stream_options, write_plan)
 from .errors import InputError
 from .progress import cli_reporter, reporting, task
 from .units import format_bytes, format_count
@@ -124,7 +124,7 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv="streamed",
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv=None,
                  devices=None, device_capacity=None, reserve="0"):
     """Plan MODEL for a capacity.
 
@@ -143,7 +143,7 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     """
     from .memory import with_kv
 
-    memory = with_kv(memory, kv)
+    memory = with_kv(memory, kv_default(kv, model))
     two_level = {"devices": devices, "device_capacity": device_capacity, "reserve": reserve}
     with reporting(cli_reporter(quiet)):
         _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,

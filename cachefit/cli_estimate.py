@@ -10,11 +10,12 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options, print_table
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, kv_default, model_options, print_table
 from .errors import InputError
 from .units import format_bytes, format_count
 
-__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_prefix_kv", "print_deployment", "COMMANDS"]
+__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_prefix_kv", "print_deployment",
+           "COMMANDS"]
 
 
 def _size(num_bytes):
@@ -243,6 +244,7 @@ def deploy_command(model, devices, device_capacity, capacity, reserve, batch, se
     from .deploy import deploy
     from .loading import load_model
 
+    kv = kv_default(kv, model)
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, phase=phase,
                        context=context)
     if phase != "prefill" or context:

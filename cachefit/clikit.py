@@ -16,7 +16,8 @@ from rich.markup import escape
 from .errors import CachefitError, InputError
 
 __all__ = ["EXIT_OK", "EXIT_NO_PLAN", "EXIT_BAD_INPUT", "console", "error_console", "friendly", "model_options",
-           "memory_option", "stream_options", "OneLineGroup", "write_plan", "print_table", "DTYPES", "MEMORY_MODELS", "MEMORY_MODELS_KV"]
+           "memory_option", "stream_options", "kv_default", "OneLineGroup", "write_plan", "print_table", "DTYPES",
+           "MEMORY_MODELS", "MEMORY_MODELS_KV"]
 
 console = Console()
 error_console = Console(stderr=True)
@@ -169,9 +170,10 @@ def _stream_list(decode, kv, chunk_tokens):
         ]
     if kv:
         options.append(click.option(
-            "--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
+            "--kv", default=None, type=click.Choice(["streamed", "resident"]),
             help="K/V cache (decode context, earlier chunks of a sequence) in each group's size (resident: memory "
-                 "model NAME+kv) or read from off-chip memory (streamed)."))
+                 "model NAME+kv) or read from off-chip memory (streamed).  Default: a plan file's choice, else "
+                 "streamed."))
     if chunk_tokens == "auto":
         options.append(click.option(
             "--chunk-tokens", default=None, metavar="N|auto",
@@ -183,6 +185,25 @@ def _stream_list(decode, kv, chunk_tokens):
             help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); a chunk smaller "
                  "than seq_len attends to the K/V of its sequence's earlier chunks."))
     return options
+
+
+def kv_default(kv, model):
+    """`kv` when given, else what MODEL records if it is a plan file planned with a ``+kv`` model
+    ("resident"), else "streamed" (so re-planning a plan file keeps where its K/V cache lives)."""
+    if kv is not None:
+        return kv
+    from pathlib import Path
+
+    from .limits import read_json_file
+    from .result import PLAN_FORMAT
+
+    path = Path(model)
+    try:
+        data = read_json_file(path, what="`MODEL`") if path.suffix == ".json" and path.is_file() else None
+    except (CachefitError, OSError):
+        data = None  # not a plan file: the loader says what is wrong with it
+    memory = data.get("memory") if isinstance(data, dict) and data.get("format") == PLAN_FORMAT else None
+    return "resident" if isinstance(memory, str) and memory.endswith("+kv") else "streamed"
 
 
 def memory_option(*, plus_kv=False, why=None):

@@ -168,3 +168,33 @@ class TestCpsatProgress:
         assert any(name.startswith("CP-SAT phase2: solving (limit ") for name in recorder.names)
         plain = cachefit.plan(graph, "100MiB", solver="cpsat", time_limit_s=20)  # no reporter: same plan
         assert plain.partitions == result.partitions
+
+
+class TestKvDefault:
+    def test_replanning_a_resident_plan_keeps_its_kv(self, tmp_path):
+        import json
+
+        from click.testing import CliRunner
+
+        from cachefit.cli import main
+
+        runner = CliRunner()
+        path = tmp_path / "kvr.json"
+        first = runner.invoke(main, ["plan", "llama-3.1-8b", "-c", "20GB", "--phase", "decode", "--kv", "resident",
+                                     "--solver", "dp", "--json", str(path), "-q"])
+        assert first.exit_code == 0, first.output
+        assert json.loads(path.read_text())["memory"] == "liveness+kv"
+        again = tmp_path / "again.json"
+        replanned = runner.invoke(main, ["plan", str(path), "-c", "20GB", "--solver", "dp", "--json", str(again),
+                                         "-q"])
+        assert replanned.exit_code == 0, replanned.output
+        assert json.loads(again.read_text())["memory"] == "liveness+kv"
+        streamed = tmp_path / "streamed.json"
+        runner.invoke(main, ["plan", str(path), "-c", "20GB", "--solver", "dp", "--kv", "streamed",
+                             "--json", str(streamed), "-q"])
+        assert json.loads(streamed.read_text())["memory"] == "liveness"
+
+    def test_a_model_defaults_to_streamed(self):
+        from cachefit.clikit import kv_default
+
+        assert kv_default(None, "gpt2") == "streamed" and kv_default("resident", "gpt2") == "resident"
