@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli_show import plot_option, print_advice, write_pictures
-from .clikit import EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, model_options, write_plan
+from .clikit import (EXIT_NO_PLAN, EXIT_OK, OneLineGroup, console, friendly, kv_default, memory_option,
+                     model_options, print_table, stream_options, write_plan)
 from .errors import InputError
 from .progress import cli_reporter, reporting, task
 from .units import format_bytes, format_count
@@ -57,8 +58,9 @@ def print_plan(plan, *, max_rows=40):
 
     if plan.ok:
         table = Table(title=f"{plan.k} group(s), capacity {format_bytes(plan.capacity)}")
-        for column in ("group", "first .. last node", "nodes", "size", "% of capacity"):
-            table.add_column(column, justify="left" if column.startswith("first") else "right")
+        for column in ("group", "first .. last node", "nodes", "size", "% of capacity"):  # node names never wrap
+            table.add_column(column, justify="left" if column.startswith("first") else "right",
+                             no_wrap=column.startswith("first"))
         rows = list(enumerate(zip(plan.partitions, plan.sizes)))
         shown = rows if len(rows) <= max_rows else rows[: max_rows - 5] + [None] + rows[-5:]
         for row in shown:
@@ -69,7 +71,7 @@ def print_plan(plan, *, max_rows=40):
             span = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
             table.add_row(str(index), Text(span), str(len(group)), format_bytes(size),
                           f"{100 * size / plan.capacity:.1f}%")
-        console.print(table)
+        print_table(table)
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
@@ -98,13 +100,13 @@ def print_plan(plan, *, max_rows=40):
               help="Bytes ('50MiB', '50MB', 4096) or a device: h100-l2, h200-l2, a100-l2, h100-hbm, ...")
 @click.option("--solver", default="auto", show_default=True,
               help="A registered solver (see `cachefit solvers`), or 'all' to run every one side by side.")
-@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
+@memory_option()
 @click.option("--chunk-fraction", type=float, default=1.0, show_default=True,
               help="Fraction of the activations resident at once (liveness model).")
 @model_options
 @click.option("--k", "k", type=int, default=None, help="Exactly k groups, balanced (default: the fewest).")
 @click.option("--dims", default=None, metavar="NAME=N,...",
-              help="Sizes of an ONNX file's dynamic dimensions, e.g. 'batch=1,seq=128'.")
+              help="Sizes of an ONNX file's dynamic dimensions, e.g. --dims batch=1,seq=128.")
 @click.option("--balance", default="memory", show_default=True, type=click.Choice(["memory", "flops"]),
               help="Once k is fixed, minimise the largest group's bytes or its flops (groups still fit in bytes).")
 @click.option("--time-limit", type=float, default=None, help="Seconds for solvers that search.")
@@ -112,15 +114,7 @@ def print_plan(plan, *, max_rows=40):
               help="Write the plan (self-contained JSON) here.")
 @click.option("--tile", is_flag=True, default=False,
               help="Split layers too large for the capacity into tiles that fit (matmul-like ops).")
-@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]),
-              help="decode: one generation step, BATCH new tokens attending to --context cached tokens.")
-@click.option("--context", type=int, default=None,
-              help="Tokens already in the KV cache (decode default: --seq-len); sets kv_bytes per attention layer.")
-@click.option("--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
-              help="KV cache in each group's size (resident: memory model NAME+kv) or read from HBM (streamed).")
-@click.option("--chunk-tokens", default=None, metavar="N|auto",
-              help="Tokens per streaming pass (sets the chunk fraction from batch × seq_len); "
-                   "'auto' picks the largest chunk among those giving the fewest groups.")
+@stream_options(decode=True, kv=True, chunk_tokens="auto")
 @click.option("--devices", type=int, default=None,
               help="Two levels: pipeline stages across N devices (KV counted, balanced by flops), "
                    "the fewest on-chip groups of --capacity inside each; needs --device-capacity.")
@@ -130,7 +124,7 @@ def print_plan(plan, *, max_rows=40):
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines (they go to stderr on a terminal).")
 @friendly
 def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims, balance,
-                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv="streamed",
+                 time_limit, json_path, tile, chunk_tokens, plot, dot, quiet, phase, context, kv=None,
                  devices=None, device_capacity=None, reserve="0"):
     """Plan MODEL for a capacity.
 
@@ -149,7 +143,7 @@ def plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len
     """
     from .memory import with_kv
 
-    memory = with_kv(memory, kv)
+    memory = with_kv(memory, kv_default(kv, model))
     two_level = {"devices": devices, "device_capacity": device_capacity, "reserve": reserve}
     with reporting(cli_reporter(quiet)):
         _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_len, dtype, granularity, k, dims,
@@ -201,6 +195,9 @@ def _plan_command(model, capacity, solver, memory, chunk_fraction, batch, seq_le
     if tile or chunk_tokens is not None:
         console.print(f"tiling and chunk search took {result.stats['prepare_s'] * 1000:.1f} ms "
                       "(not in the solver time below)", highlight=False)
+    if result.ok:
+        from .cli_estimate import print_prefix_kv
+        print_prefix_kv(result, memory=memory)
     print_plan(result)
     if result.status == "INFEASIBLE":
         print_advice(click.get_current_context(), graph, result)

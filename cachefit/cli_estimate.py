@@ -10,11 +10,12 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, model_options
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, kv_default, model_options, print_table
 from .errors import InputError
 from .units import format_bytes, format_count
 
-__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_deployment", "COMMANDS"]
+__all__ = ["devices_command", "estimate_command", "deploy_command", "print_kv", "print_prefix_kv", "print_deployment",
+           "COMMANDS"]
 
 
 def _size(num_bytes):
@@ -73,6 +74,10 @@ def print_kv(graph, model, *, memory=None):
                          "or an HF config.json")
     layers = [data["kv_bytes"] for _, data in graph.nodes(data=True) if data.get("kv_bytes")]
     per_layer = layers[0] if layers else 0
+    if not graph.graph.get("kv_bytes"):
+        console.print(f"KV cache ({graph.graph.get('phase', 'prefill')}, context {graph.graph['context']:,} "
+                      "tokens): empty, no token is cached", highlight=False, soft_wrap=True)
+        return
     console.print(f"KV cache ({graph.graph.get('phase', 'prefill')}, context {graph.graph['context']:,} tokens): "
                   f"per layer {graph.graph['kv_formula']} ({format_bytes(per_layer)}); "
                   f"{len(layers)} layers: {graph.graph['kv_bytes']:,} B ({format_bytes(graph.graph['kv_bytes'])})",
@@ -85,44 +90,77 @@ def print_kv(graph, model, *, memory=None):
         console.print(f"KV cache {where} (memory model {memory})", highlight=False, soft_wrap=True)
 
 
+def print_prefix_kv(plan, *, memory):
+    """Print the chunked-prefill K/V term of `plan` when its chunks split sequences (nothing otherwise).
+
+    A chunk inside a sequence attends to the K/V of the chunks of that
+    sequence before it (`cachefit.graphs.kv.prefix_formula`); with `memory`
+    a ``+kv`` model it is in each attention node's size, else it is read
+    from off-chip memory and not in S(P).
+    """
+    from .graphs.kv import node_kv_bytes_per_token, prefix_formula, prefix_tokens
+    from .memory import kv_placement
+
+    graph = plan.graph
+    if graph is None or plan.chunk_fraction >= 1 or graph.graph.get("phase", "prefill") != "prefill":
+        return
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch", 1)
+    per_token = node_kv_bytes_per_token(graph) if seq_len else {}
+    if not per_token or not prefix_tokens(seq_len, batch, plan.chunk_fraction):
+        return
+    largest = max(per_token.values())
+    where = ("resident: in each attention node's size S(P)" if kv_placement(memory) == "resident"
+             else "streamed: not in S(P), read from off-chip memory (--kv resident counts it on chip)")
+    console.print(f"K/V of the earlier chunks, per attention node ({len(per_token)}): "
+                  f"{prefix_formula(largest, seq_len, batch, plan.chunk_fraction)}; {where}",
+                  highlight=False, soft_wrap=True)
+
+
 def _time(seconds):
     return f"{seconds * 1e6:,.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:,.3f} ms"
 
 
-def _group_table(result, max_rows):
-    table = Table(title=f"per group and pass ({result.tokens_per_pass:,} tokens, {result.chunks} chunk(s))")
-    for column in ("group", "dev", "pinned", "weights", "KV", "flops",
-                   "part.-major HBM", "time", "token-major HBM", "time", "batched HBM", "time"):
-        table.add_column(column, justify="right")
+def _group_tables(result, max_rows):
+    """Per group and pass, stacked to fit 80 columns: what each group holds, then HBM bytes and time per schedule."""
+    title = f"per group and pass ({result.tokens_per_pass:,} tokens, {result.chunks} chunk(s))"
+    held = Table(title=title)
+    for column in ("group", "device", "pinned", "weights", "KV", "flops"):
+        held.add_column(column, justify="right")
+    traffic = Table(title=f"HBM bytes and time per group and pass ({result.device.name})")
+    for column in ("group", "partition-major", "token-major", "batched"):
+        traffic.add_column(column, justify="right")
     rows = list(result.groups)
     shown = rows if len(rows) <= max_rows else rows[: max_rows - 4] + [None] + rows[-3:]
     for group in shown:
         if group is None:
-            table.add_row("…", *[""] * 11)
+            held.add_row("…", *[""] * 5)
+            traffic.add_row("…", *[""] * 3)
             continue
-        cells = [str(group.index), str(group.device), "yes" if group.pinned else "no",
-                 format_bytes(group.weight_bytes), format_bytes(group.kv_bytes), format_count(group.flops)]
-        for traffic in (group.partition_major, group.token_major, group.batched):
-            cells += [format_bytes(traffic.hbm_bytes), _time(traffic.time_s)]
-        table.add_row(*cells)
-    return table
+        held.add_row(str(group.index), str(group.device), "yes" if group.pinned else "no",
+                     format_bytes(group.weight_bytes), format_bytes(group.kv_bytes), format_count(group.flops))
+        traffic.add_row(str(group.index), *(f"{format_bytes(item.hbm_bytes)}, {_time(item.time_s)}"
+                                            for item in (group.partition_major, group.token_major, group.batched)))
+    return held, traffic
 
 
-def _schedule_table(result):
+def _schedule_tables(result):
+    """Per pass and schedule, stacked to fit 80 columns: bytes, flops and launches, then time and throughput."""
     decode = result.phase == "decode"
-    table = Table(title=f"per pass on {result.devices} × {result.device.name} ({result.phase})")
-    columns = ["schedule", "HBM bytes", "on-chip bytes", "flops", "launches", "time / pass", "bound", "tokens/s"]
-    for column in columns + (["time / output token"] if decode else []):
-        table.add_column(column, justify="left" if column in ("schedule", "bound") else "right",
-                         no_wrap=column == "schedule", min_width=15 if column == "schedule" else None)
+    where = f"{result.devices} × {result.device.name} ({result.phase})"
+    work = Table(title=f"per pass on {where}: traffic and work")
+    for column in ("schedule", "HBM bytes", "on-chip bytes", "flops", "launches"):
+        work.add_column(column, justify="left" if column == "schedule" else "right")
+    speed = Table(title=f"per pass on {where}: time")
+    for column in ["schedule", "time / pass", "bound", "tokens/s"] + (["time / output token"] if decode else []):
+        speed.add_column(column, justify="left" if column in ("schedule", "bound") else "right")
     for item in result.schedules:
-        row = [item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
-               format_count(item.flops, "FLOP"), f"{item.launches:,}", _time(item.time_s), item.bound,
-               f"{item.tokens_per_s:,.0f}"]
+        work.add_row(item.schedule, format_bytes(item.hbm_bytes), format_bytes(item.on_chip_bytes),
+                     format_count(item.flops, "FLOP"), f"{item.launches:,}")
+        row = [item.schedule, _time(item.time_s), item.bound, f"{item.tokens_per_s:,.0f}"]
         if decode:
             row.append(_time(item.time_per_output_token_s))
-        table.add_row(*row)
-    return table
+        speed.add_row(*row)
+    return work, speed
 
 
 def _read_plan_or_deployment(path):
@@ -131,6 +169,20 @@ def _read_plan_or_deployment(path):
     from .result import read_plan
 
     return read_plan(Path(path))
+
+
+def _exit_if_check_fails(plan):
+    """Exit 1, one line per violation as `cachefit check` prints them, when `cachefit.check` rejects `plan`."""
+    from .checker import check
+
+    report = check(plan)
+    if report.ok:
+        return
+    console.print(f"[red]{len(report.violations)} violation(s)[/] (`cachefit check` rejects this plan; "
+                  "nothing is estimated):", highlight=False, soft_wrap=True)
+    for violation in report.violations:
+        console.print(Text(f"  - {violation}"), highlight=False, soft_wrap=True)
+    sys.exit(EXIT_NO_PLAN)
 
 
 @click.command("estimate")
@@ -146,14 +198,20 @@ def _read_plan_or_deployment(path):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the estimate here.")
 @friendly
 def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_path):
-    """Predict the time of PLAN_FILE (a plan, or a two-level plan): partition-major, token-major, batched."""
+    """Predict the time of PLAN_FILE (a plan, or a two-level plan): partition-major, token-major, batched.
+
+    The plan is checked first (`cachefit check`): one that fails is refused, exit 1.
+    """
     from .estimate import estimate
     from .result import write_text_atomic
 
     plan = _read_plan_or_deployment(plan_file)
+    _exit_if_check_fails(plan)
     result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)
-    console.print(_group_table(result, max_rows))
-    console.print(_schedule_table(result))
+    for table in _group_tables(result, max_rows):
+        print_table(table)
+    for table in _schedule_tables(result):
+        print_table(table)
     console.print("[bold]assumptions[/]")
     for note in result.assumptions:
         console.print(Text(f"  - {note}"), highlight=False)
@@ -169,13 +227,8 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
 @click.option("--device-capacity", required=True, help="Memory of one device: bytes or a name (h100-hbm, ...).")
 @click.option("--capacity", "-c", required=True, help="On-chip capacity of every group: bytes or a name (h100-l2, ...).")
 @click.option("--reserve", default="0", show_default=True, help="Bytes kept free on every device.")
-@model_options
-@click.option("--phase", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]))
-@click.option("--context", type=int, default=None, help="Tokens already in the KV cache (decode default: --seq-len).")
-@click.option("--kv", default="streamed", show_default=True, type=click.Choice(["streamed", "resident"]),
-              help="KV cache in each on-chip group's size, or read from device memory (stages always count it).")
+@model_options(decode=True, kv=True, chunk_tokens="auto")
 @click.option("--tile", is_flag=True, default=False, help="Tile nodes too large for the on-chip capacity.")
-@click.option("--chunk-tokens", default=None, metavar="N|auto", help="Tokens per streaming pass inside each stage.")
 @click.option("--solver", default="auto", show_default=True, help="Solver of the on-chip level.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the deployment here.")
 @friendly
@@ -183,11 +236,15 @@ def deploy_command(model, devices, device_capacity, capacity, reserve, batch, se
                    context, kv, tile, chunk_tokens, solver, json_path):
     """Plan MODEL on DEVICES devices (stages) with on-chip groups inside each, and check both levels.
 
+    --kv applies to the on-chip groups: the stages always count the K/V cache
+    (it lives in device memory).
+
     The same as `cachefit plan MODEL --devices N --device-capacity C --capacity C2 --kv ...`.
     """
     from .deploy import deploy
     from .loading import load_model
 
+    kv = kv_default(kv, model)
     graph = load_model(model, batch=batch, seq_len=seq_len, dtype=dtype, granularity=granularity, phase=phase,
                        context=context)
     if phase != "prefill" or context:
@@ -216,7 +273,7 @@ def print_deployment(result):
         table.add_row(str(index), Text(f"{nodes[0]} .. {nodes[-1]}"), format_bytes(size), format_count(flops[index]),
                       str(sub.k) if sub else "-", str(sub.status) if sub else "-",
                       format_bytes(sub.bottleneck) if sub and sub.ok else "-")
-    console.print(table)
+    print_table(table)
     capacity = format_bytes(result.capacity) if result.capacity is not None else "?"
     console.print(f"stages: {result.stages.memory}, within {format_bytes(result.device_capacity)} each; "
                   f"on chip: {result.groups[0].memory if result.groups else '-'}, within {capacity}",

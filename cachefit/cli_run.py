@@ -11,7 +11,7 @@ import sys
 import click
 from rich.markup import escape
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options
 from .errors import InputError
 from .executor.schedules import SCHEDULES
 
@@ -128,8 +128,6 @@ def _run_defaults(device, schedule, warmup, iters):
 @click.command("run")
 @click.argument("model")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--chunk-tokens", type=int, default=None,
-              help="Tokens per chunk (a multiple of seq_len for models with attention).")
 @click.option("--micro-batches", type=int, default=None,
               help="Chunks per pass; chunk-tokens × micro-batches = batch × seq_len.")
 @click.option("--schedule", type=click.Choice(_SCHEDULE_CHOICES), default=None,
@@ -143,14 +141,14 @@ def _run_defaults(device, schedule, warmup, iters):
 @click.option("--capacity", "-c", default=None,
               help="For a MODEL: plan for this capacity (bytes, '50MiB', or a device such as h100-l2; "
                    "default h100-l2).")
-@click.option("--solver", default="greedy", show_default=True, help="For a MODEL: the solver.")
+@click.option("--solver", default="greedy", show_default=True,
+              help="For a MODEL: the solver.  Default greedy, not plan's auto: a run measures execution, so it "
+                   "plans in the model's order in milliseconds rather than search for the fewest groups.")
 @click.option("--tile", is_flag=True, help="For a MODEL: split nodes too large for the capacity (graphs.tile).")
-@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
-@click.option("--batch", type=int, default=None, help="For a MODEL: batch size (default: the model's, else 1).")
-@click.option("--seq-len", type=int, default=None, help="For a MODEL: tokens per sequence.")
-@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8"]),
-              help="For a MODEL: the graph's dtype (bytes planned per element).")
-@click.option("--granularity", default="op", show_default=True, type=click.Choice(["block", "op"]))
+@memory_option(plus_kv=True)
+@model_options(granularity="op", chunk_tokens="int",
+               granularity_why="not plan's block: a MODEL is planned for an on-chip capacity (h100-l2 unless "
+                               "--capacity), and operator nodes, the smallest, fit where whole blocks do not.")
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype to compute in (default: the graph's on CUDA, fp32 on the CPU).")
 @click.option("--warmup", type=int, default=None,

@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, model_options
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options
 from .errors import CachefitError, InputError
 from .units import format_bytes, format_count
 
@@ -45,7 +45,7 @@ def stage_table(plan, *, title=None):
               help="Bytes kept free on every device (KV cache, workspace), e.g. 10GiB.")
 @click.option("--balance", type=click.Choice(["flops", "memory"]), default="flops", show_default=True,
               help="Minimise the largest stage's flops or its bytes (every stage fits either way).")
-@click.option("--memory", default="liveness", show_default=True, type=click.Choice(["liveness", "additive"]))
+@memory_option()
 @click.option("--solver", default="dp", show_default=True,
               help="dp keeps the execution order (what a pipeline runtime needs) and is exact for it.")
 @model_options

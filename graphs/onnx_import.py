@@ -113,7 +113,8 @@ def _shape(info, tensor, dims):
             shape.append(dims[dim.dim_param])
         elif dim.HasField("dim_param"):
             raise InputError(f"`dims` must give the dynamic dimension {dim.dim_param!r} "
-                             f"(axis {axis} of tensor {tensor!r}), e.g. dims={{{dim.dim_param!r}: 1}}")
+                             f"(axis {axis} of tensor {tensor!r}), e.g. dims={{{dim.dim_param!r}: 1}} "
+                             f"(command line: --dims {dim.dim_param}=1)")
         else:
             raise InputError(f"`path_or_model`: axis {axis} of tensor {tensor!r} has an unknown size "
                              "after shape inference and no name to fix it with `dims`")

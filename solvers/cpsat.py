@@ -406,9 +406,11 @@ class _Search:
                                  f"{max(budget, 0):.3g} s of the time limit")
             return None
         started = time.perf_counter()
+        from ..progress import task  # progress of the build and solve phases (a no-op without a reporter)
         try:
-            model = Model(self.table, problem.capacity, problem.memory, self.scale, groups, earliest, latest,
-                          self.reach, deadline=started + budget, **options)
+            with task(f"CP-SAT {phase}: building a {groups}-group model"):
+                model = Model(self.table, problem.capacity, problem.memory, self.scale, groups, earliest, latest,
+                              self.reach, deadline=started + budget, **options)
         except BuildTimeout:
             self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget:.3g} s"
             return None
@@ -422,7 +424,9 @@ class _Search:
         model is known (`feasible`), the solve is retried once with `CERTIFY`
         (no presolve, no LP, one worker), if time is left.
         """
-        result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters)
+        from ..progress import task  # the solve runs in a forked child: the parent reports its phase and time
+        with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
+            result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters)
         retry = None
         if result["status"] == "CRASHED":
             self.crash = f"{phase}: {result['crash']}"

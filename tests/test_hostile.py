@@ -57,7 +57,7 @@ ROWS = [
                                                           "valid integer."),
     (["plan", "llama-3.1-8b", "-c", "1GB", "--batch", str(2**31)], "error: `batch` × `seq_len` = "),
     (["plan", "{two}", "-c", "1e1000000"], "error: `capacity` is too large to be a number of bytes"),
-    (["plan", "{two}", "-c", "1MB", "--dims", "batch=x"], "error: `--dims` must look like 'batch=1,seq=128'"),
+    (["plan", "{two}", "-c", "1MB", "--dims", "batch=x"], "error: `--dims` must look like `--dims batch=1,seq=128`"),
     (["plan", "/dev/zero", "-c", "1MB"], "error: `MODEL` file '/dev/zero' is not a regular file"),
     (["plan", "{fifo}", "-c", "1MB"], "error: `MODEL` file '{fifo}' is not a regular file"),
     (["plan", "{no_config_dir}", "-c", "1MB"], "error: `MODEL` '{no_config_dir}' is a folder without a config.json"),

@@ -53,7 +53,8 @@ class TestMatmulChain:
 
     def test_dynamic_dimension_without_dims_names_it(self):
         with pytest.raises(InputError, match=r"`dims` must give the dynamic dimension 'batch' "
-                                              r"\(axis 0 of tensor 'x'\), e.g. dims=\{'batch': 1\}"):
+                                              r"\(axis 0 of tensor 'x'\), e.g. dims=\{'batch': 1\} "
+                                              r"\(command line: --dims batch=1\)"):
             from_onnx(matmul_chain())
 
     def test_other_dimension_still_missing(self):
@@ -191,7 +192,7 @@ class TestCommandLine:
         result = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB", "--dims", "batch=4"])
         assert result.exit_code == 0, result.output
         bad = runner.invoke(main, ["plan", str(path), "--capacity", "1MiB", "--dims", "batch"])
-        assert bad.exit_code == 2 and "`--dims` must look like 'batch=1,seq=128'" in bad.output
+        assert bad.exit_code == 2 and "`--dims` must look like `--dims batch=1,seq=128`" in bad.output
 
 
 class TestNodeOrder:
