@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, kv_default, model_options, print_table
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, friendly, kv_default, model_options, print_table, write_plan
 from .errors import InputError
 from .units import format_bytes, format_count
 
@@ -257,8 +257,7 @@ def deploy_command(model, devices, device_capacity, capacity, reserve, batch, se
                     kv=kv, tile=tile, chunk_tokens=chunk_tokens, solver=solver)
     reports = print_deployment(result)
     if json_path and result.ok:
-        result.to_json(json_path)
-        console.print(f"two-level plan (version 2) written to {json_path}", highlight=False)
+        write_plan(result, json_path)  # a failed write is one line naming --json
     sys.exit(EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN)
 
 

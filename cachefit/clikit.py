@@ -105,8 +105,8 @@ def write_plan(plan, json_path):
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8")
 
 #: Memory models a command that plans offers with ``--memory``; ``+kv`` ones count resident K/V.
-MEMORY_MODELS = ("liveness", "additive")
-MEMORY_MODELS_KV = (*MEMORY_MODELS, "liveness+kv", "additive+kv")
+MEMORY_MODELS = ("liveness", "additive")  # the plain models (K/V streamed), default first
+MEMORY_MODELS_KV = (*MEMORY_MODELS, *(f"{name}+kv" for name in MEMORY_MODELS))  # the registry's four
 
 
 def _apply(function, options):

@@ -139,6 +139,6 @@ def parse_dims(text):
         value = value.strip()
         if not name.strip() or not value.isascii() or not value.isdigit() or len(value) > 12 or int(value) < 1:
             raise InputError(f"`--dims` must look like `--dims batch=1,seq=128` (positive integers below 10**12), "
-                             f"got {text if len(text) <= 200 else text[:200] + '…'!r}")
+                             f"got {_short(text)!r}")
         dims[name.strip()] = int(value)
     return dims

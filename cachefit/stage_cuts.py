@@ -19,6 +19,8 @@ m allowed positions.
 
 from __future__ import annotations
 
+import numpy as np
+
 import logging
 
 from .result import Status
@@ -99,13 +101,12 @@ def cut_at_boundaries(graph, capacity, *, k, allowed, memory="liveness", balance
                            seed=0, balance=balance)
     ids = list(problem.table.ids)
     n = len(ids)
-    allowed_positions = [p for p, node in enumerate(ids) if p > 0 and node in set(allowed)]
+    allowed = set(allowed)
+    allowed_positions = [p for p, node in enumerate(ids) if p > 0 and node in allowed]
     starts = [0] + allowed_positions
     intervals = problem.intervals()
     if balance == "flops":
-        prefix = [0]
-        for value in problem.flops:
-            prefix.append(prefix[-1] + int(value))
+        prefix = np.concatenate(([0], np.cumsum(problem.flops, dtype=np.int64))).tolist()  # Σ flops < 2**62
 
         def cost(s, e):
             return prefix[e] - prefix[s]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .nodes import Attention, Block, Pooler
+from .nodes import Attention, Block, Pooler, _rotate_half
 
 __all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note"]
 
@@ -105,11 +105,6 @@ class ChunkedAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         self.cursor = end % self.seq_len
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _attention_sites(model):

@@ -160,18 +160,14 @@ def stage_groups(plan, graph):
 
 def _fx_boundaries(graph, module):
     """node id -> (fx op, submodule name or target, calls of that submodule) for a from_torch graph."""
-    import torch.fx
-
     named = dict(module.named_modules())
     leaves = {str(attrs.get("target")) for _, attrs in graph.nodes(data=True)
               if str(attrs.get("target")) in named and str(attrs.get("target"))}
 
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualified_name):
-            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+    from ..graphs.torch_import import _make_tracer
 
     try:
-        traced = _Tracer().trace(module)
+        traced = _make_tracer(leaves, ()).trace(module)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds
         raise InputError(f"`module` cannot be traced with torch.fx: {type(exc).__name__}: {exc}") from None
     by_name = {node.name: node for node in traced.nodes}

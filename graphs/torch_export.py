@@ -28,6 +28,8 @@ import logging
 
 import networkx as nx
 
+from .torch_import import _tensors
+
 __all__ = ["export_graph", "ExportFailed", "ATEN_VIEWS"]
 
 logger = logging.getLogger(__name__)
@@ -56,13 +58,6 @@ def _concrete(value):
         hint = node.hint if node.hint is not None else node.shape_env.size_hint(node.expr)
         return int(hint)
     return int(value)
-
-
-def _tensors(value):
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def _numel(tensor):

@@ -67,7 +67,8 @@ class ListScheduler:
         self.capacity = int(capacity)
         terms = get_model(memory).terms(table)
         self.group = OpenGroup(terms, chunk_fraction)
-        self.live = terms.live.tolist() if terms.live is not None else [0] * table.n
+        self.has_live = terms.live is not None  # freeing carried outputs matters only then
+        self.live = terms.live.tolist() if self.has_live else [0] * table.n
         self.predecessors = table.predecessors()
         self.successors = table.successors()
 

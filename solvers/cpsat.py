@@ -122,16 +122,14 @@ def activation_scale(chunk_fraction, largest_live, capacity):
     return None
 
 
-def _domains(table, capacity, memory, chunk_fraction, groups, reach):
+def _domains(n, groups, result):
     """Earliest and latest group of every node among plans with at most `groups` groups.
 
-    From the head–tail bound (`cachefit.solvers.bounds.head_tail`):
-    part(v) ≥ H_v − 1 and part(v) ≤ groups − T_v.
+    From the head–tail bound's `result` (`cachefit.solvers.bounds.head_tail`,
+    computed once per call): part(v) ≥ H_v − 1 and part(v) ≤ groups − T_v.
     """
-    n = table.n
     earliest = np.zeros(n, dtype=np.int64)
     latest = np.full(n, groups - 1, dtype=np.int64)
-    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
     if result is None:
         return earliest, latest
     head, tail = result
@@ -353,6 +351,8 @@ class _Search:
 
         self.import_s = time.perf_counter() - imported
         self.reach = reachability(self.table)
+        self.head_tail = head_tail(self.table, problem.capacity, memory=problem.memory,
+                                   chunk_fraction=problem.chunk_fraction, reach=self.reach)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
                                  chunk_fraction=problem.chunk_fraction, reach=self.reach)
         self.k_certificate = None
@@ -397,8 +397,7 @@ class _Search:
         clock passes its budget (`BuildTimeout`).
         """
         problem = self.problem
-        earliest, latest = _domains(self.table, problem.capacity, problem.memory, problem.chunk_fraction, groups,
-                                    self.reach)
+        earliest, latest = _domains(self.table.n, groups, self.head_tail)
         budget = share * self.remaining()
         cells = _model_cells(self.table, self.live is not None, groups, earliest, latest)
         if cells * BUILD_S_PER_CELL > budget:

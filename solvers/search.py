@@ -54,11 +54,11 @@ import time
 
 import numpy as np
 
-from ..memory import get_model, group_sizes
+from ..memory import group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
 from ._schedule import ListScheduler, cut_order
-from .bounds import item_sizes, lower_bound, reachability
+from .bounds import item_sizes
 from .cuts import MAX_CUT_STATES, fewest_groups
 from .greedy import greedy_bounds
 
@@ -179,7 +179,7 @@ def _construct(problem, packer, rng, deadline):
     if given is not None:
         candidates.append(("greedy on the given order", given))
     items, _ = item_sizes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction)
-    rules = ("fit", "free") if _has_live(problem) else ("fit",)
+    rules = ("fit", "free") if packer.has_live else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
         for rule in rules:
             if time.perf_counter() > deadline and candidates:
@@ -197,11 +197,6 @@ def _construct(problem, packer, rng, deadline):
     scored.sort(key=lambda entry: entry[0])
     _, name, groups, sizes = scored[0]
     return name, groups, sizes
-
-
-def _has_live(problem):
-    """Whether the model has a live term (freeing carried outputs matters only then)."""
-    return get_model(problem.memory).terms(problem.table).live is not None
 
 
 def _sizes(problem, groups):
@@ -324,8 +319,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return finish(problem, "search", [], lower=0, stats={"stop_reason": "empty graph"})
     limit = float(problem.time_limit_s or DEFAULT_SEARCH_LIMIT_S)
     deadline = problem.started + limit
-    lower = lower_bound(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
-                        reach=reachability(table))
+    lower = problem.lower_bound()
     reason = check_k(problem, lower)
     if reason:
         return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
@@ -346,7 +340,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     name, groups, sizes = start
     incumbent = _Incumbent(packer, groups, sizes)
     stop, attempts, improvements = _improve(incumbent, rng, search_deadline, max(lower, problem.k or 0),
-                                            stall_attempts, _has_live(problem))
+                                            stall_attempts, packer.has_live)
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
              "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
              "cuts": "gave up: too wide for the time or state budget"}
