@@ -11,12 +11,22 @@ latent attention (DeepSeek MLA: the config has ``kv_lora_rank``)
     (one compressed latent plus the shared RoPE key per token; the per-head
     keys and values are re-expanded from it);
 
-where cached tokens = min(context, sliding_window) on a sliding-window
-(local) layer, else context.  Which layers are local follows the HF config
-(`layer_is_local`): ``layer_types`` when given; gemma2 every other layer,
-gemma3_text five of every ``sliding_window_pattern`` = 6; Qwen2/Qwen3 the
-layers from ``max_window_layers`` on and only with ``use_sliding_window``;
-every other family (Mistral) all layers when ``sliding_window`` is set.
+where cached tokens = context, or min(context, w − 1) on a layer with a
+sliding window of w tokens.  The window is HF transformers' (``sliding_window``
+in the config): a query at position q attends to the keys at positions
+q − w < t ≤ q, w tokens counting itself (``masking_utils.sliding_window_overlay``:
+``kv_idx > q_idx - sliding_window``; its sliding cache keeps the last w − 1
+tokens), the same for mistral, mixtral, gemma2, gemma3, qwen2/3, phi3 and
+starcoder2.  So a query needs at most w − 1 earlier tokens
+(`attended_tokens`); that one function caps the decode cache here and the
+chunked-prefill prefix below.  Which layers are local follows the HF config
+(`layer_window`, `layer_is_local`): ``layer_types`` when given; gemma2
+every other layer, gemma3_text five of every ``sliding_window_pattern`` = 6;
+Qwen2/Qwen3 the layers from ``max_window_layers`` on and only with
+``use_sliding_window``; every other family (Mistral) all layers when
+``sliding_window`` is set.  `mark_windows` writes each local attention
+node's w as its ``sliding_window`` attribute (prefill and decode graphs
+alike), the one place the memory models read it from.
 
 `annotate` sets ``kv_bytes`` on the attention nodes (and on whole-block
 nodes, which hold their attention) of a graph the transformer builder is
@@ -25,9 +35,10 @@ making, and adds the flops of attending to the cached tokens.
 Chunked prefill (a sequence streamed in chunks of c < s tokens) holds K/V
 too: the chunk's queries attend to the keys and values of the tokens of its
 sequence before it.  `node_kv_bytes_per_token` says what each attention node
-caches per token (the same per-token formula), `chunk_tokens` and
-`prefix_tokens` how many tokens a chunk's prefix spans at a chunk fraction f,
-and `prefix_formula` writes it out; the memory models count
+caches per token (the same per-token formula), `node_windows` which nodes
+have a sliding window, `chunk_tokens` and `prefix_tokens` how many earlier
+tokens a chunk attends to at a chunk fraction f (at most w − 1 under a
+window), and `prefix_formula` writes it out; the memory models count
 kv_prefix_bytes(v) = kv_bytes_per_token(v) × prefix_tokens (see
 `cachefit.memory`).
 
@@ -46,8 +57,9 @@ from numbers import Integral
 
 from ..errors import InputError
 
-__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local", "kv_formula",
-           "annotate", "check_phase", "node_kv_bytes_per_token", "chunk_tokens", "prefix_tokens", "prefix_formula"]
+__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local",
+           "layer_window", "attended_tokens", "kv_formula", "annotate", "mark_windows", "check_phase",
+           "node_kv_bytes_per_token", "node_windows", "chunk_tokens", "prefix_tokens", "prefix_formula"]
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")
@@ -150,14 +162,36 @@ def layer_is_local(config, layer):
     return True
 
 
-def cached_tokens(config, context, layer=None):
-    """Tokens attention layer `layer` keeps: `context`, capped by its sliding window if it is local.
+def layer_window(config, layer=None):
+    """The sliding window w (tokens, the query counted) of attention layer `layer`, or None for a global layer.
 
     `layer` None asks for a layer of a model whose layers are all alike: the
     window applies only when every layer is local (Mistral), not to
     gemma's alternating local/global layers.
+
+    >>> [layer_window({"model_type": "gemma2", "sliding_window": 4096}, i) for i in range(3)]
+    [4096, None, 4096]
     """
-    return min(context, _window(config)) if layer_is_local(config, layer) else context
+    return _window(config) if layer_is_local(config, layer) else None
+
+
+def attended_tokens(tokens, window=None):
+    """Of `tokens` earlier tokens, how many a query attends to: all, or w − 1 under a sliding window w.
+
+    HF's window counts the query itself (keys at q − w < t ≤ q), so a query
+    reaches back over at most w − 1 earlier tokens.  The one home of that
+    convention: the decode cache (`cached_tokens`) and the chunked-prefill
+    prefix (`prefix_tokens`) both cap with it.
+
+    >>> attended_tokens(8192), attended_tokens(8192, 4096), attended_tokens(100, 4096), attended_tokens(5, 1)
+    (8192, 4095, 100, 0)
+    """
+    return tokens if window is None else min(tokens, window - 1)
+
+
+def cached_tokens(config, context, layer=None):
+    """Cached tokens attention layer `layer` reads: `context`, or w − 1 of them under its sliding window w."""
+    return attended_tokens(context, layer_window(config, layer))
 
 
 def kv_bytes(config, *, context, batch, dtype_size, layer=None):
@@ -166,7 +200,8 @@ def kv_bytes(config, *, context, batch, dtype_size, layer=None):
 
 
 def _one_formula(config, *, tokens, context, batch, dtype_size):
-    window = f" (sliding window {_window(config):,} of context {context:,})" if tokens != context else ""
+    window = (f" (sliding window {_window(config):,}, the new token's included, of context {context:,})"
+              if tokens != context else "")
     if config.get("kv_lora_rank"):
         head = (f"({config['kv_lora_rank']} kv_lora_rank + {int(config.get('qk_rope_head_dim') or 0)} "
                 f"qk_rope_head_dim)")
@@ -210,15 +245,18 @@ def annotate(graph, config, *, context, dtype_size):
     attributes ``phase``-independent ``context``, ``kv_bytes`` (the total
     over layers), ``kv_layers`` (how many layers hold a cache, also when
     `context` is 0) and ``kv_formula``.  Works on the graph being built
-    (the builder's own).
+    (the builder's own); marks the windows first (`mark_windows`) and caps
+    each node's cache by its ``sliding_window``.
     """
+    mark_windows(graph, config)
     batch, seq_len = graph.graph["batch"], graph.graph["seq_len"]
-    total, layers = 0, []
+    total, layers, per_token = 0, [], None
     for _, data in graph.nodes(data=True):
         if data.get("op") in ATTENTION_OPS:  # mla_attention too: DeepSeek's op graphs had no KV
             layer = data.get("layer")
-            tokens = cached_tokens(config, context, layer)
-            data["kv_bytes"] = kv_bytes(config, context=context, batch=batch, dtype_size=dtype_size, layer=layer)
+            per_token = kv_bytes_per_token(config, dtype_size) if per_token is None else per_token
+            tokens = attended_tokens(context, data.get("sliding_window"))
+            data["kv_bytes"] = per_token * tokens * batch
             data["flops"] = data.get("flops", 0) + (4 * batch * seq_len * tokens * config["num_attention_heads"]
                                                     * config["head_dim"])
             total += data["kv_bytes"]
@@ -227,6 +265,62 @@ def annotate(graph, config, *, context, dtype_size):
                        kv_formula=kv_formula(config, context=context, batch=batch, dtype_size=dtype_size,
                                              layers=None if None in layers else layers))
     return graph
+
+
+def mark_windows(graph, config):
+    """Set ``sliding_window`` (w, `layer_window`) on `graph`'s attention and block nodes of local layers.
+
+    Every node whose ``op`` is in `ATTENTION_OPS` and whose ``layer`` is
+    local in `config` gets its window; a global one gets none.  The
+    transformer builder calls it for every phase, so prefill graphs carry the
+    windows the chunked-prefill term caps with (`node_windows`) and decode
+    graphs the ones their cache is capped with (`annotate`).  Works on the
+    graph being built; returns it.
+    """
+    for _, data in graph.nodes(data=True):
+        if data.get("op") in ATTENTION_OPS:
+            window = layer_window(config, data.get("layer"))
+            if window is None:
+                data.pop("sliding_window", None)
+            else:
+                data["sliding_window"] = window
+    return graph
+
+
+def node_windows(graph):
+    """The sliding window w of every node of `graph` that has one (its ``sliding_window`` attribute).
+
+    w counts the query itself, as in HF transformers: a query attends to at
+    most w − 1 earlier tokens (`attended_tokens`).  `mark_windows` sets it
+    on transformer graphs; any graph may set it on its attention nodes.
+
+    Returns
+    -------
+    dict
+        node → w (a positive integer), only for nodes with a window.
+
+    Raises
+    ------
+    InputError
+        A ``sliding_window`` that is not a positive integer, naming the node.
+
+    Examples
+    --------
+    >>> from cachefit.instances import load
+    >>> windows = node_windows(load("gemma-2-9b"))
+    >>> len(windows), windows["block.0"], "block.1" in windows  # 21 local layers of 42
+    (21, 4096, False)
+    """
+    windows = {}
+    for node, data in graph.nodes(data=True):
+        value = data.get("sliding_window")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise InputError(f"node {node!r}: `sliding_window` must be a positive integer of tokens (the query "
+                             f"counted), got {value!r}")
+        windows[node] = int(value)
+    return windows
 
 
 def node_kv_bytes_per_token(graph):
@@ -297,33 +391,48 @@ def chunk_tokens(chunk_fraction, tokens):
     return max(1, int(scaled + Fraction(1, 2)))  # the nearest integer, halves up (scaled > 0)
 
 
-def prefix_tokens(seq_len, batch, chunk_fraction):
-    """Tokens of its own sequence before a chunk, at most (0 unless chunks split sequences).
+def _chunk_start(seq_len, chunk):
+    """Where a sequence's last chunk starts: c × (⌈s / c⌉ − 1), or 0 when c ≥ s (whole sequences)."""
+    return 0 if chunk >= seq_len else chunk * (-(-seq_len // chunk) - 1)
+
+
+def prefix_tokens(seq_len, batch, chunk_fraction, window=None):
+    """Earlier tokens of its own sequence a chunk attends to, at most over its chunks (0 unless chunks split sequences).
 
     With c = `chunk_tokens` (f, batch × seq_len) < seq_len = s, a sequence is
     streamed in ⌈s / c⌉ chunks of c tokens (the last may be shorter; a chunk
-    never spans two sequences), and its last chunk starts after
-    c × (⌈s / c⌉ − 1) tokens: s − c when c divides s.  With c ≥ s a chunk
-    holds whole sequences and nothing before it: 0.
+    never spans two sequences); chunk j starts at p = j·c.  Its first query
+    (position p) reaches back furthest: under causal attention to tokens
+    0 … p − 1, under a sliding window w to p − w < t < p; later queries
+    of the chunk reach back less far.  So the chunk attends to
+    `attended_tokens` (p, w) = min(p, w − 1) earlier tokens, which grows
+    with p: the largest is the last chunk's, p = c × (⌈s / c⌉ − 1)
+    (s − c when c divides s).  With c ≥ s a chunk holds whole sequences
+    and nothing before it: 0.
 
     >>> prefix_tokens(1024, 1, 0.0625), prefix_tokens(1000, 1, 0.3), prefix_tokens(8, 4, 0.25)
     (960, 900, 0)
+    >>> prefix_tokens(8192, 1, 1024 / 8192, window=4096), prefix_tokens(8192, 1, 1024 / 8192, window=8192)
+    (4095, 7168)
     """
-    chunk = chunk_tokens(chunk_fraction, seq_len * batch)
-    if chunk >= seq_len:
-        return 0
-    return chunk * (-(-seq_len // chunk) - 1)
+    return attended_tokens(_chunk_start(seq_len, chunk_tokens(chunk_fraction, seq_len * batch)), window)
 
 
-def prefix_formula(per_token, seq_len, batch, chunk_fraction):
-    """The chunked-prefill K/V term of one node, written out with its numbers.
+def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None):
+    """The chunked-prefill K/V term of one node (sliding window `window`, or None), written out with its numbers.
 
     >>> prefix_formula(3072, 1024, 1, 0.0625)
     '3,072 B/token × 960 tokens before the last 64-token chunk of 1,024 = 2,949,120 B'
+    >>> prefix_formula(16384, 8192, 1, 1024 / 8192, window=4096)
+    '16,384 B/token × 4,095 tokens (sliding window 4,096: w − 1 of the 7,168 before the last 1,024-token chunk of 8,192) = 67,092,480 B'
     """
     chunk = chunk_tokens(chunk_fraction, seq_len * batch)
-    tokens = prefix_tokens(seq_len, batch, chunk_fraction)
-    if not tokens:
+    before = _chunk_start(seq_len, chunk)
+    tokens = attended_tokens(before, window)
+    if not before:
         return f"0 B (chunks of {chunk:,} tokens hold whole sequences of {seq_len:,})"
+    if tokens != before:
+        return (f"{per_token:,} B/token × {tokens:,} tokens (sliding window {window:,}: w − 1 of the {before:,} "
+                f"before the last {chunk:,}-token chunk of {seq_len:,}) = {per_token * tokens:,} B")
     return (f"{per_token:,} B/token × {tokens:,} tokens before the last {chunk:,}-token chunk of {seq_len:,} = "
             f"{per_token * tokens:,} B")

@@ -1037,6 +1037,7 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
 
     graph.graph["params"] = sum(attrs["params"] for _, attrs in graph.nodes(data=True))
     graph.graph["phase"] = phase
+    kv.mark_windows(graph, {**config, **cfg})  # local layers' `sliding_window`: prefill's K/V prefix reads it too
     if phase == "decode" or context:
         kv.annotate(graph, {**config, **cfg}, context=context, dtype_size=size)
     return graph

@@ -51,9 +51,11 @@ class TestDecodeGraph:
         assert graph.graph["seq_len"] == 128
 
     def test_mistral_sliding_window_caps_cache(self):
+        """The new token's window of 4,096 counts itself: it reads 4,095 cached tokens (HF keeps as many)."""
         graph = instances.load("mistral-7b", phase="decode", context=8192)
-        assert graph.nodes["block.0"]["kv_bytes"] == 2 * 8 * 128 * 2 * 4096
-        assert "sliding window 4,096 of context 8,192" in graph.graph["kv_formula"]
+        assert graph.nodes["block.0"]["kv_bytes"] == 2 * 8 * 128 * 2 * 4095
+        assert "4,095 tokens (sliding window 4,096, the new token's included, of context 8,192)" in \
+            graph.graph["kv_formula"]
 
     def test_qwen_inactive_window_ignored(self):
         graph = instances.load("qwen2.5-7b", phase="decode", context=8192)
@@ -92,7 +94,8 @@ class TestFormulas:
 
     def test_window(self):
         assert cached_tokens({"sliding_window": 100}, 50) == 50
-        assert cached_tokens({"sliding_window": 100}, 500) == 100
+        assert cached_tokens({"sliding_window": 100}, 500) == 99
+        assert cached_tokens({"sliding_window": 100}, 99) == 99
         assert cached_tokens({"sliding_window": 100, "use_sliding_window": False}, 500) == 500
 
 

@@ -33,37 +33,62 @@ def test_local_layers_match_transformers(family, config_class, fields):
 
 def test_explicit_layer_types_win():
     config = {"model_type": "gemma2", "sliding_window": 10, "layer_types": ["full_attention", "sliding_attention"]}
-    assert [cached_tokens(config, 100, i) for i in (0, 1)] == [100, 10]
+    assert [cached_tokens(config, 100, i) for i in (0, 1)] == [100, 9]
     with pytest.raises(InputError, match=r"`config\['layer_types'\]` must be a list of strings"):
         layer_is_local({"sliding_window": 10, "layer_types": "sliding"}, 0)
 
 
 def test_mistral_windows_every_layer():
     config = {"model_type": "mistral", "sliding_window": 4096}
-    assert {cached_tokens(config, 8192, i) for i in range(32)} == {4096}
-    assert cached_tokens(config, 8192) == 4096
+    assert {cached_tokens(config, 8192, i) for i in range(32)} == {4095}
+    assert cached_tokens(config, 8192) == 4095
 
 
 def test_gemma3_1b_decode_cache_at_8192():
-    """4 global layers × 8 MiB + 22 local layers × 512 tokens (0.5 MiB) = 43 MiB, not 26 × 8 MiB."""
+    """4 global layers × 8 MiB + 22 local layers × 511 tokens (window 512, the new token counted), not 26 × 8 MiB."""
     graph = instances.load("gemma-3-1b", phase="decode", context=8192)
     per_token = 2 * 1 * 256 * 2
-    assert graph.graph["kv_bytes"] == 4 * per_token * 8192 + 22 * per_token * 512 == 45_088_768
+    assert graph.graph["kv_bytes"] == 4 * per_token * 8192 + 22 * per_token * 511 == 45_066_240
     assert graph.graph["kv_layers"] == 26
     assert "on 4 global layers" in graph.graph["kv_formula"] and "on 22 local layers" in graph.graph["kv_formula"]
     by_op = instances.load("gemma-3-1b", phase="decode", context=8192, granularity="op")
     assert by_op.graph["kv_bytes"] == graph.graph["kv_bytes"]
     assert by_op.nodes["block.5.attn"]["kv_bytes"] == per_token * 8192  # every 6th layer is global
-    assert by_op.nodes["block.4.attn"]["kv_bytes"] == per_token * 512
+    assert by_op.nodes["block.4.attn"]["kv_bytes"] == per_token * 511
 
 
 def test_gemma2_9b_decode_cache_at_its_last_position():
-    """8,191 cached tokens + the new one fill gemma-2's 8,192 positions; local layers keep 4,096."""
+    """8,191 cached tokens + the new one fill gemma-2's 8,192 positions; local layers read 4,095 of them."""
     graph = instances.load("gemma-2-9b", phase="decode", context=8191)
     per_token = 2 * 8 * 256 * 2
-    assert graph.graph["kv_bytes"] == 21 * per_token * 8191 + 21 * per_token * 4096
-    assert graph.nodes["block.0"]["kv_bytes"] == per_token * 4096  # layer 0 is local
+    assert graph.graph["kv_bytes"] == 21 * per_token * 8191 + 21 * per_token * 4095
+    assert graph.nodes["block.0"]["kv_bytes"] == per_token * 4095  # layer 0 is local
     assert graph.nodes["block.1"]["kv_bytes"] == per_token * 8191
+
+
+@pytest.mark.parametrize("window, context", [(512, 8192), (512, 511), (512, 512), (512, 100), (4096, 4097), (1, 7)])
+def test_decode_cache_is_what_transformers_attends_to(window, context):
+    """The new token at position `context` attends, under HF's sliding mask, to exactly `cached_tokens` earlier keys."""
+    import torch
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    mask = sliding_window_causal_mask_function(window)
+    keys = torch.arange(context + 1)
+    attended = mask(0, 0, torch.tensor(context), keys)
+    assert bool(attended[-1])  # itself
+    assert int(attended[:-1].sum()) == cached_tokens({"sliding_window": window}, context)
+
+
+def test_windows_marked_on_prefill_and_decode_graphs_alike():
+    """One source: the node's `sliding_window`, set from the config for every phase, caps decode and prefix."""
+    from cachefit.graphs.kv import node_windows
+
+    prefill = node_windows(instances.load("gemma-2-9b", granularity="op"))
+    decode = node_windows(instances.load("gemma-2-9b", granularity="op", phase="decode", context=8000))
+    assert prefill == decode == {f"block.{i}.attn": 4096 for i in range(0, 42, 2)}
+    assert node_windows(instances.load("mistral-7b")) == {f"block.{i}": 4096 for i in range(32)}
+    assert node_windows(instances.load("qwen2.5-7b")) == {}  # use_sliding_window is false
+    assert node_windows(instances.load("llama-3.1-8b")) == {}
 
 
 def test_short_context_is_not_windowed():

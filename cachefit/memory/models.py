@@ -21,18 +21,30 @@ plan records the choice and the checker recomputes it.
 
 Chunked prefill is the same choice.  When the chunk fraction f splits
 sequences (c = f × batch × seq_len tokens per chunk, c < seq_len = s), every
-node that holds an attention also needs the K/V of the tokens of its
-sequence before the chunk:
+node that holds an attention also needs the K/V of the earlier tokens of its
+sequence that the chunk's queries attend to.  Chunk j starts at p = j·c;
+its first query (position p) reaches back furthest, to every earlier token
+under causal attention and to p − w < t < p under a sliding window of w
+tokens (HF's convention: the window counts the query itself; the node's
+``sliding_window``, `cachefit.graphs.kv.node_windows`).  That is min(p, w − 1)
+tokens, growing with p, so the largest, which a resident group must hold, is
+the last chunk's:
 
-    kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens,
-    prefix_tokens = c × (⌈s / c⌉ − 1)   (= s − c when c divides s; 0 when c ≥ s)
+    kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens(v),
+    prefix_tokens(v) = P             without a window,
+                     = min(P, w − 1)  with a sliding window w,
+    P = c × (⌈s / c⌉ − 1)   (= s − c when c divides s; 0 when c ≥ s)
 
 (`cachefit.graphs.kv`: kv_bytes_per_token = 2 × kv_heads × head_dim × dtype
 bytes, or MLA's latent width × dtype bytes; the chunk is inside one
 sequence, so one sequence's prefix).  The ``+kv`` models keep it resident:
 summed(v) = weight + kv_bytes + kv_prefix(v) (the last chunk's prefix, the
 largest the group holds); the plain models stream it.  The ``+kv`` terms
-therefore depend on f (``MemoryModel.chunked``).
+therefore depend on f (``MemoryModel.chunked``).  The engine's terms take
+prefix_tokens from `cachefit.graphs.kv.prefix_tokens` (the one home of the
+window convention, which also caps the decode cache); the checker's
+reference counts the earlier tokens in the last chunk's first query's window
+from the mask's definition, separately.
 """
 
 from __future__ import annotations
@@ -157,18 +169,22 @@ def _liveness_reference(graph, groups, group_of, chunk_fraction):
             for index, group in enumerate(groups)]
 
 
-_KV_ARRAYS = weakref.WeakKeyDictionary()  # LayerTable -> (kv_bytes, kv_bytes_per_token) per position
+_KV_ARRAYS = weakref.WeakKeyDictionary()  # LayerTable -> (kv_bytes, kv_bytes_per_token, sliding_window) per position
 
 
 def _kv_arrays(table):
-    """``kv_bytes`` and K/V bytes per token of every position as int64 (zeros for a table without a graph)."""
+    """``kv_bytes``, K/V bytes per token and sliding window (0: none) of every position as int64.
+
+    Zeros for a table without a graph.
+    """
     cached = _KV_ARRAYS.get(table)
     if cached is not None:
         return cached
     values = np.zeros(table.n, dtype=np.int64)
     per_token = np.zeros(table.n, dtype=np.int64)
+    windows = np.zeros(table.n, dtype=np.int64)
     if table.graph is not None:
-        from ..graphs.kv import node_kv_bytes_per_token  # lazy: cachefit.graphs imports this package
+        from ..graphs.kv import node_kv_bytes_per_token, node_windows  # lazy: cachefit.graphs imports this package
 
         nodes = table.graph.nodes
         for index, node in enumerate(table.ids):
@@ -183,11 +199,13 @@ def _kv_arrays(table):
             if value > MAX_BYTES:
                 raise InputError(f"node {node!r}: `kv_bytes_per_token` {value} is beyond 2**62 B")
             per_token[position[node]] = value
+        for node, window in node_windows(table.graph).items():
+            windows[position[node]] = min(window, MAX_BYTES)  # a window beyond any sequence caps nothing
     if int(values.sum(dtype=object)) + int(table.weight.sum(dtype=object)) > MAX_BYTES:
         raise InputError("the graph's weights and KV cache add up beyond 2**62 B (4 EiB), the most cachefit's "
                          "exact integer arithmetic holds for a graph")
-    _KV_ARRAYS[table] = values, per_token
-    return values, per_token
+    _KV_ARRAYS[table] = values, per_token, windows
+    return values, per_token, windows
 
 
 def _kv_array(table):
@@ -207,15 +225,17 @@ def _graph_shape(graph):
 
 
 def _prefix_array(table, chunk_fraction):
-    """kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens of every position (int64, exact)."""
+    """kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens(v) of every position (int64, exact)."""
     from ..graphs.kv import prefix_tokens
 
-    per_token = _kv_arrays(table)[1]
+    _, per_token, windows = _kv_arrays(table)
     if not per_token.any():
         return per_token
     seq_len, batch = _graph_shape(table.graph)
-    tokens = prefix_tokens(seq_len, batch, chunk_fraction)
-    total = int(per_token.sum(dtype=object)) * tokens + int(_kv_array(table).sum(dtype=object))
+    tokens = np.zeros(table.n, dtype=np.int64)
+    for window in np.unique(windows).tolist():  # a few distinct windows: 0 (none) and each local one
+        tokens[windows == window] = prefix_tokens(seq_len, batch, chunk_fraction, window or None)
+    total = int((per_token.astype(object) * tokens).sum()) + int(_kv_array(table).sum(dtype=object))
     if total + int(table.weight.sum(dtype=object)) > MAX_BYTES:
         raise InputError("the graph's weights and KV (cache and chunked-prefill prefix) add up beyond 2**62 B "
                          "(4 EiB), the most cachefit's exact integer arithmetic holds for a graph")
@@ -223,17 +243,28 @@ def _prefix_array(table, chunk_fraction):
 
 
 def _reference_prefix(graph, chunk_fraction):
-    """kv_prefix of every attention node straight from the definition (plain Python, exact rationals)."""
-    from ..graphs.kv import node_kv_bytes_per_token
+    """kv_prefix of every attention node straight from the definition (plain Python, exact rationals).
+
+    The last chunk starts at ``before``; its first query at that position
+    attends to the earlier tokens t with ``before − w < t < before`` and
+    t ≥ 0 (every t < before without a window), which is the most any
+    query of any chunk reaches back.
+    """
+    from ..graphs.kv import node_kv_bytes_per_token, node_windows
 
     per_token = node_kv_bytes_per_token(graph)
     if not per_token:
         return {}
+    windows = node_windows(graph)
     seq_len, batch = _graph_shape(graph)
     scaled = Fraction(chunk_fraction) * (seq_len * batch)
     chunk = max(1, math.floor(scaled + Fraction(1, 2)))  # the nearest integer, halves up
     before = 0 if chunk >= seq_len else seq_len - (seq_len - 1) % chunk - 1  # start of the last chunk
-    return {node: value * before for node, value in per_token.items()}
+    prefix = {}
+    for node, value in per_token.items():
+        first = max(0, before - windows[node] + 1) if node in windows else 0  # earliest key in the window
+        prefix[node] = value * (before - first)
+    return prefix
 
 
 def _kv_resident(base_terms, base_reference):
