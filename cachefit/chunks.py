@@ -9,11 +9,14 @@ work per weight byte, so `choose_chunk_tokens` picks the largest chunk among
 those giving the fewest groups.
 
 A chunk smaller than a sequence (chunked prefill) also makes every attention
-node hold the K/V of its sequence's earlier tokens, which grows as the chunk
-shrinks: kv_bytes_per_token × c·(⌈s/c⌉ − 1) for a chunk of c < s tokens
-(`cachefit.graphs.kv.prefix_tokens`).  The ``+kv`` memory models count it in
-S(P) (resident); the plain ones stream it.  The search probes with the plan's
-model, so under ``+kv`` it weighs both effects.
+node hold the K/V of the earlier tokens of its sequence that the chunk
+attends to, which grows as the chunk shrinks: kv_bytes_per_token ×
+min(c·(⌈s/c⌉ − 1), w − 1) for a chunk of c < s tokens, w the node's sliding
+window (∞ on a global layer; `cachefit.graphs.kv.prefix_tokens`).  The
+``+kv`` memory models count it in S(P) (resident); the plain ones stream
+it.  The search probes with the plan's model, so under ``+kv`` it weighs
+both effects, and on a model with local layers (gemma-2/3, Mistral) the
+window's cap makes small chunks cheaper there than on global layers.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def print_prefix_kv(plan, *, memory):
     a ``+kv`` model it is in each attention node's size, else it is read
     from off-chip memory and not in S(P).
     """
-    from .graphs.kv import node_kv_bytes_per_token, prefix_formula, prefix_tokens
+    from .graphs.kv import node_kv_bytes_per_token, prefix_formulas, prefix_tokens
     from .memory import kv_placement
 
     graph = plan.graph
@@ -108,11 +108,10 @@ def print_prefix_kv(plan, *, memory):
     per_token = node_kv_bytes_per_token(graph) if seq_len else {}
     if not per_token or not prefix_tokens(seq_len, batch, plan.chunk_fraction):
         return
-    largest = max(per_token.values())
     where = ("resident: in each attention node's size S(P)" if kv_placement(memory) == "resident"
              else "streamed: not in S(P), read from off-chip memory (--kv resident counts it on chip)")
     console.print(f"K/V of the earlier chunks, per attention node ({len(per_token)}): "
-                  f"{prefix_formula(largest, seq_len, batch, plan.chunk_fraction)}; {where}",
+                  f"{prefix_formulas(graph, plan.chunk_fraction)}; {where}",
                   highlight=False, soft_wrap=True)
 
 

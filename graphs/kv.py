@@ -59,7 +59,8 @@ from ..errors import InputError
 
 __all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local",
            "layer_window", "attended_tokens", "kv_formula", "annotate", "mark_windows", "check_phase",
-           "node_kv_bytes_per_token", "node_windows", "chunk_tokens", "prefix_tokens", "prefix_formula"]
+           "node_kv_bytes_per_token", "node_windows", "chunk_tokens", "prefix_tokens", "prefix_formula",
+           "node_prefix_bytes", "prefix_formulas"]
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")
@@ -423,8 +424,8 @@ def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None):
 
     >>> prefix_formula(3072, 1024, 1, 0.0625)
     '3,072 B/token × 960 tokens before the last 64-token chunk of 1,024 = 2,949,120 B'
-    >>> prefix_formula(16384, 8192, 1, 1024 / 8192, window=4096)
-    '16,384 B/token × 4,095 tokens (sliding window 4,096: w − 1 of the 7,168 before the last 1,024-token chunk of 8,192) = 67,092,480 B'
+    >>> prefix_formula(8192, 8192, 1, 1024 / 8192, window=4096)  # gemma-2-9b's local layers
+    '8,192 B/token × 4,095 tokens (sliding window 4,096: w − 1 of the 7,168 before the last 1,024-token chunk of 8,192) = 33,546,240 B'
     """
     chunk = chunk_tokens(chunk_fraction, seq_len * batch)
     before = _chunk_start(seq_len, chunk)
@@ -436,3 +437,55 @@ def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None):
                 f"before the last {chunk:,}-token chunk of {seq_len:,}) = {per_token * tokens:,} B")
     return (f"{per_token:,} B/token × {tokens:,} tokens before the last {chunk:,}-token chunk of {seq_len:,} = "
             f"{per_token * tokens:,} B")
+
+
+
+def node_prefix_bytes(graph, chunk_fraction):
+    """kv_prefix(v) = kv_bytes_per_token(v) × `prefix_tokens` (with v's window) of every node holding K/V.
+
+    For reports (the CLI, the executor's planned-vs-measured note); the
+    memory models compute the same term over a `LayerTable`.  Reads the
+    graph attributes ``seq_len`` and ``batch`` (1 if absent); a graph
+    without ``seq_len`` or without K/V nodes gives {}.
+
+    >>> from cachefit.instances import load
+    >>> prefix = node_prefix_bytes(load("gemma-2-9b", seq_len=8192), 1024 / 8192)
+    >>> prefix["block.0"], prefix["block.1"]  # local (4,095 tokens), global (7,168) × 8,192 B/token
+    (33546240, 58720256)
+    """
+    per_token = node_kv_bytes_per_token(graph)
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
+    if not per_token or not seq_len:
+        return {}
+    windows = node_windows(graph)
+    return {node: value * prefix_tokens(seq_len, batch, chunk_fraction, windows.get(node))
+            for node, value in per_token.items()}
+
+
+def prefix_formulas(graph, chunk_fraction):
+    """`prefix_formula` of each kind of K/V node of `graph` (bytes per token, window) with its count, or None.
+
+    One kind (every node alike): its formula alone.  None when no node
+    holds K/V or the chunks hold whole sequences.
+
+    >>> from cachefit.instances import load
+    >>> print(prefix_formulas(load("gemma-3-1b", seq_len=8192), 32 / 8192).replace("; ", ";\\n"))
+    1,024 B/token × 8,160 tokens before the last 32-token chunk of 8,192 = 8,355,840 B on 4 nodes;
+    1,024 B/token × 511 tokens (sliding window 512: w − 1 of the 8,160 before the last 32-token chunk of 8,192) = 523,264 B on 22 nodes
+    """
+    per_token = node_kv_bytes_per_token(graph)
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
+    if not per_token or not seq_len or not prefix_tokens(seq_len, batch, chunk_fraction):
+        return None
+    windows = node_windows(graph)
+    counts = {}
+    for node, value in per_token.items():
+        kind = value, windows.get(node)
+        counts[kind] = counts.get(kind, 0) + 1
+    kinds = sorted(counts, key=lambda kind: (-kind[0] * prefix_tokens(seq_len, batch, chunk_fraction, kind[1]),
+                                             kind[1] or 0))
+    if len(kinds) == 1:
+        value, window = kinds[0]
+        return prefix_formula(value, seq_len, batch, chunk_fraction, window)
+    return "; ".join(f"{prefix_formula(value, seq_len, batch, chunk_fraction, window)} on {counts[value, window]} "
+                     f"node{'s' * (counts[value, window] != 1)}" for value, window in kinds)

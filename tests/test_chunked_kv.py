@@ -89,23 +89,28 @@ class TestSizes:
         forged = dataclasses.replace(plan, sizes=(plan.sizes[0] - 120,), bottleneck=plan.sizes[0] - 120)
         assert any("differ from recomputed" in v for v in cachefit.check(forged).violations)
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=80, deadline=None)
     @given(st.data())
     @example(data=None)
     def test_engine_matches_reference(self, data):
-        if data is None:  # pinned: a chunk that does not divide the sequence (c = 3 of 10, last chunk at 9)
-            seq_len, batch, chunk, per_token, cuts = 10, 1, 3, [0, 5, 0, 7], [2]
+        """Engine (group_sizes, Intervals) against the checker's reference, with and without sliding windows."""
+        if data is None:  # pinned: c = 3 of 10 (last chunk at 9); windows 1 (no earlier token), 30 > s, 4 < 9
+            seq_len, batch, chunk, per_token, windows, cuts = 10, 1, 3, [0, 5, 7, 9], [None, 1, 30, 4], [2]
         else:
             seq_len = data.draw(st.integers(1, 40))
             batch = data.draw(st.integers(1, 3))
             chunk = data.draw(st.integers(1, seq_len * batch))
-            per_token = data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=7))
+            per_token = data.draw(st.lists(st.sampled_from([0, 1, 4096, 8192, 10**9]), min_size=1, max_size=7))
+            windows = data.draw(st.lists(st.one_of(st.none(), st.integers(1, 60)), min_size=len(per_token),
+                                         max_size=len(per_token)))
             cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(per_token) - 1)), max_size=3))))
         n = len(per_token)
         g = nx.DiGraph(seq_len=seq_len, batch=batch)
-        for index, value in enumerate(per_token):
-            g.add_node(str(index), weight_bytes=5, activation_bytes=3 * index, buffer_bytes=index % 2,
+        for index, (value, window) in enumerate(zip(per_token, windows)):
+            g.add_node(str(index), weight_bytes=10**8, activation_bytes=3 * 10**8 * index, buffer_bytes=index % 2,
                        kv_bytes_per_token=value, kv_bytes=index)
+            if window is not None:
+                g.nodes[str(index)]["sliding_window"] = window
         g.add_edges_from((str(i), str(i + 1)) for i in range(n - 1))
         bounds = [0] + [c for c in cuts if c < n] + [n]
         groups = [[str(v) for v in range(s, e)] for s, e in zip(bounds, bounds[1:]) if e > s]
@@ -128,3 +133,142 @@ class TestChunkSearch:
         assert (streamed.chunk_tokens, streamed.k) == (64, 6)
         assert (resident.chunk_tokens, resident.k) == (16, 6)
         assert dict(resident.probes)[64] == 7
+
+
+# ---------------------------------------------------------------------------
+# sliding windows: a local layer's chunk attends to at most w − 1 earlier tokens
+# ---------------------------------------------------------------------------
+
+def _brute_prefix(seq_len, chunk, window):
+    """Most earlier tokens any chunk's queries attend to, from HF's own mask (every query, every key)."""
+    torch = pytest.importorskip("torch")
+    masking = pytest.importorskip("transformers.masking_utils")
+    mask_function = (masking.causal_mask_function if window is None
+                     else masking.sliding_window_causal_mask_function(window))
+    positions = torch.arange(seq_len)
+    mask = mask_function(0, 0, positions[:, None], positions[None, :])  # mask[q, t]: query q attends to key t
+    most, widest = 0, None
+    for start in range(0, seq_len, chunk):
+        earlier = mask[start:start + chunk, :start].any(dim=0).nonzero().flatten().tolist()
+        if earlier:  # the earlier keys any query of this chunk reads: one contiguous run ending at start − 1
+            assert earlier == list(range(earlier[0], start))
+        if len(earlier) >= most:
+            most, widest = len(earlier), (start, earlier)
+    return most, widest
+
+
+def _alone_prefix(graph, fraction, memory):
+    """kv_prefix of every node, each in a group of its own: the +kv size less the plain one."""
+    order = list(graph)
+    groups = [[v] for v in order]
+    plain = group_sizes(graph, groups, memory=memory.removesuffix("+kv"), chunk_fraction=fraction)
+    resident = group_sizes(graph, groups, memory=memory, chunk_fraction=fraction)
+    group_of = {v: i for i, v in enumerate(order)}
+    reference = MODELS[memory].reference(graph, groups, group_of, fraction)
+    assert reference == resident
+    return {v: r - p - (graph.nodes[v].get("kv_bytes") or 0) for v, r, p in zip(order, resident, plain)}
+
+
+GEMMA2_PER_TOKEN = 2 * 8 * 256 * 2  # gemma-2-9b: 8,192 B
+MISTRAL_PER_TOKEN = 2 * 8 * 128 * 2  # mistral-7b: 4,096 B
+
+
+class TestWindowedPrefix:
+    @pytest.mark.parametrize("seq_len, chunk, window", [
+        (64, 8, 16), (64, 8, 9), (64, 8, 8), (64, 8, 1), (64, 8, 2), (64, 1, 5), (64, 63, 5), (64, 64, 5),
+        (100, 30, 45), (100, 30, 91), (100, 30, 92), (100, 30, 200), (100, 7, 13), (97, 10, 31), (50, 49, 3),
+        (257, 16, 100), (257, 100, 256), (300, 64, None), (300, 7, None), (1000, 300, 512), (1000, 300, 901),
+    ])
+    def test_formula_is_the_mask(self, seq_len, chunk, window):
+        """prefix_tokens = max over chunks of the earlier tokens HF's mask lets the chunk's queries read."""
+        most, widest = _brute_prefix(seq_len, chunk, window)
+        assert prefix_tokens(seq_len, 1, chunk / seq_len, window) == most
+        g = _chain(GEMMA2_PER_TOKEN, seq_len=seq_len)
+        if window is not None:
+            g.nodes["attn"]["sliding_window"] = window
+        for memory in ("liveness+kv", "additive+kv"):
+            assert _alone_prefix(g, chunk / seq_len, memory)["attn"] == GEMMA2_PER_TOKEN * most
+        if most:  # the largest is the last chunk's, its earliest key max(0, p − w + 1)
+            start, earlier = widest
+            assert start == chunk * (-(-seq_len // chunk) - 1)
+            assert earlier[0] == (0 if window is None else max(0, start - window + 1))
+
+    def test_gemma2_9b_alternating_layers_at_8192(self):
+        """Local layers hold 4,095 tokens of K/V (w − 1), global ones all 7,168 before the last 1,024-token chunk."""
+        g = load("gemma-2-9b", granularity="op", seq_len=8192)
+        assert _brute_prefix(8192, 1024, 4096)[0] == 4095 and _brute_prefix(8192, 1024, None)[0] == 7168
+        prefix = _alone_prefix(g, 1024 / 8192, "liveness+kv")
+        attention = {v: b for v, b in prefix.items() if b}
+        assert attention == {f"block.{i}.attn": GEMMA2_PER_TOKEN * (4095 if i % 2 == 0 else 7168) for i in range(42)}
+        assert attention["block.0.attn"] == 33_546_240 and attention["block.1.attn"] == 58_720_256
+        assert prefix_formula(GEMMA2_PER_TOKEN, 8192, 1, 1024 / 8192, window=4096) == (
+            "8,192 B/token × 4,095 tokens (sliding window 4,096: w − 1 of the 7,168 before the last 1,024-token "
+            "chunk of 8,192) = 33,546,240 B")
+
+    def test_gemma2_9b_chunk_not_dividing_the_sequence(self):
+        """c = 3,000 of 8,192: the last chunk starts at 6,000; local 4,095, global 6,000 tokens."""
+        g = load("gemma-2-9b", seq_len=8192)
+        fraction = 3000 / 8192
+        assert _brute_prefix(8192, 3000, 4096)[0] == 4095 and _brute_prefix(8192, 3000, None)[0] == 6000
+        prefix = _alone_prefix(g, fraction, "additive+kv")
+        assert {prefix[f"block.{i}"] for i in range(0, 42, 2)} == {GEMMA2_PER_TOKEN * 4095}
+        assert {prefix[f"block.{i}"] for i in range(1, 42, 2)} == {GEMMA2_PER_TOKEN * 6000}
+
+    @pytest.mark.parametrize("seq_len, chunk, tokens", [(8192, 512, 4095), (8192, 4096, 4095), (4096, 512, 3584),
+                                                        (2048, 256, 1792)])
+    def test_mistral_every_layer(self, seq_len, chunk, tokens):
+        """Every mistral-7b layer has w = 4,096; a sequence of ≤ 4,096 tokens never reaches the cap."""
+        g = load("mistral-7b", seq_len=seq_len)
+        assert _brute_prefix(seq_len, chunk, 4096)[0] == tokens
+        prefix = _alone_prefix(g, chunk / seq_len, "liveness+kv")
+        assert {v: b for v, b in prefix.items() if b} == {f"block.{i}": MISTRAL_PER_TOKEN * tokens for i in range(32)}
+
+    def test_gemma3_1b_five_local_one_global(self):
+        g = load("gemma-3-1b", granularity="op", seq_len=2048)
+        per_token = 2 * 1 * 256 * 2
+        prefix = _alone_prefix(g, 128 / 2048, "liveness+kv")
+        assert _brute_prefix(2048, 128, 512)[0] == 511
+        assert {v: b for v, b in prefix.items() if b} == {
+            f"block.{i}.attn": per_token * (1920 if (i + 1) % 6 == 0 else 511) for i in range(26)}
+
+    def test_window_beyond_the_sequence_changes_nothing(self):
+        """gemma-2 at 2,048 tokens: w − 1 = 4,095 > 1,984, every layer holds the whole prefix."""
+        g = load("gemma-2-9b", seq_len=2048)
+        prefix = _alone_prefix(g, 64 / 2048, "liveness+kv")
+        assert {prefix[f"block.{i}"] for i in range(42)} == {GEMMA2_PER_TOKEN * 1984}
+
+    def test_plan_checks_and_forgery_caught(self):
+        g = load("gemma-2-9b", seq_len=8192)
+        plan = cachefit.plan(g, "2GiB", solver="greedy", memory="liveness+kv", chunk_tokens=1024)
+        assert plan.ok and cachefit.check(plan).ok
+        uncapped = GEMMA2_PER_TOKEN * (7168 - 4095)  # what a local layer would hold without its window
+        local = next(i for i, group in enumerate(plan.partitions) if "block.0" in group)
+        sizes = list(plan.sizes)
+        sizes[local] += uncapped
+        forged = dataclasses.replace(plan, sizes=tuple(sizes), bottleneck=max(sizes))
+        assert any("differ from recomputed" in v for v in cachefit.check(forged).violations)
+
+    @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "4096"])
+    def test_bad_window_named(self, bad):
+        g = _chain(10)
+        g.nodes["attn"]["sliding_window"] = bad
+        with pytest.raises(InputError, match=r"^node 'attn': `sliding_window` must be a positive integer of tokens"):
+            group_sizes(g, [["a", "attn", "b"]], memory="liveness+kv", chunk_fraction=0.25)
+
+
+class TestWindowedChunkSearch:
+    def test_gemma3_1b_groq_chunk_and_k_change(self):
+        """The cap frees 22 of 26 layers' prefixes: 32 tokens and k = 10, where charging every layer its whole
+        prefix (the windows left out, main's model before the cap) picks 64 tokens and needs k = 11."""
+        g = load("gemma-3-1b", granularity="op", seq_len=8192)
+        uncapped = g.copy()
+        for _, data in uncapped.nodes(data=True):
+            data.pop("sliding_window", None)
+        capped = choose_chunk_tokens(g, "groq-lpu-sram", memory="liveness+kv", tile=True)
+        before = choose_chunk_tokens(uncapped, "groq-lpu-sram", memory="liveness+kv", tile=True)
+        assert (capped.chunk_tokens, capped.k) == (32, 10)
+        assert (before.chunk_tokens, before.k) == (64, 11)
+        assert all(k_capped <= k_before for (_, k_capped), (_, k_before) in zip(capped.probes, before.probes)
+                   if k_capped is not None and k_before is not None)
+        plan = cachefit.plan(g, "groq-lpu-sram", memory="liveness+kv", chunk_tokens=32, tile=True, solver="greedy")
+        assert plan.k == 10 and cachefit.check(plan).ok
