@@ -346,7 +346,7 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
         return Deployment(stage_plan, (), on_chip_capacity)
     groups = []
     for index, nodes in enumerate(stage_plan.partitions):
-        sub = stage_graph(graph, nodes, index)
+        sub = stage_graph(stage_plan.graph, nodes, index)  # with its table copies (`cachefit.ties`)
         share = None
         if time_limit_s is not None:  # what is left, shared by the stages not planned yet
             left = time_limit_s - (time.perf_counter() - started)

@@ -48,7 +48,17 @@ def test_later_stage_takes_its_received_activations_and_a_head_tied_across_stage
     result = run(deployment, stage=1, schedule="partition-major", warmup=0, iters=1)
     assert result.equivalent
     assert any("seeded random inputs" in note for note in result.notes)
-    assert any(note.startswith("lm_head is tied to an embedding in another stage") for note in result.notes)
+    elements = TINY_GPT2["vocab_size"] * TINY_GPT2["n_embd"]
+    table, allocated = elements * 2, elements * 4  # planned in bf16; the CPU run allocates float32
+    assert any("float32" in note for note in result.notes)
+    assert (f"lm_head is tied to 'embed' in another stage: this stage holds its own copy of the table "
+            f"({allocated:,} B as allocated), counted in lm_head's group") in result.notes
+    # The plan counts the copy where the run allocates it: in the group that holds the head.
+    assert sub.nodes["lm_head"]["weight_bytes"] == sub.nodes["lm_head"]["table_copy_bytes"] == table
+    head_group = next(index for index, group in enumerate(deployment.groups[1].partitions) if "lm_head" in group)
+    assert result.groups[head_group].weight_bytes >= allocated
+    planned = cachefit.memory.group_sizes(sub, deployment.groups[1].partitions, memory=deployment.groups[1].memory)
+    assert result.groups[head_group].planned_bytes == planned[head_group] >= table
 
 
 def test_block_granularity_stage_runs():
