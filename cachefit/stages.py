@@ -254,28 +254,37 @@ def _exact_copies(result, graph, devices, solve):
     Exact when `forced_apart` (every split of `devices` runs in the node
     order separates each tied node from its owners: the embedded and
     Hugging Face transformers).  Otherwise a split keeping a tied node with
-    its owner was judged by a larger size than it has, so the solver's
-    claims are weakened: OPTIMAL to FEASIBLE, and INFEASIBLE stands only when
-    the graph without any copy has no plan either (else UNKNOWN).
+    its owner was judged by a larger size than it has, so the claims are
+    weakened: OPTIMAL becomes FEASIBLE; with no plan, the graph without any
+    copy is solved too: no plan there proves INFEASIBLE, and a plan there
+    whose own copies fit is returned (FEASIBLE), else UNKNOWN.
     """
     exact = forced_apart(graph, devices)
     if result.ok:
-        marked = with_table_copies(graph, result.partitions)
-        sizes = tuple(int(size) for size in group_sizes(marked, result.partitions, memory=result.memory,
-                                                         chunk_fraction=result.chunk_fraction))
-        copies = {node: data[COPY_KEY] for node, data in marked.nodes(data=True) if data.get(COPY_KEY)}
-        stats = {**result.stats, "table_copies": copies}
-        status = result.status
-        if not exact and status == Status.OPTIMAL:
-            status = Status.FEASIBLE
-            stats["claims"] = "tied nodes were counted apart from their owners while solving (not forced)"
-        return replace(result, graph=marked, sizes=sizes, bottleneck=max(sizes), status=status, stats=stats)
+        return _marked(result, graph, weaken=not exact)
     result = replace(result, graph=graph)  # no split, no copies: the model's own bytes
     if exact or result.status != Status.INFEASIBLE:
         return result
     relaxed = solve(graph)
     if not relaxed.ok:
         return result
+    candidate = _marked(relaxed, graph, weaken=True)
+    if candidate.bottleneck <= candidate.capacity:
+        return candidate
     return replace(result, status=Status.UNKNOWN,
                    reason=f"{result.reason} (counting a table copy for every tied node; a split that keeps a "
                           "tied node with its owner may fit)")
+
+
+def _marked(result, graph, *, weaken):
+    """`result` over `graph` marked with its split's table copies, sizes recomputed (`weaken`: at most FEASIBLE)."""
+    marked = with_table_copies(graph, result.partitions)
+    sizes = tuple(int(size) for size in group_sizes(marked, result.partitions, memory=result.memory,
+                                                     chunk_fraction=result.chunk_fraction))
+    copies = {node: data[COPY_KEY] for node, data in marked.nodes(data=True) if data.get(COPY_KEY)}
+    stats = {**result.stats, "table_copies": copies}
+    status = result.status
+    if weaken and status == Status.OPTIMAL:
+        status = Status.FEASIBLE
+        stats["claims"] = "not proved: a tied node may share a stage with its owner, which the search did not weigh"
+    return replace(result, graph=marked, sizes=sizes, bottleneck=max(sizes), status=status, stats=stats)

@@ -25,7 +25,8 @@ import networkx as nx
 
 from .units import DTYPE_BYTES
 
-__all__ = ["owners", "tied_nodes", "copy_bytes", "with_table_copies", "forced_apart", "COPY_KEY"]
+__all__ = ["owners", "tied_nodes", "copy_bytes", "with_table_copies", "without_table_copies", "forced_apart",
+           "COPY_KEY"]
 
 #: The node attribute that records the bytes of a table copy counted in ``weight_bytes``.
 COPY_KEY = "table_copy_bytes"
@@ -71,10 +72,11 @@ def with_table_copies(graph, partitions=None):
     networkx.DiGraph
         `graph` itself when nothing changes (no tied node apart from its
         owner), else a new graph; `graph` is never changed.  Marks of an
-        earlier split are replaced, not added to.
+        earlier split are replaced, not added to, on the nodes whose owner
+        is in `graph` (a stage's sub-graph, without the owner, keeps them).
     """
     ties = tied_nodes(graph)
-    earlier = {node for node, data in graph.nodes(data=True) if data.get(COPY_KEY)}
+    earlier = {node for node in ties if graph.nodes[node].get(COPY_KEY)}  # a stage sub-graph keeps its copies
     stage_of = None if partitions is None else {node: index for index, group in enumerate(partitions)
                                                     for node in group}
     marks = {}
@@ -95,6 +97,12 @@ def with_table_copies(graph, partitions=None):
         data["weight_bytes"] = int(data.get("weight_bytes") or 0) + extra
         data[COPY_KEY] = extra
     return marked
+
+
+def without_table_copies(graph):
+    """`graph` as one module holds it: no copy for a node whose owner is in `graph` (`graph` itself when
+    none is marked); a stage's sub-graph keeps the copies it needs."""
+    return with_table_copies(graph, [list(graph)])
 
 
 def forced_apart(graph, devices):
