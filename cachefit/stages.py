@@ -232,7 +232,10 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
         where = (f"{devices} device(s) of {format_device(total)} − {format_bytes(total - capacity)} reserve "
                  f"= {format_bytes(capacity)} each")
         if fewest is None:
-            hint = "no number of devices fits: a node exceeds one device alone"
+            # The solver's own reason would advise tiling or streaming the KV cache, on-chip choices that do not
+            # apply to a device: say what does.
+            return replace(result, reason=f"{where}: {_oversize_reason(presumed, capacity, memory)}",
+                           stats={**result.stats, **stats})
         else:
             hint = f"the smallest device count that fits is {fewest}"
             nodes = result.graph.number_of_nodes() if hasattr(result.graph, "number_of_nodes") else None
@@ -288,3 +291,19 @@ def _marked(result, graph, *, weaken):
         status = Status.FEASIBLE
         stats["claims"] = "not proved: a tied node may share a stage with its owner, which the search did not weigh"
     return replace(result, graph=marked, sizes=sizes, bottleneck=max(sizes), status=status, stats=stats)
+
+
+def _oversize_reason(graph, capacity, memory):
+    """Why no number of devices of `capacity` bytes holds `graph`: its largest node alone, and what helps."""
+    from .memory import alone_sizes, as_table
+
+    table = as_table(graph)
+    alone = alone_sizes(table, memory)
+    over = [index for index in range(table.n) if int(alone[index]) > capacity]
+    index = max(over, key=lambda i: int(alone[i]))
+    return (f"node {table.ids[index]!r} needs {format_bytes(int(alone[index]))} ({int(alone[index])} B) alone "
+            f"(weights, KV cache and live activations), more than one device's {format_bytes(capacity)} "
+            f"({capacity} B)" + (f"; {len(over)} node(s) exceed one device" if len(over) > 1 else "")
+            + "; no number of devices fits: only a larger device_capacity (or a smaller reserve) does (the stage "
+            "level keeps nodes whole; tiling splits nodes for the on-chip level, and tensor parallelism is not "
+            "modelled)")
