@@ -462,3 +462,37 @@ class TestTiedHeadAcrossStages:
         # 0.8 GB: no split fits even without copies: INFEASIBLE stands.
         result = cachefit.stages(graph, devices=2, device_capacity="0.8GB", memory="liveness", balance="memory")
         assert str(result.status) == "INFEASIBLE"
+
+
+class TestStageLevelChunkFraction:
+    """The stage level holds a micro-batch's activations whole (f = 1) whatever the on-chip level streams."""
+
+    def test_on_chip_chunks_stage_level_whole(self):
+        graph = instances.load("llama-3.1-8b", seq_len=4096, batch=1)
+        result = deploy(graph, devices=2, device_capacity="h100-hbm", capacity="512MiB", tile=True,
+                        chunk_tokens=512, solver="greedy")
+        assert result.ok, result.reason
+        assert result.stages.chunk_fraction == 1.0
+        assert all(group.chunk_fraction == 512 / 4096 for group in result.groups)
+        # The stage sizes are the whole micro-batch's: the model at f = 1, not at the on-chip fraction.
+        whole = cachefit.memory.group_sizes(result.stages.graph, result.stages.partitions,
+                                            memory=result.stages.memory, chunk_fraction=1.0)
+        streamed = cachefit.memory.group_sizes(result.stages.graph, result.stages.partitions,
+                                               memory=result.stages.memory, chunk_fraction=512 / 4096)
+        assert tuple(whole) == result.stages.sizes and all(w > s for w, s in zip(whole, streamed))
+        assert all(report.ok for report in result.check())
+        data = json.loads(result.to_json())
+        assert data["stage_level"]["chunk_fraction"] == 1.0
+
+    def test_checker_refuses_a_streamed_stage_level(self):
+        graph = instances.load("llama-3.1-8b", seq_len=4096, batch=1)
+        data = json.loads(deploy(graph, devices=2, device_capacity="h100-hbm", capacity="512MiB", tile=True,
+                                 chunk_tokens=512, solver="greedy").to_json())
+        data["stage_level"]["chunk_fraction"] = 0.125
+        stage_report = read_plan(json.dumps(data)).check()[0]
+        assert ("the stage level holds each micro-batch's activations whole (chunk fraction 1), got 0.125"
+                in stage_report.violations)
+        data["stage_level"].update(chunk_fraction=1.0, memory="liveness")
+        stage_report = read_plan(json.dumps(data)).check()[0]
+        assert ("the stage level counts the KV cache in device memory (a '+kv' model), got 'liveness'"
+                in stage_report.violations)
