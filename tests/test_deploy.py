@@ -496,3 +496,15 @@ class TestStageLevelChunkFraction:
         stage_report = read_plan(json.dumps(data)).check()[0]
         assert ("the stage level counts the KV cache in device memory (a '+kv' model), got 'liveness'"
                 in stage_report.violations)
+
+
+def test_cli_says_which_stage_counts_a_table_copy(tmp_path):
+    result = CliRunner().invoke(main, ["plan", "gpt2", "--phase", "decode", "--context", "1000", "--batch", "4",
+                                       "--devices", "3", "--device-capacity", "200MB", "--capacity", "h100-l2",
+                                       "--tile", "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("tied: lm_head (stage 2) shares its table with 'embed' in another stage; stage 2 counts its own copy, "
+            "77,194,752 B (73.6 MiB)") in text
+    check_run = CliRunner().invoke(main, ["check", str(tmp_path / "p.json")])
+    assert check_run.exit_code == 0, check_run.output
