@@ -5,7 +5,10 @@ A `Deployment` has two levels:
 - ``stages``: an ordinary stage plan (`cachefit.stages`): exactly one group
   per device, each within the device's memory (``device_capacity`` less a
   reserve) with its layers' KV cache counted (memory model ``NAME+kv``),
-  balanced by flops;
+  its micro-batch's activations whole (chunk fraction 1: the on-chip groups
+  run partition-major, so a group's outputs for the whole micro-batch are
+  in device memory before the next group runs) and a copy of every tied
+  table whose owner is in another stage (`cachefit.ties`), balanced by flops;
 - ``groups``: for every stage, an ordinary plan of that stage's nodes for the
   on-chip ``capacity`` (the fewest groups, optionally tiled and chunked).
 
