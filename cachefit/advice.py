@@ -40,7 +40,7 @@ from .memory import Intervals, as_table, check_memory, kv_placement, with_kv
 from .progress import task
 from .units import parse_bytes
 
-__all__ = ["Advice", "Suggestion", "suggest", "smallest_capacity", "capacity_text"]
+__all__ = ["Advice", "Suggestion", "suggest", "smallest_capacity", "capacity_text", "DeviceAdvice", "suggest_devices"]
 
 logger = logging.getLogger(__name__)
 
@@ -402,3 +402,117 @@ def _has_tokens(graph):
     if not isinstance(attributes, dict):
         return False
     return all(isinstance(attributes.get(name), int) and attributes.get(name) > 0 for name in ("batch", "seq_len"))
+
+
+@dataclass(frozen=True)
+class DeviceAdvice:
+    """What would make an INFEASIBLE stage level (`cachefit.stages`, `cachefit.deploy`) feasible, each planned.
+
+    Only the device side can help there: the stage level keeps whole nodes
+    (tiling and chunking are on-chip choices, and tensor parallelism is not
+    modelled), so no other change is suggested.
+
+    Attributes
+    ----------
+    devices : int or None
+        The fewest devices of the capacity asked for that hold the model
+        (verified by a stage plan); None when no count does (`oversize_node`).
+    device_capacity : int or None
+        Memory per device (reserve included) for the number of devices
+        asked for: a round figure at most 1 % above the least (the least
+        itself when the round one is not confirmed), verified by a stage
+        plan at exactly that many bytes; None when that number exceeds the
+        nodes.
+    oversize_node : str or None
+        A node that needs more than one device (less the reserve) alone.
+    oversize_bytes : int
+        What that node needs alone (0 when none).
+    plans : tuple of Plan
+        The stage plans that verified `devices` and `device_capacity`.
+    """
+
+    devices: int | None
+    device_capacity: int | None
+    oversize_node: str | None
+    oversize_bytes: int
+    plans: tuple = field(repr=False, compare=False, default=())
+
+    def options(self):
+        """Each way as CLI options and why, e.g. ``[(['--devices', '3'], 'the fewest devices ...'), ...]``."""
+        ways = []
+        if self.devices is not None:
+            ways.append((["--devices", str(self.devices)], "the fewest devices of the capacity asked for"))
+        if self.device_capacity is not None:
+            ways.append((["--device-capacity", capacity_text(self.device_capacity, slack=0)],
+                         f"memory per device ({self.device_capacity:,} B, within 1 % of the least) for the "
+                         "devices asked for"))
+        return ways
+
+
+def suggest_devices(graph, *, devices, device_capacity, reserve=0, memory="liveness+kv", balance="flops"):
+    """The fewest devices and the least device memory that hold `graph` as stages; each planned before returned.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph
+        The model graph (as `cachefit.stages` takes it).
+    devices : int
+        The number of devices asked for.
+    device_capacity, reserve : int or str
+        As in `cachefit.stages`.
+    memory, balance : str
+        As in `cachefit.stages` (the stage level's memory model).
+
+    Returns
+    -------
+    DeviceAdvice
+
+    Notes
+    -----
+    The least device memory for `devices` stages is the smallest largest
+    stage among the splits of the node order into `devices` runs: a stage
+    plan balanced by bytes on an unbounded device finds it (``dp`` is exact
+    for the node order, table copies of tied nodes included), and a stage
+    plan with exactly that many bytes (plus the reserve) confirms it.  The
+    fewest devices start from the stage plan's greedy count and grow until a
+    stage plan fits (at most the number of nodes).
+    """
+    from .memory import alone_sizes, group_sizes
+    from .stages import stages, _stage_capacity
+
+    capacity = _stage_capacity(device_capacity, reserve)
+    total = parse_capacity(device_capacity, name="device_capacity")
+    reserved = total - capacity
+    nodes = list(graph)
+    alone = alone_sizes(as_table(graph), memory)
+    largest = int(np.argmax(alone)) if len(alone) else 0
+    oversize = nodes[largest] if len(alone) and int(alone[largest]) > capacity else None
+    plans = []
+    fewest = None
+    count = 1
+    while oversize is None and count <= len(nodes):
+        plan = stages(graph, devices=count, device_capacity=total, reserve=reserved, memory=memory, balance=balance)
+        if plan.ok:
+            fewest = count
+            plans.append(plan)
+            break
+        floor = plan.stats.get("min_devices")
+        if floor is None:
+            break
+        count = max(count + 1, floor)
+    least = None
+    if devices <= len(nodes):
+        whole = int(group_sizes(graph, [nodes], memory=memory)[0])
+        unbounded = stages(graph, devices=devices, device_capacity=2 * whole + reserved + 1, reserve=reserved,
+                           memory=memory, balance="memory")
+        if unbounded.ok:
+            # The exact least, then a round figure within 1 % above it, each confirmed by a stage plan.
+            exact = unbounded.bottleneck + reserved
+            for candidate in (exact, parse_bytes(capacity_text(exact))):
+                plan = stages(graph, devices=devices, device_capacity=candidate, reserve=reserved, memory=memory,
+                              balance=balance)
+                if not plan.ok:
+                    break
+                least = candidate
+                plans.append(plan)
+    return DeviceAdvice(fewest, least, oversize, int(alone[largest]) if oversize else 0, tuple(plans))

@@ -21,6 +21,7 @@ import networkx as nx
 
 from .memory import MODELS, LayerTable
 from .result import Status
+from .units import DTYPE_BYTES
 
 __all__ = ["CheckReport", "check", "check_levels"]
 
@@ -141,6 +142,15 @@ def check(plan, graph=None):
 def check_levels(deployment):
     """Check both levels of a two-level plan: a report for the stage plan, then one per stage's on-chip plan.
 
+    The stage report also holds the stage level's own rules, recomputed
+    here: the chunk fraction is 1 (a stage holds each micro-batch's
+    activations whole: inside a stage the on-chip groups run partition-major,
+    so every group's output for the whole micro-batch is in device memory
+    before the next group starts), the memory model keeps the KV cache
+    (``+kv``), and a tied node in another stage than its owner counts that
+    table (``table_copy_bytes``, the owner's num_embeddings × embedding_dim
+    × dtype bytes for an embedding), a tied node with its owner counts none.
+
     Each on-chip report also holds the violations of the link to its stage:
     its graph's ``stage_input`` nodes must be exactly the producers outside
     the stage that feed it, each with its producer's ``activation_bytes``;
@@ -155,11 +165,20 @@ def check_levels(deployment):
     """
     stages, groups = deployment.stages, tuple(deployment.groups)
     stage_report = check(stages)
-    if stages.ok and len(groups) not in (0, stages.k):
-        stage_report = CheckReport(False, (*stage_report.violations, f"the stage plan has {stages.k} stages but "
-                                          f"{len(groups)} on-chip plans"), stage_report.sizes)
-    reports = [stage_report]
     whole = stages.graph.to_graph() if isinstance(stages.graph, LayerTable) else stages.graph
+    extra = []
+    if stages.ok and len(groups) not in (0, stages.k):
+        extra.append(f"the stage plan has {stages.k} stages but {len(groups)} on-chip plans")
+    if stages.chunk_fraction != 1:
+        extra.append(f"the stage level holds each micro-batch's activations whole (chunk fraction 1), "
+                     f"got {stages.chunk_fraction}")
+    if isinstance(stages.memory, str) and stages.memory in MODELS and not stages.memory.endswith("+kv"):
+        extra.append(f"the stage level counts the KV cache in device memory (a '+kv' model), got {stages.memory!r}")
+    if stages.ok and isinstance(whole, nx.DiGraph):
+        extra.extend(_copy_violations(whole, stages.partitions))
+    if extra:
+        stage_report = CheckReport(False, (*stage_report.violations, *extra), stage_report.sizes)
+    reports = [stage_report]
     for index, group in enumerate(groups):
         report = check(group)
         links = ()
@@ -167,6 +186,49 @@ def check_levels(deployment):
             links = _link_violations(whole, stages.partitions[index], group.graph)
         reports.append(CheckReport(report.ok and not links, (*report.violations, *links), report.sizes))
     return tuple(reports)
+
+
+#: The node attribute that marks a table copy a stage counts in a tied node's weight_bytes.
+_COPY = "table_copy_bytes"
+
+
+def _table_bytes(graph, node, absent):
+    """The bytes of what `node` shares with its owners `absent`, from the owners' side.
+
+    Owners that are embeddings with their shape: Σ num_embeddings ×
+    embedding_dim × dtype bytes (the token tables); else a linear `node`
+    with its shape: out_features × in_features × dtype bytes; else Σ the
+    owners' weight_bytes.
+    """
+    element = DTYPE_BYTES.get(str(graph.graph.get("dtype", "")).lower())
+    owners = [graph.nodes[owner] for owner in absent]
+    if element and all(data.get("op") == "embedding" and data.get("num_embeddings") and data.get("embedding_dim")
+                       for data in owners):
+        return sum(int(data["num_embeddings"]) * int(data["embedding_dim"]) * element for data in owners)
+    attrs = graph.nodes[node]
+    if element and attrs.get("op") == "linear" and attrs.get("in_features") and attrs.get("out_features"):
+        return int(attrs["in_features"]) * int(attrs["out_features"]) * element
+    return sum(int(data.get("weight_bytes") or 0) for data in owners)
+
+
+def _copy_violations(whole, partitions):
+    """A tied node in another stage than its owner must count the table (``table_copy_bytes``), and only then."""
+    stage_of = {node: index for index, group in enumerate(partitions) for node in group}
+    violations = []
+    for node, data in whole.nodes(data=True):
+        tied = data.get("tied_to")
+        owners = () if tied is None else (tied,) if isinstance(tied, str) else tuple(tied)
+        absent = [owner for owner in owners if owner in whole and stage_of.get(owner) != stage_of.get(node)]
+        wanted = _table_bytes(whole, node, absent) if absent else 0
+        given = data.get(_COPY) or 0
+        if given != wanted:
+            violations.append(f"node {node!r} (stage {stage_of.get(node)}) counts {given} B of table copy "
+                              f"({_COPY}); its stage needs {wanted} B for the table it shares with "
+                              f"{', '.join(map(repr, absent)) or 'no owner in another stage'}")
+        elif given > (data.get("weight_bytes") or 0):
+            violations.append(f"node {node!r}: weight_bytes {data.get('weight_bytes')} B is less than its "
+                              f"table copy {given} B")
+    return violations
 
 
 def _link_violations(whole, nodes, sub):

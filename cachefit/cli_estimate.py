@@ -276,8 +276,16 @@ def print_deployment(result):
     console.print(f"stages: {result.stages.memory}, within {format_bytes(result.device_capacity)} each; "
                   f"on chip: {result.groups[0].memory if result.groups else '-'}, within {capacity}",
                   highlight=False, soft_wrap=True)
+    copies = result.stages.stats.get("table_copies") or {} if result.stages.ok else {}
+    for node, size in copies.items():
+        stage = next(index for index, nodes in enumerate(result.stages.partitions) if node in nodes)
+        owner = result.graph.nodes[node].get("tied_to")
+        console.print(Text(f"tied: {node} (stage {stage}) shares its table with {owner!r} in another stage; "
+                           f"stage {stage} counts its own copy, {size:,} B ({format_bytes(size)})"), soft_wrap=True)
     if not result.ok:
         console.print(Text(f"{result.status}: {result.reason}"), soft_wrap=True)
+    if not result.stages.ok and result.graph is not None:
+        print_device_advice(result.stages)
     reports = result.check() if result.ok else ()
     names = ["stages", *(f"stage {index} on chip" for index in range(len(result.groups)))]
     for name, report in zip(names, reports):
@@ -288,6 +296,39 @@ def print_deployment(result):
                       f"({len(reports)} plans recomputed independently, and each stage's link to its on-chip plan); "
                       f"{result.k} on-chip groups in all", highlight=False, soft_wrap=True)
     return reports
+
+
+def print_device_advice(stage_plan):
+    """Say what makes an INFEASIBLE stage level feasible: more devices or more memory per device, each planned.
+
+    Tiling is named only to say why it cannot help: the stage level keeps
+    nodes whole, so a node larger than one device needs a larger device.
+    """
+    from .advice import capacity_text, suggest_devices
+    from .stages import format_device
+
+    stats = stage_plan.stats
+    total, reserve = stats.get("device_capacity"), stats.get("reserve", 0)
+    if total is None or stats.get("devices") is None:
+        return
+    advice = suggest_devices(stage_plan.graph, devices=stats["devices"], device_capacity=total, reserve=reserve,
+                             memory=stage_plan.memory, balance=stats.get("balance", "flops"))
+    lines = ["advice for the stage level (each planned before it is printed):"]
+    if advice.devices is not None:
+        lines.append(f"  --devices {advice.devices}: the fewest devices of {format_device(total)}"
+                     + (f" less {format_bytes(reserve)} reserve" if reserve else "") + " that hold the model")
+    if advice.device_capacity is not None:
+        flag = capacity_text(advice.device_capacity, slack=0)
+        lines.append(f"  --device-capacity {flag}: {advice.device_capacity:,} B per device (reserve included, "
+                     f"within 1 % of the least) holds the model on {stats['devices']} device(s)")
+    if advice.oversize_node is not None:
+        lines.append(f"  node {advice.oversize_node!r} needs {format_bytes(advice.oversize_bytes)} alone, more than "
+                     f"one device less its reserve ({format_bytes(total - reserve)}): no number of devices holds it; "
+                     "the stage level keeps nodes whole (--tile splits nodes for the on-chip level only, and tensor "
+                     "parallelism is not modelled), so only a larger --device-capacity helps")
+    if len(lines) == 1:
+        lines.append("  none found: no number of devices and no device memory tried gives a stage plan")
+    console.print(Text("\n".join(lines)), highlight=False, soft_wrap=True)
 
 
 #: The commands this module adds to `cachefit`.

@@ -120,15 +120,21 @@ def _pipeline_table(result):
     return table
 
 
-#: What `cachefit pipeline` says when it runs the stage level of a two-level plan.
-TWO_LEVEL_LINE = ("two-level plan: running its {n} stage(s) (the stage level, both levels checked first); inside "
-                  "a stage each micro-batch runs the stage's nodes in order, not group by group: stage I's on-chip "
-                  "groups run partition-major with `cachefit run PLAN --stage I`")
+#: What `cachefit pipeline` says when it runs the stage level of a two-level plan, per `--inner`.
+TWO_LEVEL_LINES = {
+    "node-order": ("two-level plan: running its {n} stage(s) (the stage level, both levels checked first); inside "
+                   "a stage each micro-batch runs the stage's nodes in order, not group by group (--inner "
+                   "partition-major runs the on-chip groups group by group over all micro-batches)"),
+    "partition-major": ("two-level plan: running its {n} stage(s) (both levels checked first); inside a stage the "
+                        "on-chip groups run one after another, each over all micro-batches of the step (the stage "
+                        "holds them all, so the stages do not overlap within a step)"),
+}
 
 
-def _stage_level(plan_file):
-    """The plan `cachefit pipeline` runs: a version-1 plan as it is, or a version-2 plan's stage level.
+def _stage_level(plan_file, inner="node-order"):
+    """The plan `cachefit pipeline` runs and its stages' on-chip groups (None unless `inner` is partition-major).
 
+    A version-1 plan runs as it is; of a version-2 plan, the stage level.
     A version-2 plan is checked at both levels and their link first
     (`cachefit.check`); a rejection exits 1 with one line, as `cachefit run`.
     """
@@ -137,10 +143,13 @@ def _stage_level(plan_file):
 
     plan = read_plan(plan_file)
     if not isinstance(plan, Deployment):
-        return plan
+        if inner == "partition-major":
+            raise InputError("`--inner partition-major` runs the on-chip groups of a two-level plan (version 2, "
+                             "`cachefit plan MODEL --devices N ...`); this is a single-level plan")
+        return plan, None
     if not plan.ok:
         failed = next(level for level in (plan.stages, *plan.groups) if not level.ok)
-        return failed
+        return failed, None
     from .checker import check
 
     report = check(plan)
@@ -149,8 +158,12 @@ def _stage_level(plan_file):
         error_console.print(f"[bold red]plan rejected:[/] `plan` fails cachefit.check: {report.violations[0]}"
                             + (f" (and {more} more)" if more else ""), highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)
-    console.print(TWO_LEVEL_LINE.format(n=plan.stages.k), highlight=False, soft_wrap=True)
-    return plan.stages
+    console.print(TWO_LEVEL_LINES[inner].format(n=plan.stages.k), highlight=False, soft_wrap=True)
+    if inner == "node-order":
+        return plan.stages, None
+    from .executor.stage import inner_groups
+
+    return plan.stages, inner_groups(plan)
 
 
 @click.command("pipeline")
@@ -167,11 +180,16 @@ def _stage_level(plan_file):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the weights and the inputs.")
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype to compute in (default fp32 on the CPU, the graph's on CUDA).")
+@click.option("--inner", type=click.Choice(["node-order", "partition-major"]), default="node-order",
+              show_default=True,
+              help="Inside a stage of a two-level plan: each micro-batch through the stage's nodes in order "
+                   "(stages overlap), or the on-chip groups one after another over all micro-batches (each "
+                   "group's weights read once per step; no overlap within a step).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the result as JSON here.")
 @friendly
 def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, timeout_s, threads, seed,
-                     compute_dtype, json_path):
+                     compute_dtype, inner, json_path):
     """Run the stages of PLAN_FILE on torch.distributed.pipelining, one process per stage, and check them.
 
     Started plainly, it spawns one process per stage on this machine
@@ -183,7 +201,7 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
     failed or the checks reject the plan, 2 bad input.  The stage processes
     end with this one, however it ends.
     """
-    plan = _stage_level(plan_file)  # the file first: bad input is answered without importing torch
+    plan, groups = _stage_level(plan_file, inner)  # the file first: bad input is answered without importing torch
     if not plan.ok:
         error_console.print(f"[red]no plan[/]: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_NO_PLAN)
@@ -205,7 +223,7 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
     try:
         result = run_pipeline(plan, schedule=schedule, microbatches=microbatches, backend=backend, seed=seed,
                               dtype=compute_dtype, warmup=warmup, iters=iters, timeout_s=timeout_s,
-                              threads=threads, launcher="torchrun" if torchrun else "spawn")
+                              threads=threads, launcher="torchrun" if torchrun else "spawn", inner=groups)
     except InputError:
         raise
     except CachefitError as exc:
@@ -220,9 +238,11 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
         f"step: {result.makespan_ms:.2f} ms median (min {result.makespan_min_ms:.2f}, max "
         f"{result.makespan_max_ms:.2f}) over {result.iters} step(s) after {result.warmup} warm-up; "
         f"{result.tokens:,} tokens per step, {result.tokens_per_s:,.0f} tokens/s",
-        f"bubble: {100 * result.bubble_theoretical:.1f}% in theory ((S−1)/(M+S−1) = {result.stages - 1}/"
-        f"{result.microbatches + result.stages - 1}), {100 * result.bubble_measured:.1f}% measured "
-        "(mean idle share of the stages)",
+        f"bubble: {100 * result.bubble_theoretical:.1f}% in theory ("
+        + (f"(S−1)/S = {result.stages - 1}/{result.stages}: partition-major stages hold the whole step"
+           if groups is not None else
+           f"(S−1)/(M+S−1) = {result.stages - 1}/{result.microbatches + result.stages - 1}")
+        + f"), {100 * result.bubble_measured:.1f}% measured (mean idle share of the stages)",
         result.equivalence_line,
         *(f"note: {note}" for note in result.notes),
     ]

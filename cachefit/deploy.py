@@ -5,7 +5,10 @@ A `Deployment` has two levels:
 - ``stages``: an ordinary stage plan (`cachefit.stages`): exactly one group
   per device, each within the device's memory (``device_capacity`` less a
   reserve) with its layers' KV cache counted (memory model ``NAME+kv``),
-  balanced by flops;
+  its micro-batch's activations whole (chunk fraction 1: the on-chip groups
+  run partition-major, so a group's outputs for the whole micro-batch are
+  in device memory before the next group runs) and a copy of every tied
+  table whose owner is in another stage (`cachefit.ties`), balanced by flops;
 - ``groups``: for every stage, an ordinary plan of that stage's nodes for the
   on-chip ``capacity`` (the fewest groups, optionally tiled and chunked).
 
@@ -208,18 +211,27 @@ class Deployment:
                              "or cachefit.result.read_plan")
         check_version(data)
         _require(data, {"graph": dict, "devices": int, "device_capacity": int, "status": str, "k": int,
-                        "stage_level": dict, "stages": list}, "plan field")
+                        "stage_level": dict, "stages": list}, "")
         level = data["stage_level"]
         _require(level, {"memory": str, "chunk_fraction": (int, float), "solver": str, "status": str,
-                         "lower_bound": int, "bottleneck": int, "wall_s": (int, float)}, "plan field 'stage_level':")
+                         "lower_bound": int, "bottleneck": int, "wall_s": (int, float)}, "stage_level.")
+        _require(level, {"stats": dict, "reason": str}, "stage_level.", optional=True)
+        if level["status"] not in Status.__members__:
+            raise InputError(f"plan field 'stage_level.status' must be one of {', '.join(Status.__members__)}, "
+                             f"got {level['status']!r}")
         entries = data["stages"]
         for index, entry in enumerate(entries):
-            where = f"plan field 'stages'[{index}]:"
-            _require(entry, {"device": int, "nodes": list, "size": int, "plan": (dict, type(None))}, where)
+            where = f"stages[{index}]"
+            if not isinstance(entry, dict):
+                raise InputError(f"plan field '{where}' must be an object, got {type(entry).__name__}")
+            _require(entry, {"device": int, "nodes": list, "size": int, "plan": (dict, type(None))}, f"{where}.")
             if entry["device"] != index:
-                raise InputError(f"{where} 'device' must be {index} (stage i runs on device i), got {entry['device']}")
-            if not all(isinstance(node, str) for node in entry["nodes"]):
-                raise InputError(f"{where} 'nodes' must be a list of node ids (strings)")
+                raise InputError(f"plan field '{where}.device' must be {index} (stage i runs on device i), "
+                                 f"got {entry['device']}")
+            for position, node in enumerate(entry["nodes"]):
+                if not isinstance(node, str):
+                    raise InputError(f"plan field '{where}.nodes[{position}]' must be a node id (a string), "
+                                     f"got {type(node).__name__}")
         stage_data = {**level, "format": PLAN_FORMAT, "version": PLAN_VERSION, "graph": data["graph"],
                       "capacity": data["device_capacity"], "k": len(entries),
                       "partitions": [entry["nodes"] for entry in entries],
@@ -227,24 +239,48 @@ class Deployment:
                       "reason": level.get("reason", "")}
         groups = [entry["plan"] for entry in entries if entry["plan"] is not None]
         if groups and len(groups) != len(entries):
-            raise InputError("plan field 'stages': either every stage has an on-chip 'plan' or none has")
+            index = next(index for index, entry in enumerate(entries) if entry["plan"] is None)
+            raise InputError(f"plan field 'stages[{index}].plan' is null, but other stages have an on-chip plan: "
+                             "either every stage has one or none has")
         capacity = data.get("capacity")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
             raise InputError(f"plan field 'capacity' has the wrong type: {type(capacity).__name__}")
-        result = cls(Plan.from_dict(stage_data), tuple(Plan.from_dict(group) for group in groups), capacity)
+        stage_plan = _read_at("", lambda: Plan.from_dict(stage_data))  # every field of it was checked above but the graph
+        result = cls(stage_plan, tuple(_read_at(f"stages[{index}].plan.", lambda group=group: Plan.from_dict(group))
+                                       for index, group in enumerate(groups)), capacity)
         _agree(result, data)
         return result
 
 
-def _require(data, expected, where):
-    """Refuse a missing field or one of the wrong type (`InputError` naming it)."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where} must be an object, got {type(data).__name__}")
+def _require(data, expected, prefix, *, optional=False):
+    """Refuse a missing field or one of the wrong type (`InputError` naming its path, ``prefix`` + key)."""
     for key, kind in expected.items():
         if key not in data:
-            raise InputError(f"{where} {key!r} is missing")
+            if optional:
+                continue
+            raise InputError(f"plan field '{prefix}{key}' is missing")
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
-            raise InputError(f"{where} {key!r} has the wrong type: {type(data[key]).__name__}")
+            raise InputError(f"plan field '{prefix}{key}' has the wrong type: {type(data[key]).__name__}")
+
+
+def _read_at(prefix, read):
+    """`read()`, with an `InputError` from a nested single-level plan renamed to the field's path in the file.
+
+    ``plan field 'sizes' ...`` read at ``stages[3].plan.`` becomes ``plan field
+    'stages[3].plan.sizes' ...``; a node's bad value (``node 'x': ...``) is in
+    the ``graph`` field; any other message is prefixed with the plan's path.
+    """
+    import re
+
+    try:
+        return read()
+    except InputError as error:
+        message = str(error)
+        match = re.match(r"plan field '([^']*)'(.*)", message, re.S)
+        if match:
+            raise InputError(f"plan field '{prefix}{match[1]}'{match[2]}") from None
+        field = f"{prefix}graph" if message.startswith("node ") else prefix.rstrip(".") or "graph"
+        raise InputError(f"plan field '{field}': {message}") from None
 
 
 def _agree(result, data):
@@ -346,7 +382,7 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
         return Deployment(stage_plan, (), on_chip_capacity)
     groups = []
     for index, nodes in enumerate(stage_plan.partitions):
-        sub = stage_graph(graph, nodes, index)
+        sub = stage_graph(stage_plan.graph, nodes, index)  # with its table copies (`cachefit.ties`)
         share = None
         if time_limit_s is not None:  # what is left, shared by the stages not planned yet
             left = time_limit_s - (time.perf_counter() - started)

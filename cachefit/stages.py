@@ -17,7 +17,9 @@ from numbers import Integral
 
 from .devices import parse_capacity
 from .errors import InputError
-from .memory import LayerTable
+from .memory import LayerTable, group_sizes
+from .result import Status
+from .ties import COPY_KEY, forced_apart, tied_nodes, with_table_copies
 from .units import format_bytes, parse_bytes
 
 __all__ = ["stages", "min_devices", "format_device", "BALANCES"]
@@ -155,7 +157,10 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
         it).  ``stats``: ``devices``, ``device_capacity``, ``reserve``,
         ``min_devices`` (the fewest devices that fit in the node order, None
         when a node exceeds one device), ``balance``, ``flops`` and
-        ``params`` per stage, ``bottleneck_flops``.  INFEASIBLE when the model
+        ``params`` per stage, ``bottleneck_flops``; ``table_copies`` (node →
+        bytes) when a tied node is in another stage than its owner: the
+        plan's graph then counts that table in the node's ``weight_bytes``
+        (`cachefit.ties`; ``table_copy_bytes`` marks it).  INFEASIBLE when the model
         cannot be cut into `devices` stages that fit, with the reason and the
         smallest device count that would fit (also when `devices` exceeds the
         number of nodes: a stage cannot be empty).
@@ -200,22 +205,37 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
         raise InputError(f"`solver` must be one of {', '.join(SOLVERS)}, got {solver!r}")
     capacity = _stage_capacity(device_capacity, reserve)
     total = parse_capacity(device_capacity, name="device_capacity")
+    digraph = graph.graph if isinstance(graph, LayerTable) else graph
+    tied = devices > 1 and digraph is not None and bool(tied_nodes(digraph))
+    # With ties, solve as if every tied node were apart from its owner (each counts its table copy);
+    # `_exact_copies` then marks the split found and says whether the solver's claims still hold.
+    presumed = with_table_copies(digraph) if tied else graph
     fewest = min_devices(graph, total, reserve=total - capacity, memory=memory)
+    if tied and fewest is not None and fewest > 1:
+        fewest = min_devices(presumed, total, reserve=total - capacity, memory=memory)
     allowed = _allowed_starts(graph, boundaries)
-    if allowed is not None:
-        from .stage_cuts import cut_at_boundaries
 
-        result = cut_at_boundaries(graph, capacity, k=devices, allowed=allowed, memory=memory, balance=balance)
-    else:
-        result = SOLVERS[solver](graph, capacity, memory=memory, k=devices, time_limit_s=time_limit_s,
-                                 balance=balance)
+    def solve(subject):
+        if allowed is not None:
+            from .stage_cuts import cut_at_boundaries
+
+            return cut_at_boundaries(subject, capacity, k=devices, allowed=allowed, memory=memory, balance=balance)
+        return SOLVERS[solver](subject, capacity, memory=memory, k=devices, time_limit_s=time_limit_s,
+                               balance=balance)
+
+    result = solve(presumed)
+    if tied:
+        result = _exact_copies(result, digraph, devices, solve)
     stats = {"devices": devices, "device_capacity": total, "reserve": total - capacity, "min_devices": fewest,
              "balance": balance}
     if not result.ok:
         where = (f"{devices} device(s) of {format_device(total)} − {format_bytes(total - capacity)} reserve "
                  f"= {format_bytes(capacity)} each")
         if fewest is None:
-            hint = "no number of devices fits: a node exceeds one device alone"
+            # The solver's own reason would advise tiling or streaming the KV cache, on-chip choices that do not
+            # apply to a device: say what does.
+            return replace(result, reason=f"{where}: {_oversize_reason(presumed, capacity, memory)}",
+                           stats={**result.stats, **stats})
         else:
             hint = f"the smallest device count that fits is {fewest}"
             nodes = result.graph.number_of_nodes() if hasattr(result.graph, "number_of_nodes") else None
@@ -229,3 +249,65 @@ def stages(graph, *, devices, device_capacity, balance="flops", reserve=0, memor
     stats.update(flops=group_flops, bottleneck_flops=max(group_flops, default=0),
                  params=[sum(params[node] for node in group) for group in result.partitions] if params else [])
     return result.with_stats(**stats)
+
+
+def _exact_copies(result, graph, devices, solve):
+    """`result` (solved with every tied node's table copy counted) with the copies of its own split.
+
+    Exact when `forced_apart` (every split of `devices` runs in the node
+    order separates each tied node from its owners: the embedded and
+    Hugging Face transformers).  Otherwise a split keeping a tied node with
+    its owner was judged by a larger size than it has, so the claims are
+    weakened: OPTIMAL becomes FEASIBLE; with no plan, the graph without any
+    copy is solved too: no plan there proves INFEASIBLE, and a plan there
+    whose own copies fit is returned (FEASIBLE), else UNKNOWN.
+    """
+    exact = forced_apart(graph, devices)
+    if result.ok:
+        return _marked(result, graph, weaken=not exact)
+    result = replace(result, graph=graph)  # no split, no copies: the model's own bytes
+    if exact or result.status != Status.INFEASIBLE:
+        return result
+    relaxed = solve(graph)
+    if not relaxed.ok:
+        return result
+    candidate = _marked(relaxed, graph, weaken=True)
+    if candidate.bottleneck <= candidate.capacity:
+        return candidate
+    return replace(result, status=Status.UNKNOWN,
+                   reason=f"{result.reason} (counting a table copy for every tied node; a split that keeps a "
+                          "tied node with its owner may fit)")
+
+
+def _marked(result, graph, *, weaken):
+    """`result` over `graph` marked with its split's table copies, sizes recomputed (`weaken`: at most FEASIBLE)."""
+    marked = with_table_copies(graph, result.partitions)
+    sizes = tuple(int(size) for size in group_sizes(marked, result.partitions, memory=result.memory,
+                                                     chunk_fraction=result.chunk_fraction))
+    copies = {node: data[COPY_KEY] for node, data in marked.nodes(data=True) if data.get(COPY_KEY)}
+    stats = {**result.stats, "table_copies": copies}
+    status = result.status
+    if weaken and status == Status.OPTIMAL:
+        status = Status.FEASIBLE
+        stats["claims"] = "not proved: a tied node may share a stage with its owner, which the search did not weigh"
+    return replace(result, graph=marked, sizes=sizes, bottleneck=max(sizes), status=status, stats=stats)
+
+
+def _oversize_reason(graph, capacity, memory):
+    """Why no number of devices of `capacity` bytes holds `graph`: its largest node alone, and what helps."""
+    from .memory import alone_sizes, as_table
+
+    table = as_table(graph)
+    alone = alone_sizes(table, memory)
+    over = [index for index in range(table.n) if int(alone[index]) > capacity]
+    helps = ("no number of devices fits: only a larger device_capacity (or a smaller reserve) does (the stage "
+             "level keeps nodes whole; tiling splits nodes for the on-chip level, and tensor parallelism is not "
+             "modelled)")
+    if not over:  # each node fits alone, but not with the activations that pass it in the node order
+        return f"a node with the activations live across it in the node order exceeds one device's " \
+               f"{format_bytes(capacity)} ({capacity} B); {helps}"
+    index = max(over, key=lambda i: int(alone[i]))
+    return (f"node {table.ids[index]!r} needs {format_bytes(int(alone[index]))} ({int(alone[index])} B) alone "
+            f"(weights, KV cache and live activations), more than one device's {format_bytes(capacity)} "
+            f"({capacity} B)" + (f"; {len(over)} node(s) exceed one device" if len(over) > 1 else "")
+            + f"; {helps}")

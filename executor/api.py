@@ -315,8 +315,6 @@ def _notes(plan, setup, l2_persist):
 
 def _stage_notes(model):
     """Notes for a stage sub-model of a two-level plan (its received activations, a head tied across stages)."""
-    from .nodes import ForeignTable
-
     notes = []
     received = [v for v in model.graph if model.graph.nodes[v].get("op") == "stage_input"]
     if received:
@@ -324,11 +322,12 @@ def _stage_notes(model):
                      f"({', '.join(received[:3])}{', ...' if len(received) > 3 else ''}) are seeded random inputs; "
                      "the reference is this stage's sub-model run unpartitioned")
     for step in model.steps:
-        table = getattr(step.module, "tied", None)
-        if isinstance(table, ForeignTable):
-            notes.append(f"{step.node} is tied to an embedding in another stage: its table "
-                         f"({table.token.numel() * table.token.element_size():,} B as allocated) is held on this "
-                         "device outside every group, and the plan counts 0 B for it")
+        owner = getattr(step.module, "foreign", None)
+        if owner is not None:
+            weight = step.module.weight
+            notes.append(f"{step.node} is tied to {owner!r} in another stage: this stage holds its own copy of "
+                         f"the table ({weight.numel() * weight.element_size():,} B as allocated), counted in "
+                         f"{step.node}'s group")
     return notes
 
 

@@ -152,6 +152,13 @@ class Linear(nn.Module):
                  split="rows"):
         super().__init__()
         self.tied = None
+        if isinstance(tied, ForeignTable):
+            # The owner is on another device: this stage holds its own copy (counted in its weight_bytes,
+            # cachefit.ties), a parameter of this module; a tile holds its rows of it.
+            self.foreign = tied.owner
+            self.weight = _param(tied.token if part is None else part.rows(tied.token), dtype)
+            self.bias = None
+            return
         if tied is not None:
             # Not registered as a submodule: the shared matrix is counted once, in its owner.
             object.__setattr__(self, "tied", tied)
@@ -241,11 +248,12 @@ class ForeignTable:
     """The token table of an embedding in another pipeline stage, for a tied LM head in this one.
 
     Drawn with the owner's weight key (the same values as in the whole
-    model), held as a plain tensor, not a parameter: the head owns no
-    parameter, as its ``weight_bytes`` (0) says.
+    model); the head makes it a parameter of its own (the stage's copy,
+    which its ``weight_bytes`` counts, `cachefit.ties`).
     """
 
     def __init__(self, owner, vocab, width, factory, dtype):
+        self.owner = owner
         self.token = factory.normal(f"{owner}/token", (vocab, width), std=1.0).to(dtype)
 
     def token_weight(self):
@@ -633,7 +641,8 @@ def make_node_module(graph, node, *, seq_len, factory, dtype, device, tiles=None
         elif owner in modules and hasattr(modules[owner], "token_weight"):
             tied = modules[owner]
         elif owner not in graph and graph.graph.get("stage") is not None and op == "linear":
-            tied = ForeignTable(owner, int(attrs["out_features"]), int(attrs["in_features"]), factory, dtype)
+            rows = part.total if part is not None else int(attrs["out_features"])
+            tied = ForeignTable(owner, rows, int(attrs["in_features"]), factory, dtype)
         else:
             raise InputError(f"node {node!r} is tied to {owner!r}, which must be an embedding (or its tiles) "
                              "earlier in the graph")

@@ -51,7 +51,7 @@ from .split import StepsModule, pipeline_module, split_spec, stage_groups
 from .verify import verify_module_bytes, verify_plan
 
 __all__ = ["StepsModule", "pipeline_module", "split_spec", "run_pipeline", "run_stage", "PipelineResult",
-           "StageReport", "PIPELINE_SCHEDULES", "bubble_fraction", "free_port", "under_torchrun",
+           "StageReport", "PIPELINE_SCHEDULES", "INNER_ORDERS", "bubble_fraction", "free_port", "under_torchrun",
            "RESULT_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class _Job:
     iters: int
     timeout_s: float
     threads: int
+    inner: object = None    # per stage, its on-chip groups (runs of its nodes): partition-major stages
+    chunks: int = 1         # the row chunks each group of a partition-major stage runs over
     port: int | None = None
     parent_pid: int | None = None
     result_pipe: object = None  # the write end of the pipe the last stage sends its output through
@@ -113,7 +115,10 @@ def _schedule_class(name):
 def _module_and_inputs(job):
     """The whole model (built on the CPU; `build_stage` moves the stage) and one step's inputs."""
     if job.module is None:
-        return pipeline_module(job.plan, seed=job.seed, dtype=job.dtype, device="cpu")
+        module, inputs = pipeline_module(job.plan, seed=job.seed, dtype=job.dtype, device="cpu")
+        if job.inner is not None:
+            module.run_partition_major(job.inner, job.chunks)
+        return module, inputs
     return job.module.eval(), tuple(job.inputs)
 
 
@@ -463,8 +468,14 @@ def _check_host_memory(graph, processes, dtype):
                          "weights per stage on GPUs with your own loader")
 
 
+#: How a stage runs its micro-batches: each through the stage's nodes in order (the runtime's micro-batches),
+#: or held together and run group by group over the stage's on-chip groups.
+INNER_ORDERS = ("node-order", "partition-major")
+
+
 def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module=None, example_inputs=None,
-                 seed=0, dtype=None, warmup=1, iters=3, timeout_s=120.0, threads=1, launcher="spawn"):
+                 seed=0, dtype=None, warmup=1, iters=3, timeout_s=120.0, threads=1, launcher="spawn",
+                 inner=None):
     """Run a stage plan on ``torch.distributed.pipelining``, one process per stage, and check it.
 
     Parameters
@@ -495,6 +506,16 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
         processes are stopped when it passes.
     threads : int
         torch threads per stage process.
+    inner : list of list of list of str, optional
+        Partition-major stages: per stage, its on-chip groups as runs of its
+        nodes (`cachefit.executor.stage.inner_groups` of a two-level plan).
+        Each stage then holds all `microbatches` of a step and runs its
+        groups one after another, each over every micro-batch (a group's
+        weights are read once per step, not once per micro-batch); the
+        runtime gets the step as one micro-batch, so stage s starts when
+        stage s − 1 has finished the whole step (no overlap between stages
+        within a step: the bubble is (S − 1) / S).  GPipe only.  Default:
+        the runtime's micro-batches, each through a stage's nodes in order.
     launcher : {"spawn", "torchrun"}
         ``spawn``: start the stage processes here (``torch.multiprocessing``,
         ``MASTER_ADDR=127.0.0.1`` and a free port).  ``torchrun``: this process
@@ -548,14 +569,25 @@ def run_pipeline(plan, *, schedule="gpipe", microbatches, backend="gloo", module
     stage_groups(plan, graph)
     verify_plan(plan)
     from_torch = graph.graph.get("source") in FROM_TORCH_SOURCES
+    if inner is not None:
+        if from_torch:
+            raise InputError("`inner` (partition-major stages) runs graphs the executor materialises, not a "
+                             "from_torch module")
+        if schedule != "gpipe":
+            raise InputError("`inner` (partition-major stages) hands the runtime one micro-batch per step: use "
+                             "schedule='gpipe' (forward only, 1F1B would be the same)")
+        if [[node for group in stage for node in group] for stage in inner] != [list(p) for p in plan.partitions]:
+            raise InputError("`inner` must list each stage's nodes in its groups, in order "
+                             "(cachefit.executor.stage.inner_groups)")
     reference_module, inputs, tokens_per_row = _reference(plan, graph, module, example_inputs, launcher=launcher,
                                                           seed=seed, dtype=dtype)
     rows = _check_rows(inputs, microbatches, tokens_per_row, int(graph.graph.get("seq_len") or 1),
                        _whole_sequences(graph) and not from_torch)
     split_spec(plan, reference_module)  # refuse a boundary the runtime cannot split before starting anything
     job = _Job(plan=plan, module=module if from_torch else None, inputs=inputs if from_torch else None,
-               schedule=schedule, microbatches=microbatches, backend=backend, seed=seed, dtype=dtype,
-               warmup=warmup, iters=iters, timeout_s=float(timeout_s), threads=threads)
+               schedule=schedule, microbatches=1 if inner is not None else microbatches, backend=backend,
+               seed=seed, dtype=dtype, warmup=warmup, iters=iters, timeout_s=float(timeout_s), threads=threads,
+               inner=inner, chunks=microbatches if inner is not None else 1)
 
     if launcher == "torchrun":
         result = _run_torchrun(job)
@@ -638,8 +670,14 @@ def _result(plan, graph, job, gathered, *, rows, tokens, equivalence, wall_s):
              "measured idle includes send/receive and schedule overhead, not only the bubble"]
     if job.backend == "gloo":
         notes.append(f"CPU stages with {job.threads} torch thread(s) each; timings measure this machine's CPU")
+    if job.inner is not None:
+        notes.append(f"partition-major stages: each stage holds the step's {job.chunks} micro-batch(es) and runs "
+                     f"its {', '.join(str(len(stage)) for stage in job.inner)} on-chip group(s) one after another, "
+                     "each over every micro-batch; the runtime passes the step as one micro-batch, so the stages do "
+                     "not overlap within a step")
     return PipelineResult(
-        schedule=job.schedule, microbatches=job.microbatches, stages=plan.k, backend=job.backend,
+        schedule=job.schedule, microbatches=job.chunks if job.inner is not None else job.microbatches,
+        stages=plan.k, backend=job.backend,
         device="cuda" if job.backend == "nccl" else "cpu", rows=rows, tokens=tokens,
         makespan_ms=1000 * makespan, makespan_min_ms=1000 * min(makespans), makespan_max_ms=1000 * max(makespans),
         tokens_per_s=tokens / makespan if makespan > 0 else math.inf,

@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..result import Plan
 from .fingerprint import plan_graph
 
-__all__ = ["StepsModule", "pipeline_module", "split_spec", "stage_groups"]
+__all__ = ["StepsModule", "StageBoundary", "pipeline_module", "split_spec", "stage_groups"]
 
 
 class StepsModule(nn.Module):
@@ -72,16 +72,93 @@ class StepsModule(nn.Module):
         self._names = dict(zip(self.node_ids, names))
         self.nodes = nn.ModuleDict({name: step.module for name, step in zip(names, built.steps)})
 
+        self.inner = None
+
     def qualified_name(self, node):
         """The submodule name of `node` (a key of `split_spec`)."""
         return f"nodes.{self._names[node]}"
 
+    def run_partition_major(self, stages, chunks):
+        """Run each stage group by group over `chunks` row chunks (the micro-batches a stage holds).
+
+        Parameters
+        ----------
+        stages : sequence of sequences of sequences of str
+            Per pipeline stage, its on-chip groups as runs of this module's
+            nodes (`cachefit.executor.stage.inner_groups`); together, every
+            node once, in order.
+        chunks : int
+            The row chunks each group runs over before the next group starts.
+
+        Notes
+        -----
+        Each stage after the first begins with a `StageBoundary` module (the
+        point ``split_spec`` cuts at, called once per forward), which passes
+        on the values that cross into the stage.  A stage splits the values
+        it reads from earlier stages into `chunks` along dimension 0, runs
+        group 1 on every chunk, then group 2, ..., and joins the values later
+        stages read.  The math is the node order's: only the order of the
+        calls changes.
+        """
+        order = [node for stage in stages for group in stage for node in group]
+        if order != list(self.node_ids):
+            raise InputError("the on-chip groups of the stages must list every node once, in the model's order")
+        reads = dict(zip(self.node_ids, self._reads))
+        stage_of = {node: index for index, stage in enumerate(stages) for group in stage for node in group}
+        plan = []
+        for index, stage in enumerate(stages):
+            members = [node for group in stage for node in group]
+            later = {name for node in self.node_ids if stage_of[node] > index for name in reads[node]}
+            later |= set(self.output_ids)
+            before = set(self.input_ids) | {node for node in self.node_ids if stage_of[node] < index}
+            taken = list(dict.fromkeys(name for node in members for name in reads[node] if name in before))
+            crossing = [name for name in (*self.input_ids, *self.node_ids) if name in before
+                        and (name in taken or name in later)]
+            given = [node for node in members if node in later]
+            plan.append((crossing, taken, [list(group) for group in stage], given))
+        self.inner = (tuple(plan), int(chunks))
+        self.boundaries = nn.ModuleList(StageBoundary() for _ in stages[1:])
+        return self
+
     def forward(self, *inputs):
         values = dict(zip(self.input_ids, inputs))
+        if self.inner is not None:
+            return self._forward_partition_major(values)
         for node, reads in zip(self.node_ids, self._reads):
             values[node] = self.nodes[self._names[node]](*(values[name] for name in reads))
+        return self._outputs(values)
+
+    def _outputs(self, values):
         outputs = tuple(values[name] for name in self.output_ids)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _forward_partition_major(self, values):
+        import torch
+
+        plan, chunks = self.inner
+        reads = dict(zip(self.node_ids, self._reads))
+        for index, (crossing, taken, groups, given) in enumerate(plan):
+            if index:
+                values.update(zip(crossing, self.boundaries[index - 1](*(values[name] for name in crossing))))
+            parts = [dict() for _ in range(chunks)]
+            for name in taken:
+                for part, piece in zip(parts, torch.chunk(values[name], chunks, dim=0)):
+                    part[name] = piece
+            for group in groups:
+                for part in parts:
+                    for node in group:
+                        part[node] = self.nodes[self._names[node]](*(part[name] for name in reads[node]))
+            for node in given:
+                values[node] = torch.cat([part[node] for part in parts], dim=0)
+        return self._outputs(values)
+
+
+class StageBoundary(nn.Module):
+    """Where a partition-major pipeline stage begins (`StepsModule.run_partition_major`): passes on the
+    values that cross into the stage, so the runtime can cut before this call."""
+
+    def forward(self, *values):
+        return tuple(value.contiguous() for value in values)
 
 
 def pipeline_module(plan, *, seed=0, dtype=None, device="cpu"):
@@ -277,6 +354,11 @@ def split_spec(plan, module):
         if missing or len(module.node_ids) != graph.number_of_nodes():
             raise InputError(f"`module` was not built from the plan's graph (node {missing[:1] or '?'} differs): "
                              "use pipeline_module(plan)")
+        if module.inner is not None:  # partition-major inside the stages: cut at each stage's boundary module
+            if len(module.boundaries) != len(groups) - 1:
+                raise InputError(f"`module` runs {len(module.boundaries) + 1} partition-major stage(s), the plan "
+                                 f"has {len(groups)}")
+            return {f"boundaries.{index}": SplitPoint.BEGINNING for index in range(len(groups) - 1)}
         for group in groups[1:]:
             spec[module.qualified_name(group[0])] = SplitPoint.BEGINNING
         return spec

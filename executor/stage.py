@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 
-__all__ = ["is_deployment", "stage_plan", "stages_line"]
+__all__ = ["is_deployment", "stage_plan", "stages_line", "inner_groups"]
 
 
 def is_deployment(plan):
@@ -68,3 +68,53 @@ def stage_plan(deployment, stage):
         raise PlanRejected(f"`plan` fails cachefit.check: {report.violations[0]}"
                            + (f" (and {more} more)" if more else ""))
     return deployment.groups[stage]
+
+
+def inner_groups(deployment):
+    """Each stage's on-chip groups as runs of the stage's own nodes (for partition-major pipeline stages).
+
+    The on-chip plan of a stage may have tiled nodes (tiles and a join,
+    ``parent``) or whole blocks expanded into operators (``block.3.q``):
+    each stage node is placed in the group where its output is complete (the
+    last group holding a piece of it), so a tiled node runs whole there.
+    Groups left without a node (they held only pieces) are dropped.
+
+    Returns
+    -------
+    list of list of list of str
+        Per stage, its groups' stage nodes in the stage's order.
+    """
+    stages = deployment.stages
+    result = []
+    for index, nodes in enumerate(stages.partitions):
+        plan = deployment.groups[index]
+        sub = plan.graph
+        members = set(nodes)
+        expanded = [block for block in (sub.graph.get("expanded_blocks") or ()) if block in members]
+
+        def owner(node):
+            parent = sub.nodes[node].get("parent")
+            node = parent if parent is not None and node not in members else node
+            if node in members:
+                return node
+            for block in expanded:  # an operator of an expanded block (the embedding's norm: of the embedding)
+                if node.startswith(f"{block}.") or (block == "embed" and node == "embed_norm"):
+                    return block
+            return None  # a stage_input
+
+        last = {}
+        for position, group in enumerate(plan.partitions):
+            for node in group:
+                stage_node = owner(node)
+                if stage_node is not None:
+                    last[stage_node] = position
+        missing = [node for node in nodes if node not in last]
+        if missing:
+            raise InputError(f"stage {index}: node {missing[0]!r} is in none of its on-chip groups")
+        groups = [[node for node in nodes if last[node] == position] for position in range(plan.k)]
+        # A node placed before a node it follows in the stage would break the order: keep runs monotone.
+        flat = [node for group in groups for node in group]
+        if flat != list(nodes):
+            raise InputError(f"stage {index}: its on-chip groups do not keep the stage's node order")
+        result.append([group for group in groups if group])
+    return result

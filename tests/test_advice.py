@@ -211,3 +211,76 @@ class TestCliMessages:
         command = next(line.strip() for line in tiled.output.splitlines() if line.strip().startswith("cachefit plan"))
         assert command == f"cachefit plan {model} --capacity 24.75MiB --solver greedy --tile"
         assert CliRunner().invoke(main, shlex.split(command)[1:]).exit_code == 0
+
+
+class TestStageLevelAdvice:
+    """An INFEASIBLE stage level is told about devices and device memory, never about tiling."""
+
+    @pytest.fixture(scope="class")
+    def llama70(self):
+        from cachefit import instances
+
+        return instances.load("llama-3.1-70b", phase="decode", context=2048)
+
+    def test_more_devices_or_more_memory(self, llama70):
+        from cachefit.advice import suggest_devices
+        from cachefit.stages import stages
+
+        advice = suggest_devices(llama70, devices=1, device_capacity="h100-hbm", memory="liveness+kv")
+        assert advice.devices == 2 and advice.oversize_node is None
+        assert advice.device_capacity == 133 * 2**30
+        fewest, exact, rounded = advice.plans
+        assert fewest.k == 2 and fewest.ok and rounded.capacity == 133 * 2**30 and rounded.ok
+        assert all(cachefit.check(plan).ok for plan in advice.plans)
+        # The exact least: one byte less and one device cannot hold the model.
+        assert exact.ok and exact.capacity == max(exact.sizes) > 140 * 10**9
+        assert not stages(llama70, devices=1, device_capacity=exact.capacity - 1, memory="liveness+kv").ok
+        assert not stages(llama70, devices=1, device_capacity="h100-hbm", memory="liveness+kv").ok
+        assert advice.options() == [(["--devices", "2"], "the fewest devices of the capacity asked for"),
+                                    (["--device-capacity", "133GiB"],
+                                     "memory per device (142,807,662,592 B, within 1 % of the least) for the "
+                                     "devices asked for")]
+
+    def test_reserve_is_kept(self, llama70):
+        from cachefit.advice import suggest_devices
+
+        advice = suggest_devices(llama70, devices=2, device_capacity="h100-hbm", reserve="10GB",
+                                 memory="liveness+kv")
+        assert advice.devices == 3
+        assert all(plan.stats["reserve"] == 10**10 for plan in advice.plans)
+        assert advice.plans[-1].stats["device_capacity"] == advice.device_capacity
+
+    def test_node_larger_than_a_device(self, llama70):
+        from cachefit.advice import suggest_devices
+        from cachefit.stages import stages
+
+        plan = stages(llama70, devices=3, device_capacity="1GB", memory="liveness+kv")
+        assert plan.status == "INFEASIBLE" and "tile it" not in plan.reason
+        assert plan.reason.startswith("3 device(s) of 1.0 GB − 0 B reserve = 953.7 MiB each: node 'lm_head' needs "
+                                      "2.0 GiB (2101619200 B) alone")
+        assert plan.reason.endswith("no number of devices fits: only a larger device_capacity (or a smaller "
+                                    "reserve) does (the stage level keeps nodes whole; tiling splits nodes for the "
+                                    "on-chip level, and tensor parallelism is not modelled)")
+        advice = suggest_devices(llama70, devices=3, device_capacity="1GB", memory="liveness+kv")
+        assert advice.devices is None and advice.oversize_node == "lm_head" and advice.oversize_bytes == 2101619200
+        assert advice.device_capacity == 45 * 2**30 and advice.plans[-1].ok
+
+    def test_cli_says_it(self, tmp_path):
+        from click.testing import CliRunner
+
+        from cachefit.cli import main
+
+        result = CliRunner().invoke(main, ["plan", "llama-3.1-70b", "--phase", "decode", "--context", "2048",
+                                           "--devices", "1", "--device-capacity", "h100-hbm", "--capacity",
+                                           "h100-l2"], terminal_width=200)
+        assert result.exit_code == 1, result.output
+        assert "advice for the stage level (each planned before it is printed):" in result.output
+        assert "  --devices 2: the fewest devices of 80.0 GB that hold the model" in result.output
+        assert ("  --device-capacity 133GiB: 142,807,662,592 B per device (reserve included, within 1 % of the "
+                "least) holds the model on 1 device(s)") in result.output
+        assert "tile" not in result.output.lower()
+        tiny = CliRunner().invoke(main, ["plan", "llama-3.1-70b", "--phase", "decode", "--context", "2048",
+                                         "--devices", "3", "--device-capacity", "1GB", "--capacity", "h100-l2"],
+                                  terminal_width=400)
+        assert tiny.exit_code == 1
+        assert "only a larger --device-capacity helps" in tiny.output and "--devices" not in tiny.output

@@ -178,12 +178,32 @@ class TestPlanFileVersion2:
         (lambda d: d.update(status="OPTIMAL"), r"^plan field 'status' is 'OPTIMAL', but the stages give 'FEASIBLE'$"),
         (lambda d: d.update(devices=3), r"^plan field 'devices' is 3, but the stages give 2$"),
         (lambda d: d["stages"][1].update(device=0),
-         r"^plan field 'stages'\[1\]: 'device' must be 1 \(stage i runs on device i\), got 0$"),
-        (lambda d: d["stages"][0].pop("nodes"), r"^plan field 'stages'\[0\]: 'nodes' is missing$"),
+         r"^plan field 'stages\[1\]\.device' must be 1 \(stage i runs on device i\), got 0$"),
+        (lambda d: d["stages"][0].pop("nodes"), r"^plan field 'stages\[0\]\.nodes' is missing$"),
+        (lambda d: d["stages"][1]["nodes"].__setitem__(2, 7),
+         r"^plan field 'stages\[1\]\.nodes\[2\]' must be a node id \(a string\), got int$"),
         (lambda d: d["stages"][0].update(plan=None),
-         r"^plan field 'stages': either every stage has an on-chip 'plan' or none has$"),
+         r"^plan field 'stages\[0\]\.plan' is null, but other stages have an on-chip plan: either every stage "
+         r"has one or none has$"),
+        (lambda d: d["stages"].__setitem__(1, []), r"^plan field 'stages\[1\]' must be an object, got list$"),
         (lambda d: d.pop("stage_level"), r"^plan field 'stage_level' is missing$"),
+        (lambda d: d["stage_level"].update(memory=3), r"^plan field 'stage_level\.memory' has the wrong type: int$"),
+        (lambda d: d["stage_level"].update(status="DONE"),
+         r"^plan field 'stage_level\.status' must be one of OPTIMAL, FEASIBLE, INFEASIBLE, UNKNOWN, got 'DONE'$"),
+        (lambda d: d["stage_level"].update(stats=[]), r"^plan field 'stage_level\.stats' has the wrong type: list$"),
         (lambda d: d.update(capacity="50MiB"), r"^plan field 'capacity' has the wrong type: str$"),
+        (lambda d: d["graph"]["nodes"][0].update(weight_bytes=-1),
+         r"^plan field 'graph': node '0': `weight_bytes` must be a non-negative integer, got -1$"),
+        (lambda d: d["stages"][1]["plan"].update(sizes=["a"]),
+         r"^plan field 'stages\[1\]\.plan\.sizes' must be a list of integers$"),
+        (lambda d: d["stages"][0]["plan"].pop("memory"), r"^plan field 'stages\[0\]\.plan\.memory' is missing$"),
+        (lambda d: d["stages"][1]["plan"].update(version=5),
+         r"^plan field 'stages\[1\]\.plan': unsupported plan version 5; this cachefit reads versions 1 and 2$"),
+        (lambda d: d["stages"][1]["plan"]["graph"]["nodes"][1].update(activation_bytes=-5),
+         r"^plan field 'stages\[1\]\.plan\.graph': node '3': `activation_bytes` must be a non-negative integer, "
+         r"got -5$"),
+        (lambda d: d["stages"][1]["plan"]["graph"]["nodes"][0].pop("id"),
+         r"^plan field 'stages\[1\]\.plan\.graph': nodes\[0\] must be an object with an \"id\"$"),
     ])
     def test_malformed(self, change, message):
         data = json.loads(deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy").to_json())
@@ -331,3 +351,160 @@ def test_real_models_check_at_both_levels_after_a_round_trip(name, options):
     assert result.ok and again.k == result.k
     report = check(again)
     assert report.ok, report.violations
+
+
+def _tied_llama(**options):
+    """llama-3.1-8b's config with its embedding tied to the LM head (as Llama 3.2 1B/3B ship)."""
+    from pathlib import Path
+
+    from cachefit.graphs import transformer
+
+    config = json.loads((Path(instances.__file__).parent / "data" / "llama-3.1-8b.json").read_text())["config"]
+    return transformer({**config, "tie_word_embeddings": True}, **options)
+
+
+def _unmarked_sizes(plan, graph):
+    """The stage sizes of `plan`'s split over `graph` as it was built (no table copy counted)."""
+    return tuple(cachefit.memory.group_sizes(graph, plan.partitions, memory=plan.memory))
+
+
+class TestTiedHeadAcrossStages:
+    """A stage holding a tied LM head but not its embedding holds its own copy of the table."""
+
+    GPT2_TABLE = 50257 * 768 * 2  # vocab × width × bf16: 77,194,752 B
+    LLAMA_TABLE = 128256 * 4096 * 2  # 1,050,673,152 B
+
+    @pytest.mark.parametrize("devices, device_capacity", [(2, "240MB"), (3, "200MB"), (4, "150MB")])
+    def test_gpt2_stage_counts_the_table(self, devices, device_capacity):
+        graph = instances.load("gpt2", phase="decode", context=1000, batch=4)
+        assert graph.nodes["lm_head"]["weight_bytes"] == 0 and graph.nodes["lm_head"]["tied_to"] == "embed"
+        result = deploy(graph, devices=devices, device_capacity=device_capacity, capacity="h100-l2", tile=True,
+                        solver="greedy")
+        assert result.ok, result.reason
+        stages = result.stages
+        assert "embed" in stages.partitions[0] and "lm_head" in stages.partitions[-1]
+        plain = _unmarked_sizes(stages, graph)
+        assert stages.sizes[:-1] == plain[:-1]
+        assert stages.sizes[-1] == plain[-1] + self.GPT2_TABLE <= stages.capacity
+        assert stages.stats["table_copies"] == {"lm_head": self.GPT2_TABLE}
+        assert graph.nodes["lm_head"]["weight_bytes"] == 0  # the input graph is not changed
+        # The on-chip level of the last stage counts it too: Σ weights of the groups holding the head's tiles.
+        last = result.groups[-1]
+        head = [v for v in last.graph if last.graph.nodes[v].get("parent") == "lm_head" or v == "lm_head"]
+        assert sum(last.graph.nodes[v]["weight_bytes"] for v in head) == self.GPT2_TABLE
+        assert all(report.ok for report in result.check())
+        again = read_plan(result.to_json())
+        assert again.stages.sizes == stages.sizes and all(report.ok for report in again.check())
+
+    def test_the_copy_decides_the_split(self):
+        """Balanced by bytes, the last stage's table moves blocks to the first stage."""
+        from cachefit.solvers import SOLVERS
+        from cachefit.ties import with_table_copies
+
+        graph = instances.load("gpt2", phase="decode", context=1000, batch=4)
+        result = cachefit.stages(graph, devices=2, device_capacity="10GB", memory="liveness+kv", balance="memory")
+        blind = SOLVERS["dp"](graph, 10**10, memory="liveness+kv", k=2, balance="memory")  # the split without the rule
+        assert result.partitions != blind.partitions
+        assert len(result.partitions[0]) > len(blind.partitions[0])
+        blind_sizes = cachefit.memory.group_sizes(with_table_copies(graph, blind.partitions), blind.partitions,
+                                                  memory="liveness+kv")
+        assert max(result.sizes) < max(blind_sizes)  # what the blind split really needs is more
+        assert str(result.status) == "OPTIMAL" and check(result).ok  # forced apart: the claim stands
+
+    @pytest.mark.parametrize("devices", [2, 3, 4])
+    def test_tied_llama(self, devices):
+        graph = _tied_llama(batch=8, seq_len=1, phase="decode", context=4096)
+        assert graph.nodes["lm_head"]["tied_to"] == "embed"
+        result = deploy(graph, devices=devices, device_capacity="h100-hbm", capacity="h100-l2", tile=True,
+                        solver="greedy", kv="streamed")
+        assert result.ok, result.reason
+        plain = _unmarked_sizes(result.stages, graph)
+        assert result.stages.sizes[-1] - plain[-1] == self.LLAMA_TABLE
+        assert result.groups[-1].graph.nodes["lm_head"].get("op") == "concat"  # tiled on chip
+        assert sum(data["weight_bytes"] for v, data in result.groups[-1].graph.nodes(data=True)
+                   if data.get("parent") == "lm_head") == self.LLAMA_TABLE
+        assert all(report.ok for report in result.check())
+
+    def test_one_device_counts_no_copy(self):
+        graph = instances.load("gpt2", phase="decode", context=1000, batch=4)
+        result = cachefit.stages(graph, devices=1, device_capacity="h100-hbm", memory="liveness+kv")
+        assert result.sizes == _unmarked_sizes(result, graph) and "table_copies" not in result.stats
+
+    def test_checker_recomputes_the_copy(self):
+        graph = instances.load("gpt2", phase="decode", context=1000, batch=4)
+        data = json.loads(deploy(graph, devices=3, device_capacity="200MB", capacity="h100-l2", tile=True,
+                                 solver="greedy").to_json())
+        head = next(node for node in data["graph"]["nodes"] if node["id"] == "lm_head")
+        head.update(weight_bytes=0, table_copy_bytes=0)  # the plan as it was before: no copy
+        reports = read_plan(json.dumps(data)).check()
+        assert ("node 'lm_head' (stage 2) counts 0 B of table copy (table_copy_bytes); its stage needs "
+                f"{self.GPT2_TABLE} B for the table it shares with 'embed'") in reports[0].violations
+        assert not reports[-1].ok  # the on-chip graph still holds the table its stage no longer counts
+
+    def test_claims_weakened_when_a_tie_can_share_a_stage(self):
+        """A tied node right after its owner: a split may keep them together, so OPTIMAL is not claimed."""
+        layers = [{"name": "embed", "op": "embedding", "weight_bytes": 4 * 10**8, "activation_bytes": 10**6},
+                  {"name": "proj", "op": "linear", "weight_bytes": 0, "activation_bytes": 10**6},
+                  *({"name": f"layer.{i}", "weight_bytes": 3 * 10**8, "activation_bytes": 10**6} for i in range(4))]
+        graph = from_layers(layers)
+        graph.nodes["proj"]["tied_to"] = "embed"  # no shape: its copy is the owner's weight_bytes
+        from cachefit.ties import forced_apart
+
+        assert not forced_apart(graph, 2) and forced_apart(graph, 6)
+        result = cachefit.stages(graph, devices=2, device_capacity="1.2GB", memory="liveness", balance="memory")
+        assert result.ok and str(result.status) == "FEASIBLE" and check(result).ok  # dp's OPTIMAL, weakened
+        together = any({"embed", "proj"} <= set(group) for group in result.partitions)
+        assert result.stats["table_copies"] == ({} if together else {"proj": 4 * 10**8})
+        # 1 GB: only a split that keeps proj with embed fits (2 GB with the copy > 2 devices): found, no copy.
+        result = cachefit.stages(graph, devices=2, device_capacity="1GB", memory="liveness", balance="memory")
+        assert result.ok and str(result.status) == "FEASIBLE" and check(result).ok
+        assert result.partitions[0][:2] == ("embed", "proj") and result.stats["table_copies"] == {}
+        # 0.8 GB: no split fits even without copies: INFEASIBLE stands.
+        result = cachefit.stages(graph, devices=2, device_capacity="0.8GB", memory="liveness", balance="memory")
+        assert str(result.status) == "INFEASIBLE"
+
+
+class TestStageLevelChunkFraction:
+    """The stage level holds a micro-batch's activations whole (f = 1) whatever the on-chip level streams."""
+
+    def test_on_chip_chunks_stage_level_whole(self):
+        graph = instances.load("llama-3.1-8b", seq_len=4096, batch=1)
+        result = deploy(graph, devices=2, device_capacity="h100-hbm", capacity="512MiB", tile=True,
+                        chunk_tokens=512, solver="greedy")
+        assert result.ok, result.reason
+        assert result.stages.chunk_fraction == 1.0
+        assert all(group.chunk_fraction == 512 / 4096 for group in result.groups)
+        # The stage sizes are the whole micro-batch's: the model at f = 1, not at the on-chip fraction.
+        whole = cachefit.memory.group_sizes(result.stages.graph, result.stages.partitions,
+                                            memory=result.stages.memory, chunk_fraction=1.0)
+        streamed = cachefit.memory.group_sizes(result.stages.graph, result.stages.partitions,
+                                               memory=result.stages.memory, chunk_fraction=512 / 4096)
+        assert tuple(whole) == result.stages.sizes and all(w > s for w, s in zip(whole, streamed))
+        assert all(report.ok for report in result.check())
+        data = json.loads(result.to_json())
+        assert data["stage_level"]["chunk_fraction"] == 1.0
+
+    def test_checker_refuses_a_streamed_stage_level(self):
+        graph = instances.load("llama-3.1-8b", seq_len=4096, batch=1)
+        data = json.loads(deploy(graph, devices=2, device_capacity="h100-hbm", capacity="512MiB", tile=True,
+                                 chunk_tokens=512, solver="greedy").to_json())
+        data["stage_level"]["chunk_fraction"] = 0.125
+        stage_report = read_plan(json.dumps(data)).check()[0]
+        assert ("the stage level holds each micro-batch's activations whole (chunk fraction 1), got 0.125"
+                in stage_report.violations)
+        data["stage_level"].update(chunk_fraction=1.0, memory="liveness")
+        stage_report = read_plan(json.dumps(data)).check()[0]
+        assert ("the stage level counts the KV cache in device memory (a '+kv' model), got 'liveness'"
+                in stage_report.violations)
+
+
+def test_cli_says_which_stage_counts_a_table_copy(tmp_path):
+    result = CliRunner().invoke(main, ["plan", "gpt2", "--phase", "decode", "--context", "1000", "--batch", "4",
+                                       "--devices", "3", "--device-capacity", "200MB", "--capacity", "h100-l2",
+                                       "--tile", "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("tied: lm_head (stage 2) shares its table with 'embed' in another stage; stage 2 counts its own copy, "
+            "77,194,752 B (73.6 MiB)") in text
+    check_run = CliRunner().invoke(main, ["check", str(tmp_path / "p.json")])
+    assert check_run.exit_code == 0, check_run.output

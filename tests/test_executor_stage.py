@@ -48,7 +48,17 @@ def test_later_stage_takes_its_received_activations_and_a_head_tied_across_stage
     result = run(deployment, stage=1, schedule="partition-major", warmup=0, iters=1)
     assert result.equivalent
     assert any("seeded random inputs" in note for note in result.notes)
-    assert any(note.startswith("lm_head is tied to an embedding in another stage") for note in result.notes)
+    elements = TINY_GPT2["vocab_size"] * TINY_GPT2["n_embd"]
+    table, allocated = elements * 2, elements * 4  # planned in bf16; the CPU run allocates float32
+    assert any("float32" in note for note in result.notes)
+    assert (f"lm_head is tied to 'embed' in another stage: this stage holds its own copy of the table "
+            f"({allocated:,} B as allocated), counted in lm_head's group") in result.notes
+    # The plan counts the copy where the run allocates it: in the group that holds the head.
+    assert sub.nodes["lm_head"]["weight_bytes"] == sub.nodes["lm_head"]["table_copy_bytes"] == table
+    head_group = next(index for index, group in enumerate(deployment.groups[1].partitions) if "lm_head" in group)
+    assert result.groups[head_group].weight_bytes >= allocated
+    planned = cachefit.memory.group_sizes(sub, deployment.groups[1].partitions, memory=deployment.groups[1].memory)
+    assert result.groups[head_group].planned_bytes == planned[head_group] >= table
 
 
 def test_block_granularity_stage_runs():
@@ -159,8 +169,64 @@ def test_cli_pipeline_runs_the_stage_level_of_a_two_level_plan(deployment, tmp_p
                                        "--timeout", "240"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("two-level plan: running its 2 stage(s) (the stage level, both levels "
-                                    "checked first); inside a stage each micro-batch runs the stage's nodes in order")
+                                    "checked first); inside a stage each micro-batch runs the stage's nodes in order, "
+                                    "not group by group (--inner partition-major runs the on-chip groups group by "
+                                    "group over all micro-batches)")
     assert "PASS" in result.output
+
+
+def test_inner_groups_follow_the_on_chip_plans(deployment):
+    from cachefit.executor.stage import inner_groups
+
+    groups = inner_groups(deployment)
+    assert [[node for group in stage for node in group] for stage in groups] == \
+        [list(nodes) for nodes in deployment.stages.partitions]
+    # op granularity, no tiling: each on-chip group is a run of its stage's nodes, stage inputs left out
+    for stage, plan in zip(groups, deployment.groups):
+        assert stage == [[node for node in group if plan.graph.nodes[node]["op"] != "stage_input"]
+                         for group in plan.partitions if any(plan.graph.nodes[node]["op"] != "stage_input"
+                                                            for node in group)]
+
+
+def test_partition_major_module_computes_the_same(deployment):
+    from cachefit.executor.split import pipeline_module, split_spec
+    from cachefit.executor.stage import inner_groups
+
+    module, inputs = pipeline_module(deployment.stages)
+    with torch.no_grad():
+        reference = module(*inputs)
+        module.run_partition_major(inner_groups(deployment), 2)
+        torch.testing.assert_close(module(*inputs), reference)
+    assert split_spec(deployment.stages, module) == {"boundaries.0": torch.distributed.pipelining.SplitPoint.BEGINNING}
+
+
+def test_cli_pipeline_partition_major_inside_stages(deployment, tmp_path):
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2", "--iters", "1", "--warmup", "0",
+                                       "--timeout", "240", "--inner", "partition-major", "--json", str(out)],
+                                terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("two-level plan: running its 2 stage(s) (both levels checked first); inside a "
+                                    "stage the on-chip groups run one after another, each over all micro-batches")
+    assert "PASS" in result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "bubble: 50.0% in theory ((S−1)/S = 1/2: partition-major stages hold the whole step)" in text
+    record = json.loads(out.read_text())
+    assert record["microbatches"] == 2 and record["equivalent"]
+    assert any(note.startswith("partition-major stages: each stage holds the step's 2 micro-batch(es)")
+               for note in record["notes"])
+
+
+def test_cli_pipeline_partition_major_needs_two_levels(tmp_path):
+    graph = transformer(TINY_GPT2, batch=2, seq_len=8)
+    path = tmp_path / "one.json"
+    cachefit.stages(graph, devices=2, device_capacity=10**9).to_json(path)
+    result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2", "--inner", "partition-major"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: `--inner partition-major` runs the on-chip groups of a two-level plan "
+                                     "(version 2, `cachefit plan MODEL --devices N ...`); this is a single-level plan")
 
 
 def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
