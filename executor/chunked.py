@@ -28,6 +28,7 @@ chunk's prefix holds) and the ``+kv`` memory models that count it.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ from torch import nn
 from ..errors import InputError
 from .nodes import Attention, Block, Pooler, _rotate_half
 
-__all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note"]
+__all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note",
+           "planned_kv", "kv_buffers", "reset_chunked"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +109,10 @@ class ChunkedAttention(nn.Module):
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
 
 
-def _attention_sites(model):
-    """(node, container, name, module) of every sequence-mixing module of `model`'s steps."""
+def _attention_sites(steps):
+    """(node, container, name, module) of every sequence-mixing module of `steps`."""
     sites = []
-    for step in model.steps:
+    for step in steps:
         module = step.module
         if isinstance(module, (Attention, ChunkedAttention, Pooler)):
             sites.append((step.node, step, "module", module))
@@ -137,7 +139,7 @@ def enable_chunked_prefill(model):
     if model.device.type != "cpu":
         raise InputError("chunks inside a sequence run on the CPU only: per-chunk CUDA graph capture with a "
                          "static K/V buffer is not implemented; run whole-sequence chunks on CUDA")
-    sites = _attention_sites(model)
+    sites = _attention_sites(model.steps)
     for node, _, _, module in sites:
         if isinstance(module, Pooler):
             raise InputError(f"node {node!r}: a pooler reads each sequence's first row and cannot be chunked "
@@ -152,6 +154,19 @@ def enable_chunked_prefill(model):
     model.whole_sequences = False
     logger.info("chunked prefill: %d attention module(s) keep a K/V buffer per sequence", len(sites))
     return model
+
+
+def kv_buffers(steps):
+    """The K/V buffers the chunked attention modules of `steps` have allocated (key and value each)."""
+    return [buffer for _, _, _, module in _attention_sites(steps) if isinstance(module, ChunkedAttention)
+            for buffer in (module._key_buffer, module._value_buffer) if buffer is not None]
+
+
+def reset_chunked(model):
+    """Put every chunked attention of `model` back at the start of a sequence (cursor 0)."""
+    for _, _, _, module in _attention_sites(model.steps):
+        if isinstance(module, ChunkedAttention):
+            module.cursor = 0
 
 
 def plan_chunk_tokens(plan, model):
@@ -208,8 +223,22 @@ def _positive(value):
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def kv_prefix_note(plan, groups):
-    """A note with the planned chunked-prefill K/V per group (the ``+kv`` term), or None when there is none."""
+class PlannedKV(NamedTuple):
+    """The plan's chunked-prefill K/V term (`planned_kv`)."""
+
+    per_group: list
+    tokens: int
+    resident: bool
+
+
+def planned_kv(plan, groups):
+    """The `PlannedKV` of `plan` over its `groups` (plan node ids), or None when it has no K/V term.
+
+    Per group: Σ over its attention nodes of kv_bytes_per_token(v) ×
+    `cachefit.graphs.kv.prefix_tokens` (the tokens of a sequence before its
+    last chunk), at the plan's dtype; ``resident`` when the plan's memory
+    model counts it in S(P) (``+kv``), else it is streamed.
+    """
     from ..graphs.kv import node_kv_bytes_per_token, prefix_tokens
     from .fingerprint import plan_graph
 
@@ -221,7 +250,14 @@ def kv_prefix_note(plan, groups):
     tokens = prefix_tokens(seq_len, batch, plan.chunk_fraction)
     if not tokens:
         return None
-    per_group = [sum(per_token.get(node, 0) for node in group) * tokens for group in groups]
-    where = "in S(P), resident" if plan.memory.endswith("+kv") else "streamed, not in S(P)"
-    return (f"planned chunked-prefill K/V per group ({where}; {tokens:,} tokens before the last chunk): "
-            + ", ".join(f"{value:,} B" for value in per_group))
+    return PlannedKV([sum(per_token.get(node, 0) for node in group) * tokens for group in groups], tokens,
+                     plan.memory.endswith("+kv"))
+
+
+def kv_prefix_note(planned):
+    """A note with the planned chunked-prefill K/V per group (a `PlannedKV`), or None when there is none."""
+    if planned is None:
+        return None
+    where = "in S(P), resident" if planned.resident else "streamed, not in S(P)"
+    return (f"planned chunked-prefill K/V per group ({where}; {planned.tokens:,} tokens before the last chunk): "
+            + ", ".join(f"{value:,} B" for value in planned.per_group))

@@ -80,10 +80,16 @@ class GroupRunner:
     def __init__(self, index, steps, keep):
         self.index, self.steps, self.keep = index, list(steps), frozenset(keep)
 
-    def run(self, values):
-        """Run the group on the chunk whose store is `values` (updated in place)."""
+    def run(self, values, on_step=None):
+        """Run the group on the chunk whose store is `values` (updated in place).
+
+        `on_step`, when given, is called with `values` after every step (before
+        the values no later group reads are dropped).
+        """
         for step in self.steps:
             values[step.node] = step(values)
+            if on_step is not None:
+                on_step(values)
         for name in [name for name in values if name not in self.keep]:
             del values[name]
 
