@@ -93,3 +93,74 @@ class TestRun:
         model.device = torch.device("meta")
         with pytest.raises(InputError, match=r"^chunks inside a sequence run on the CPU only"):
             enable_chunked_prefill(model)
+
+
+def _attention_layers(plan, group):
+    return sum(plan.graph.nodes[node].get("op") in ("attention", "block") for node in group)
+
+
+class TestHeldBytes:
+    """What one chunk held per group, against the K/V formula written out from the config."""
+
+    @pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+    @pytest.mark.parametrize("granularity", ["op", "block"])
+    def test_measured_kv_is_kv_bytes_per_token_times_tokens_held(self, config, granularity):
+        plan = _plan(config, granularity)
+        result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
+        heads = config["num_attention_heads"]
+        kv_heads, head_dim = config.get("num_key_value_heads", heads), config["hidden_size"] // heads
+        assert (result.chunk_tokens, result.micro_batches) == (8, 8)
+        layers_seen = 0
+        for report, group in zip(result.groups, plan.partitions):
+            layers = _attention_layers(plan, group)
+            layers_seen += layers
+            # a buffer of one sequence (32 tokens) per layer: 2 × kv_heads × head_dim × bytes × tokens
+            assert report.held.kv == layers * 2 * kv_heads * head_dim * 4 * 32  # as allocated, float32
+            assert report.held_at_plan_dtype.kv == layers * 2 * kv_heads * head_dim * 2 * 32  # the plan's bf16
+            # the plan's term: the 24 tokens before the last 8-token chunk
+            assert report.planned_kv_bytes == layers * 2 * kv_heads * head_dim * 2 * 24
+        assert layers_seen == config["num_hidden_layers"]
+
+    def test_held_terms_add_up_and_weights_are_the_allocated_parameters(self):
+        plan = _plan(LLAMA)
+        result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
+        for report in result.groups:
+            held, at_plan = report.held, report.held_at_plan_dtype
+            assert held.total == held.weights + held.kv + held.activations
+            assert held.weights == report.weight_bytes and at_plan.weights * 2 == held.weights
+            assert 0 < held.boundary <= held.activations
+            assert (held.dtype, at_plan.dtype) == ("float32", "bf16")
+        # group 0's boundary is the chunk's rows of the model inputs: 8 token ids and 8 positions, int64
+        assert result.groups[0].held.boundary == 8 * 8 * 2 == result.groups[0].held_at_plan_dtype.boundary
+
+    def test_whole_sequence_chunks_hold_no_kv_buffer(self):
+        plan = _plan(LLAMA, chunk=32)
+        result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
+        assert all(report.held.kv == 0 and report.planned_kv_bytes is None for report in result.groups)
+
+    def test_measuring_leaves_the_cursors_at_zero_and_the_run_equivalent(self):
+        plan = _plan(GPT2)
+        model = build(plan.graph, plan)
+        result = run(plan, model, schedule=["partition-major", "token-major"], iters=1, warmup=0)
+        assert result.equivalent
+        chunked = [m for step in model.steps for m in step.module.modules() if isinstance(m, ChunkedAttention)]
+        assert chunked and all(module.cursor == 0 for module in chunked)
+
+    def test_json_and_table_carry_the_kv_terms(self, tmp_path):
+        from rich.console import Console
+
+        from cachefit.executor.report import groups_table
+
+        plan = _plan(LLAMA)
+        result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
+        data = result.to_dict()
+        group = data["groups"][0]
+        assert group["planned_kv_bytes"] == 3072 and group["held"]["kv"] == 8192
+        assert group["held_at_plan_dtype"] == {**group["held_at_plan_dtype"], "kv": 4096, "dtype": "bf16"}
+        console = Console(width=200, record=True)
+        console.print(groups_table(result))
+        text = console.export_text()
+        assert "tensor bytes at bf16" in text and "planned K/V" in text and "measured K/V" in text
+        assert any(note.startswith("K/V: each attention's buffer holds one sequence, 32 tokens: the 24 before "
+                                   "the last 8-token chunk") for note in result.notes)
+        assert any("take 2× that" in note for note in result.notes)
