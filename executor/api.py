@@ -327,7 +327,7 @@ def _held_notes(setup, kv_planned):
     run, at_plan = held[0][0].dtype, held[0][1].dtype if held[0][1] is not None else None
     notes = ["held per group (one chunk, tensor bytes): weights + K/V buffers + the most the chunk's values took "
              "after any step of the group; not the allocator (temporaries inside one module call are not seen)"]
-    if at_plan is not None and at_plan != run:
+    if at_plan is not None and DTYPE_BYTES[at_plan] != setup.model.dtype.itemsize:
         factor = setup.model.dtype.itemsize / DTYPE_BYTES[at_plan]
         notes.append(f"held bytes are shown at the plan's dtype {at_plan} ({DTYPE_BYTES[at_plan]} B per element); "
                      f"as allocated in {run} ({setup.model.dtype.itemsize} B) floating tensors take {factor:g}× "

@@ -5,9 +5,11 @@ keys and values of tokens 0 .. p + c − 1 of that sequence.  `ChunkedAttention`
 wraps one `cachefit.executor.nodes.Attention`: it keeps a K/V buffer of one
 sequence (``seq_len`` rows per KV head, filled as chunks arrive), appends each
 chunk's K/V (after RoPE at the chunk's own positions) and attends the chunk's
-queries over the buffer with the causal mask j ≤ p + i.  Position ids
-continue across chunks by construction: every chunk's store reads its rows of
-the model inputs (``@positions`` = token index mod seq_len).
+queries over the buffer with the causal mask j ≤ p + i (and j > p + i − w on
+a sliding-window layer of window w, as the unchunked module does; the buffer
+still holds the whole sequence).  Position ids continue across chunks by
+construction: every chunk's store reads its rows of the model inputs
+(``@positions`` = token index mod seq_len).
 
 Every schedule feeds each group the chunks of a pass in order (partition-major:
 for group, for chunk; token-major: for chunk, for group), so each attention
@@ -17,9 +19,12 @@ unchunked reference and ``batched`` make) runs the wrapped module unchanged.
 
 What this does not do: chunks that span two sequences (c must divide
 seq_len), non-causal attention (a chunk would need later tokens), BERT's
-pooler (it reads each sequence's first row), and CUDA: per-chunk CUDA graph
-capture with a static K/V buffer is not implemented, so chunks inside a
-sequence run on the CPU only.
+pooler (it reads each sequence's first row), imported models (torch.fx,
+torch.export: their attention runs as the module's own traced operations
+over whole samples, with no K/V buffer and no position offset;
+`imported_refusal` names the module), and CUDA: per-chunk CUDA graph capture
+with a static K/V buffer is not implemented, so chunks inside a sequence run
+on the CPU only.  Each is refused by name; whole-sequence chunks still run.
 
 The planner's side is `cachefit.graphs.kv.prefix_tokens` (the K/V the last
 chunk's prefix holds) and the ``+kv`` memory models that count it.
@@ -35,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .nodes import Attention, Block, Pooler, _rotate_half
+from .nodes import Attention, Block, Pooler, _rotate_half, window_mask
 
 __all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note",
-           "planned_kv", "kv_buffers", "reset_chunked"]
+           "planned_kv", "kv_buffers", "reset_chunked", "imported_attention", "imported_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +107,8 @@ class ChunkedAttention(nn.Module):
             repeat = inner.heads // inner.kv_heads
             k, v = (x[:, :, None].expand(1, inner.kv_heads, repeat, *x.shape[2:])
                     .reshape(1, inner.heads, *x.shape[2:]) for x in (k, v))
-        query_at = torch.arange(start, end, device=q.device)[:, None]
-        mask = torch.arange(end, device=q.device)[None, :] <= query_at  # key j ≤ query position p + i
+        # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
+        mask = window_mask(torch.arange(start, end, device=q.device), end, inner.window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         self.cursor = end % self.seq_len
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
@@ -130,12 +135,11 @@ def enable_chunked_prefill(model):
     ------
     InputError
         Naming the first module that cannot be chunked inside a sequence: a
-        pooler, a non-causal attention, an imported (torch.fx) model, or a
-        model on CUDA.
+        pooler, a non-causal attention, the attention of an imported (torch.fx
+        or torch.export) model, or a model on CUDA.
     """
     if model.source != "graph":
-        raise InputError("chunks inside a sequence need a model the executor builds from a cachefit graph; "
-                         f"this model is {model.source!r}: run whole-sequence chunks")
+        raise imported_refusal(model)
     if model.device.type != "cpu":
         raise InputError("chunks inside a sequence run on the CPU only: per-chunk CUDA graph capture with a "
                          "static K/V buffer is not implemented; run whole-sequence chunks on CUDA")
@@ -154,6 +158,34 @@ def enable_chunked_prefill(model):
     model.whole_sequences = False
     logger.info("chunked prefill: %d attention module(s) keep a K/V buffer per sequence", len(sites))
     return model
+
+
+def imported_attention(graph):
+    """(node, module type) of the first attention of an imported graph (`cachefit.graphs.from_torch`), or None.
+
+    An attention is a node whose module type names one (``GPT2Attention``,
+    ``LlamaAttention``, ``MultiheadAttention``: the attention module's own
+    operations, its core) or whose op does (``scaled_dot_product_attention``).
+    """
+    for node, data in graph.nodes(data=True):
+        kind = str(data.get("module_type", ""))
+        if "attention" in kind.lower() or "attention" in str(data.get("op", "")).lower():
+            return node, kind or str(data.get("op"))
+    return None
+
+
+def imported_refusal(model):
+    """The `InputError` refusing chunks inside a sequence of an imported model, naming its attention module."""
+    found = imported_attention(model.graph)
+    whole = "run whole-sequence chunks (whole samples of dimension 0)"
+    if found is None:
+        return InputError(f"an imported ({model.source}) model's chunks are whole samples of dimension 0; a chunk "
+                          f"inside a sample cannot run: {whole}")
+    node, kind = found
+    return InputError(f"module {node!r} ({kind}): the attention of an imported ({model.source}) model cannot be "
+                      "chunked inside a sequence: it runs as the module's own traced operations over whole "
+                      "samples of dimension 0, with no K/V buffer for the earlier chunks' keys and values and no "
+                      f"position offset; {whole}")
 
 
 def kv_buffers(steps):
@@ -191,6 +223,8 @@ def prepare_chunks(plan, model, chunk_tokens, micro_batches):
         that a module cannot run (naming it, see `enable_chunked_prefill`).
     """
     by_default = chunk_tokens is None and micro_batches is None
+    if model.source != "graph":
+        return _imported_chunks(plan, model, chunk_tokens, micro_batches, by_default)
     if by_default:
         planned = plan_chunk_tokens(plan, model)
         if planned >= model.tokens or model.tokens % planned or planned % model.tokens_per_row:
@@ -217,6 +251,32 @@ def prepare_chunks(plan, model, chunk_tokens, micro_batches):
     notes = [f"{notes[0] if notes else f'chunks of {asked:,} tokens'}, inside sequences of {model.seq_len:,} "
              "(chunked prefill: a K/V buffer per attention)"]
     return chunk_tokens, micro_batches, notes
+
+
+def _imported_chunks(plan, model, chunk_tokens, micro_batches, by_default):
+    """`prepare_chunks` for an imported model: chunks of whole samples; one inside a sample is refused.
+
+    By default the plan's chunk runs when it is whole samples dividing the
+    pass; a plan chunk inside a sample (chunk_fraction × tokens < the tokens
+    of one sample) falls back to the whole pass with a note naming the
+    attention module (`imported_refusal`).  An explicit chunk inside a sample
+    is refused with that message.
+    """
+    from fractions import Fraction
+
+    if not by_default:
+        if _positive(chunk_tokens) and chunk_tokens % model.tokens_per_row and model.tokens % chunk_tokens == 0:
+            raise imported_refusal(model)
+        return chunk_tokens, micro_batches, []
+    if Fraction(plan.chunk_fraction) * model.tokens < model.tokens_per_row:
+        samples = model.tokens // model.tokens_per_row
+        return None, None, [f"the plan's chunk (fraction {plan.chunk_fraction:g} of a pass of {samples:,} "
+                            f"sample(s)) lies inside a sample and cannot run here "
+                            f"({imported_refusal(model)}); streams the whole pass"]
+    planned = plan_chunk_tokens(plan, model)
+    if planned >= model.tokens or model.tokens % planned or planned % model.tokens_per_row:
+        return None, None, []
+    return planned, None, [f"streams the plan's chunk: {planned:,} of {model.tokens:,} tokens per pass"]
 
 
 def _positive(value):

@@ -265,8 +265,28 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def window_mask(queries, keys, window, device):
+    """The causal mask of `queries` at positions ``queries`` over key positions 0 .. keys − 1.
+
+    True where key j may be attended by query i: j ≤ i, and, under a sliding
+    window w (HF transformers' convention, the query counted), j > i − w.
+    `queries` is a 1-d tensor of positions.
+    """
+    at = queries[:, None]
+    key = torch.arange(keys, device=device)[None, :]
+    mask = key <= at
+    if window is not None:
+        mask &= key > at - window
+    return mask
+
+
 class Attention(nn.Module):
-    """Exact multi-head / grouped-query attention over whole sequences of `seq_len` rows."""
+    """Exact multi-head / grouped-query attention over whole sequences of `seq_len` rows.
+
+    A ``sliding_window`` w on the node (a local layer) restricts each query
+    to the keys of its last w positions, itself included (HF transformers'
+    convention); a window as long as the sequence changes nothing.
+    """
 
     def __init__(self, key, attrs, seq_len, device):
         super().__init__()
@@ -275,6 +295,12 @@ class Attention(nn.Module):
         self.seq_len = int(seq_len)
         if self.heads % self.kv_heads:
             raise InputError(f"node {key!r}: `num_kv_heads` must divide `num_heads`")
+        window = attrs.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise InputError(f"node {key!r}: `sliding_window` must be a positive integer of tokens, got {window!r}")
+        if window is not None and not self.causal:
+            raise InputError(f"node {key!r}: a sliding window needs causal attention")
+        self.window = window if window is not None and window < self.seq_len else None
         self.rope = bool(attrs.get("rope", False))
         if self.rope:
             if self.head_dim % 2:
@@ -303,7 +329,11 @@ class Attention(nn.Module):
             repeat = self.heads // self.kv_heads
             k, v = (x[:, :, None].expand(x.shape[0], self.kv_heads, repeat, *x.shape[2:])
                     .reshape(x.shape[0], self.heads, *x.shape[2:]) for x in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if self.window is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            mask = window_mask(torch.arange(self.seq_len, device=q.device), self.seq_len, self.window, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(-1, self.heads * self.head_dim)
 
 
@@ -415,7 +445,7 @@ class Join(nn.Module):
 class Block(nn.Module):
     """A whole transformer block (block granularity), built from the same ops as op granularity."""
 
-    def __init__(self, key, config, seq_len, factory, dtype, device):
+    def __init__(self, key, config, seq_len, factory, dtype, device, window=None):
         super().__init__()
         from ..graphs.transformer import block_ops
 
@@ -424,6 +454,8 @@ class Block(nn.Module):
         ops = block_ops(config, 1, 1, 1)
         logical = {name: attrs for name, attrs, _ in ops}
         for name, attrs, preds in ops:
+            if attrs.get("op") == "attention" and window is not None:  # the block node's sliding window
+                attrs = {**attrs, "sliding_window": window}
             module = _op_module(f"{key}.{name}", attrs, seq_len, factory, dtype, device)
             order = order_inputs(f"{key}.{name}", attrs, list(preds),
                                  lambda pred: logical.get(pred, {}))
@@ -540,7 +572,7 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
         if config is None:
             raise InputError(f"node {key!r} (block) needs the graph attribute `config` "
                              "(a graph from cachefit.graphs.transformer)")
-        return Block(key, config, seq_len, factory, dtype, device)
+        return Block(key, config, seq_len, factory, dtype, device, window=attrs.get("sliding_window"))
     raise InputError(f"node {key!r}: the executor cannot materialise op {op!r}; supported ops: "
                      f"{', '.join(SUPPORTED_OPS)}")
 

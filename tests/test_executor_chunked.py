@@ -164,3 +164,131 @@ class TestHeldBytes:
         assert any(note.startswith("K/V: each attention's buffer holds one sequence, 32 tokens: the 24 before "
                                    "the last 8-token chunk") for note in result.notes)
         assert any("take 2× that" in note for note in result.notes)
+
+
+def _hf_model(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                         use_cache=False, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, use_cache=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+#: The attention module each imported model's refusal names (its own operations: the attention core).
+HF_ATTENTION = {"gpt2": ("transformer.h.0.attn", "GPT2Attention"), "llama": ("model.layers.0.self_attn",
+                                                                             "LlamaAttention")}
+
+
+@pytest.mark.slow
+class TestImportedTransformers:
+    """Hugging Face modules imported with torch.export: whole-sample chunks run, chunks inside one are refused."""
+
+    @pytest.fixture(scope="class")
+    def imported(self):
+        from cachefit.graphs import from_torch
+
+        cache = {}
+
+        def get(name):
+            if name not in cache:
+                model = _hf_model(name)
+                tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+                cache[name] = (model, tokens, from_torch(model, tokens))
+            return cache[name]
+
+        return get
+
+    @pytest.mark.parametrize("name", ["gpt2", "llama"])
+    def test_plan_chunk_inside_a_sample_falls_back_naming_the_attention(self, imported, name):
+        model, tokens, graph = imported(name)
+        plan = cachefit.plan(graph, "64KiB", solver="greedy", chunk_fraction=1 / 16)
+        assert plan.ok
+        result = run(plan, model, example_inputs=(tokens,), iters=1, warmup=0, schedule=["partition-major"])
+        assert result.micro_batches == 1 and result.equivalent
+        node, kind = HF_ATTENTION[name]
+        assert any(note.startswith("the plan's chunk (fraction 0.0625 of a pass of 2 sample(s)) lies inside a "
+                                   f"sample and cannot run here (module {node!r} ({kind}): the attention of an "
+                                   "imported (torch.export) model cannot be chunked inside a sequence")
+                   for note in result.notes)
+        assert all(report.held.kv == 0 for report in result.groups)
+
+    @pytest.mark.parametrize("name", ["gpt2", "llama"])
+    def test_whole_sample_chunks_run_and_match(self, imported, name):
+        model, tokens, graph = imported(name)
+        plan = cachefit.plan(graph, "64KiB", solver="greedy", chunk_fraction=0.5)
+        result = run(plan, model, example_inputs=(tokens,), iters=1, warmup=0,
+                     schedule=["partition-major", "token-major"])
+        assert (result.chunk_tokens, result.micro_batches) == (1, 2)
+        assert result.equivalent and max(s.max_abs_diff for s in result.schedules) < 1e-4
+        assert "streams the plan's chunk: 1 of 2 tokens per pass" in result.notes
+
+    def test_explicit_chunk_inside_a_sequence_refused_by_module(self, imported):
+        from cachefit.graphs import from_torch
+
+        model, tokens, _ = imported("llama")
+        graph = from_torch(model, tokens)
+        graph.graph["seq_len"] = 8  # rows of dimension 0 are sequences of 8 tokens
+        plan = cachefit.plan(graph, "64KiB", solver="greedy")
+        with pytest.raises(InputError, match=r"^module 'model\.layers\.0\.self_attn' \(LlamaAttention\): the "
+                                             r"attention of an imported \(torch\.export\) model cannot be chunked "
+                                             r"inside a sequence: .*; run whole-sequence chunks"):
+            run(plan, model, example_inputs=(tokens,), chunk_tokens=4, iters=1, warmup=0)
+
+
+def _windowed(graph, window):
+    """`graph` with a sliding window on every attention node (what the planner's `mark_windows` sets)."""
+    for _, data in graph.nodes(data=True):
+        if data.get("op") in ("attention", "block"):
+            data["sliding_window"] = window
+    return graph
+
+
+class TestSlidingWindow:
+    """A node's ``sliding_window`` w: keys q − w < j ≤ q (HF transformers' convention), chunked or not."""
+
+    def _reference(self, q, k, v, window, heads, kv_heads, head_dim):
+        """Attention written out in float64: softmax over the allowed keys of each query, per head."""
+        rows = q.shape[0]
+        q = q.double().view(rows, heads, head_dim)
+        k = k.double().view(rows, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=1)
+        v = v.double().view(rows, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=1)
+        out = torch.zeros(rows, heads, head_dim, dtype=torch.float64)
+        for i in range(rows):
+            keys = range(max(0, i - window + 1), i + 1)
+            scores = torch.stack([(q[i] * k[j]).sum(-1) for j in keys]) / head_dim ** 0.5
+            weights = scores.softmax(dim=0)
+            out[i] = sum(weights[n][:, None] * v[j] for n, j in enumerate(keys))
+        return out.view(rows, heads * head_dim)
+
+    def test_whole_and_chunked_match_the_written_out_window(self):
+        attrs = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "causal": True, "sliding_window": 5}
+        generator = torch.Generator().manual_seed(3)
+        q = torch.randn(16, 32, generator=generator)
+        k, v = (torch.randn(16, 16, generator=generator) for _ in range(2))
+        expected = self._reference(q, k, v, 5, 4, 2, 8).float()
+        whole = Attention("attn", attrs, 16, "cpu")(q, k, v)
+        chunked = ChunkedAttention(Attention("attn", attrs, 16, "cpu"), "attn")
+        parts = torch.cat([chunked(q[i:i + 4], k[i:i + 4], v[i:i + 4]) for i in range(0, 16, 4)])
+        torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts, expected, rtol=1e-5, atol=1e-5)
+        full = Attention("attn", {**attrs, "sliding_window": None}, 16, "cpu")(q, k, v)
+        assert not torch.allclose(full, whole, atol=1e-3)  # the window changes the output
+
+    def test_bad_window_refused_by_node(self):
+        attrs = {"num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "causal": True, "sliding_window": 0}
+        with pytest.raises(InputError, match=r"^node 'b\.attn': `sliding_window` must be a positive integer"):
+            Attention("b.attn", attrs, 16, "cpu")
+
+    @pytest.mark.parametrize("granularity", ["op", "block"])
+    def test_windowed_model_runs_chunked_and_matches(self, granularity):
+        graph = _windowed(transformer(LLAMA, batch=2, seq_len=32, granularity=granularity), 12)
+        plan = cachefit.plan(graph, "120KiB", solver="dp", memory="liveness+kv", chunk_tokens=8, tile=True)
+        model = build(plan.graph, plan)
+        windows = [m.window for step in model.steps for m in step.module.modules() if isinstance(m, Attention)]
+        assert windows == [12, 12]
+        result = run(plan, model, schedule=["partition-major", "token-major"], iters=1, warmup=0)
+        assert result.chunk_tokens == 8 and result.equivalent
