@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .nodes import Attention, Block, Pooler, _rotate_half, window_mask
+from .nodes import Attention, Block, Join, LatentAttention, Linear, Norm, Pooler, rotate, window_mask
 
-__all__ = ["ChunkedAttention", "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note",
-           "planned_kv", "kv_buffers", "reset_chunked", "imported_attention", "imported_refusal"]
+__all__ = ["ChunkedAttention", "ChunkedLatentAttention", "enable_chunked_prefill", "plan_chunk_tokens",
+           "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers", "reset_chunked", "imported_attention",
+           "imported_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,12 @@ class ChunkedAttention(nn.Module):
         return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
 
     def _rope(self, x, start):
-        x32, rows = x.float(), slice(start, start + x.shape[2])
-        inner = self.attention
-        return (x32 * inner.cos[rows] + _rotate_half(x32) * inner.sin[rows]).to(x.dtype)
+        rows = slice(start, start + x.shape[2])
+        return rotate(x, self.attention.cos[rows], self.attention.sin[rows])
+
+    def kv_tensors(self):
+        """The K/V buffers allocated so far (key, value)."""
+        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
 
     def forward(self, q, k, v):
         rows, inner = q.shape[0], self.attention
@@ -114,18 +118,101 @@ class ChunkedAttention(nn.Module):
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
 
 
+class ChunkedLatentAttention(nn.Module):
+    """A `LatentAttention` (DeepSeek MLA) that also takes chunks of c < seq_len rows of one sequence, in order.
+
+    Its cache is the latent: each token's ``kv_a`` row (kv_lora_rank +
+    qk_rope_head_dim values, the planner's per-token K/V), one sequence of
+    them.  A chunk at position p appends its rows, re-expands the earlier
+    tokens' latents through the layer's own ``kv_a_norm`` and ``kv_b``
+    modules (referenced, not owned: their weights stay with their nodes) to
+    per-head keys and values, takes its own from its ``kv_b`` input, rotates
+    the shared RoPE key at positions 0 .. p + c − 1 and attends causally.
+
+    Attributes
+    ----------
+    attention : LatentAttention
+    cursor : int
+        Tokens of the current sequence already in the latent buffer.
+    """
+
+    def __init__(self, attention, key, expand):
+        super().__init__()
+        if not attention.causal:
+            raise InputError(f"node {key!r}: non-causal attention cannot be chunked inside a sequence (a chunk "
+                             "would need the keys of later tokens); run whole-sequence chunks")
+        self.attention, self.key, self.cursor = attention, key, 0
+        object.__setattr__(self, "_expand", expand)  # not a submodule: kv_a_norm and kv_b belong to their nodes
+        self._latent_buffer = None
+
+    @property
+    def seq_len(self):
+        return self.attention.seq_len
+
+    def kv_tensors(self):
+        """The latent buffer allocated so far."""
+        return [self._latent_buffer] if self._latent_buffer is not None else []
+
+    def forward(self, q, kv_a, kv_b):
+        rows, inner = q.shape[0], self.attention
+        if rows % self.seq_len == 0:
+            self.cursor = 0
+            return inner(q, kv_a, kv_b)
+        start = self.cursor
+        if start + rows > self.seq_len:
+            raise InputError(f"node {self.key!r}: a chunk of {rows} tokens at position {start} spans two "
+                             f"sequences of {self.seq_len}; chunk_tokens must divide seq_len")
+        buffer = self._latent_buffer
+        if buffer is None or buffer.dtype != kv_a.dtype or buffer.device != kv_a.device:
+            buffer = self._latent_buffer = torch.empty((self.seq_len, kv_a.shape[-1]), dtype=kv_a.dtype,
+                                                       device=kv_a.device)
+        end = start + rows
+        buffer[start:end] = kv_a
+        expanded = torch.cat((self._expand(buffer[:start]), kv_b)) if start else kv_b
+        key, value = inner.keys_values(expanded, inner.shared_key(buffer[:end], 0, end))
+        query = inner.query(q, start, rows)
+        mask = window_mask(torch.arange(start, end, device=q.device), end, None, q.device)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        self.cursor = end % self.seq_len
+        return out.transpose(1, 2).reshape(rows, inner.heads * inner.v_dim)
+
+
+_SEQUENCE_MIXERS = (Attention, ChunkedAttention, LatentAttention, ChunkedLatentAttention)
+
+
 def _attention_sites(steps):
     """(node, container, name, module) of every sequence-mixing module of `steps`."""
     sites = []
     for step in steps:
         module = step.module
-        if isinstance(module, (Attention, ChunkedAttention, Pooler)):
+        if isinstance(module, (*_SEQUENCE_MIXERS, Pooler)):
             sites.append((step.node, step, "module", module))
         elif isinstance(module, Block):
             for name, inner in module.layers.items():
-                if isinstance(inner, (Attention, ChunkedAttention)):
+                if isinstance(inner, _SEQUENCE_MIXERS):
                     sites.append((f"{step.node}.{name}", module.layers, name, inner))
     return sites
+
+
+def _latent_expander(node, container, by_node):
+    """The function re-expanding latent rows to ``kv_b`` rows for latent attention `node`: its layer's
+    ``kv_a_norm`` then ``kv_b`` modules (a block's own, or the steps feeding the attention's ``kv_b``: one
+    linear, or the tiles of a tiled one and their join)."""
+    if isinstance(container, nn.ModuleDict):
+        norm, kv_b = container["kv_a_norm"], container["kv_b"]
+        return lambda latent: kv_b(norm(latent))
+    join = by_node.get(container.inputs[2])
+    tiles = [join] if join is not None and isinstance(join.module, Linear) else \
+        [by_node.get(name) for name in (join.inputs if join is not None and isinstance(join.module, Join) else ())]
+    feeds = {tile.inputs for tile in tiles if tile is not None and isinstance(tile.module, Linear)}
+    norm = by_node.get(next(iter(feeds))[0]) if len(feeds) == 1 and len(next(iter(feeds))) == 1 else None
+    if not tiles or None in tiles or norm is None or not isinstance(norm.module, Norm):
+        raise InputError(f"node {node!r}: latent attention re-expands the earlier chunks' latents through its "
+                         f"layer's kv_a_norm and kv_b; {container.inputs[2]!r} is not kv_b (a linear module, or its "
+                         "tiles joined) fed by that norm; run whole-sequence chunks")
+    if len(tiles) == 1 and tiles[0] is join:
+        return lambda latent: join.module(norm.module(latent))
+    return lambda latent: join.module(*(tile.module(norm.module(latent)) for tile in tiles))
 
 
 def enable_chunked_prefill(model):
@@ -148,9 +235,11 @@ def enable_chunked_prefill(model):
         if isinstance(module, Pooler):
             raise InputError(f"node {node!r}: a pooler reads each sequence's first row and cannot be chunked "
                              "inside a sequence; run whole-sequence chunks")
+    by_node = {step.node: step for step in model.steps}
     for node, container, name, module in sites:
-        if isinstance(module, Attention):
-            wrapped = ChunkedAttention(module, node)
+        if isinstance(module, (Attention, LatentAttention)):
+            wrapped = (ChunkedAttention(module, node) if isinstance(module, Attention)
+                       else ChunkedLatentAttention(module, node, _latent_expander(node, container, by_node)))
             if isinstance(container, nn.ModuleDict):
                 container[name] = wrapped
             else:
@@ -190,14 +279,14 @@ def imported_refusal(model):
 
 def kv_buffers(steps):
     """The K/V buffers the chunked attention modules of `steps` have allocated (key and value each)."""
-    return [buffer for _, _, _, module in _attention_sites(steps) if isinstance(module, ChunkedAttention)
-            for buffer in (module._key_buffer, module._value_buffer) if buffer is not None]
+    return [buffer for _, _, _, module in _attention_sites(steps)
+            if isinstance(module, (ChunkedAttention, ChunkedLatentAttention)) for buffer in module.kv_tensors()]
 
 
 def reset_chunked(model):
     """Put every chunked attention of `model` back at the start of a sequence (cursor 0)."""
     for _, _, _, module in _attention_sites(model.steps):
-        if isinstance(module, ChunkedAttention):
+        if isinstance(module, (ChunkedAttention, ChunkedLatentAttention)):
             module.cursor = 0
 
 
@@ -250,6 +339,11 @@ def prepare_chunks(plan, model, chunk_tokens, micro_batches):
                             "streams the whole pass"]
     notes = [f"{notes[0] if notes else f'chunks of {asked:,} tokens'}, inside sequences of {model.seq_len:,} "
              "(chunked prefill: a K/V buffer per attention)"]
+    if any(isinstance(module, ChunkedLatentAttention) for *_, module in _attention_sites(model.steps)):
+        notes.append("latent attention (MLA) caches each token's kv_a row (kv_lora_rank + qk_rope_head_dim) and "
+                     "re-expands the earlier chunks' latents through its layer's kv_a_norm and kv_b every chunk: "
+                     "their weights are read again where the attention runs (a group the plan may not count "
+                     "them in)")
     return chunk_tokens, micro_batches, notes
 
 

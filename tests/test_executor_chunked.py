@@ -292,3 +292,89 @@ class TestSlidingWindow:
         assert windows == [12, 12]
         result = run(plan, model, schedule=["partition-major", "token-major"], iters=1, warmup=0)
         assert result.chunk_tokens == 8 and result.equivalent
+
+
+DEEPSEEK = {"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 100, "q_lora_rank": 0, "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+class TestLatentAttention:
+    """DeepSeek's MLA: the executor's module against the definition written out, whole and chunked."""
+
+    ATTRS = {"num_heads": 4, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "causal": True}
+
+    def _reference(self, module, q, kv_a, kv_b):
+        """Per head and query in float64: softmax over keys j ≤ i of [q_nope, R_i q_pe]·[k_nope_j, R_j k_pe_j]
+        / √(nope + rope), times v_j."""
+        from cachefit.executor.nodes import rotate
+
+        rows, heads, nope, rope, v_dim = q.shape[0], 4, 16, 8, 16
+        q = q.double().view(rows, heads, nope + rope)
+        kv = kv_b.double().view(rows, heads, nope + v_dim)
+        k_pe = rotate(kv_a.double()[:, -rope:], module.cos.double(), module.sin.double())  # (rows, rope)
+        q_pe = torch.stack([rotate(q[:, h, nope:], module.cos.double(), module.sin.double()) for h in range(heads)],
+                           dim=1)
+        out = torch.zeros(rows, heads, v_dim, dtype=torch.float64)
+        for i in range(rows):
+            for h in range(heads):
+                scores = torch.stack([(q[i, h, :nope] * kv[j, h, :nope]).sum() + (q_pe[i, h] * k_pe[j]).sum()
+                                      for j in range(i + 1)]) / (nope + rope) ** 0.5
+                out[i, h] = (scores.softmax(0)[:, None] * kv[: i + 1, h, nope:]).sum(0)
+        return out.view(rows, heads * v_dim).float()
+
+    def test_whole_and_chunked_match_the_definition(self):
+        from cachefit.executor.chunked import ChunkedLatentAttention
+        from cachefit.executor.nodes import LatentAttention
+
+        generator = torch.Generator().manual_seed(5)
+        q = torch.randn(16, 4 * 24, generator=generator)
+        kv_a = torch.randn(16, 32 + 8, generator=generator)
+        expand = torch.nn.Linear(32, 4 * 32, bias=False)
+        kv_b = expand(kv_a[:, :32]).detach()
+        whole = LatentAttention("attn", self.ATTRS, 16, "cpu")
+        expected = self._reference(whole, q, kv_a, kv_b)
+        torch.testing.assert_close(whole(q, kv_a, kv_b), expected, rtol=1e-5, atol=1e-5)
+        chunked = ChunkedLatentAttention(LatentAttention("attn", self.ATTRS, 16, "cpu"), "attn",
+                                         lambda latent: expand(latent[:, :32]).detach())
+        parts = torch.cat([chunked(q[i:i + 4], kv_a[i:i + 4], kv_b[i:i + 4]) for i in range(0, 16, 4)])
+        torch.testing.assert_close(parts, expected, rtol=1e-5, atol=1e-5)
+        assert chunked.cursor == 0 and chunked.kv_tensors()[0].shape == (16, 40)  # the latent of one sequence
+
+    @pytest.mark.parametrize("granularity", ["op", "block"])
+    def test_deepseek_runs_chunked_with_a_latent_cache(self, granularity):
+        graph = transformer(DEEPSEEK, batch=2, seq_len=16, granularity=granularity)
+        plan = cachefit.plan(graph, "200KiB", solver="greedy", memory="liveness+kv", chunk_fraction=4 / 32)
+        result = run(plan, schedule=["partition-major", "token-major"], iters=1, warmup=0)
+        assert (result.chunk_tokens, result.micro_batches) == (4, 8) and result.equivalent
+        for report, group in zip(result.groups, plan.partitions):
+            layers = sum(plan.graph.nodes[node].get("op") in ("mla_attention", "block") for node in group)
+            # (kv_lora_rank + qk_rope_head_dim) × bytes × tokens per layer
+            assert report.held.kv == layers * (32 + 8) * 4 * 16
+            assert report.held_at_plan_dtype.kv == layers * (32 + 8) * 2 * 16
+            assert report.planned_kv_bytes == layers * (32 + 8) * 2 * 12
+        assert any(note.startswith("latent attention (MLA) caches each token's kv_a row") for note in result.notes)
+
+    def test_whole_sequence_run_matches(self):
+        plan = cachefit.plan(transformer(DEEPSEEK, batch=2, seq_len=16, granularity="op"), "200KiB",
+                             solver="greedy", chunk_fraction=0.5)
+        result = run(plan, schedule=["partition-major", "batched"], iters=1, warmup=0)
+        assert result.micro_batches == 2 and result.equivalent
+
+    def test_tiled_kv_b_re_expands_through_its_tiles(self):
+        graph = transformer(DEEPSEEK, batch=2, seq_len=16, granularity="op")
+        plan = cachefit.plan(graph, "10KiB", solver="greedy", chunk_fraction=4 / 32, tile=True)
+        assert "block.0.kv_b.tile.1" in plan.graph
+        result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
+        assert result.chunk_tokens == 4 and result.equivalent
+
+    def test_kv_b_that_is_not_a_linear_refused_by_node(self):
+        from cachefit.executor.nodes import Add
+
+        graph = transformer(DEEPSEEK, batch=2, seq_len=16, granularity="op")
+        model = build(graph)
+        next(step for step in model.steps if step.node == "block.0.kv_b").module = Add()
+        with pytest.raises(InputError, match=r"^node 'block\.0\.attn': latent attention re-expands the earlier "
+                                             r"chunks' latents through its layer's kv_a_norm and kv_b; "
+                                             r"'block\.0\.kv_b' is not kv_b"):
+            enable_chunked_prefill(model)
