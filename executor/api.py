@@ -111,7 +111,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         the plan's chunk (chunk_fraction × batch × seq_len) when it divides
         the pass, else the whole pass.  A chunk smaller than seq_len (it must
         divide it) runs chunked prefill (`cachefit.executor.chunked`: a K/V
-        buffer per attention, CPU only); a module that cannot be chunked
+        buffer per attention; on CUDA untested on a GPU); a module that cannot be chunked
         inside a sequence is refused by name.
     schedule : str or sequence of str
         ``"partition-major"`` (default), ``"token-major"``, ``"batched"``,

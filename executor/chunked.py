@@ -17,14 +17,23 @@ sees a sequence's chunks in order and its cursor p wraps to 0 at each
 sequence's end.  A call of whole sequences (rows a multiple of seq_len, as the
 unchunked reference and ``batched`` make) runs the wrapped module unchanged.
 
+On CUDA (untested on a GPU: none was available; the logic is tested with
+the CPU stand-in of torch.cuda), a schedule whose graphs hold whole passes
+or whole chunks-in-order (partition-major, token-major, fused) captures each
+chunk's slice positions as they were at capture, which are the positions
+every replay needs, because a pass always starts every sequence at 0.
+``partition-major-replay`` captures one chunk's graph per group and replays
+it per chunk: there the position is a tensor (`replay_positions`) filled
+before each replay, and the chunk attends over the whole zeroed buffer with
+the keys after it masked, so the captured shapes are fixed.
+
 What this does not do: chunks that span two sequences (c must divide
 seq_len), non-causal attention (a chunk would need later tokens), BERT's
-pooler (it reads each sequence's first row), imported models (torch.fx,
+pooler (it reads each sequence's first row) and imported models (torch.fx,
 torch.export: their attention runs as the module's own traced operations
 over whole samples, with no K/V buffer and no position offset;
-`imported_refusal` names the module), and CUDA: per-chunk CUDA graph capture
-with a static K/V buffer is not implemented, so chunks inside a sequence run
-on the CPU only.  Each is refused by name; whole-sequence chunks still run.
+`imported_refusal` names the module).  Each is refused by name;
+whole-sequence chunks still run.
 
 The planner's side is `cachefit.graphs.kv.prefix_tokens` (the K/V the last
 chunk's prefix holds) and the ``+kv`` memory models that count it.
@@ -43,13 +52,63 @@ from ..errors import InputError
 from .nodes import Attention, Block, Join, LatentAttention, Linear, Norm, Pooler, rotate, window_mask
 
 __all__ = ["ChunkedAttention", "ChunkedLatentAttention", "enable_chunked_prefill", "plan_chunk_tokens",
-           "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers", "reset_chunked", "imported_attention",
-           "imported_refusal"]
+           "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers", "reset_chunked", "replay_positions",
+           "imported_attention", "imported_refusal"]
 
 logger = logging.getLogger(__name__)
 
 
-class ChunkedAttention(nn.Module):
+class _Chunked(nn.Module):
+    """What both chunked attentions share: the wrapped module, the cursor, and where a chunk lies.
+
+    Positions come from one of two places.  By default (``position`` None)
+    the Python cursor: chunks arrive in order, the cursor advances by each
+    and wraps to 0 at a sequence's end, and a chunk attends over the buffer
+    rows filled so far.  A CUDA schedule that captures one chunk's graph once
+    and replays it per chunk sets ``position`` (`replay_positions`): a 0-d
+    integer tensor holding the chunk's first position, which it updates
+    before every replay; the chunk then attends over the whole buffer with
+    keys after it masked, so every shape is fixed.
+    """
+
+    position = None
+
+    def __init__(self, attention, key):
+        super().__init__()
+        if not attention.causal:
+            raise InputError(f"node {key!r}: non-causal attention cannot be chunked inside a sequence (a chunk "
+                             "would need the keys of later tokens); run whole-sequence chunks")
+        self.attention, self.key, self.cursor = attention, key, 0
+
+    @property
+    def seq_len(self):
+        return self.attention.seq_len
+
+    def _where(self, rows, device):
+        """(positions of the chunk's rows as a 1-d tensor, keys to attend: the buffer rows 0 .. end − 1)."""
+        if self.position is not None:
+            return self.position + torch.arange(rows, device=device), self.seq_len
+        start = self.cursor
+        if start + rows > self.seq_len:
+            raise InputError(f"node {self.key!r}: a chunk of {rows} tokens at position {start} spans two "
+                             f"sequences of {self.seq_len}; chunk_tokens must divide seq_len")
+        self.cursor = (start + rows) % self.seq_len
+        return torch.arange(start, start + rows, device=device), start + rows
+
+
+def _buffer(current, shape, like):
+    """`current` when it fits `like` (dtype, device), else a zeroed buffer of `shape`.
+
+    Zeroed, not empty: a chunk that attends over the whole buffer (masked)
+    multiplies the rows after it by zero weights, and garbage NaNs would
+    survive that.
+    """
+    if current is not None and current.dtype == like.dtype and current.device == like.device:
+        return current
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class ChunkedAttention(_Chunked):
     """An `Attention` that also takes chunks of c < seq_len rows of one sequence, in order.
 
     Attributes
@@ -58,96 +117,71 @@ class ChunkedAttention(nn.Module):
         The wrapped module (it holds no parameters: bytes are unchanged).
     cursor : int
         Tokens of the current sequence already in the K/V buffer.
+    position : torch.Tensor or None
+        See `_Chunked`.
     """
 
     def __init__(self, attention, key):
-        super().__init__()
-        if not attention.causal:
-            raise InputError(f"node {key!r}: non-causal attention cannot be chunked inside a sequence (a chunk "
-                             "would need the keys of later tokens); run whole-sequence chunks")
-        self.attention, self.key, self.cursor = attention, key, 0
+        super().__init__(attention, key)
         self._key_buffer = self._value_buffer = None
-
-    @property
-    def seq_len(self):
-        return self.attention.seq_len
-
-    def _kv_buffers(self, like):
-        shape = (1, self.attention.kv_heads, self.seq_len, self.attention.head_dim)
-        if self._key_buffer is None or self._key_buffer.dtype != like.dtype or self._key_buffer.device != like.device:
-            self._key_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
-            self._value_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self._key_buffer, self._value_buffer
-
-    def _heads(self, x, heads):
-        return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
-
-    def _rope(self, x, start):
-        rows = slice(start, start + x.shape[2])
-        return rotate(x, self.attention.cos[rows], self.attention.sin[rows])
 
     def kv_tensors(self):
         """The K/V buffers allocated so far (key, value)."""
         return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
+
+    def _heads(self, x, heads):
+        return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
 
     def forward(self, q, k, v):
         rows, inner = q.shape[0], self.attention
         if rows % self.seq_len == 0:  # whole sequences: the plain module
             self.cursor = 0
             return inner(q, k, v)
-        start = self.cursor
-        if start + rows > self.seq_len:
-            raise InputError(f"node {self.key!r}: a chunk of {rows} tokens at position {start} spans two "
-                             f"sequences of {self.seq_len}; chunk_tokens must divide seq_len")
+        positions, end = self._where(rows, q.device)
         q, k, v = self._heads(q, inner.heads), self._heads(k, inner.kv_heads), self._heads(v, inner.kv_heads)
         if inner.rope:
-            q, k = self._rope(q, start), self._rope(k, start)
-        keys, values = self._kv_buffers(k)
-        end = start + rows
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
+            cos, sin = inner.cos.index_select(0, positions), inner.sin.index_select(0, positions)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        shape = (1, inner.kv_heads, self.seq_len, inner.head_dim)
+        keys = self._key_buffer = _buffer(self._key_buffer, shape, k)
+        values = self._value_buffer = _buffer(self._value_buffer, shape, v)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
         k, v = keys[:, :, :end], values[:, :, :end]
         if inner.kv_heads != inner.heads:
             repeat = inner.heads // inner.kv_heads
             k, v = (x[:, :, None].expand(1, inner.kv_heads, repeat, *x.shape[2:])
                     .reshape(1, inner.heads, *x.shape[2:]) for x in (k, v))
         # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
-        mask = window_mask(torch.arange(start, end, device=q.device), end, inner.window, q.device)
+        mask = window_mask(positions, end, inner.window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        self.cursor = end % self.seq_len
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
 
 
-class ChunkedLatentAttention(nn.Module):
+class ChunkedLatentAttention(_Chunked):
     """A `LatentAttention` (DeepSeek MLA) that also takes chunks of c < seq_len rows of one sequence, in order.
 
     Its cache is the latent: each token's ``kv_a`` row (kv_lora_rank +
     qk_rope_head_dim values, the planner's per-token K/V), one sequence of
-    them.  A chunk at position p appends its rows, re-expands the earlier
-    tokens' latents through the layer's own ``kv_a_norm`` and ``kv_b``
-    modules (referenced, not owned: their weights stay with their nodes) to
-    per-head keys and values, takes its own from its ``kv_b`` input, rotates
-    the shared RoPE key at positions 0 .. p + c − 1 and attends causally.
+    them.  A chunk appends its rows, re-expands the latents of the rows it
+    attends to through the layer's own ``kv_a_norm`` and ``kv_b`` modules
+    (referenced, not owned: their weights stay with their nodes) to per-head
+    keys and values, takes its own rows from its ``kv_b`` input, rotates the
+    shared RoPE key at each row's position and attends causally.
 
     Attributes
     ----------
     attention : LatentAttention
     cursor : int
         Tokens of the current sequence already in the latent buffer.
+    position : torch.Tensor or None
+        See `_Chunked`.
     """
 
     def __init__(self, attention, key, expand):
-        super().__init__()
-        if not attention.causal:
-            raise InputError(f"node {key!r}: non-causal attention cannot be chunked inside a sequence (a chunk "
-                             "would need the keys of later tokens); run whole-sequence chunks")
-        self.attention, self.key, self.cursor = attention, key, 0
+        super().__init__(attention, key)
         object.__setattr__(self, "_expand", expand)  # not a submodule: kv_a_norm and kv_b belong to their nodes
         self._latent_buffer = None
-
-    @property
-    def seq_len(self):
-        return self.attention.seq_len
 
     def kv_tensors(self):
         """The latent buffer allocated so far."""
@@ -158,22 +192,14 @@ class ChunkedLatentAttention(nn.Module):
         if rows % self.seq_len == 0:
             self.cursor = 0
             return inner(q, kv_a, kv_b)
-        start = self.cursor
-        if start + rows > self.seq_len:
-            raise InputError(f"node {self.key!r}: a chunk of {rows} tokens at position {start} spans two "
-                             f"sequences of {self.seq_len}; chunk_tokens must divide seq_len")
-        buffer = self._latent_buffer
-        if buffer is None or buffer.dtype != kv_a.dtype or buffer.device != kv_a.device:
-            buffer = self._latent_buffer = torch.empty((self.seq_len, kv_a.shape[-1]), dtype=kv_a.dtype,
-                                                       device=kv_a.device)
-        end = start + rows
-        buffer[start:end] = kv_a
-        expanded = torch.cat((self._expand(buffer[:start]), kv_b)) if start else kv_b
-        key, value = inner.keys_values(expanded, inner.shared_key(buffer[:end], 0, end))
-        query = inner.query(q, start, rows)
-        mask = window_mask(torch.arange(start, end, device=q.device), end, None, q.device)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        self.cursor = end % self.seq_len
+        positions, end = self._where(rows, q.device)
+        buffer = self._latent_buffer = _buffer(self._latent_buffer, (self.seq_len, kv_a.shape[-1]), kv_a)
+        buffer.index_copy_(0, positions, kv_a)
+        expanded = self._expand(buffer[:end]).index_copy(0, positions, kv_b)  # the chunk's own rows as given
+        attended = torch.arange(end, device=q.device)
+        key, value = inner.keys_values(expanded, inner.shared_key(buffer[:end], attended))
+        mask = window_mask(positions, end, None, q.device)
+        out = F.scaled_dot_product_attention(inner.query(q, positions), key, value, attn_mask=mask)
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.v_dim)
 
 
@@ -222,14 +248,12 @@ def enable_chunked_prefill(model):
     ------
     InputError
         Naming the first module that cannot be chunked inside a sequence: a
-        pooler, a non-causal attention, the attention of an imported (torch.fx
-        or torch.export) model, or a model on CUDA.
+        pooler, a non-causal attention, a latent attention whose kv_b cannot
+        be found, or the attention of an imported (torch.fx or torch.export)
+        model.
     """
     if model.source != "graph":
         raise imported_refusal(model)
-    if model.device.type != "cpu":
-        raise InputError("chunks inside a sequence run on the CPU only: per-chunk CUDA graph capture with a "
-                         "static K/V buffer is not implemented; run whole-sequence chunks on CUDA")
     sites = _attention_sites(model.steps)
     for node, _, _, module in sites:
         if isinstance(module, Pooler):
@@ -280,13 +304,30 @@ def imported_refusal(model):
 def kv_buffers(steps):
     """The K/V buffers the chunked attention modules of `steps` have allocated (key and value each)."""
     return [buffer for _, _, _, module in _attention_sites(steps)
-            if isinstance(module, (ChunkedAttention, ChunkedLatentAttention)) for buffer in module.kv_tensors()]
+            if isinstance(module, _Chunked) for buffer in module.kv_tensors()]
+
+
+def replay_positions(model, enable=True):
+    """Give every chunked attention of `model` one shared position tensor (returned), or take it away.
+
+    With `enable`, a 0-d int64 tensor on the model's device (0) that every
+    `ChunkedAttention` and `ChunkedLatentAttention` reads its chunk's first
+    position from (see `_Chunked`): a schedule that replays one captured
+    chunk graph per chunk fills it before each replay.  None when the model
+    has no chunked attention.  With `enable` False, every module goes back
+    to its Python cursor (at 0) and None is returned.
+    """
+    modules = [module for *_, module in _attention_sites(model.steps) if isinstance(module, _Chunked)]
+    position = torch.zeros((), dtype=torch.int64, device=model.device) if enable and modules else None
+    for module in modules:
+        module.position, module.cursor = position, 0
+    return position
 
 
 def reset_chunked(model):
     """Put every chunked attention of `model` back at the start of a sequence (cursor 0)."""
     for _, _, _, module in _attention_sites(model.steps):
-        if isinstance(module, (ChunkedAttention, ChunkedLatentAttention)):
+        if isinstance(module, _Chunked):
             module.cursor = 0
 
 

@@ -79,6 +79,7 @@ def measure_held(model, runners, groups, chunk_tokens, micro_batches):
     plan_dtype = str(model.graph.graph.get("dtype", "")).lower()
     store = chunk_stores(model, chunk_tokens, micro_batches)[0]
     placed, result = set(), []
+    reset_chunked(model)
     try:
         for runner, group in zip(runners, groups):
             parameters = [p for p in model.parameters(group) if id(p) not in placed]

@@ -374,18 +374,17 @@ class LatentAttention(nn.Module):
         self.window = None
         _register_rope(self, key, self.rope_dim, self.seq_len, device)
 
-    def query(self, q, start, length):
-        """(sequences, heads, length, nope + rope) queries of positions start …, the RoPE part rotated."""
-        q = q.view(-1, length, self.heads, self.nope + self.rope_dim).transpose(1, 2)
+    def query(self, q, positions):
+        """(sequences, heads, positions, nope + rope) queries at `positions` (a 1-d tensor), RoPE part rotated."""
+        q = q.view(-1, positions.shape[0], self.heads, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        rows = slice(start, start + length)
-        return torch.cat((q_nope, rotate(q_pe, self.cos[rows], self.sin[rows])), dim=-1)
+        rotated = rotate(q_pe, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
+        return torch.cat((q_nope, rotated), dim=-1)
 
-    def shared_key(self, kv_a, start, length):
-        """The RoPE key shared by the heads, (sequences, 1, length, rope), of positions start …, rotated."""
-        k_pe = kv_a[:, kv_a.shape[-1] - self.rope_dim:].reshape(-1, 1, length, self.rope_dim)
-        rows = slice(start, start + length)
-        return rotate(k_pe, self.cos[rows], self.sin[rows])
+    def shared_key(self, kv_a, positions):
+        """The RoPE key shared by the heads, (sequences, 1, positions, rope), at `positions`, rotated."""
+        k_pe = kv_a[:, kv_a.shape[-1] - self.rope_dim:].reshape(-1, 1, positions.shape[0], self.rope_dim)
+        return rotate(k_pe, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
 
     def keys_values(self, kv_b, k_pe):
         """Per-head keys [k_nope, k_pe] and values from the expanded ``kv_b`` rows and the shared key."""
@@ -396,9 +395,9 @@ class LatentAttention(nn.Module):
         return key, value
 
     def forward(self, q, kv_a, kv_b):
-        rows = q.shape[0]
-        query = self.query(q, 0, self.seq_len)
-        key, value = self.keys_values(kv_b, self.shared_key(kv_a, 0, self.seq_len))
+        rows, positions = q.shape[0], torch.arange(self.seq_len, device=q.device)
+        query = self.query(q, positions)
+        key, value = self.keys_values(kv_b, self.shared_key(kv_a, positions))
         out = F.scaled_dot_product_attention(query, key, value, is_causal=self.causal)
         return out.transpose(1, 2).reshape(rows, self.heads * self.v_dim)
 
