@@ -11,7 +11,7 @@ import torch
 from ..errors import InputError
 from ..progress import task
 from ..units import DTYPE_BYTES
-from .chunked import kv_prefix_note, prepare_chunks
+from .chunked import kv_prefix_note, planned_kv, prepare_chunks
 from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
 from .results import GroupReport, RunResult, ScheduleResult
@@ -111,7 +111,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         the plan's chunk (chunk_fraction × batch × seq_len) when it divides
         the pass, else the whole pass.  A chunk smaller than seq_len (it must
         divide it) runs chunked prefill (`cachefit.executor.chunked`: a K/V
-        buffer per attention, CPU only); a module that cannot be chunked
+        buffer per attention; on CUDA untested on a GPU); a module that cannot be chunked
         inside a sequence is refused by name.
     schedule : str or sequence of str
         ``"partition-major"`` (default), ``"token-major"``, ``"batched"``,
@@ -181,6 +181,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     device = _check_arguments(device, warmup, iters, schedule)
     plan = _one_level(plan, stage, model)
     groups = _verified_groups(plan, model)
+    kv_planned = planned_kv(plan, groups)  # over the plan's own groups (an imported model's are completed below)
     if device is None and not isinstance(model, BuiltModel):
         device = torch.device("cpu")
     model, groups = _resolve_model(plan, model, groups, device=device, dtype=dtype, seed=seed,
@@ -191,7 +192,8 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     setup = _RunSetup.make(plan, model, groups, chunk_tokens, micro_batches, on_cuda=on_cuda,
                            warmup=(5 if on_cuda else 2) if warmup is None else warmup,
                            iters=(20 if on_cuda else 10) if iters is None else iters)
-    notes = _notes(plan, setup, l2_persist) + chunk_notes + [note for note in [kv_prefix_note(plan, groups)] if note]
+    notes = (_notes(plan, setup, l2_persist) + chunk_notes + [note for note in [kv_prefix_note(kv_planned)] if note]
+             + _held_notes(setup, kv_planned))
     with torch.no_grad():
         reference = {name: tensor.clone() for name, tensor in model.reference().items()}
     l2 = _L2Record(requested=bool(l2_persist) and on_cuda)
@@ -206,7 +208,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     l2_info = l2.to_dict(bool(l2_persist))
     if l2.statuses and not l2_info.get("available"):
         notes.append(f"L2 persistence {l2.statuses[-1]}")
-    return _assemble(plan, setup, tuple(results), l2_info, notes)
+    return _assemble(plan, setup, tuple(results), l2_info, notes, kv_planned)
 
 
 def _one_level(plan, stage, model):
@@ -266,11 +268,14 @@ class _RunSetup:
     iters: int
     bandwidth: float
     bandwidth_method: str
+    held: list
 
     @classmethod
     def make(cls, plan, model, groups, chunk_tokens, micro_batches, *, on_cuda, warmup, iters):
-        """Pack each group's weights, make the runners, measure bandwidth and (CUDA) group memory."""
+        """Pack each group's weights, make the runners, measure bandwidth and what each group holds
+        for one chunk (`cachefit.executor.held`; on CUDA also the allocator's peak)."""
         from .cuda import copy_bandwidth
+        from .held import measure_held
 
         if model.packed_for != tuple(tuple(group) for group in groups):
             pack_group_weights(model, groups)
@@ -280,9 +285,10 @@ class _RunSetup:
         measured = [None] * len(groups)
         if on_cuda:
             measured = measure_group_memory(model, runners, chunk_tokens, micro_batches, weight_by_group)
+        held = measure_held(model, runners, groups, chunk_tokens, micro_batches)
         spans = [(buffer.data_ptr(), buffer.numel()) for buffer in model.group_buffers]
         return cls(model, groups, runners, spans, weight_by_group, measured, chunk_tokens, micro_batches,
-                   on_cuda, warmup, iters, bandwidth, method)
+                   on_cuda, warmup, iters, bandwidth, method, held)
 
     @property
     def floor_ms(self):
@@ -310,6 +316,31 @@ def _notes(plan, setup, l2_persist):
     notes += _stage_notes(model)
     if l2_persist and not setup.on_cuda:
         notes.append("--l2-persist applies to CUDA only; ignored on the CPU")
+    return notes
+
+
+def _held_notes(setup, kv_planned):
+    """How the per-group held bytes were counted, and how the K/V buffers relate to the plan's K/V term."""
+    held = [pair for pair in setup.held if pair[0] is not None]
+    if not held:
+        return []
+    run, at_plan = held[0][0].dtype, held[0][1].dtype if held[0][1] is not None else None
+    notes = ["held per group (one chunk, tensor bytes): weights + K/V buffers + the most the chunk's values took "
+             "after any step of the group; not the allocator (temporaries inside one module call are not seen)"]
+    if at_plan is not None and DTYPE_BYTES[at_plan] != setup.model.dtype.itemsize:
+        factor = setup.model.dtype.itemsize / DTYPE_BYTES[at_plan]
+        notes.append(f"held bytes are shown at the plan's dtype {at_plan} ({DTYPE_BYTES[at_plan]} B per element); "
+                     f"as allocated in {run} ({setup.model.dtype.itemsize} B) floating tensors take {factor:g}× "
+                     "that (JSON: groups[].held)")
+    measured_kv = sum(pair[0].kv for pair in held)
+    model, chunk = setup.model, setup.chunk_tokens
+    if measured_kv and chunk < model.seq_len:
+        before = chunk * (-(-model.seq_len // chunk) - 1)
+        notes.append(f"K/V: each attention's buffer holds one sequence, {model.seq_len:,} tokens: the {before:,} "
+                     f"before the last {chunk:,}-token chunk (the plan's K/V term"
+                     f"{'' if kv_planned is None else ', ' + ('in S(P)' if kv_planned.resident else 'streamed')}) "
+                     f"and that chunk's own {chunk:,}, which the plan counts among the chunk's activations "
+                     f"(measured K/V = planned × {model.seq_len:,} / {before:,} at the same dtype)")
     return notes
 
 
@@ -425,14 +456,16 @@ def _overheads(results, setup):
     return per_group, per_chunk
 
 
-def _assemble(plan, setup, results, l2_info, notes):
+def _assemble(plan, setup, results, l2_info, notes, kv_planned):
     """The `RunResult` of a run whose schedules gave `results`."""
     model, groups = setup.model, setup.groups
     group_reports = tuple(
         GroupReport(index=index, nodes=len(group), first=group[0] if group else "-",
                     last=group[-1] if group else "-",
                     planned_bytes=int(plan.sizes[index]) if index < len(plan.sizes) else 0,
-                    weight_bytes=setup.weight_by_group[index], measured_bytes=setup.measured[index])
+                    weight_bytes=setup.weight_by_group[index], measured_bytes=setup.measured[index],
+                    planned_kv_bytes=kv_planned.per_group[index] if kv_planned is not None else None,
+                    held=setup.held[index][0], held_at_plan_dtype=setup.held[index][1])
         for index, group in enumerate(groups))
     per_group, per_chunk = _overheads(results, setup)
     machine = _machine(setup.on_cuda)

@@ -317,7 +317,7 @@ def build(graph, plan=None, *, seed=0, dtype=None, device="cpu"):
         else:
             inputs = ["@input"]
             input_widths[node] = _source_width(graph, node)
-        if attrs.get("op") in ("attention", "pooler", "block"):
+        if attrs.get("op") in ("attention", "mla_attention", "pooler", "block"):
             whole_sequences = True
         steps.append(Step(node, module, tuple(inputs)))
 

@@ -45,8 +45,8 @@ __all__ = ["ParamFactory", "Part", "make_node_module", "order_inputs", "logical_
            "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS", "StageInput", "ForeignTable"]
 
 #: The node ``op`` values the executor materialises.
-SUPPORTED_OPS = ("embedding", "norm", "linear", "attention", "activation", "add", "expert", "moe_combine",
-                 "pooler", "block", "concat", "stage_input")
+SUPPORTED_OPS = ("embedding", "norm", "linear", "attention", "mla_attention", "activation", "add", "expert",
+                 "moe_combine", "pooler", "block", "concat", "stage_input")
 
 ROPE_THETA = 10000.0
 
@@ -124,18 +124,25 @@ def _param(tensor, dtype):
 # --------------------------------------------------------------------------
 
 class Norm(nn.Module):
-    """RMSNorm (weight) or LayerNorm (weight and bias) over the last dimension, in float32."""
+    """RMSNorm (weight) or LayerNorm (weight and bias) over the last dimension, in float32.
 
-    def __init__(self, key, width, kind, eps, factory, dtype):
+    With `leading` (DeepSeek's ``kv_a_norm``), an input wider than `width`
+    is normed over its first `width` features only (the latent of ``kv_a``;
+    the rest is the shared RoPE key, which the attention reads itself).
+    """
+
+    def __init__(self, key, width, kind, eps, factory, dtype, leading=False):
         super().__init__()
         if kind not in ("rmsnorm", "layernorm"):
             raise InputError(f"node {key!r}: `norm` must be 'rmsnorm' or 'layernorm', got {kind!r}")
-        self.kind, self.eps = kind, float(eps)
+        self.kind, self.eps, self.leading = kind, float(eps), leading
         self.weight = _param(factory.normal(f"{key}/weight", (width,), std=0.1, mean=1.0), dtype)
         self.bias = (_param(factory.normal(f"{key}/bias", (width,), std=0.02), dtype)
                      if kind == "layernorm" else None)
 
     def forward(self, x):
+        if self.leading and x.shape[-1] > self.weight.shape[0]:
+            x = x[..., :self.weight.shape[0]]
         x32 = x.float()
         if self.kind == "rmsnorm":
             y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
@@ -273,8 +280,45 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _register_rope(module, key, dim, seq_len, device):
+    """Register RoPE's ``cos`` and ``sin`` tables (positions 0 .. seq_len − 1, `dim` features) on `module`."""
+    if dim % 2:
+        raise InputError(f"node {key!r}: RoPE needs an even head dimension, got {dim}")
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    module.register_buffer("cos", angles.cos(), persistent=False)
+    module.register_buffer("sin", angles.sin(), persistent=False)
+
+
+def rotate(x, cos, sin):
+    """RoPE: x rotated by the angles of `cos` and `sin` (rows = positions), computed in float32."""
+    x32 = x.float()
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
+def window_mask(queries, keys, window, device):
+    """The causal mask of `queries` at positions ``queries`` over key positions 0 .. keys − 1.
+
+    True where key j may be attended by query i: j ≤ i, and, under a sliding
+    window w (HF transformers' convention, the query counted), j > i − w.
+    `queries` is a 1-d tensor of positions.
+    """
+    at = queries[:, None]
+    key = torch.arange(keys, device=device)[None, :]
+    mask = key <= at
+    if window is not None:
+        mask &= key > at - window
+    return mask
+
+
 class Attention(nn.Module):
-    """Exact multi-head / grouped-query attention over whole sequences of `seq_len` rows."""
+    """Exact multi-head / grouped-query attention over whole sequences of `seq_len` rows.
+
+    A ``sliding_window`` w on the node (a local layer) restricts each query
+    to the keys of its last w positions, itself included (HF transformers'
+    convention); a window as long as the sequence changes nothing.
+    """
 
     def __init__(self, key, attrs, seq_len, device):
         super().__init__()
@@ -283,23 +327,21 @@ class Attention(nn.Module):
         self.seq_len = int(seq_len)
         if self.heads % self.kv_heads:
             raise InputError(f"node {key!r}: `num_kv_heads` must divide `num_heads`")
+        window = attrs.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise InputError(f"node {key!r}: `sliding_window` must be a positive integer of tokens, got {window!r}")
+        if window is not None and not self.causal:
+            raise InputError(f"node {key!r}: a sliding window needs causal attention")
+        self.window = window if window is not None and window < self.seq_len else None
         self.rope = bool(attrs.get("rope", False))
         if self.rope:
-            if self.head_dim % 2:
-                raise InputError(f"node {key!r}: RoPE needs an even `head_dim`, got {self.head_dim}")
-            inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32,
-                                                          device=device) / self.head_dim))
-            angles = torch.outer(torch.arange(self.seq_len, dtype=torch.float32, device=device), inv_freq)
-            angles = torch.cat((angles, angles), dim=-1)
-            self.register_buffer("cos", angles.cos(), persistent=False)
-            self.register_buffer("sin", angles.sin(), persistent=False)
+            _register_rope(self, key, self.head_dim, self.seq_len, device)
 
     def _heads(self, x, heads):
         return x.view(-1, self.seq_len, heads, self.head_dim).transpose(1, 2)
 
     def _rope(self, x):
-        x32 = x.float()
-        return (x32 * self.cos + _rotate_half(x32) * self.sin).to(x.dtype)
+        return rotate(x, self.cos, self.sin)
 
     def forward(self, q, k, v):
         q, k, v = self._heads(q, self.heads), self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
@@ -311,8 +353,61 @@ class Attention(nn.Module):
             repeat = self.heads // self.kv_heads
             k, v = (x[:, :, None].expand(x.shape[0], self.kv_heads, repeat, *x.shape[2:])
                     .reshape(x.shape[0], self.heads, *x.shape[2:]) for x in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if self.window is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            mask = window_mask(torch.arange(self.seq_len, device=q.device), self.seq_len, self.window, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(-1, self.heads * self.head_dim)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention (op ``mla_attention``) over whole sequences of `seq_len` rows.
+
+    Inputs, per token: ``q`` = heads × (nope + rope) (each head's query: a
+    part without position, then a RoPE part); ``kv_a`` = kv_lora_rank + rope
+    (the compressed latent, then one RoPE key shared by every head);
+    ``kv_b`` = heads × (nope + v) (each head's key part and value, expanded
+    from the normed latent).  Each head attends with key = [k_nope, RoPE(k_pe)]
+    and query = [q_nope, RoPE(q_pe)], scaled by 1/√(nope + rope), causally.
+    No parameters: the projections are the graph's own ``q``, ``kv_a``,
+    ``kv_a_norm`` and ``kv_b`` nodes.
+    """
+
+    def __init__(self, key, attrs, seq_len, device):
+        super().__init__()
+        self.heads, self.causal, self.seq_len = int(attrs["num_heads"]), bool(attrs.get("causal", True)), int(seq_len)
+        self.nope, self.rope_dim = int(attrs["qk_nope_head_dim"]), int(attrs["qk_rope_head_dim"])
+        self.v_dim = int(attrs["v_head_dim"])
+        self.window = None
+        _register_rope(self, key, self.rope_dim, self.seq_len, device)
+
+    def query(self, q, positions):
+        """(sequences, heads, positions, nope + rope) queries at `positions` (a 1-d tensor), RoPE part rotated."""
+        q = q.view(-1, positions.shape[0], self.heads, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        rotated = rotate(q_pe, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
+        return torch.cat((q_nope, rotated), dim=-1)
+
+    def shared_key(self, kv_a, positions):
+        """The RoPE key shared by the heads, (sequences, 1, positions, rope), at `positions`, rotated."""
+        k_pe = kv_a[:, kv_a.shape[-1] - self.rope_dim:].reshape(-1, 1, positions.shape[0], self.rope_dim)
+        return rotate(k_pe, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
+
+    def keys_values(self, kv_b, k_pe):
+        """Per-head keys [k_nope, k_pe] and values from the expanded ``kv_b`` rows and the shared key."""
+        sequences = k_pe.shape[0]
+        kv = kv_b.view(sequences, -1, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, value = kv.split([self.nope, self.v_dim], dim=-1)
+        key = torch.cat((k_nope, k_pe.expand(sequences, self.heads, *k_pe.shape[2:])), dim=-1)
+        return key, value
+
+    def forward(self, q, kv_a, kv_b):
+        rows, positions = q.shape[0], torch.arange(self.seq_len, device=q.device)
+        query = self.query(q, positions)
+        key, value = self.keys_values(kv_b, self.shared_key(kv_a, positions))
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=self.causal)
+        return out.transpose(1, 2).reshape(rows, self.heads * self.v_dim)
 
 
 class Activation(nn.Module):
@@ -423,7 +518,7 @@ class Join(nn.Module):
 class Block(nn.Module):
     """A whole transformer block (block granularity), built from the same ops as op granularity."""
 
-    def __init__(self, key, config, seq_len, factory, dtype, device):
+    def __init__(self, key, config, seq_len, factory, dtype, device, window=None):
         super().__init__()
         from ..graphs.transformer import block_ops
 
@@ -432,6 +527,8 @@ class Block(nn.Module):
         ops = block_ops(config, 1, 1, 1)
         logical = {name: attrs for name, attrs, _ in ops}
         for name, attrs, preds in ops:
+            if attrs.get("op") == "attention" and window is not None:  # the block node's sliding window
+                attrs = {**attrs, "sliding_window": window}
             module = _op_module(f"{key}.{name}", attrs, seq_len, factory, dtype, device)
             order = order_inputs(f"{key}.{name}", attrs, list(preds),
                                  lambda pred: logical.get(pred, {}))
@@ -485,6 +582,8 @@ def order_inputs(node, attrs, preds, logical):
 
     if op == "attention":
         return by_roles(("q", "k", "v"))
+    if op == "mla_attention":
+        return by_roles(("q", "kv_a", "kv_b"))
     if op == "activation" and str(attrs.get("fn", "")).endswith("_mul"):
         return by_roles(("gate", "up"))
     if op == "moe_combine":
@@ -516,7 +615,8 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
     if op == "embedding":
         return Embedding(key, attrs, factory, dtype, part=part)
     if op == "norm":
-        return Norm(key, attrs["width"], attrs["norm"], attrs["eps"], factory, dtype)
+        return Norm(key, attrs["width"], attrs["norm"], attrs["eps"], factory, dtype,
+                    leading=attrs.get("role") == "kv_a_norm")
     if op == "linear":
         in_features = attrs.get("in_features")
         out_features = part.width if part else attrs.get("out_features")
@@ -532,6 +632,8 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
                       dtype, part=part, tied=tied)
     if op == "attention":
         return Attention(key, attrs, seq_len, device)
+    if op == "mla_attention":
+        return LatentAttention(key, attrs, seq_len, device)
     if op == "activation":
         return Activation(key, attrs.get("fn"))
     if op == "add":
@@ -548,7 +650,7 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
         if config is None:
             raise InputError(f"node {key!r} (block) needs the graph attribute `config` "
                              "(a graph from cachefit.graphs.transformer)")
-        return Block(key, config, seq_len, factory, dtype, device)
+        return Block(key, config, seq_len, factory, dtype, device, window=attrs.get("sliding_window"))
     raise InputError(f"node {key!r}: the executor cannot materialise op {op!r}; supported ops: "
                      f"{', '.join(SUPPORTED_OPS)}")
 

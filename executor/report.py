@@ -52,27 +52,45 @@ def schedules_table(result):
     return table
 
 
+def _held(group):
+    """The group's `HeldBytes` at the plan's dtype when known, else as allocated (None when not measured)."""
+    return group.held_at_plan_dtype if group.held_at_plan_dtype is not None else group.held
+
+
 def groups_table(result, *, max_rows=24):
-    """One row per group: nodes, planned size, weights, measured bytes, partition-major ms."""
+    """One row per group: planned size and K/V against what one chunk held, weights, activations, ms.
+
+    Held bytes are counted at the plan's dtype when the graph names one (the
+    title says which); the CUDA allocator's peak is a column of its own when
+    it was measured.
+    """
     per_group = None
     try:
         per_group = result.schedule("partition-major").per_group_ms
     except KeyError:
         pass
-    table = Table(title="groups: planned size vs what ran")
-    for column in ("group", "nodes", "first .. last", "planned", "weights (allocated)", "measured (1 chunk)",
-                   "ms (partition-major)"):
-        table.add_column(column, justify="left" if column.startswith("first") else "right")
     rows = list(result.groups)
+    counted = next((_held(group).dtype for group in rows if _held(group) is not None), None)
+    allocator = any(group.measured_bytes is not None for group in rows)
+    title = "groups: planned vs measured, one chunk" + (f" (tensor bytes at {counted})" if counted else "")
+    table = Table(title=title)
+    columns = ["group", "nodes", "first .. last", "planned", "measured", "planned K/V", "measured K/V", "weights",
+               "activations"] + (["allocator peak"] if allocator else []) + ["ms (partition-major)"]
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("first") else "right")
     shown = rows if len(rows) <= max_rows else rows[: max_rows - 4] + [None] + rows[-3:]
     for group in shown:
         if group is None:
-            table.add_row("…", f"{len(rows) - max_rows + 1} more", "", "", "", "", "")
+            table.add_row("…", f"{len(rows) - max_rows + 1} more", *[""] * (len(columns) - 2))
             continue
         span = group.first if group.first == group.last else f"{group.first} .. {group.last}"
         ms = per_group[group.index] if per_group and group.index < len(per_group) else None
-        table.add_row(str(group.index), str(group.nodes), Text(span), _bytes(group.planned_bytes),
-                      _bytes(group.weight_bytes), _bytes(group.measured_bytes), _ms(ms))
+        held = _held(group)
+        cells = [_bytes(held.total if held else None), "-" if group.planned_kv_bytes is None else
+                 _bytes(group.planned_kv_bytes), _bytes(held.kv if held else None),
+                 _bytes(held.weights if held else group.weight_bytes), _bytes(held.activations if held else None)]
+        table.add_row(str(group.index), str(group.nodes), Text(span), _bytes(group.planned_bytes), *cells,
+                      *([_bytes(group.measured_bytes)] if allocator else []), _ms(ms))
     return table
 
 

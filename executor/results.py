@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from ..result import write_text_atomic
 from .schedules import BASELINES, SCHEDULES
 
-__all__ = ["ScheduleResult", "GroupReport", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT", "StageReport",
-           "PipelineResult", "PIPELINE_RESULT_FORMAT", "bubble_fraction"]
+__all__ = ["ScheduleResult", "GroupReport", "HeldBytes", "RunResult", "SCHEDULES", "BASELINES", "RESULT_FORMAT",
+           "StageReport", "PipelineResult", "PIPELINE_RESULT_FORMAT", "bubble_fraction"]
 
 RESULT_FORMAT = "cachefit.run"
 PIPELINE_RESULT_FORMAT = "cachefit.pipeline"
@@ -75,6 +75,39 @@ class ScheduleResult:
 
 
 @dataclass(frozen=True)
+class HeldBytes:
+    """What a group held while one chunk ran through it, in tensor bytes (`cachefit.executor.held`).
+
+    Attributes
+    ----------
+    weights : int
+        The group's parameters.
+    kv : int
+        The K/V buffers of its attention layers (chunked prefill: one
+        sequence of keys and values per layer; 0 for whole-sequence chunks).
+    boundary : int
+        The chunk's values handed to the group (its store when it starts).
+    activations : int
+        The most the chunk's store held after any of the group's steps
+        (the boundary values included).
+    dtype : str
+        The dtype whose element sizes the floating tensors are counted in:
+        the run's (as allocated) or the plan's.
+    """
+
+    weights: int
+    kv: int
+    boundary: int
+    activations: int
+    dtype: str
+
+    @property
+    def total(self):
+        """weights + kv + activations: the group's measured working set for one chunk."""
+        return self.weights + self.kv + self.activations
+
+
+@dataclass(frozen=True)
 class GroupReport:
     """A plan group: its planned size and what it held when it ran.
 
@@ -96,6 +129,18 @@ class GroupReport:
         the group starts + the peak of ``torch.cuda.max_memory_allocated``
         above the allocation before it, while one chunk ran through the
         group eagerly.  None on the CPU (not measured).
+    planned_kv_bytes : int or None
+        The plan's chunked-prefill K/V of the group at the plan's dtype:
+        Σ kv_bytes_per_token × the tokens of a sequence before its last
+        chunk (in `planned_bytes` under a ``+kv`` memory model, else
+        streamed); None when the plan has no such term.
+    held : HeldBytes or None
+        What the group held for one chunk, counted in tensor bytes as
+        allocated (the run's dtype).
+    held_at_plan_dtype : HeldBytes or None
+        The same tensors counted at the plan's dtype (floating tensors'
+        elements × its bytes per element): the figures to compare with
+        `planned_bytes` and `planned_kv_bytes`.
     """
 
     index: int
@@ -105,6 +150,9 @@ class GroupReport:
     planned_bytes: int
     weight_bytes: int
     measured_bytes: int | None
+    planned_kv_bytes: int | None = None
+    held: HeldBytes | None = None
+    held_at_plan_dtype: HeldBytes | None = None
 
 
 @dataclass(frozen=True)

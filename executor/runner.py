@@ -80,10 +80,16 @@ class GroupRunner:
     def __init__(self, index, steps, keep):
         self.index, self.steps, self.keep = index, list(steps), frozenset(keep)
 
-    def run(self, values):
-        """Run the group on the chunk whose store is `values` (updated in place)."""
+    def run(self, values, on_step=None):
+        """Run the group on the chunk whose store is `values` (updated in place).
+
+        `on_step`, when given, is called with `values` after every step (before
+        the values no later group reads are dropped).
+        """
         for step in self.steps:
             values[step.node] = step(values)
+            if on_step is not None:
+                on_step(values)
         for name in [name for name in values if name not in self.keep]:
             del values[name]
 
@@ -529,12 +535,23 @@ class ReplaySchedule(_CudaTimed):
     each static output the later groups need.  The difference to
     ``partition-major`` (the chunk loop inside each group's graph) is the cost
     of replaying per chunk and of those copies.
+
+    Chunks inside a sequence (chunked prefill) also fill one position tensor
+    with the chunk's first position before each replay
+    (`cachefit.executor.chunked.replay_positions`): the captured attention
+    reads it instead of the Python cursor, which a replay never runs.
     """
 
     def __init__(self, name, model, runners, chunk_tokens, micro_batches):
         super().__init__(name, model, runners, chunk_tokens, micro_batches)
         self.graph_replays = len(runners) * micro_batches
         self.static_in, self.static_out, self.out_store = [], [], None
+        self.position = None
+
+    def _at_chunk(self, c):
+        """Set chunk c's first position in its sequence, for chunked attention (no-op without it)."""
+        if self.position is not None:
+            self.position.fill_((c * self.chunk_tokens) % self.model.seq_len)
 
     def _live_in(self, runner):
         produced = {step.node for step in runner.steps}
@@ -552,10 +569,12 @@ class ReplaySchedule(_CudaTimed):
         shapes = []
         for runner in self.runners:
             shapes.append({name: warm[0][name] for name in self._live_in(runner)})
-            for store in warm:
+            for c, store in enumerate(warm):
+                self._at_chunk(c)
                 runner.run(store)
         # real chunk-0 values, not empty buffers: token ids must be valid indices when the warm-up runs
         static_in = [{name: value.clone() for name, value in inputs.items()} for inputs in shapes]
+        self._at_chunk(0)
         for runner, inputs in zip(self.runners, static_in):  # warm the static-buffer path too
             runner.run(dict(inputs))
         return static_in
@@ -563,6 +582,9 @@ class ReplaySchedule(_CudaTimed):
     @torch.no_grad()
     def prepare(self, l2=None, spans=None):
         """Warm up (eagerly, partition-major, on a side stream), then capture one one-chunk graph per group."""
+        from .chunked import replay_positions
+
+        self.position = replay_positions(self.model)
         self.static_in = _warm_up_on_side_stream(self.model.device, self._warm_up)
         values = [dict(inputs) for inputs in self.static_in]
         bodies = [(lambda runner=runner, store=store: runner.run(store),
@@ -587,6 +609,7 @@ class ReplaySchedule(_CudaTimed):
             for c, store in enumerate(self.stores):
                 for name, buffer in live_in.items():
                     buffer.copy_(store[name])
+                self._at_chunk(c)
                 graph.replay()
                 for name, buffer in self.out_store[c][index].items():
                     buffer.copy_(self.static_out[index][name])
@@ -604,7 +627,11 @@ class ReplaySchedule(_CudaTimed):
                                profiled="(replays and copies)")
 
     def release(self):
+        from .chunked import replay_positions
+
         self.static_in, self.static_out, self.out_store = [], [], None
+        if self.position is not None:
+            self.position = replay_positions(self.model, enable=False)
         super().release()
 
 
@@ -637,9 +664,12 @@ def measure_group_memory(model, runners, chunk_tokens, micro_batches, weight_byt
     weights + the chunk's live values at the group's start + the peak of
     ``max_memory_allocated`` above the allocation before the group ran.
     """
+    from .chunked import reset_chunked
+
     device = model.device
     store = chunk_stores(model, chunk_tokens, micro_batches)[0]
     measured = []
+    reset_chunked(model)
     for runner in runners:
         live = _tensor_bytes(store.values())
         torch.cuda.synchronize(device)
@@ -649,4 +679,5 @@ def measure_group_memory(model, runners, chunk_tokens, micro_batches, weight_byt
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         measured.append(weight_bytes[runner.index] + live + max(peak, 0))
+    reset_chunked(model)  # the chunk moved chunked attention's cursors
     return measured

@@ -549,7 +549,8 @@ class TestResults:
         for renderable in render(result):
             console.print(renderable)
         text = console.export_text()
-        for expected in ("partition-major", "PASS", "HBM floor", "vs token-major", "planned", "n/a"):
+        for expected in ("partition-major", "PASS", "HBM floor", "vs token-major", "planned", "measured K/V",
+                         "tensor bytes at bf16"):
             assert expected in text
 
 

@@ -90,6 +90,8 @@ class FakeStream:
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """torch.cuda's calls used by the executor, as CPU stand-ins."""
+    import torch._dynamo  # noqa: F401 - its first import reads torch.cuda's types: before the stand-in replaces them
+
     FakeGraph.made = []
     pools = []
 
@@ -305,3 +307,68 @@ class TestRunCudaPath:
         assert result.schedule("token-major").graph_replays_per_pass == 4
         assert result.warmup == 1 and result.iters == 2
         assert ("reset",) in runtime.calls
+
+
+class TestChunkedPrefillOnCuda:
+    """Chunks inside a sequence on the CUDA path, against the stand-in.  Untested on a GPU (none here)."""
+
+    def _plan(self):
+        graph = transformer(CONFIG, batch=2, seq_len=16, granularity="op")
+        plan = cachefit.plan(graph, "40KiB", solver="dp", memory="liveness+kv", chunk_tokens=4, tile=True)
+        assert plan.ok and plan.k >= 2
+        return plan
+
+    @pytest.mark.parametrize("name", ["partition-major", "token-major", "partition-major-fused"])
+    def test_captured_passes_hold_each_chunks_positions(self, fake_cuda, monkeypatch, name):
+        """The stand-in runs each captured body once, at capture: the outputs are the capture's, whose
+        chunk positions (the cursor's, from 0) are what every replay of those graphs repeats."""
+        from cachefit.executor.chunked import enable_chunked_prefill
+
+        monkeypatch.setattr(cuda_helpers, "cuda_runtime", lambda: FakeRuntime())
+        plan = self._plan()
+        model = enable_chunked_prefill(build(plan.graph, plan))
+        runners = make_runners(model, check_plan_groups(plan))
+        reference = model.reference()
+        job = GraphSchedule(name, model, runners, 4, 8)
+        job.prepare()
+        job.time(warmup=1, iters=2)
+        assert compare_outputs(job.outputs(), reference, model.dtype).equivalent
+        job.release()
+
+    def test_replay_fills_the_position_tensor_per_chunk(self, fake_cuda, monkeypatch):
+        """partition-major-replay: each group's one-chunk graph replayed per chunk.  The stand-in's replay
+        runs the group on the static inputs' current values and writes the captured output tensors, as a
+        graph does; the attention reads its position from the tensor the schedule fills."""
+        from cachefit.executor.chunked import ChunkedAttention, enable_chunked_prefill
+
+        monkeypatch.setattr(cuda_helpers, "cuda_runtime", lambda: FakeRuntime())
+        plan = self._plan()
+        model = enable_chunked_prefill(build(plan.graph, plan))
+        chunked = [m for step in model.steps for m in step.module.modules() if isinstance(m, ChunkedAttention)]
+        runners = make_runners(model, check_plan_groups(plan))
+        reference = model.reference()
+        job = ReplaySchedule("partition-major-replay", model, runners, 4, 8)
+        job.prepare()
+        assert job.position is not None and all(m.position is job.position for m in chunked)
+        for index, (graph, runner) in enumerate(zip(job.graphs, runners)):
+            def replay(index=index, runner=runner):
+                store = dict(job.static_in[index])
+                runner.run(store)
+                for name, captured in job.static_out[index].items():
+                    captured.copy_(store[name])
+
+            graph.replay = replay
+        job.time(warmup=1, iters=1)
+        comparison = compare_outputs(job.outputs(), reference, model.dtype)
+        assert comparison.equivalent, comparison
+        assert all(m.cursor == 0 for m in chunked)  # the replays never used the Python cursor
+        job.release()
+        assert all(m.position is None for m in chunked)
+
+    def test_run_on_the_cuda_path_streams_the_plans_chunk(self, fake_cuda, monkeypatch):
+        monkeypatch.setattr(cuda_helpers, "cuda_runtime", lambda: FakeRuntime())
+        monkeypatch.setattr(api_module, "_is_cuda", lambda device: True)
+        result = run(self._plan(), schedule=["partition-major", "token-major"], warmup=0, iters=1)
+        assert (result.chunk_tokens, result.micro_batches) == (4, 8) and result.equivalent
+        assert all(g.measured_bytes is not None and g.held.kv >= 0 for g in result.groups)
+        assert sum(g.held.kv for g in result.groups) == 2 * 2 * 2 * 8 * 4 * 16  # 2 layers × K, V × 2 kv heads
