@@ -337,10 +337,11 @@ def _held_notes(setup, kv_planned):
     if measured_kv and chunk < model.seq_len:
         before = chunk * (-(-model.seq_len // chunk) - 1)
         notes.append(f"K/V: each attention's buffer holds one sequence, {model.seq_len:,} tokens: the {before:,} "
-                     f"before the last {chunk:,}-token chunk (the plan's K/V term"
+                     f"before the last {chunk:,}-token chunk (the plan's K/V term: w − 1 of them on a layer with "
+                     f"a sliding window w"
                      f"{'' if kv_planned is None else ', ' + ('in S(P)' if kv_planned.resident else 'streamed')}) "
                      f"and that chunk's own {chunk:,}, which the plan counts among the chunk's activations "
-                     f"(measured K/V = planned × {model.seq_len:,} / {before:,} at the same dtype)")
+                     f"(measured K/V = planned × {model.seq_len:,} / {before:,} at the same dtype, without a window)")
     return notes
 
 

@@ -429,23 +429,22 @@ class PlannedKV(NamedTuple):
 def planned_kv(plan, groups):
     """The `PlannedKV` of `plan` over its `groups` (plan node ids), or None when it has no K/V term.
 
-    Per group: Σ over its attention nodes of kv_bytes_per_token(v) ×
-    `cachefit.graphs.kv.prefix_tokens` (the tokens of a sequence before its
-    last chunk), at the plan's dtype; ``resident`` when the plan's memory
-    model counts it in S(P) (``+kv``), else it is streamed.
+    Per group: Σ over its attention nodes of kv_prefix(v) =
+    kv_bytes_per_token(v) × the earlier tokens the last chunk attends to
+    (`cachefit.graphs.kv.node_prefix_bytes`: s − c, or w − 1 under a sliding
+    window w), at the plan's dtype; ``tokens`` is the uncapped s − c;
+    ``resident`` when the plan's memory model counts it in S(P) (``+kv``),
+    else it is streamed.
     """
-    from ..graphs.kv import node_kv_bytes_per_token, prefix_tokens
+    from ..graphs.kv import node_prefix_bytes, prefix_tokens
     from .fingerprint import plan_graph
 
     graph = plan_graph(plan)
-    per_token = node_kv_bytes_per_token(graph)
-    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch")
-    if not per_token or not seq_len or not batch:
+    per_node = node_prefix_bytes(graph, plan.chunk_fraction)
+    if not any(per_node.values()):
         return None
-    tokens = prefix_tokens(seq_len, batch, plan.chunk_fraction)
-    if not tokens:
-        return None
-    return PlannedKV([sum(per_token.get(node, 0) for node in group) * tokens for group in groups], tokens,
+    tokens = prefix_tokens(graph.graph.get("seq_len", 1), graph.graph.get("batch", 1), plan.chunk_fraction)
+    return PlannedKV([sum(per_node.get(node, 0) for node in group) for group in groups], tokens,
                      plan.memory.endswith("+kv"))
 
 
