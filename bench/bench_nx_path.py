@@ -26,13 +26,17 @@ O(k·n²) pure Python: at N = 1000 it takes minutes on a loaded machine.
 from __future__ import annotations
 
 import argparse
+import operator
 import statistics
 import time
+from itertools import chain, islice
 
 import networkx as nx
 import numpy as np
 
 import cachefit
+from cachefit.result import Plan
+from cachefit.validation import BYTE_ATTRIBUTES, flatten
 
 from .machine import machine_line
 
@@ -83,28 +87,78 @@ def deepspeed_line(n, seed, repeats):
             f"largest part {largest:,} B vs dp's {plan.bottleneck:,} B, capacity {capacity:,} B")
 
 
+def read_weights(graph):
+    """Yardstick 1 (issue 17's): the weights, in the plainest networkx idiom."""
+    return [d["weight_bytes"] for _, d in graph.nodes(data=True)]
+
+
+def read_bytes(graph):
+    """Yardstick 3: all three byte attributes, the least any planner must read.
+
+    Their sum per node, the cheapest idiom that reads all three (a list of
+    triples costs more: its 10⁶ tuples wake the garbage collector).
+    """
+    return [d["weight_bytes"] + d["activation_bytes"] + d["buffer_bytes"] for _, d in graph.nodes(data=True)]
+
+
+def flatten_passes(graph):
+    """{pass: function}: each pass `cachefit.validation.flatten` makes over a chain, alone, in its order.
+
+    Plain expressions of what each pass does (for timing, not a second
+    implementation): every one reads each of the n nodes once more, so
+    together they are the floor of validating a chain in pure Python.
+    """
+    storage, adjacency = graph._node, graph._succ  # networkx's own storage, as flatten reads it
+    ids = tuple(storage)
+    values = list(chain.from_iterable(map(operator.itemgetter(*BYTE_ATTRIBUTES), storage.values())))
+    n = len(ids)
+    return {
+        "node ids (a tuple)": lambda: tuple(storage),
+        "ids are strings (type set)": lambda: set(map(type, ids)),
+        "read the 3 byte attributes": lambda: list(
+            chain.from_iterable(map(operator.itemgetter(*BYTE_ATTRIBUTES), storage.values()))),
+        "their types (type set)": lambda: set(map(type, values)),
+        "to int64 (np.fromiter)": lambda: np.fromiter(values, dtype=np.int64, count=len(values)),
+        "successor dicts in node order": lambda: all(map(operator.is_, adjacency, ids)),
+        "edge count": lambda: sum(map(len, adjacency.values())),
+        "each node's successor is the next": lambda: all(
+            map(operator.contains, islice(adjacency.values(), n - 1), islice(ids, 1, None))),
+        "flatten (all of the above, and numpy)": lambda: flatten(graph),
+    }
+
+
+def _line(name, wall, cpu, yardsticks, note=""):
+    ratios = "  ".join(f"{wall / yard_wall:5.1f}x / {cpu / yard_cpu:5.1f}x" for yard_wall, yard_cpu in yardsticks)
+    return f"  {name:40s}: wall {wall * 1e3:8.1f} ms, CPU {cpu * 1e3:8.1f} ms  {ratios}{note}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", action="store_true",
+                        help="also time each pass flatten makes, alone (the floor of the pure-Python path)")
     parser.add_argument("--deepspeed-n", type=int, default=0,
                         help="also compare dp with DeepSpeed's partition_balanced on a chain of this many nodes")
     args = parser.parse_args(argv)
     print(machine_line())
     graph, capacity = chain_graph(args.n, args.seed)
-    functions = {"read the weights": lambda: [d["weight_bytes"] for _, d in graph.nodes(data=True)]}
+    functions = {"read the weights (yardstick 1)": lambda: read_weights(graph),
+                 "read the 3 byte attributes (yardstick 3)": lambda: read_bytes(graph)}
     for solver in ("greedy", "dp"):
         for memory in ("additive", "liveness"):
             functions[f"cachefit.plan solver={solver} {memory}"] = (
                 lambda solver=solver, memory=memory: cachefit.plan(graph, capacity, solver=solver, memory=memory))
+    if args.passes:
+        functions.update(flatten_passes(graph))
     measured = interleaved(functions, args.repeats)
-    read_wall, read_cpu, _ = measured.pop("read the weights")
-    print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, medians of {args.repeats} interleaved runs")
-    print(f"  {'read the weights':38s}: wall {read_wall * 1e3:8.1f} ms, CPU {read_cpu * 1e3:8.1f} ms")
-    for name, (wall, cpu, plan) in measured.items():
-        print(f"  {name:38s}: wall {wall * 1e3:8.1f} ms = {wall / read_wall:5.1f}x, "
-              f"CPU {cpu * 1e3:8.1f} ms = {cpu / read_cpu:5.1f}x reading  ({plan.status}, k={plan.k})")
+    yardsticks = [measured[name][:2] for name in list(functions)[:2]]
+    print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, medians of {args.repeats} interleaved runs; "
+          "wall / CPU as multiples of yardstick 1, then of yardstick 3")
+    for name, (wall, cpu, result) in measured.items():
+        note = f"  ({result.status}, k={result.k})" if isinstance(result, Plan) else ""
+        print(_line(name, wall, cpu, yardsticks, note))
     if args.deepspeed_n:
         print(deepspeed_line(args.deepspeed_n, args.seed, args.repeats))
 
