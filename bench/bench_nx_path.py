@@ -1,26 +1,59 @@
 """The path users take: `cachefit.plan` on a long networkx chain, against reading its weights.
 
-Run: ``python -m cachefit.bench.bench_nx_path [--n 1000000] [--repeats 5] [--deepspeed-n 1000]``
+Run: ``python -m cachefit.bench.bench_nx_path [--n 1000000] [--repeats 5] [--passes] [--deepspeed-n 1000]``
 
 Builds a random chain of `--n` nodes as a `networkx.DiGraph` (not timed),
 then times, interleaved (each repeat runs every measurement once, so a
 loaded machine slows all of them alike),
 
-- reading the weights out of the graph,
-  ``[d["weight_bytes"] for _, d in G.nodes(data=True)]`` (the yardstick);
+- yardstick 1 (issue 17's): reading the weights out of the graph,
+  ``[d["weight_bytes"] for _, d in G.nodes(data=True)]``;
+- yardstick 3: reading all three byte attributes, the least any planner
+  must read, ``[d["weight_bytes"] + d["activation_bytes"] +
+  d["buffer_bytes"] for _, d in G.nodes(data=True)]`` (`read_bytes`);
 - ``cachefit.plan(G, C, solver="greedy")`` and ``solver="dp"`` end to end
   (validation, flattening, the solve, the Plan), with the capacity the
   total over 32, additive and liveness;
 
 and prints the medians of wall time and of process CPU time (which a
-machine shared with other jobs inflates less), each plan's as a multiple of
-the yardstick's (issue 17's target: greedy ≤ 3×).
+machine shared with other jobs inflates less), each as a multiple of both
+yardsticks (issue 17's target: greedy ≤ 3× yardstick 1).
+
+With ``--passes`` it also times, in a run of their own, each pass
+`cachefit.validation.flatten` makes over a chain, alone (`flatten_passes`).
+
+The floor
+---------
+Greedy within 3× yardstick 1 is out of reach of any reading of the graph in
+pure Python: yardstick 3 alone is 2.3× yardstick 1.  Each pass flatten
+makes is one pass of C over the 10⁶ nodes (no Python-level loop), and each
+is needed (``--passes``, CPU medians, 2 shared cores at load 5.7, commit
+after 2ae5a14)::
+
+    pass                                  why                                   CPU ms  × yardstick 1
+    node ids (a tuple)                    the plan names its nodes                  22   0.5
+    ids are strings (type set)            plans read back to the same ids           31   0.7
+    read the 3 byte attributes            the sizes                                 97   2.3
+    their types (type set)                refuse bool, float, '3', 0-d array        51   1.2
+    to int64 (np.fromiter)                the solvers' arrays (fromiter alone       40   1.0
+                                          would take '3', 2.5 and True)
+    successor dicts in node order         read networkx's adjacency directly        30   0.7
+    edge count                            } the graph is a chain, so no             28   0.7
+    each node's successor is the next     } node → position lookups                 90   2.1
+    sum                                                                            389   9.3
+
+The rest of ``cachefit.plan`` (freeing the 3·10⁶-value list, the table's
+arrays, the model's prefix sums, the Plan's 10⁶ ids sliced into its groups)
+adds about 1×: greedy ends near 10× yardstick 1 and 4.5× yardstick 3 (main
+before this change, 94f5f65: 11.6–12.0×; measured in alternating processes,
+same load).
 
 With ``--deepspeed-n N`` (and DeepSpeed installed) it also times DeepSpeed's
 ``partition_balanced`` once on the additive sizes of an N-node chain, with
 the k of dp's plan, against dp through `cachefit.plan` on that networkx
 chain (issue 17: ≥ 1000× faster end to end).  partition_balanced is
-O(k·n²) pure Python: at N = 1000 it takes minutes on a loaded machine.
+O(k·n²) pure Python: at N = 1000 it takes 33 s on this machine at load 5.7
+(DeepSpeed 0.19.8, CPU only), against 2.3 ms for dp: 14,474×.
 """
 
 from __future__ import annotations
@@ -54,16 +87,24 @@ def chain_graph(n, seed):
 
 
 def interleaved(functions, repeats):
-    """{name: (median wall s, median CPU s, last result)}, each repeat calling every function once in turn."""
+    """{name: (median wall s, median CPU s, last result)}, each repeat calling every function once in turn.
+
+    A result is kept until its clock has stopped, and the one before freed
+    before its clock starts: freeing a list of 10⁶ integers costs a share of
+    building it, and no measurement is charged for another's.
+    """
     wall = {name: [] for name in functions}
     cpu = {name: [] for name in functions}
     results = {}
     for _ in range(repeats):
         for name, function in functions.items():
+            results.pop(name, None)
             started_wall, started_cpu = time.perf_counter(), time.process_time()
-            results[name] = function()
+            result = function()
             cpu[name].append(time.process_time() - started_cpu)
             wall[name].append(time.perf_counter() - started_wall)
+            results[name] = result
+            del result
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), results[name]) for name in functions}
 
 
@@ -144,23 +185,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(machine_line())
     graph, capacity = chain_graph(args.n, args.seed)
-    functions = {"read the weights (yardstick 1)": lambda: read_weights(graph),
-                 "read the 3 byte attributes (yardstick 3)": lambda: read_bytes(graph)}
-    for solver in ("greedy", "dp"):
-        for memory in ("additive", "liveness"):
-            functions[f"cachefit.plan solver={solver} {memory}"] = (
-                lambda solver=solver, memory=memory: cachefit.plan(graph, capacity, solver=solver, memory=memory))
-    if args.passes:
-        functions.update(flatten_passes(graph))
-    measured = interleaved(functions, args.repeats)
-    yardsticks = [measured[name][:2] for name in list(functions)[:2]]
+    yardsticks = {"read the weights (yardstick 1)": lambda: read_weights(graph),
+                  "read the 3 byte attributes (yardstick 3)": lambda: read_bytes(graph)}
+    plans = {f"cachefit.plan solver={solver} {memory}":
+             (lambda solver=solver, memory=memory: cachefit.plan(graph, capacity, solver=solver, memory=memory))
+             for solver in ("greedy", "dp") for memory in ("additive", "liveness")}
     print(f"networkx chain of {args.n:,} nodes, capacity {capacity:,} B, medians of {args.repeats} interleaved runs; "
           "wall / CPU as multiples of yardstick 1, then of yardstick 3")
+    _report(interleaved({**yardsticks, **plans}, args.repeats))
+    if args.passes:  # a run of its own: the passes' data kept alive must not weigh on the plans' figures
+        print("each pass flatten makes, alone (their sum is the floor of the pure-Python path):")
+        _report(interleaved({**yardsticks, **flatten_passes(graph)}, args.repeats))
+    if args.deepspeed_n:
+        print(deepspeed_line(args.deepspeed_n, args.seed, args.repeats))
+
+
+def _report(measured):
+    """Print every measurement as a multiple of the two yardsticks (the first two entries of `measured`)."""
+    yardsticks = [measurement[:2] for measurement in list(measured.values())[:2]]
     for name, (wall, cpu, result) in measured.items():
         note = f"  ({result.status}, k={result.k})" if isinstance(result, Plan) else ""
         print(_line(name, wall, cpu, yardsticks, note))
-    if args.deepspeed_n:
-        print(deepspeed_line(args.deepspeed_n, args.seed, args.repeats))
 
 
 if __name__ == "__main__":

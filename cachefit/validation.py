@@ -1,12 +1,12 @@
 """Validation of model graphs (docs/concepts.md §3): one function, used by every entry point.
 
-The checks run over whole columns at once, so a 10⁶-node graph costs little
-more than reading its attributes: the three byte attributes are read in one
-pass over the nodes, their types checked on the set of types present, their
-ranges with numpy; the node ids are checked to be strings by joining them
-into one string, which the chain test then reuses (a chain is recognised by
-one string comparison).  Only when something fails does a per-node pass
-run, to name the node at fault.
+The checks run over whole columns at once, each a pass of C over the nodes
+with no Python-level loop: the three byte attributes are read in one pass,
+their types checked on the set of types present, their ranges with numpy; a
+chain is recognised by its edge count and one membership test per node.
+Only when something fails does a per-node pass run, to name the node at
+fault.  On a 10⁶-node chain this costs about 9 readings of one attribute
+(``python -m cachefit.bench.bench_nx_path --passes`` times each pass).
 """
 
 from __future__ import annotations

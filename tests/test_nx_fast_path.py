@@ -412,3 +412,14 @@ def test_plan_on_the_graph_equals_plan_on_the_table(solver, memory):
     assert from_graph.partitions == from_table.partitions and from_graph.sizes == from_table.sizes
     assert from_graph.status == from_table.status == cachefit.Status.OPTIMAL
     assert cachefit.check(from_graph, graph).ok
+
+
+def test_bench_prints_both_yardsticks_and_the_passes(capsys):
+    from cachefit.bench import bench_nx_path
+
+    bench_nx_path.main(["--n", "300", "--repeats", "1", "--passes"])
+    out = capsys.readouterr().out
+    for name in ("read the weights (yardstick 1)", "read the 3 byte attributes (yardstick 3)",
+                 "cachefit.plan solver=greedy liveness", "each node's successor is the next", "flatten (all"):
+        assert name in out
+    assert out.count("(OPTIMAL, k=") == 4
