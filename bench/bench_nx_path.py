@@ -27,26 +27,28 @@ The floor
 Greedy within 3× yardstick 1 is out of reach of any reading of the graph in
 pure Python: yardstick 3 alone is 2.3× yardstick 1.  Each pass flatten
 makes is one pass of C over the 10⁶ nodes (no Python-level loop), and each
-is needed (``--passes``, CPU medians, 2 shared cores at load 5.7, commit
-after 2ae5a14)::
+is needed (``python -m cachefit.bench.bench_nx_path --repeats 5 --passes``,
+CPU medians, 2 cores shared with other jobs at load 4.9, 2026-12-01)::
 
     pass                                  why                                   CPU ms  × yardstick 1
-    node ids (a tuple)                    the plan names its nodes                  22   0.5
-    ids are strings (type set)            plans read back to the same ids           31   0.7
-    read the 3 byte attributes            the sizes                                 97   2.3
-    their types (type set)                refuse bool, float, '3', 0-d array        51   1.2
-    to int64 (np.fromiter)                the solvers' arrays (fromiter alone       40   1.0
+    node ids (a tuple)                    the plan names its nodes                  23   0.5
+    ids are strings (type set)            plans read back to the same ids           28   0.6
+    read the 3 byte attributes            the sizes                                105   2.3
+    their types (type set)                refuse bool, float, '3', 0-d array        58   1.3
+    to int64 (np.fromiter)                the solvers' arrays (fromiter alone       44   1.0
                                           would take '3', 2.5 and True)
-    successor dicts in node order         read networkx's adjacency directly        30   0.7
-    edge count                            } the graph is a chain, so no             28   0.7
-    each node's successor is the next     } node → position lookups                 90   2.1
-    sum                                                                            389   9.3
+    successor dicts in node order         read networkx's adjacency directly        34   0.8
+    edge count                            } the graph is a chain, so no             29   0.6
+    each node's successor is the next     } node → position lookups                 95   2.1
+    sum                                                                            416   9.3
 
-The rest of ``cachefit.plan`` (freeing the 3·10⁶-value list, the table's
-arrays, the model's prefix sums, the Plan's 10⁶ ids sliced into its groups)
-adds about 1×: greedy ends near 10× yardstick 1 and 4.5× yardstick 3 (main
-before this change, 94f5f65: 11.6–12.0×; measured in alternating processes,
-same load).
+flatten itself took 483 ms (10.8×) in that run, and ``cachefit.plan``
+(which adds the table's arrays, the model's prefix sums and the Plan's 10⁶
+ids sliced into its groups) 460–570 ms (10.5–12.9×; 4.6–5.7× yardstick 3).
+Against main before this change (94f5f65, this file copied onto it), the
+two run alternately (``--repeats 3``, load 4–5), greedy went from 12.0–12.4×
+to 9.8–10.3× yardstick 1 in CPU time (additive) and from 12.8× to
+10.8–11.3× (liveness); dp from 12.7–13.1× to 11.2–11.3× (additive).
 
 With ``--deepspeed-n N`` (and DeepSpeed installed) it also times DeepSpeed's
 ``partition_balanced`` once on the additive sizes of an N-node chain, with
