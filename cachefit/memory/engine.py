@@ -439,6 +439,8 @@ def alone_sizes(table, memory, chunk_fraction=1.0, *, intervals=None):
     [14, 30]
     """
     table = as_table(table)
+    if table.is_chain and intervals is not None and intervals.mode == "exact":
+        return intervals.ends[1:] - intervals.starts[:-1]  # node i alone is the run [i, i + 1): one subtraction
     terms = get_model(memory).terms_at(table, chunk_fraction)
     live_at = None
     if terms.live is not None:
