@@ -3,8 +3,8 @@
 `flatten` reads the three byte attributes of every node in one pass and
 checks their types on the set of types present; it recognises a chain by an
 edge count and one membership test per node; `LayerTable` then takes the
-chain's ``last_use`` without a scatter and the engine its incoming live bytes
-without a cumulative sum.  Each short cut is checked here against a
+chain's ``last_use`` without a scatter, and the engine its incoming live bytes
+without a cumulative sum and each node's size alone from its intervals.  Each short cut is checked here against a
 reference that reads the public networkx API node by node, on the inputs
 most likely to slip past it: bools (which are ints), floats that are whole,
 strings of digits, numpy scalars, 0-d arrays, values at and just past 2**62,
@@ -246,7 +246,8 @@ class TestHostileIds:
         _assert_agrees(graph)
         assert LayerTable.from_graph(graph).is_chain
 
-    @pytest.mark.parametrize("names", [["", "a", "b"], ["a", "", "b"], ["a\x00b", "a", "b\x01"], ["é", "日本", "🙂"]])
+    @pytest.mark.parametrize("names", [["", "a", "b"], ["a", "", "b"], ["a\x00b", "a", "b\x01"],
+                                       ["é", "日本", "🙂"]])
     def test_odd_strings(self, names):
         graph = nx.DiGraph()
         for name in names:
