@@ -1,16 +1,19 @@
 """Validation of model graphs (docs/concepts.md §3): one function, used by every entry point.
 
-The checks run over whole columns at once (one list comprehension per
-attribute, types checked on the set of types present, ranges with numpy),
-so a 10⁶-node graph costs little more than reading its attributes; only when
-a column fails does a per-node pass run, to name the node at fault.
+The checks run over whole columns at once, each a pass of C over the nodes
+with no Python-level loop: the three byte attributes are read in one pass,
+their types checked on the set of types present, their ranges with numpy; a
+chain is recognised by its edge count and one membership test per node.
+Only when something fails does a per-node pass run, to name the node at
+fault.  On a 10⁶-node chain this costs about 9 readings of one attribute
+(``python -m cachefit.bench.bench_nx_path --passes`` times each pass).
 """
 
 from __future__ import annotations
 
 import numbers
 import operator
-from itertools import chain
+from itertools import chain, islice
 
 import networkx as nx
 import numpy as np
@@ -86,13 +89,7 @@ def flatten(graph):
     ids = tuple(storage) if direct else tuple(graph.nodes)
     _check_ids(ids)
     datas = storage.values() if direct else [data for _, data in graph.nodes(data=True)]
-    columns = np.zeros((3, len(ids)), dtype=np.int64)
-    for row, attribute in enumerate(BYTE_ATTRIBUTES):
-        column = _byte_column(datas, attribute)
-        if column is None:  # a bad value (named here), or integers of other types (converted)
-            _name_bad_node(ids, datas)
-            column = [int(data[attribute]) for data in datas]
-        columns[row] = column
+    columns = _byte_columns(ids, datas)
     check_total(ids, columns)
     sources, targets = _edges(graph, ids)
     return ids, columns, sources, targets
@@ -111,24 +108,36 @@ def _integral_type(kind):
     return issubclass(kind, (int, np.integer)) and not issubclass(kind, (bool, np.bool_))
 
 
-def _byte_column(datas, attribute):
-    """One attribute of every node as int64, or None when some node's value is missing or bad.
+#: A node's three byte counts, in `BYTE_ATTRIBUTES` order.
+_READ_BYTES = operator.itemgetter(*BYTE_ATTRIBUTES)
 
-    Types are checked on the set of types present (a handful), not per value.
+
+def _byte_columns(ids, datas):
+    """The byte attributes of every node as an int64 array of shape (3, n), or raise naming the node at fault.
+
+    One pass over the nodes reads all three values of each (interleaved:
+    w₀ a₀ b₀ w₁ …); their types are checked on the set of types present (a
+    handful), not per value, and their range with one unsigned maximum
+    (a negative int64 reads as at least 2⁶³ unsigned).  When that fails, a
+    per-node pass names the first bad node (`_name_bad_node`); if it finds
+    none, the values are integers of other types (e.g. a registered
+    `numbers.Integral`), converted one by one.
     """
+    n = len(ids)
     try:
-        values = list(map(operator.itemgetter(attribute), datas))
-    except KeyError:
-        return None
-    if not all(_integral_type(kind) for kind in set(map(type, values))):
-        return None
-    try:
-        column = np.fromiter(values, dtype=np.int64, count=len(values))
-    except (OverflowError, ValueError, TypeError):
-        return None
-    if column.size and (column.min() < 0 or column.max() > MAX_BYTES):
-        return None
-    return column
+        values = list(chain.from_iterable(map(_READ_BYTES, datas)))
+    except KeyError:  # a missing attribute: named below
+        values = None
+    if values is not None and all(map(_integral_type, set(map(type, values)))):
+        try:
+            interleaved = np.fromiter(values, dtype=np.int64, count=3 * n)
+        except (OverflowError, ValueError, TypeError):
+            interleaved = None
+        if interleaved is not None and not (n and interleaved.view(np.uint64).max() > MAX_BYTES):
+            return np.ascontiguousarray(interleaved.reshape(n, 3).T)
+    _name_bad_node(ids, datas)
+    return np.array([[int(data[attribute]) for data in datas] for attribute in BYTE_ATTRIBUTES],
+                    dtype=np.int64).reshape(3, n)
 
 
 def _name_bad_node(ids, datas):
@@ -160,31 +169,48 @@ def check_total(ids, columns):
                              "the most cachefit's exact integer arithmetic holds for a graph")
 
 
+def _is_chain(ids, adjacency):
+    """Whether the successors of the i-th node are exactly {ids[i + 1]}, the last node having none.
+
+    `adjacency`: node → successor dict, in node order.  n − 1 edges in all,
+    and each node but the last has the next one among its successors (one
+    dict lookup in C per node, the id's hash cached), leave room for no
+    other edge.  The edge count comes first: it is the cheaper pass, and it
+    turns down at once a chain with one extra edge.
+    """
+    n = len(ids)
+    successors = adjacency.values()
+    return (n > 1 and sum(map(len, successors)) == n - 1
+            and all(map(operator.contains, islice(successors, n - 1), islice(ids, 1, None))))
+
+
 def _edge_positions(graph, ids):
     """(sources, targets) as position arrays, in the graph's edge order.
 
-    Builds no node → position dict when it can avoid it (on this kind of
-    machine a 10⁶-entry dict costs seconds): each edge's target is first
-    guessed to be the node right after its source, which it is for every
-    edge of a chain and most edges of a layer graph, and the guess is
+    A chain (`_is_chain`) is recognised in two passes of C over the
+    successor dicts and needs nothing more.  Otherwise builds no node → position dict when it
+    can avoid it (on this kind of machine a 10⁶-entry dict costs seconds):
+    each edge's target is first guessed to be the node right after its
+    source, which it is for most edges of a layer graph, and the guess is
     verified by comparing ids; only the edges it misses are looked up in a
-    dict, built then.  A chain (one edge out of every node but the last,
-    to the next node) is recognised with one tuple comparison of the edge
-    targets against the node ids.  Reads networkx's adjacency dict ``_succ`` (the
+    dict, built then.  Reads networkx's adjacency dict ``_succ`` (the
     documented storage of `networkx.DiGraph`) rather than the ``succ`` view,
-    whose per-node view objects cost as much as the rest together.
+    whose per-node view objects cost as much as the rest together; its keys
+    must be the node ids themselves, in node order (they are for every
+    graph networkx builds), else it is rebuilt from the view.
     """
     n = len(ids)
     adjacency = getattr(graph, "_succ", None)
-    if not isinstance(adjacency, dict) or len(adjacency) != n or tuple(adjacency) != ids:
+    if not isinstance(adjacency, dict) or len(adjacency) != n or not all(map(operator.is_, adjacency, ids)):
         adjacency = {node: dict(graph.succ[node]) for node in ids}
+    if _is_chain(ids, adjacency):
+        sources = np.arange(n - 1, dtype=np.int64)
+        return sources, sources + 1
     neighbours = adjacency.values()
     counts = np.fromiter(map(len, neighbours), dtype=np.int64, count=n)
     keys = tuple(chain.from_iterable(neighbours))  # every edge's target id, in edge order
     sources = np.repeat(np.arange(n, dtype=np.int64), counts)
     targets = np.minimum(sources + 1, max(n - 1, 0))
-    if len(keys) == n - 1 and counts[:-1].all() and keys == ids[1:]:
-        return sources, targets  # one edge out of each node but the last, to the next node: a chain
     guessed = np.fromiter(ids, dtype=object, count=n)[targets] if n else ()
     hits = np.fromiter(map(operator.eq, keys, guessed), dtype=bool, count=len(targets))
     misses = np.flatnonzero(~hits)

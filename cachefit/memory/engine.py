@@ -43,6 +43,10 @@ def _subtract_at(target, positions, values):
 def _incoming(table, live):
     """incoming[s] = Σ live(u) over u < s with last_use(u) ≥ s, for s = 0..n."""
     n = table.n
+    if table.is_chain and table.sources.size == n - 1:  # the edges are 0 → 1, 1 → 2, …: one consumer each
+        incoming = np.zeros(n + 1, dtype=np.int64)
+        incoming[1:n] = live[:n - 1]
+        return incoming
     delta = np.zeros(n + 2, dtype=np.int64)
     producers = np.flatnonzero(table.last_use > np.arange(n))
     delta[producers + 1] = live[producers]  # positions are distinct
@@ -435,6 +439,8 @@ def alone_sizes(table, memory, chunk_fraction=1.0, *, intervals=None):
     [14, 30]
     """
     table = as_table(table)
+    if table.is_chain and intervals is not None and intervals.mode == "exact":
+        return intervals.ends[1:] - intervals.starts[:-1]  # node i alone is the run [i, i + 1): one subtraction
     terms = get_model(memory).terms_at(table, chunk_fraction)
     live_at = None
     if terms.live is not None:

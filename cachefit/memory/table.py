@@ -190,8 +190,17 @@ class LayerTable:
 
 
 def _last_use_and_chain(n, sources, targets):
-    """(last_use, is_chain) of edges given as position arrays."""
-    last_use = np.arange(n, dtype=np.int64)
+    """(last_use, is_chain) of edges given as position arrays.
+
+    Edges that are exactly 0 → 1, 1 → 2, …, in that order (what `flatten`
+    gives for a chain) are recognised with two array comparisons; their
+    ``last_use`` is every position's successor, without a scatter.
+    """
+    positions = np.arange(n, dtype=np.int64)
+    if n and np.array_equal(sources, positions[:-1]) and np.array_equal(targets, positions[1:]):
+        positions[:-1] += 1
+        return positions, True
+    last_use = positions
     np.maximum.at(last_use, sources, targets)
     linked = np.zeros(max(n - 1, 0), dtype=bool)
     consecutive = targets == sources + 1
