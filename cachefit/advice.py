@@ -21,6 +21,12 @@ the smallest change that fits the given capacity
     Changing the granularity or the batch rebuilds the model, so they are
     tried only when the caller passes `rebuild`.
 
+A two-level plan (``devices`` and ``device_capacity``, `cachefit.deploy`)
+gets the same advice for its on-chip level: every change is planned as the
+whole two-level plan (stages, then every stage's on-chip groups), and the
+smallest capacity for the node orders is the largest over the stages of
+each stage's own (the stage split does not depend on the on-chip settings).
+
 Library code never prints: `Advice` carries the numbers, and the CLI says
 them in its own syntax (`Suggestion.options`).
 """
@@ -196,7 +202,7 @@ def smallest_capacity(graph, *, memory="liveness", chunk_fraction=1.0):
 
 
 def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tile=False, chunk_tokens=None,
-            rebuild=None, batch=None, granularity=None):
+            rebuild=None, batch=None, granularity=None, devices=None, device_capacity=None, reserve=0):
     """What would give `graph` a plan at `capacity`: a larger capacity, or the fewest changes.
 
     Parameters
@@ -218,11 +224,16 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
         The current granularity (default: the graph's ``granularity``
         attribute); ``"op"`` is tried when it is ``"block"`` and `rebuild`
         is given.
+    devices, device_capacity, reserve : optional
+        A two-level plan, as in `cachefit.plan`: the advice is for its
+        on-chip level (`capacity` is the on-chip capacity), and every
+        suggestion is planned as the whole two-level plan, whose `Deployment`
+        is the suggestion's ``plan`` (``k``: on-chip groups over all stages).
 
     Returns
     -------
     Advice
-        Every suggestion in it was planned (``greedy``) and gave a plan.
+        Every suggestion in it was planned (``greedy``, on chip) and gave a plan.
 
     Raises
     ------
@@ -235,7 +246,8 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     At most 2⁴ subsets of changes are tried, each a greedy plan (with
     tiling and a chunk search when those are set); the batch by bisection
     over [1, batch), O(log batch) plans.  Every change is a plan with the
-    same `k`.
+    same `k`.  With `devices`, each plan is a two-level plan: a stage plan
+    and one greedy on-chip plan per stage.
 
     Examples
     --------
@@ -249,6 +261,16 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     ('120MiB', ['--capacity', '120MiB'])
     >>> [(s.options(), s.k) for s in advice.suggestions]
     [(['--tile'], 3)]
+
+    On two levels, with a second layer on a second device:
+
+    >>> two = cachefit.graphs.from_layers([{"name": f"fc{i}", "weight_bytes": 120 * 2**20, "op": "linear"}
+    ...                                    for i in range(2)])
+    >>> for node in two:
+    ...     two.nodes[node]["out_features"] = 1024
+    >>> advice = suggest(two, "50MiB", devices=2, device_capacity="1GiB")
+    >>> [(s.options(), s.k, s.plan.devices) for s in advice.suggestions]
+    [(['--tile'], 6, 2)]
     """
     if not isinstance(graph, nx.DiGraph):
         raise InputError(f"`graph` must be a networkx.DiGraph (the model as asked for), got {type(graph).__name__}")
@@ -258,7 +280,8 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
     check_memory(memory)
     current = {"tile": tile, "chunk_tokens": chunk_tokens, "chunk_fraction": chunk_fraction, "k": k,
                "memory": memory, "batch": batch or graph.graph.get("batch"),
-               "granularity": granularity or graph.graph.get("granularity")}
+               "granularity": granularity or graph.graph.get("granularity"),
+               "devices": devices, "device_capacity": device_capacity, "reserve": reserve}
     tried = []
     with task("advice: what would fit", total=None) as progress:
         def attempt(changes, at_capacity=capacity):
@@ -267,16 +290,22 @@ def suggest(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, t
             tried.append((dict(changes), result.k if result is not None and result.ok else None))
             return result if result is not None and result.ok else None
 
-        fits = attempt({}) is not None
-        exact, minimum, lower = _min_capacity(graph, capacity, current, attempt)
+        asked = _plan_with(graph, capacity, current, {}, rebuild, strict=True)  # bad settings: refused here
+        fits = asked.ok
+        tried.append(({}, asked.k if fits else None))
+        exact, minimum, lower = _min_capacity(_orders(graph, asked), capacity, current, attempt)
         options, can_batch = _options(graph, current, rebuild)
         suggestions = () if fits else _fewest_changes(options, can_batch, current["batch"], attempt)
     considered = tuple(name for name, _ in options) + (("batch",) if can_batch else ())
     return Advice(capacity, fits, minimum, exact, lower, suggestions, considered, tuple(tried))
 
 
-def _plan_with(graph, capacity, current, changes, rebuild):
-    """The greedy plan of `graph` with `changes` applied to the `current` settings (None: not applicable)."""
+def _plan_with(graph, capacity, current, changes, rebuild, *, strict=False):
+    """The greedy plan of `graph` with `changes` applied to the `current` settings (None: not applicable).
+
+    Two-level settings (``devices``) give a `Deployment`, greedy on chip.
+    `strict` lets `cachefit.plan`'s `InputError` through (the settings as asked).
+    """
     from .api import plan as make_plan
 
     settings = {**current, **{name: value for name, value in changes.items() if name != "capacity"}}
@@ -287,25 +316,44 @@ def _plan_with(graph, capacity, current, changes, rebuild):
     try:
         return make_plan(graph, changes.get("capacity", capacity), solver="greedy", memory=memory,
                          chunk_fraction=chunk_fraction, k=settings["k"], tile=settings["tile"],
-                         chunk_tokens=settings["chunk_tokens"])
+                         chunk_tokens=settings["chunk_tokens"], devices=settings["devices"],
+                         device_capacity=settings["device_capacity"], reserve=settings["reserve"])
     except InputError as exc:  # e.g. a batch the graph cannot be rebuilt with
+        if strict:
+            raise
         logger.info("advice: %s does not apply: %s", changes, exc)
         return None
 
 
-def _min_capacity(graph, capacity, current, attempt):
-    """(exact bytes or None, verified Suggestion or None, any-order lower bound) for the current settings."""
+def _orders(graph, asked):
+    """The graphs whose node orders the on-chip groups follow: `graph`, or each stage's of a two-level plan.
+
+    A two-level plan whose stage level failed has none (no on-chip capacity helps there).
+    """
+    if not hasattr(asked, "stages"):
+        return [graph]
+    return list(asked.stage_graphs()) if asked.stages.ok else []
+
+
+def _min_capacity(orders, capacity, current, attempt):
+    """(exact bytes or None, verified Suggestion or None, any-order lower bound) for the current settings.
+
+    `orders`: the graphs planned on chip (`_orders`); the figures are the largest over them.
+    """
+    if not orders:
+        return None, None, 0
     fraction = current["chunk_fraction"]
     if current["chunk_tokens"] is not None:
         from .chunks import graph_tokens
 
-        tokens = graph_tokens(graph)
+        tokens = graph_tokens(orders[0])  # every stage keeps the model's batch × seq_len
         fraction = (1 if current["chunk_tokens"] == "auto" else current["chunk_tokens"]) / tokens
-    for_order, lower = smallest_capacity(graph, memory=current["memory"], chunk_fraction=fraction)
+    figures = [smallest_capacity(graph, memory=current["memory"], chunk_fraction=fraction) for graph in orders]
+    for_order, lower = max(figure[0] for figure in figures), max(figure[1] for figure in figures)
     if not current["tile"] and current["k"] is None:
         exact = for_order
     elif not current["tile"] and current["chunk_tokens"] != "auto":
-        exact = _least_bottleneck(graph, current["k"], current["memory"], fraction)
+        exact = _least_bottleneck(orders[0], current["k"], current["memory"], fraction)  # k: one level only
     else:
         exact = _bisect_capacity(capacity, for_order, attempt)
     if exact is None:

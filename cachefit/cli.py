@@ -229,6 +229,8 @@ def _plan_devices(graph, name, capacity, *, devices, device_capacity, reserve, s
         console.print(f"tiled {tiled} node(s) over all stages; {untiled} oversize node(s) could not be tiled",
                       highlight=False)
     reports = print_deployment(result)
+    if result.stages.ok and not result.ok:  # an on-chip level failed: the same planned advice as one level
+        print_advice(click.get_current_context(), graph, result)
     if json_path:
         write_plan(result, json_path)
     return EXIT_OK if result.ok and all(reports) else EXIT_NO_PLAN

@@ -52,7 +52,9 @@ def print_advice(ctx, graph, plan):
 
     `ctx` is the `plan` command's click context: its options are the
     settings the suggestions change, and the printed commands are its own
-    command line with the changes applied.
+    command line with the changes applied.  `plan` may be a two-level
+    `Deployment` whose stages fit: the advice is then for its on-chip level,
+    each command planned with both levels (``--devices`` kept).
     """
     from .advice import suggest
     from .instances import names
@@ -71,14 +73,24 @@ def print_advice(ctx, graph, plan):
     chunk_tokens = params.get("chunk_tokens")
     if chunk_tokens not in (None, "auto"):
         chunk_tokens = int(chunk_tokens)
+    two_level = hasattr(plan, "stages")
+    levels = ({"devices": params["devices"], "device_capacity": params["device_capacity"],
+               "reserve": params["reserve"]} if two_level else {})
     advice = suggest(graph, plan.capacity, memory=plan.memory, chunk_fraction=params.get("chunk_fraction", 1.0),
                      k=params.get("k"), tile=bool(params.get("tile")), chunk_tokens=chunk_tokens, rebuild=rebuild,
-                     batch=params.get("batch") or graph.graph.get("batch"), granularity=params.get("granularity"))
-    console.print("[bold]what would fit[/] (every command below was planned first, with greedy):", highlight=False)
+                     batch=params.get("batch") or graph.graph.get("batch"), granularity=params.get("granularity"),
+                     **levels)
+    if two_level:
+        console.print("[bold]what would fit on chip[/] (every command below was planned first, stages and every "
+                      "stage's on-chip groups, greedy on chip):", highlight=False, soft_wrap=True)
+    else:
+        console.print("[bold]what would fit[/] (every command below was planned first, with greedy):",
+                      highlight=False)
     if advice.min_capacity is not None:
         exact = advice.min_capacity_exact
         if not params.get("tile") and (params.get("k") is None or params.get("chunk_tokens") != "auto"):
-            note = f"the least for this node order is {format_bytes(exact)} ({exact:,} B)"
+            order = f"the {plan.devices} stages' node orders" if two_level else "this node order"
+            note = f"the least for {order} is {format_bytes(exact)} ({exact:,} B)"
             if advice.capacity_lower_bound < exact and params.get("k") is None:
                 note += f", {format_bytes(advice.capacity_lower_bound)} for any order"
         else:
@@ -124,7 +136,9 @@ def _print_suggestion(ctx, suggestion, heading):
     if heading:
         console.print(Text(f"  {heading}"), soft_wrap=True)
     console.print(Text(f"    {command_line(ctx, suggestion.changes)}", style="bold"), soft_wrap=True)
-    console.print(f"      → k = {suggestion.k}, bottleneck {format_bytes(suggestion.plan.bottleneck)}", highlight=False)
+    stages = f" on-chip groups over {suggestion.plan.devices} stages" if hasattr(suggestion.plan, "stages") else ""
+    console.print(f"      → k = {suggestion.k:,}{stages}, bottleneck {format_bytes(suggestion.plan.bottleneck)}",
+                  highlight=False)
 
 
 def write_pictures(plan, *, plot=None, dot=None, title=None):

@@ -66,7 +66,8 @@ from .memory import with_kv
 from .result import PLAN_FORMAT, PLAN_VERSION, TWO_LEVEL_VERSION, Plan, Status, check_version, graph_to_data, \
     write_text_atomic
 
-__all__ = ["Deployment", "deploy", "plan_two_level", "DEPLOYMENT_FORMAT", "DEPLOYMENT_VERSION", "stage_graph"]
+__all__ = ["Deployment", "deploy", "plan_two_level", "DEPLOYMENT_FORMAT", "DEPLOYMENT_VERSION", "stage_graph",
+           "stage_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,20 @@ class Deployment:
     def k(self):
         """On-chip groups over all devices."""
         return sum(group.k for group in self.groups)
+
+    @property
+    def bottleneck(self):
+        """The largest on-chip group over all stages in bytes (0 when an on-chip plan has no groups)."""
+        return max((group.bottleneck for group in self.groups), default=0) if self.ok else 0
+
+    @property
+    def memory(self):
+        """The on-chip memory model (the stages count the KV cache either way), None without on-chip plans."""
+        return self.groups[0].memory if self.groups else None
+
+    def stage_graphs(self):
+        """Each stage's sub-graph (`stage_graph`), the graphs its on-chip plans partition; () when the stages failed."""
+        return stage_graphs(self.stages) if self.stages.ok else ()
 
     @property
     def capacity(self):
@@ -323,6 +338,15 @@ def stage_graph(graph, nodes, index):
     return sub
 
 
+def stage_graphs(stage_plan):
+    """`stage_graph` of every stage of `stage_plan` (a feasible stage `Plan`), in stage order.
+
+    Built from the stage plan's graph, which holds its tied tables' copies
+    (`cachefit.ties`).
+    """
+    return tuple(stage_graph(stage_plan.graph, nodes, index) for index, nodes in enumerate(stage_plan.partitions))
+
+
 def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flops", memory="liveness",
            kv="streamed", solver="auto", tile=False, chunk_tokens=None, chunk_fraction=1.0, time_limit_s=None,
            group_balance="memory"):
@@ -381,8 +405,8 @@ def deploy(graph, *, devices, device_capacity, capacity, reserve=0, balance="flo
     if not stage_plan.ok:
         return Deployment(stage_plan, (), on_chip_capacity)
     groups = []
-    for index, nodes in enumerate(stage_plan.partitions):
-        sub = stage_graph(stage_plan.graph, nodes, index)  # with its table copies (`cachefit.ties`)
+    subs = stage_graphs(stage_plan)  # with their table copies (`cachefit.ties`)
+    for index, (nodes, sub) in enumerate(zip(stage_plan.partitions, subs)):
         share = None
         if time_limit_s is not None:  # what is left, shared by the stages not planned yet
             left = time_limit_s - (time.perf_counter() - started)

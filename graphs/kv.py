@@ -34,11 +34,17 @@ making, and adds the flops of attending to the cached tokens.
 
 Chunked prefill (a sequence streamed in chunks of c < s tokens) holds K/V
 too: the chunk's queries attend to the keys and values of the tokens of its
-sequence before it.  `node_kv_bytes_per_token` says what each attention node
-caches per token (the same per-token formula), `node_windows` which nodes
-have a sliding window, `chunk_tokens` and `prefix_tokens` how many earlier
-tokens a chunk attends to at a chunk fraction f (at most w − 1 under a
-window), and `prefix_formula` writes it out; the memory models count
+sequence before it, the N = ``context`` tokens already cached (the graph
+attribute `annotate` sets; 0 when absent) and the P = c × (⌈s / c⌉ − 1)
+new tokens before the last chunk.  Under a sliding window w the last
+chunk's first query reaches back over min(N + P, w − 1) of them, of which
+the cache (``kv_bytes``) already holds min(N, w − 1).
+`node_kv_bytes_per_token` says what each attention node caches per token
+(the same per-token formula), `node_windows` which nodes have a sliding
+window, `graph_context` the cached tokens, `chunk_tokens` and
+`prefix_tokens` how many tokens a chunk attends to beyond the cache at a
+chunk fraction f — attended(N + P) − attended(N), which is P without a
+window — and `prefix_formula` writes it out; the memory models count
 kv_prefix_bytes(v) = kv_bytes_per_token(v) × prefix_tokens (see
 `cachefit.memory`).
 
@@ -59,8 +65,8 @@ from ..errors import InputError
 
 __all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local",
            "layer_window", "attended_tokens", "kv_formula", "annotate", "mark_windows", "check_phase",
-           "node_kv_bytes_per_token", "node_windows", "chunk_tokens", "prefix_tokens", "prefix_formula",
-           "node_prefix_bytes", "prefix_formulas"]
+           "node_kv_bytes_per_token", "node_windows", "graph_context", "chunk_tokens", "prefix_tokens",
+           "prefix_formula", "node_prefix_bytes", "prefix_formulas"]
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")
@@ -397,41 +403,84 @@ def _chunk_start(seq_len, chunk):
     return 0 if chunk >= seq_len else chunk * (-(-seq_len // chunk) - 1)
 
 
-def prefix_tokens(seq_len, batch, chunk_fraction, window=None):
-    """Earlier tokens of its own sequence a chunk attends to, at most over its chunks (0 unless chunks split sequences).
+def graph_context(graph):
+    """The tokens already in `graph`'s KV cache: its ``context`` attribute, 0 when absent.
+
+    `annotate` records it on decode graphs and on prefill graphs built with a
+    context (`cachefit.graphs.transformer`); a prefill graph without one
+    starts from an empty cache.
+
+    Raises
+    ------
+    InputError
+        A ``context`` that is not a non-negative integer.
+
+    >>> from cachefit.instances import load
+    >>> graph_context(load("gemma-2-9b", seq_len=4096, context=2048)), graph_context(load("gemma-2-9b"))
+    (2048, 0)
+    """
+    value = graph.graph.get("context") or 0
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise InputError(f"the graph's `context` must be a non-negative integer (tokens already in the KV cache), "
+                         f"got {value!r}")
+    return int(value)
+
+
+def prefix_tokens(seq_len, batch, chunk_fraction, window=None, context=0):
+    """Tokens a sequence's chunk attends to beyond its cache, at most over its chunks (0 unless chunks split sequences).
 
     With c = `chunk_tokens` (f, batch × seq_len) < seq_len = s, a sequence is
     streamed in ⌈s / c⌉ chunks of c tokens (the last may be shorter; a chunk
-    never spans two sequences); chunk j starts at p = j·c.  Its first query
-    (position p) reaches back furthest: under causal attention to tokens
-    0 … p − 1, under a sliding window w to p − w < t < p; later queries
-    of the chunk reach back less far.  So the chunk attends to
-    `attended_tokens` (p, w) = min(p, w − 1) earlier tokens, which grows
-    with p: the largest is the last chunk's, p = c × (⌈s / c⌉ − 1)
-    (s − c when c divides s).  With c ≥ s a chunk holds whole sequences
-    and nothing before it: 0.
+    never spans two sequences) after the N = `context` tokens already in
+    the cache; chunk j starts at position N + p, p = j·c.  Its first query
+    reaches back furthest, under causal attention to every earlier token
+    (N + p of them), under a sliding window w to the keys at
+    N + p − w < t < N + p; later queries of the chunk reach back less far.
+    So the chunk attends to `attended_tokens` (N + p, w) = min(N + p, w − 1)
+    earlier tokens, which grows with p: the largest is the last chunk's,
+    p = P = c × (⌈s / c⌉ − 1) (s − c when c divides s).  The cache
+    (``kv_bytes``) holds attended(N) = min(N, w − 1) of them, so the chunk
+    needs
+
+        attended(N + P) − attended(N)
+
+    tokens more: P without a window, min(P, w − 1) with N = 0, and 0 once
+    the cache fills the window (w − 1 ≤ N).  With c ≥ s a chunk holds whole
+    sequences and nothing before it: 0.
 
     >>> prefix_tokens(1024, 1, 0.0625), prefix_tokens(1000, 1, 0.3), prefix_tokens(8, 4, 0.25)
     (960, 900, 0)
     >>> prefix_tokens(8192, 1, 1024 / 8192, window=4096), prefix_tokens(8192, 1, 1024 / 8192, window=8192)
     (4095, 7168)
+    >>> prefix_tokens(4096, 1, 1024 / 4096, window=4096, context=2048)  # 4,095 − 2,048 cached
+    2047
+    >>> prefix_tokens(4096, 1, 1024 / 4096, window=4096, context=4096), prefix_tokens(4096, 1, 0.25, context=4096)
+    (0, 3072)
     """
-    return attended_tokens(_chunk_start(seq_len, chunk_tokens(chunk_fraction, seq_len * batch)), window)
+    before = _chunk_start(seq_len, chunk_tokens(chunk_fraction, seq_len * batch))
+    return attended_tokens(context + before, window) - attended_tokens(context, window)
 
 
-def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None):
+def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None, context=0):
     """The chunked-prefill K/V term of one node (sliding window `window`, or None), written out with its numbers.
 
     >>> prefix_formula(3072, 1024, 1, 0.0625)
     '3,072 B/token × 960 tokens before the last 64-token chunk of 1,024 = 2,949,120 B'
     >>> prefix_formula(8192, 8192, 1, 1024 / 8192, window=4096)  # gemma-2-9b's local layers
     '8,192 B/token × 4,095 tokens (sliding window 4,096: w − 1 of the 7,168 before the last 1,024-token chunk of 8,192) = 33,546,240 B'
+    >>> prefix_formula(8192, 4096, 1, 1024 / 4096, window=4096, context=2048)
+    '8,192 B/token × 2,047 tokens (sliding window 4,096: w − 1 = 4,095 of the 2,048 cached + 3,072 before the last 1,024-token chunk of 4,096, less the 2,048 in the cache) = 16,769,024 B'
     """
     chunk = chunk_tokens(chunk_fraction, seq_len * batch)
     before = _chunk_start(seq_len, chunk)
-    tokens = attended_tokens(before, window)
+    tokens = prefix_tokens(seq_len, batch, chunk_fraction, window, context)
     if not before:
         return f"0 B (chunks of {chunk:,} tokens hold whole sequences of {seq_len:,})"
+    if tokens != before and context:
+        reach, cached = attended_tokens(context + before, window), attended_tokens(context, window)
+        return (f"{per_token:,} B/token × {tokens:,} tokens (sliding window {window:,}: w − 1 = {reach:,} of the "
+                f"{context:,} cached + {before:,} before the last {chunk:,}-token chunk of {seq_len:,}, less the "
+                f"{cached:,} in the cache) = {per_token * tokens:,} B")
     if tokens != before:
         return (f"{per_token:,} B/token × {tokens:,} tokens (sliding window {window:,}: w − 1 of the {before:,} "
                 f"before the last {chunk:,}-token chunk of {seq_len:,}) = {per_token * tokens:,} B")
@@ -439,26 +488,29 @@ def prefix_formula(per_token, seq_len, batch, chunk_fraction, window=None):
             f"{per_token * tokens:,} B")
 
 
-
 def node_prefix_bytes(graph, chunk_fraction):
-    """kv_prefix(v) = kv_bytes_per_token(v) × `prefix_tokens` (with v's window) of every node holding K/V.
+    """kv_prefix(v) = kv_bytes_per_token(v) × `prefix_tokens` (with v's window and the graph's context) of every K/V node.
 
     For reports (the CLI, the executor's planned-vs-measured note); the
     memory models compute the same term over a `LayerTable`.  Reads the
-    graph attributes ``seq_len`` and ``batch`` (1 if absent); a graph
-    without ``seq_len`` or without K/V nodes gives {}.
+    graph attributes ``seq_len``, ``batch`` (1 if absent) and ``context``
+    (`graph_context`); a graph without ``seq_len`` or without K/V nodes
+    gives {}.
 
     >>> from cachefit.instances import load
     >>> prefix = node_prefix_bytes(load("gemma-2-9b", seq_len=8192), 1024 / 8192)
     >>> prefix["block.0"], prefix["block.1"]  # local (4,095 tokens), global (7,168) × 8,192 B/token
     (33546240, 58720256)
+    >>> prefix = node_prefix_bytes(load("gemma-2-9b", seq_len=4096, context=2048), 1024 / 4096)
+    >>> prefix["block.0"], prefix["block.1"]  # local (4,095 − 2,048 cached), global (3,072) × 8,192 B/token
+    (16769024, 25165824)
     """
     per_token = node_kv_bytes_per_token(graph)
     seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
     if not per_token or not seq_len:
         return {}
-    windows = node_windows(graph)
-    return {node: value * prefix_tokens(seq_len, batch, chunk_fraction, windows.get(node))
+    windows, context = node_windows(graph), graph_context(graph)
+    return {node: value * prefix_tokens(seq_len, batch, chunk_fraction, windows.get(node), context)
             for node, value in per_token.items()}
 
 
@@ -477,15 +529,15 @@ def prefix_formulas(graph, chunk_fraction):
     seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
     if not per_token or not seq_len or not prefix_tokens(seq_len, batch, chunk_fraction):
         return None
-    windows = node_windows(graph)
+    windows, context = node_windows(graph), graph_context(graph)
     counts = {}
     for node, value in per_token.items():
         kind = value, windows.get(node)
         counts[kind] = counts.get(kind, 0) + 1
-    kinds = sorted(counts, key=lambda kind: (-kind[0] * prefix_tokens(seq_len, batch, chunk_fraction, kind[1]),
-                                             kind[1] or 0))
+    kinds = sorted(counts, key=lambda kind: (-kind[0] * prefix_tokens(seq_len, batch, chunk_fraction, kind[1],
+                                                                      context), kind[1] or 0))
     if len(kinds) == 1:
         value, window = kinds[0]
-        return prefix_formula(value, seq_len, batch, chunk_fraction, window)
-    return "; ".join(f"{prefix_formula(value, seq_len, batch, chunk_fraction, window)} on {counts[value, window]} "
-                     f"node{'s' * (counts[value, window] != 1)}" for value, window in kinds)
+        return prefix_formula(value, seq_len, batch, chunk_fraction, window, context)
+    return "; ".join(f"{prefix_formula(value, seq_len, batch, chunk_fraction, window, context)} on "
+                     f"{counts[value, window]} node{'s' * (counts[value, window] != 1)}" for value, window in kinds)

@@ -284,3 +284,83 @@ class TestStageLevelAdvice:
                                   terminal_width=400)
         assert tiny.exit_code == 1
         assert "only a larger --device-capacity helps" in tiny.output and "--devices" not in tiny.output
+
+
+class TestTwoLevelAdvice:
+    """Issue 12: a two-level plan whose stages fit but an on-chip level does not gets planned advice, for the
+    whole two-level command (each suggestion a `Deployment`: stages, then every stage's greedy on-chip plan)."""
+
+    def test_gpt2_two_devices(self):
+        """gpt2 on 2 devices of 1 GiB at 20 MiB on chip: the least capacity is stage 1's, whose lm_head holds its
+        own copy of the tied table (73.6 MiB) and the 98 MiB logits: 181,693,952 B, not the one-level 99.7 MiB."""
+        from cachefit.deploy import deploy
+
+        graph = load_model("gpt2")
+        asked = cachefit.plan(graph, "20MiB", solver="greedy", devices=2, device_capacity="1GiB")
+        assert asked.stages.ok and not asked.ok
+        advice = suggest(graph, "20MiB", devices=2, device_capacity="1GiB")
+        stage_minimum = [smallest_capacity(sub)[0] for sub in asked.stage_graphs()]
+        assert advice.min_capacity_exact == max(stage_minimum) == 181_693_952 > smallest_capacity(graph)[0]
+        assert advice.min_capacity.changes == {"capacity": parse_bytes("174MiB")}
+        assert [(s.changes, s.k) for s in advice.suggestions] == [({"tile": True, "chunk_tokens": "auto"}, 20)]
+        for suggestion in (advice.min_capacity, *advice.suggestions):  # each re-planned here, both levels checked
+            assert suggestion.plan.devices == 2 and suggestion.plan.ok
+            options = {name: value for name, value in suggestion.changes.items() if name != "capacity"}
+            again = deploy(graph, devices=2, device_capacity="1GiB", solver="greedy",
+                           capacity=suggestion.changes.get("capacity", "20MiB"), **options)
+            assert again.ok and again.k == suggestion.k and all(report.ok for report in again.check())
+        below = deploy(graph, devices=2, device_capacity="1GiB", capacity=advice.min_capacity_exact - 1)
+        assert below.stages.ok and not below.ok  # the least for the stages' orders: one byte less fails
+
+    def test_settings_refused_as_plan_refuses_them(self):
+        with pytest.raises(InputError, match=r"^`devices` plans stages across devices and needs `device_capacity` "
+                                             r"too$"):
+            suggest(load_model("gpt2"), "20MiB", devices=2)
+
+    def test_failed_stage_level_gets_no_on_chip_capacity(self):
+        advice = suggest(load_model("gpt2"), "20MiB", devices=1, device_capacity="100MiB")
+        assert advice.min_capacity is None and advice.suggestions == ()
+
+
+class TestTwoLevelCli:
+    def run(self, *args):
+        return CliRunner().invoke(main, list(args), terminal_width=400)
+
+    def test_gpt2_advice_is_a_two_level_command_that_works(self):
+        result = self.run("plan", "gpt2", "--devices", "2", "--device-capacity", "1GiB", "--capacity", "20MiB")
+        assert result.exit_code == 1, result.output
+        lines = [line.rstrip() for line in result.output.splitlines()]
+        start = lines.index("what would fit on chip (every command below was planned first, stages and every stage's "
+                            "on-chip groups, greedy on chip):")
+        assert lines[start:] == [
+            lines[start],
+            "  a larger capacity (the least for the 2 stages' node orders is 173.3 MiB (181,693,952 B)):",
+            "    cachefit plan gpt2 --capacity 174MiB --devices 2 --device-capacity 1GiB",
+            "      → k = 4 on-chip groups over 2 stages, bottleneck 173.3 MiB",
+            "  at 20.0 MiB, the fewest changes that fit (2 options):",
+            "    cachefit plan gpt2 --capacity 20MiB --tile --chunk-tokens auto --devices 2 --device-capacity 1GiB",
+            "      → k = 20 on-chip groups over 2 stages, bottleneck 19.9 MiB",
+        ]
+        for command in (lines[start + 2].strip(), lines[start + 5].strip()):
+            again = self.run(*shlex.split(command)[1:])
+            assert again.exit_code == 0, again.output
+            assert "check: ok (3 plans recomputed independently" in again.output
+
+    def test_llama_70b_decode_tile(self):
+        """The issue's case: embed alone needs 2.0 GiB of an H100's 50 MiB L2; --tile fits (greedy: 2,882 groups)."""
+        result = self.run("plan", "llama-3.1-70b", "--phase", "decode", "--context", "2048", "--devices", "4",
+                          "--device-capacity", "h100-hbm", "--capacity", "h100-l2")
+        assert result.exit_code == 1, result.output
+        assert ("INFEASIBLE: stage 0 on chip: node 'embed' needs 2.0 GiB (2101362688 B) alone" in result.output)
+        assert ("  at 50.0 MiB, the fewest changes that fit (1 option):\n"
+                "    cachefit plan llama-3.1-70b --capacity h100-l2 --tile --phase decode --context 2048 --devices 4 "
+                "--device-capacity h100-hbm\n"
+                "      → k = 2,882 on-chip groups over 4 stages, bottleneck 50.0 MiB") in result.output
+        assert ("  a larger capacity (the least for the 4 stages' node orders is 2.0 GiB (2,101,619,200 B)):\n"
+                "    cachefit plan llama-3.1-70b --capacity 1.96875GiB --phase decode --context 2048 --devices 4 "
+                "--device-capacity h100-hbm\n") in result.output
+
+    def test_no_on_chip_advice_when_the_stages_fail(self):
+        result = self.run("plan", "gpt2", "--devices", "1", "--device-capacity", "100MiB", "--capacity", "20MiB")
+        assert result.exit_code == 1
+        assert "advice for the stage level" in result.output and "what would fit on chip" not in result.output

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import cachefit
 from cachefit.chunks import choose_chunk_tokens
 from cachefit.errors import InputError
-from cachefit.graphs.kv import chunk_tokens, node_kv_bytes_per_token, prefix_formula, prefix_tokens
+from cachefit.graphs.kv import (chunk_tokens, node_kv_bytes_per_token, node_prefix_bytes, prefix_formula,
+                               prefix_formulas, prefix_tokens)
 from cachefit.instances import load
 from cachefit.memory import MODELS, Intervals, LayerTable, group_sizes
 
@@ -93,10 +94,12 @@ class TestSizes:
     @given(st.data())
     @example(data=None)
     def test_engine_matches_reference(self, data):
-        """Engine (group_sizes, Intervals) against the checker's reference, with and without sliding windows."""
+        """Engine (group_sizes, Intervals) against the checker's reference, with and without windows, after a context."""
         if data is None:  # pinned: c = 3 of 10 (last chunk at 9); windows 1 (no earlier token), 30 > s, 4 < 9
             seq_len, batch, chunk, per_token, windows, cuts = 10, 1, 3, [0, 5, 7, 9], [None, 1, 30, 4], [2]
+            context = 2  # the window of 4 then spans cache and prefix: 3 − min(2, 3) = 1 token more
         else:
+            context = data.draw(st.integers(0, 80))
             seq_len = data.draw(st.integers(1, 40))
             batch = data.draw(st.integers(1, 3))
             chunk = data.draw(st.integers(1, seq_len * batch))
@@ -105,7 +108,7 @@ class TestSizes:
                                          max_size=len(per_token)))
             cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(per_token) - 1)), max_size=3))))
         n = len(per_token)
-        g = nx.DiGraph(seq_len=seq_len, batch=batch)
+        g = nx.DiGraph(seq_len=seq_len, batch=batch, context=context)
         for index, (value, window) in enumerate(zip(per_token, windows)):
             g.add_node(str(index), weight_bytes=10**8, activation_bytes=3 * 10**8 * index, buffer_bytes=index % 2,
                        kv_bytes_per_token=value, kv_bytes=index)
@@ -272,3 +275,153 @@ class TestWindowedChunkSearch:
                    if k_capped is not None and k_before is not None)
         plan = cachefit.plan(g, "groq-lpu-sram", memory="liveness+kv", chunk_tokens=32, tile=True, solver="greedy")
         assert plan.k == 10 and cachefit.check(plan).ok
+
+
+# ---------------------------------------------------------------------------
+# a prefill after a context: the chunk's window spans the cache and the new tokens before it
+# ---------------------------------------------------------------------------
+
+def _brute_context_prefix(context, seq_len, chunk, window):
+    """(resident, cached) from HF's mask over N = `context` cached tokens then `seq_len` new ones in `chunk`s.
+
+    resident: the most earlier tokens any chunk's queries attend to (every query, every key); cached: the keys
+    the first new token (position N) attends to, the decode cache of N tokens.  The prefix is their difference.
+    """
+    torch = pytest.importorskip("torch")
+    masking = pytest.importorskip("transformers.masking_utils")
+    mask_function = (masking.causal_mask_function if window is None
+                     else masking.sliding_window_causal_mask_function(window))
+    positions = torch.arange(context + seq_len)
+    mask = mask_function(0, 0, positions[:, None], positions[None, :])  # mask[q, t]: query q attends to key t
+    cached = int(mask[context, :context].sum())
+    resident = 0
+    for start in range(context, context + seq_len, chunk):
+        earlier = mask[start:start + chunk, :start].any(dim=0).nonzero().flatten().tolist()
+        if earlier:  # one contiguous run ending at start − 1, reaching into the cache at most as far as it goes
+            assert earlier == list(range(earlier[0], start))
+        resident = max(resident, len(earlier))
+    return resident, cached
+
+
+def _context_chain(per_token, *, context, seq_len, window):
+    """`_chain` after a context of N tokens: the attention node caches its N (capped) tokens as `kv_bytes`."""
+    g = _chain(per_token, seq_len=seq_len)
+    g.graph["context"] = context
+    if window is not None:
+        g.nodes["attn"]["sliding_window"] = window
+    g.nodes["attn"]["kv_bytes"] = per_token * (context if window is None else min(context, window - 1))
+    return g
+
+
+class TestContextPrefix:
+    """Issue 16: with N cached tokens the last chunk's resident K/V is min(N + P, w − 1) tokens, not
+    min(N, w − 1) + min(P, w − 1): the prefix term is attended(N + P) − attended(N)."""
+
+    @pytest.mark.parametrize("window", [None, 1, 2, 5, 9, 16, 33, 64, 100, 300])
+    def test_formula_is_the_mask(self, window):
+        """Every (N, s, c) of a grid, against HF's mask; includes w − 1 < N (prefix 0) and c ≥ s (prefix 0)."""
+        checked = capped_to_zero = 0
+        for context in (0, 1, 4, 8, 15, 32, 63, 64, 99, 150):
+            for seq_len in (1, 2, 7, 16, 50, 97):
+                for chunk in sorted({1, 3, 8, 16, 30, seq_len - 1, seq_len} - {0}):
+                    resident, cached = _brute_context_prefix(context, seq_len, chunk, window)
+                    tokens = prefix_tokens(seq_len, 1, chunk / seq_len, window, context=context)
+                    assert tokens == resident - cached, (context, seq_len, chunk, window)
+                    assert cached == (context if window is None else min(context, window - 1))
+                    if window is None:  # without a window the sum N + P stays exact
+                        assert tokens == prefix_tokens(seq_len, 1, chunk / seq_len)
+                    elif window - 1 <= context:
+                        assert tokens == 0
+                        capped_to_zero += chunk < seq_len
+                    checked += 1
+        assert checked > 300 and (window is None or window > 151 or capped_to_zero)
+
+    @pytest.mark.parametrize("context, seq_len, chunk, window", [
+        (0, 64, 8, 16), (10, 64, 8, 16), (15, 64, 8, 16), (16, 64, 8, 16), (40, 64, 8, 16), (5, 64, 8, 9),
+        (7, 100, 30, 45), (44, 100, 30, 45), (60, 100, 30, 91), (100, 100, 30, 200), (3, 97, 10, None),
+        (200, 97, 10, None), (2, 50, 49, 3), (0, 50, 49, 3), (120, 257, 16, 100),
+    ])
+    def test_engine_and_reference_agree_with_the_mask(self, context, seq_len, chunk, window):
+        """group_sizes (engine) and the checker's reference both add per_token × (resident − cached)."""
+        resident, cached = _brute_context_prefix(context, seq_len, chunk, window)
+        g = _context_chain(GEMMA2_PER_TOKEN, context=context, seq_len=seq_len, window=window)
+        for memory in ("liveness+kv", "additive+kv"):
+            assert _alone_prefix(g, chunk / seq_len, memory)["attn"] == GEMMA2_PER_TOKEN * (resident - cached)
+        assert node_prefix_bytes(g, chunk / seq_len) == {"attn": GEMMA2_PER_TOKEN * (resident - cached)}
+
+    @pytest.mark.parametrize("context, local, old_local", [(1024, 3071, 3072), (2048, 2047, 3072), (4095, 0, 3072),
+                                                           (4096, 0, 3072), (0, 3072, 3072)])
+    def test_gemma2_9b_after_a_context(self, context, local, old_local):
+        """gemma-2-9b, 4,096 new tokens in 1,024-token chunks after N cached: local layers (w = 4,096) hold
+        min(N + 3,072, 4,095) tokens in all, cache included; global ones the cache plus 3,072."""
+        g = load("gemma-2-9b", granularity="op", seq_len=4096, context=context)
+        assert g.graph.get("context", 0) == context  # recorded by the builder (kv.annotate) when N > 0
+        fraction = 1024 / 4096
+        assert (_brute_context_prefix(context, 4096, 1024, 4096)[0]
+                == min(context + 3072, 4095) == min(context, 4095) + local)
+        prefix = _alone_prefix(g, fraction, "liveness+kv")
+        attention = {v: b for v, b in prefix.items() if b or v.endswith(".attn")}
+        assert attention == {f"block.{i}.attn": GEMMA2_PER_TOKEN * (local if i % 2 == 0 else 3072)
+                             for i in range(42)}
+        assert node_prefix_bytes(g, fraction) == {v: attention.get(v, 0) for v in node_prefix_bytes(g, fraction)}
+        over = GEMMA2_PER_TOKEN * (old_local - local) * 21  # what adding min(N, w − 1) + min(P, w − 1) charged
+        assert over == {1024: 172_032, 2048: 172_032 * 1025, 4095: 528_482_304, 4096: 528_482_304, 0: 0}[context]
+
+    def test_mistral_7b_context_beyond_the_window_adds_nothing(self):
+        """Every mistral-7b layer has w = 4,096: after 8,192 cached tokens the cache already fills each window,
+        so resident sizes are the plain ones plus kv_bytes (4,095 tokens × 4,096 B per layer) and nothing more."""
+        g = load("mistral-7b", seq_len=4096, context=8192)
+        groups = [[v] for v in g]
+        fraction = 512 / 4096
+        plain = group_sizes(g, groups, memory="liveness", chunk_fraction=fraction)
+        resident = group_sizes(g, groups, memory="liveness+kv", chunk_fraction=fraction)
+        kv = [g.nodes[v].get("kv_bytes") or 0 for v in g]
+        assert {value for value in kv if value} == {MISTRAL_PER_TOKEN * 4095}
+        assert [r - p for r, p in zip(resident, plain)] == kv
+        assert not any(node_prefix_bytes(g, fraction).values())
+
+    def test_no_window_keeps_the_sum(self):
+        """llama-3.1-8b (no window): after 8,192 cached tokens the prefix is still P = 3,584 tokens per layer."""
+        per_token = 2 * 8 * 128 * 2
+        with_context = load("llama-3.1-8b", seq_len=4096, context=8192)
+        without = load("llama-3.1-8b", seq_len=4096)
+        fraction = 512 / 4096
+        assert _alone_prefix(with_context, fraction, "liveness+kv") == _alone_prefix(without, fraction, "liveness+kv")
+        assert set(node_prefix_bytes(with_context, fraction).values()) - {0} == {per_token * 3584}
+
+    def test_decode_is_unaffected(self):
+        """A decode graph's sequence is one new token: no chunk splits it, whatever the chunk, so no prefix."""
+        g = load("gemma-2-9b", phase="decode", batch=8, context=8000)
+        groups = [[v] for v in g]
+        for fraction in (1.0, 1 / 8):
+            assert not any(node_prefix_bytes(g, fraction).values())
+            plain = group_sizes(g, groups, memory="additive", chunk_fraction=fraction)
+            resident = group_sizes(g, groups, memory="additive+kv", chunk_fraction=fraction)
+            assert [r - p for r, p in zip(resident, plain)] == [g.nodes[v].get("kv_bytes") or 0 for v in g]
+
+    def test_plan_checks_and_the_old_sum_is_caught(self):
+        g = load("gemma-2-9b", seq_len=4096, context=2048)
+        plan = cachefit.plan(g, "2GiB", solver="greedy", memory="liveness+kv", chunk_tokens=1024)
+        assert plan.ok and cachefit.check(plan).ok
+        again = cachefit.Plan.from_json(plan.to_json())  # the context travels with the plan's graph
+        assert again.graph.graph["context"] == 2048 and cachefit.check(again).ok
+        local = next(i for i, group in enumerate(plan.partitions) if "block.0" in group)
+        sizes = list(plan.sizes)
+        sizes[local] += GEMMA2_PER_TOKEN * (3072 - 2047)  # min(2,048, 4,095) + min(3,072, 4,095) tokens
+        forged = dataclasses.replace(plan, sizes=tuple(sizes), bottleneck=max(sizes))
+        assert any("differ from recomputed" in v for v in cachefit.check(forged).violations)
+
+    def test_formula_text_after_a_context(self):
+        g = load("gemma-2-9b", seq_len=4096, context=2048)
+        assert prefix_formulas(g, 1024 / 4096) == (
+            "8,192 B/token × 3,072 tokens before the last 1,024-token chunk of 4,096 = 25,165,824 B on 21 nodes; "
+            "8,192 B/token × 2,047 tokens (sliding window 4,096: w − 1 = 4,095 of the 2,048 cached + 3,072 before "
+            "the last 1,024-token chunk of 4,096, less the 2,048 in the cache) = 16,769,024 B on 21 nodes")
+
+    @pytest.mark.parametrize("bad", [-1, 2.5, True, "2048"])
+    def test_bad_context_named(self, bad):
+        g = _chain(10)
+        g.graph["context"] = bad
+        with pytest.raises(InputError, match=r"^the graph's `context` must be a non-negative integer \(tokens "
+                                             r"already in the KV cache\), got "):
+            group_sizes(g, [["a", "attn", "b"]], memory="liveness+kv", chunk_fraction=0.25)

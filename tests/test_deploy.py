@@ -48,6 +48,24 @@ class TestDeploy:
         assert not result.ok and result.stages.ok
         assert all(str(group.status) == "INFEASIBLE" for group in result.groups)
 
+    def test_stage_graphs_bottleneck_and_memory(self):
+        """What on-chip advice reads of a deployment: each stage's graph, the largest group, the on-chip model
+        (gpt2 on 2 devices: stage 1's lm_head carries its own copy of the tied table, 77,194,752 B)."""
+        graph = instances.load("gpt2")
+        result = deploy(graph, devices=2, device_capacity="1GiB", capacity="20MiB", tile=True, chunk_tokens="auto",
+                        solver="greedy")
+        assert result.ok and all(report.ok for report in result.check())
+        subs = result.stage_graphs()
+        assert [sorted(v for v in sub if sub.nodes[v].get("op") != "stage_input") for sub in subs] == [
+            sorted(nodes) for nodes in result.stages.partitions]
+        assert subs[1].nodes["lm_head"]["weight_bytes"] == 77_194_752
+        assert result.bottleneck == max(group.bottleneck for group in result.groups) <= 20 * 2**20
+        assert result.memory == "liveness" and result.stages.memory == "liveness+kv"
+        failed = deploy(graph, devices=2, device_capacity="1GiB", capacity="20MiB", solver="greedy")
+        assert failed.stages.ok and not failed.ok and failed.bottleneck == 0 and len(failed.stage_graphs()) == 2
+        none = deploy(graph, devices=1, device_capacity="100MiB", capacity="20MiB")
+        assert none.stage_graphs() == () and none.memory is None and none.bottleneck == 0
+
     def test_json_round_trip(self, tmp_path):
         result = deploy(chain(), devices=2, device_capacity=1200, capacity=400, solver="greedy")
         path = tmp_path / "d.json"

@@ -135,3 +135,18 @@ def test_latent_attention_op_nodes_hold_the_cache():
     by_op = instances.load("deepseek-v2-lite", phase="decode", context=4096, granularity="op")
     assert by_op.graph["kv_bytes"] == block.graph["kv_bytes"] == 27 * (512 + 64) * 2 * 4096
     assert by_op.graph["kv_layers"] == 27
+
+
+def test_prefill_context_is_recorded_where_the_prefix_reads_it():
+    """The builder records N in graph.graph['context'] (kv.annotate) for a prefill after a context; the plan's
+    graph keeps it, so the chunked prefix is attended(N + P) − attended(N) there too."""
+    import cachefit
+    from cachefit.graphs.kv import graph_context, node_prefix_bytes
+
+    g = instances.load("gemma-2-9b", seq_len=4096, context=2048)
+    assert (g.graph["phase"], g.graph["context"], graph_context(g)) == ("prefill", 2048, 2048)
+    assert graph_context(instances.load("gemma-2-9b", seq_len=4096)) == 0  # no context: nothing cached
+    plan = cachefit.plan(g, "1GiB", memory="liveness+kv", chunk_tokens=1024, tile=True, solver="greedy")
+    assert plan.graph.graph["context"] == 2048 and cachefit.check(plan).ok
+    prefix = node_prefix_bytes(plan.graph, plan.chunk_fraction)
+    assert prefix["block.0"] == 8192 * 2047 and prefix["block.1"] == 8192 * 3072  # local, global layer

@@ -23,8 +23,11 @@ Layout
     the solvers, the checker and a reader with pencil and paper agree to the
     byte.
 
-The models shipped (each also as ``NAME+kv``, which keeps every node's
-``kv_bytes`` resident with its group like its weights; see `with_kv`):
+The models shipped (each also as ``NAME+kv``, which keeps every node's K/V
+resident with its group like its weights: its ``kv_bytes`` cache of N =
+``context`` tokens and, when chunks split sequences, the chunked-prefill
+prefix, kv_bytes_per_token × (attended(N + P) − attended(N)) with attended
+capped at w − 1 under a sliding window w; see `models` and `with_kv`):
 
 ``additive``
     The seed paper's formula: S(P) = Σ_{v∈P} (weight + activation + buffer).

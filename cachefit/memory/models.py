@@ -22,29 +22,37 @@ plan records the choice and the checker recomputes it.
 Chunked prefill is the same choice.  When the chunk fraction f splits
 sequences (c = f × batch × seq_len tokens per chunk, c < seq_len = s), every
 node that holds an attention also needs the K/V of the earlier tokens of its
-sequence that the chunk's queries attend to.  Chunk j starts at p = j·c;
-its first query (position p) reaches back furthest, to every earlier token
-under causal attention and to p − w < t < p under a sliding window of w
-tokens (HF's convention: the window counts the query itself; the node's
-``sliding_window``, `cachefit.graphs.kv.node_windows`).  That is min(p, w − 1)
-tokens, growing with p, so the largest, which a resident group must hold, is
-the last chunk's:
+sequence that the chunk's queries attend to.  The sequence's new tokens
+follow the N = ``context`` tokens already cached (the graph attribute; 0
+when absent, `cachefit.graphs.kv.graph_context`), so chunk j starts at
+position N + p, p = j·c; its first query reaches back furthest, to every
+earlier token under causal attention and to N + p − w < t < N + p under a
+sliding window of w tokens (HF's convention: the window counts the query
+itself; the node's ``sliding_window``, `cachefit.graphs.kv.node_windows`).
+That is attended(N + p) = min(N + p, w − 1) tokens, growing with p, so the
+largest, which a resident group must hold, is the last chunk's.  The decode
+cache ``kv_bytes`` already holds attended(N) = min(N, w − 1) of them, so the
+chunk adds
 
     kv_prefix(v) = kv_bytes_per_token(v) × prefix_tokens(v),
-    prefix_tokens(v) = P             without a window,
-                     = min(P, w − 1)  with a sliding window w,
+    prefix_tokens(v) = attended(N + P) − attended(N)
+                     = P                                without a window,
+                     = min(N + P, w − 1) − min(N, w − 1)  with a sliding window w
+                       (min(P, w − 1) when N = 0; 0 when N ≥ w − 1),
     P = c × (⌈s / c⌉ − 1)   (= s − c when c divides s; 0 when c ≥ s)
 
 (`cachefit.graphs.kv`: kv_bytes_per_token = 2 × kv_heads × head_dim × dtype
 bytes, or MLA's latent width × dtype bytes; the chunk is inside one
 sequence, so one sequence's prefix).  The ``+kv`` models keep it resident:
-summed(v) = weight + kv_bytes + kv_prefix(v) (the last chunk's prefix, the
-largest the group holds); the plain models stream it.  The ``+kv`` terms
-therefore depend on f (``MemoryModel.chunked``).  The engine's terms take
-prefix_tokens from `cachefit.graphs.kv.prefix_tokens` (the one home of the
-window convention, which also caps the decode cache); the checker's
-reference counts the earlier tokens in the last chunk's first query's window
-from the mask's definition, separately.
+summed(v) = weight + kv_bytes + kv_prefix(v) (cache and prefix together the
+K/V of the last chunk's window, the largest the group holds); the plain
+models stream it.  The ``+kv`` terms therefore depend on f
+(``MemoryModel.chunked``).  The engine's terms take prefix_tokens from
+`cachefit.graphs.kv.prefix_tokens` (the one home of the window convention,
+which also caps the decode cache); the checker's reference counts, from the
+mask's definition and separately, the earlier tokens in the window of the
+last chunk's first query less those in the window of the first new token's
+(the cache).
 """
 
 from __future__ import annotations
@@ -214,14 +222,16 @@ def _kv_array(table):
 
 
 def _graph_shape(graph):
-    """(seq_len, batch) of a graph whose nodes cache K/V per token (`InputError` when it lacks them)."""
+    """(seq_len, batch, context) of a graph whose nodes cache K/V per token (`InputError` when it lacks them)."""
+    from ..graphs.kv import graph_context
+
     attributes = graph.graph
     shape = attributes.get("seq_len"), attributes.get("batch")
     for name, value in zip(("seq_len", "batch"), shape):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise InputError(f"the graph's `{name}` must be a positive integer for its nodes' K/V per token "
                              f"(chunked prefill), got {value!r}")
-    return int(shape[0]), int(shape[1])
+    return int(shape[0]), int(shape[1]), graph_context(graph)
 
 
 def _prefix_array(table, chunk_fraction):
@@ -231,10 +241,10 @@ def _prefix_array(table, chunk_fraction):
     _, per_token, windows = _kv_arrays(table)
     if not per_token.any():
         return per_token
-    seq_len, batch = _graph_shape(table.graph)
+    seq_len, batch, context = _graph_shape(table.graph)
     tokens = np.zeros(table.n, dtype=np.int64)
     for window in np.unique(windows).tolist():  # a few distinct windows: 0 (none) and each local one
-        tokens[windows == window] = prefix_tokens(seq_len, batch, chunk_fraction, window or None)
+        tokens[windows == window] = prefix_tokens(seq_len, batch, chunk_fraction, window or None, context)
     total = int((per_token.astype(object) * tokens).sum()) + int(_kv_array(table).sum(dtype=object))
     if total + int(table.weight.sum(dtype=object)) > MAX_BYTES:
         raise InputError("the graph's weights and KV (cache and chunked-prefill prefix) add up beyond 2**62 B "
@@ -245,10 +255,12 @@ def _prefix_array(table, chunk_fraction):
 def _reference_prefix(graph, chunk_fraction):
     """kv_prefix of every attention node straight from the definition (plain Python, exact rationals).
 
-    The last chunk starts at ``before``; its first query at that position
-    attends to the earlier tokens t with ``before − w < t < before`` and
-    t ≥ 0 (every t < before without a window), which is the most any
-    query of any chunk reaches back.
+    After the ``context`` cached tokens 0 … N − 1, the last chunk starts at
+    position q = N + ``before``; its first query attends to the earlier
+    tokens t with q − w < t < q and t ≥ 0 (every t < q without a window),
+    which is the most any query of any chunk reaches back.  The cache
+    (``kv_bytes``) holds those the first new token (position N) attends to;
+    the prefix is the rest.
     """
     from ..graphs.kv import node_kv_bytes_per_token, node_windows
 
@@ -256,14 +268,19 @@ def _reference_prefix(graph, chunk_fraction):
     if not per_token:
         return {}
     windows = node_windows(graph)
-    seq_len, batch = _graph_shape(graph)
+    seq_len, batch, context = _graph_shape(graph)
     scaled = Fraction(chunk_fraction) * (seq_len * batch)
     chunk = max(1, math.floor(scaled + Fraction(1, 2)))  # the nearest integer, halves up
     before = 0 if chunk >= seq_len else seq_len - (seq_len - 1) % chunk - 1  # start of the last chunk
+
+    def earlier_keys(query, window):  # how many keys t < query the mask lets `query` attend to
+        first = 0 if window is None else max(0, query - window + 1)  # earliest key in the window
+        return query - first
+
     prefix = {}
     for node, value in per_token.items():
-        first = max(0, before - windows[node] + 1) if node in windows else 0  # earliest key in the window
-        prefix[node] = value * (before - first)
+        window = windows.get(node)
+        prefix[node] = value * (earlier_keys(context + before, window) - earlier_keys(context, window))
     return prefix
 
 
