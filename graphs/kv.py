@@ -63,10 +63,15 @@ from numbers import Integral
 
 from ..errors import InputError
 
-__all__ = ["PHASES", "ATTENTION_OPS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local",
+__all__ = ["PHASES", "ATTENTION_OPS", "WINDOW_KEYS", "kv_bytes", "kv_bytes_per_token", "cached_tokens", "layer_is_local",
            "layer_window", "attended_tokens", "kv_formula", "annotate", "mark_windows", "check_phase",
            "node_kv_bytes_per_token", "node_windows", "graph_context", "chunk_tokens", "prefix_tokens",
            "prefix_formula", "node_prefix_bytes", "prefix_formulas"]
+
+#: The config fields that say which layers are local and their window (`layer_window`); the
+#: transformer builder keeps them in its graph's normalised config so a rebuild (tiling's
+#: operator graph) windows the same layers.
+WINDOW_KEYS = ("sliding_window", "use_sliding_window", "layer_types", "sliding_window_pattern", "max_window_layers")
 
 #: The phases a transformer graph can be built for.
 PHASES = ("prefill", "decode")

@@ -996,9 +996,10 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
                          f"a context of at most {cfg['max_position_embeddings'] - seq_len:,} tokens fits")
 
     name = config.get("name") or config.get("_name_or_path") or cfg["model_type"] or "transformer"
+    windows = {key: config[key] for key in kv.WINDOW_KEYS if key in config and key not in cfg}
     graph = nx.DiGraph(name=str(name), dtype=dtype, batch=batch, seq_len=seq_len,
                        source=str(config.get("source", "config mapping")),
-                       granularity=granularity, config=cfg)
+                       granularity=granularity, config={**cfg, **windows})
     by_op = granularity == "op"
     previous = None  # the node whose output feeds what comes next
 

@@ -150,3 +150,26 @@ def test_prefill_context_is_recorded_where_the_prefix_reads_it():
     assert plan.graph.graph["context"] == 2048 and cachefit.check(plan).ok
     prefix = node_prefix_bytes(plan.graph, plan.chunk_fraction)
     assert prefix["block.0"] == 8192 * 2047 and prefix["block.1"] == 8192 * 3072  # local, global layer
+
+
+class TestTiledWindows:
+    """Tiling rebuilds a block graph at operator granularity from its config: the local layers keep their window."""
+
+    @pytest.mark.parametrize("phase, context", [("decode", 8000), ("prefill", 2048)])
+    def test_gemma2_tiled_keeps_windows(self, phase, context):
+        from cachefit.graphs.tile import tile
+        from cachefit.instances import load
+
+        graph = load("gemma-2-9b", phase=phase, context=context, seq_len=1 if phase == "decode" else 512, batch=1)
+        tiled = tile(graph, 64 * 2**20)
+        attention = {node: data for node, data in tiled.nodes(data=True) if data.get("op") == "attention"}
+        assert len(attention) == 42
+        for node, data in attention.items():
+            layer = int(node.split(".")[1])
+            block = graph.nodes[f"block.{layer}"]
+            assert data.get("sliding_window") == block.get("sliding_window")
+            assert data["kv_bytes"] == block["kv_bytes"]
+        local = [data for data in attention.values() if data.get("sliding_window")]
+        assert len(local) == 21 and all(data["sliding_window"] == 4096 for data in local)
+        # 2 × 8 kv_heads × 256 head_dim × 2 B × min(context, w − 1) tokens
+        assert all(data["kv_bytes"] == 2 * 8 * 256 * 2 * min(context, 4095) for data in local)
