@@ -11,8 +11,10 @@ those giving the fewest groups.
 A chunk smaller than a sequence (chunked prefill) also makes every attention
 node hold the K/V of the earlier tokens of its sequence that the chunk
 attends to, which grows as the chunk shrinks: kv_bytes_per_token ×
-min(c·(⌈s/c⌉ − 1), w − 1) for a chunk of c < s tokens, w the node's sliding
-window (∞ on a global layer; `cachefit.graphs.kv.prefix_tokens`).  The
+(min(N + P, w − 1) − min(N, w − 1)) with P = c·(⌈s/c⌉ − 1) for a chunk of
+c < s tokens after N cached tokens (the graph's ``context``, 0 by default),
+w the node's sliding window (∞ on a global layer, where it is P;
+`cachefit.graphs.kv.prefix_tokens`).  The
 ``+kv`` memory models count it in S(P) (resident); the plain ones stream
 it.  The search probes with the plan's model, so under ``+kv`` it weighs
 both effects, and on a model with local layers (gemma-2/3, Mistral) the
