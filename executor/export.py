@@ -31,7 +31,7 @@ from ..errors import InputError
 from .fingerprint import graph_fingerprint
 from .model import BuiltModel, Step, torch_dtype
 
-__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves"]
+__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves", "recognised_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,18 @@ def build_export(graph, module, example_inputs, *, groups, device=None, dtype=No
     if not dynamic:  # the steps hold the example's batch: chunks must be the whole pass
         model.seq_len = model.tokens
     model.whole_forward = lambda: tensor_leaves(module(*inputs))
+    if recognised_attention(graph):
+        from .export_chunked import rebuild_for_chunks
+
+        model.chunked_prefill = lambda chunk: rebuild_for_chunks(model, module, inputs, groups, chunk)
     return model, completed
+
+
+def recognised_attention(graph):
+    """Whether `graph` can take chunks inside a sequence: it has ``seq_len`` and attention nodes whose K/V
+    the import counted (``kv_bytes_per_token``, `cachefit.graphs.torch_import_hf`)."""
+    return bool(graph.graph.get("seq_len")) and any(data.get("kv_bytes_per_token")
+                                                    for _, data in graph.nodes(data=True))
 
 
 def _cast(tensor, device, target_dtype):
@@ -219,8 +230,13 @@ def _constants(ep):
     return found
 
 
-def _steps(ep, group_name, group_index, k, inputs):
-    """Steps in exported order, the completed groups, the model inputs and the output ids."""
+def _steps(ep, group_name, group_index, k, inputs, replace=None):
+    """Steps in exported order, the completed groups, the model inputs and the output ids.
+
+    `replace` maps exported nodes to modules run instead of their `AtenCall`
+    (called with the node's input values, in ``all_input_nodes`` order).
+    """
+    replace = replace or {}
     nodes = list(ep.graph.nodes)
     constants = _constants(ep)
     user_inputs = [node for node in nodes if node.op == "placeholder" and node.name not in constants]
@@ -240,8 +256,8 @@ def _steps(ep, group_name, group_index, k, inputs):
             step = Step(node.name, Constant(value, is_parameter), ())
         else:
             reads = list(node.all_input_nodes)
-            step = Step(node.name, AtenCall(node, [arg.name for arg in reads]),
-                        tuple(value_id[arg] for arg in reads))
+            call = replace.get(node) or AtenCall(node, [arg.name for arg in reads])
+            step = Step(node.name, call, tuple(value_id[arg] for arg in reads))
         steps.append(step)
         completed[index[node]].append(node.name)
     output = next(node for node in nodes if node.op == "output")
