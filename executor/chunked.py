@@ -27,13 +27,18 @@ it per chunk: there the position is a tensor (`replay_positions`) filled
 before each replay, and the chunk attends over the whole zeroed buffer with
 the keys after it masked, so the captured shapes are fixed.
 
+Imported Hugging Face models (torch.export) whose attention modules the
+import recognised run chunked too: `ChunkedSdpa` replaces each attention's
+``scaled_dot_product_attention`` call and `ChunkPositions` the position ids
+in the program exported for one chunk (`cachefit.executor.export_chunked`).
+
 What this does not do: chunks that span two sequences (c must divide
 seq_len), non-causal attention (a chunk would need later tokens), BERT's
-pooler (it reads each sequence's first row) and imported models (torch.fx,
-torch.export: their attention runs as the module's own traced operations
-over whole samples, with no K/V buffer and no position offset;
-`imported_refusal` names the module).  Each is refused by name;
-whole-sequence chunks still run.
+pooler (it reads each sequence's first row), torch.fx models and imported
+models whose attention is not recognised (their attention runs as the
+module's own traced operations over whole samples, with no K/V buffer and
+no position offset; `imported_refusal` names the module).  Each is refused
+by name; whole-sequence chunks still run.
 
 The planner's side is `cachefit.graphs.kv.prefix_tokens` (the K/V the last
 chunk's prefix holds) and the ``+kv`` memory models that count it.
@@ -108,7 +113,37 @@ def _buffer(current, shape, like):
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-class ChunkedAttention(_Chunked):
+class _ChunkedKV(_Chunked):
+    """A chunked attention that keeps one sequence's keys and values per KV head (`_attend`)."""
+
+    def __init__(self, attention, key):
+        super().__init__(attention, key)
+        self._key_buffer = self._value_buffer = None
+
+    def kv_tensors(self):
+        """The K/V buffers allocated so far (key, value)."""
+        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
+
+    def _attend(self, q, k, v, positions, end, window, scale=None):
+        """Write the chunk's keys and values (1, kv_heads, rows, dim) at `positions` into the buffers and
+        attend its queries (1, heads, rows, dim) over buffer rows 0 .. `end` − 1, causally (and within
+        `window`); each KV head serves heads / kv_heads consecutive query heads."""
+        kv_heads, heads = k.shape[1], q.shape[1]
+        keys = self._key_buffer = _buffer(self._key_buffer, (1, kv_heads, self.seq_len, k.shape[-1]), k)
+        values = self._value_buffer = _buffer(self._value_buffer, (1, kv_heads, self.seq_len, v.shape[-1]), v)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        k, v = keys[:, :, :end], values[:, :, :end]
+        if kv_heads != heads:
+            repeat = heads // kv_heads
+            k, v = (x[:, :, None].expand(1, kv_heads, repeat, *x.shape[2:]).reshape(1, heads, *x.shape[2:])
+                    for x in (k, v))
+        # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
+        mask = window_mask(positions, end, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class ChunkedAttention(_ChunkedKV):
     """An `Attention` that also takes chunks of c < seq_len rows of one sequence, in order.
 
     Attributes
@@ -120,14 +155,6 @@ class ChunkedAttention(_Chunked):
     position : torch.Tensor or None
         See `_Chunked`.
     """
-
-    def __init__(self, attention, key):
-        super().__init__(attention, key)
-        self._key_buffer = self._value_buffer = None
-
-    def kv_tensors(self):
-        """The K/V buffers allocated so far (key, value)."""
-        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
 
     def _heads(self, x, heads):
         return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
@@ -142,19 +169,7 @@ class ChunkedAttention(_Chunked):
         if inner.rope:
             cos, sin = inner.cos.index_select(0, positions), inner.sin.index_select(0, positions)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        shape = (1, inner.kv_heads, self.seq_len, inner.head_dim)
-        keys = self._key_buffer = _buffer(self._key_buffer, shape, k)
-        values = self._value_buffer = _buffer(self._value_buffer, shape, v)
-        keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
-        k, v = keys[:, :, :end], values[:, :, :end]
-        if inner.kv_heads != inner.heads:
-            repeat = inner.heads // inner.kv_heads
-            k, v = (x[:, :, None].expand(1, inner.kv_heads, repeat, *x.shape[2:])
-                    .reshape(1, inner.heads, *x.shape[2:]) for x in (k, v))
-        # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
-        mask = window_mask(positions, end, inner.window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self._attend(q, k, v, positions, end, inner.window)
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
 
 
@@ -210,7 +225,7 @@ class Sequence(NamedTuple):
     causal: bool = True
 
 
-class ChunkedSdpa(_Chunked):
+class ChunkedSdpa(_ChunkedKV):
     """An imported model's ``aten.scaled_dot_product_attention`` call, run on chunks of c < seq_len tokens in order.
 
     The call of a recognised Hugging Face attention module
@@ -219,8 +234,8 @@ class ChunkedSdpa(_Chunked):
     computed them for the chunk (RoPE applied at the chunk's positions; the
     key and value repeated to every query head when the module repeats them
     first).  It keeps the K/V of one sequence: ``kv_heads`` × seq_len ×
-    head_dim per tensor (a repeated key or value keeps every
-    ``heads / kv_heads``-th head, the KV heads themselves), writes the
+    head_dim per tensor (of a repeated key or value, every
+    ``heads / kv_heads``-th head: the KV heads themselves), writes the
     chunk's rows at its positions and attends the chunk's queries over rows
     0 .. p + c − 1 with the causal mask (and the sliding window w of a local
     layer), at the call's own ``scale``.  The mask the exported program
@@ -239,11 +254,6 @@ class ChunkedSdpa(_Chunked):
         self.args_template, self.kwargs_template = node.args, node.kwargs
         self.input_names = tuple(input_names)
         self.kv_heads, self.window = int(kv_heads), window
-        self._key_buffer = self._value_buffer = None
-
-    def kv_tensors(self):
-        """The K/V buffers allocated so far (key, value)."""
-        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
 
     def forward(self, *values):
         from torch.fx.node import map_arg
@@ -253,22 +263,12 @@ class ChunkedSdpa(_Chunked):
         kwargs = map_arg(self.kwargs_template, lambda n: lookup[n.name])
         query, key, value = args[:3]
         scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-        batch, heads, rows, head_dim = query.shape
-        if batch != 1 or key.shape[1] % self.kv_heads or heads % self.kv_heads:
+        if query.shape[0] != 1 or key.shape[1] % self.kv_heads or query.shape[1] % self.kv_heads:
             raise InputError(f"module {self.key!r}: a chunk's query {tuple(query.shape)} and key "
                              f"{tuple(key.shape)} are not one sequence's rows of {self.kv_heads} KV heads")
         stride = key.shape[1] // self.kv_heads  # repeat_kv repeats each KV head `stride` times, consecutively
-        key, value = key[:, ::stride], value[:, ::stride]
-        positions, end = self._where(rows, query.device)
-        key_buffer = self._key_buffer = _buffer(self._key_buffer, (1, self.kv_heads, self.seq_len, head_dim), key)
-        value_buffer = self._value_buffer = _buffer(self._value_buffer,
-                                                    (1, self.kv_heads, self.seq_len, value.shape[-1]), value)
-        key_buffer.index_copy_(2, positions, key)
-        value_buffer.index_copy_(2, positions, value)
-        repeat = heads // self.kv_heads
-        key, value = (x[:, :, :end].repeat_interleave(repeat, dim=1) for x in (key_buffer, value_buffer))
-        mask = window_mask(positions, end, self.window, query.device)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        positions, end = self._where(query.shape[2], query.device)
+        return self._attend(query, key[:, ::stride], value[:, ::stride], positions, end, self.window, scale)
 
 
 class ChunkPositions(_Chunked):
