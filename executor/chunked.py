@@ -56,9 +56,9 @@ from torch import nn
 from ..errors import InputError
 from .nodes import Attention, Block, Join, LatentAttention, Linear, Norm, Pooler, rotate, window_mask
 
-__all__ = ["ChunkedAttention", "ChunkedLatentAttention", "ChunkedSdpa", "ChunkPositions", "enable_chunked_prefill",
-           "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers", "reset_chunked", "replay_positions",
-           "imported_attention", "imported_refusal"]
+__all__ = ["ChunkedAttention", "ChunkedLatentAttention", "ChunkedSdpa", "ChunkPositions", "Sequence",
+           "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers",
+           "reset_chunked", "replay_positions", "imported_attention", "imported_refusal"]
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from ..errors import InputError
 from .fingerprint import graph_fingerprint
 from .model import BuiltModel, Step, torch_dtype
 
-__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves", "recognised_attention"]
+__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves", "recognised_attention", "node_groups",
+           "program_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _leaf_names(graph, module):
     return {name for name in names if name not in prefixes and _has_children(module, name)}
 
 
-def _node_groups(ep, module, graph):
+def node_groups(ep, module, graph):
     """exported node -> plan node id, for every operation that outputs a tensor (the importer's rule)."""
     from ..graphs.torch_export import _leaf_test, _runs
 
@@ -165,9 +166,9 @@ def build_export(graph, module, example_inputs, *, groups, device=None, dtype=No
         module = module.to(target_dtype)
     inputs = tuple(_cast(x, device, target_dtype) for x in inputs)
     ep, dynamic = _export(module, inputs)
-    group_name = _node_groups(ep, module, graph)
+    group_name = node_groups(ep, module, graph)
     group_index = {node: index for index, group in enumerate(groups) for node in group}
-    steps, completed, model_inputs, outputs = _steps(ep, group_name, group_index, len(groups), inputs)
+    steps, completed, model_inputs, outputs = program_steps(ep, group_name, group_index, len(groups), inputs)
 
     batch = inputs[0].shape[0]
     seq_len = graph.graph.get("seq_len")
@@ -230,7 +231,7 @@ def _constants(ep):
     return found
 
 
-def _steps(ep, group_name, group_index, k, inputs, replace=None):
+def program_steps(ep, group_name, group_index, k, inputs, replace=None):
     """Steps in exported order, the completed groups, the model inputs and the output ids.
 
     `replace` maps exported nodes to modules run instead of their `AtenCall`

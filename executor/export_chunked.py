@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import InputError
 from ..graphs.torch_import_hf import attention_spec, is_sdpa
 from .chunked import ChunkedSdpa, ChunkPositions, imported_refusal
-from .export import _node_groups, _steps
+from .export import node_groups, program_steps
 from .model import Step
 
 __all__ = ["rebuild_for_chunks", "ChunkRows"]
@@ -111,8 +111,8 @@ def _attention_calls(ep, group_name, model, module, seq_len):
 def _adapt_input(steps, completed, name, chunk):
     """Put a `ChunkRows` step named `name` before the steps reading ``@name``, which then read it."""
     value = f"@{name}"
-    readers = [index for index, group in enumerate(completed)
-               for step in steps if step.node in group and value in step.inputs]
+    group_of = {node: index for index, group in enumerate(completed) for node in group}
+    readers = [group_of[step.node] for step in steps if value in step.inputs]
     for step in steps:
         step.inputs = tuple(name if read == value else read for read in step.inputs)
     steps.insert(0, Step(name, ChunkRows(chunk), (value,)))
@@ -157,7 +157,7 @@ def rebuild_for_chunks(model, module, inputs, groups, chunk):
         raise InputError(f"`model` cannot be captured by torch.export for one chunk of {chunk} tokens: "
                          f"{type(exc).__name__}: {first}") from None
     try:
-        group_name = _node_groups(ep, module, graph)
+        group_name = node_groups(ep, module, graph)
     except InputError as exc:
         raise InputError(f"the program of one {chunk}-token chunk does not split into the plan's module runs: "
                          f"{exc}") from None
@@ -170,8 +170,8 @@ def rebuild_for_chunks(model, module, inputs, groups, chunk):
                          "continue across chunks; run whole-sequence chunks (whole samples of dimension 0)")
     replace[positions] = ChunkPositions(seq_len, group_name.get(positions, positions.name))
     group_index = {node: index for index, group in enumerate(groups) for node in group}
-    steps, completed, model_inputs, outputs = _steps(ep, group_name, group_index, len(groups),
-                                                     (tokens.reshape(-1),), replace)
+    steps, completed, model_inputs, outputs = program_steps(ep, group_name, group_index, len(groups),
+                                                            (tokens.reshape(-1),), replace)
     by_name = {node.name: node for node in ep.graph.nodes}
     for output in outputs:
         shape = tuple(getattr(by_name[output].meta.get("val"), "shape", ()))
