@@ -187,6 +187,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
     model, groups = _resolve_model(plan, model, groups, device=device, dtype=dtype, seed=seed,
                                    example_inputs=example_inputs)
     chunk_tokens, micro_batches, chunk_notes = prepare_chunks(plan, model, chunk_tokens, micro_batches)
+    groups = model.step_groups or groups  # an imported model rebuilt for chunks inside a sequence has new steps
     chunk_tokens, micro_batches = check_chunks(model, chunk_tokens, micro_batches)
     on_cuda = _is_cuda(model.device)
     setup = _RunSetup.make(plan, model, groups, chunk_tokens, micro_batches, on_cuda=on_cuda,

@@ -27,13 +27,18 @@ it per chunk: there the position is a tensor (`replay_positions`) filled
 before each replay, and the chunk attends over the whole zeroed buffer with
 the keys after it masked, so the captured shapes are fixed.
 
+Imported Hugging Face models (torch.export) whose attention modules the
+import recognised run chunked too: `ChunkedSdpa` replaces each attention's
+``scaled_dot_product_attention`` call and `ChunkPositions` the position ids
+in the program exported for one chunk (`cachefit.executor.export_chunked`).
+
 What this does not do: chunks that span two sequences (c must divide
 seq_len), non-causal attention (a chunk would need later tokens), BERT's
-pooler (it reads each sequence's first row) and imported models (torch.fx,
-torch.export: their attention runs as the module's own traced operations
-over whole samples, with no K/V buffer and no position offset;
-`imported_refusal` names the module).  Each is refused by name;
-whole-sequence chunks still run.
+pooler (it reads each sequence's first row), torch.fx models and imported
+models whose attention is not recognised (their attention runs as the
+module's own traced operations over whole samples, with no K/V buffer and
+no position offset; `imported_refusal` names the module).  Each is refused
+by name; whole-sequence chunks still run.
 
 The planner's side is `cachefit.graphs.kv.prefix_tokens` (the K/V the last
 chunk's prefix holds) and the ``+kv`` memory models that count it.
@@ -51,9 +56,9 @@ from torch import nn
 from ..errors import InputError
 from .nodes import Attention, Block, Join, LatentAttention, Linear, Norm, Pooler, rotate, window_mask
 
-__all__ = ["ChunkedAttention", "ChunkedLatentAttention", "enable_chunked_prefill", "plan_chunk_tokens",
-           "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers", "reset_chunked", "replay_positions",
-           "imported_attention", "imported_refusal"]
+__all__ = ["ChunkedAttention", "ChunkedLatentAttention", "ChunkedSdpa", "ChunkPositions", "Sequence",
+           "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers",
+           "reset_chunked", "replay_positions", "imported_attention", "imported_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +113,37 @@ def _buffer(current, shape, like):
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-class ChunkedAttention(_Chunked):
+class _ChunkedKV(_Chunked):
+    """A chunked attention that keeps one sequence's keys and values per KV head (`_attend`)."""
+
+    def __init__(self, attention, key):
+        super().__init__(attention, key)
+        self._key_buffer = self._value_buffer = None
+
+    def kv_tensors(self):
+        """The K/V buffers allocated so far (key, value)."""
+        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
+
+    def _attend(self, q, k, v, positions, end, window, scale=None):
+        """Write the chunk's keys and values (1, kv_heads, rows, dim) at `positions` into the buffers and
+        attend its queries (1, heads, rows, dim) over buffer rows 0 .. `end` − 1, causally (and within
+        `window`); each KV head serves heads / kv_heads consecutive query heads."""
+        kv_heads, heads = k.shape[1], q.shape[1]
+        keys = self._key_buffer = _buffer(self._key_buffer, (1, kv_heads, self.seq_len, k.shape[-1]), k)
+        values = self._value_buffer = _buffer(self._value_buffer, (1, kv_heads, self.seq_len, v.shape[-1]), v)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        k, v = keys[:, :, :end], values[:, :, :end]
+        if kv_heads != heads:
+            repeat = heads // kv_heads
+            k, v = (x[:, :, None].expand(1, kv_heads, repeat, *x.shape[2:]).reshape(1, heads, *x.shape[2:])
+                    for x in (k, v))
+        # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
+        mask = window_mask(positions, end, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class ChunkedAttention(_ChunkedKV):
     """An `Attention` that also takes chunks of c < seq_len rows of one sequence, in order.
 
     Attributes
@@ -120,14 +155,6 @@ class ChunkedAttention(_Chunked):
     position : torch.Tensor or None
         See `_Chunked`.
     """
-
-    def __init__(self, attention, key):
-        super().__init__(attention, key)
-        self._key_buffer = self._value_buffer = None
-
-    def kv_tensors(self):
-        """The K/V buffers allocated so far (key, value)."""
-        return [buffer for buffer in (self._key_buffer, self._value_buffer) if buffer is not None]
 
     def _heads(self, x, heads):
         return x.view(1, -1, heads, self.attention.head_dim).transpose(1, 2)
@@ -142,19 +169,7 @@ class ChunkedAttention(_Chunked):
         if inner.rope:
             cos, sin = inner.cos.index_select(0, positions), inner.sin.index_select(0, positions)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        shape = (1, inner.kv_heads, self.seq_len, inner.head_dim)
-        keys = self._key_buffer = _buffer(self._key_buffer, shape, k)
-        values = self._value_buffer = _buffer(self._value_buffer, shape, v)
-        keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
-        k, v = keys[:, :, :end], values[:, :, :end]
-        if inner.kv_heads != inner.heads:
-            repeat = inner.heads // inner.kv_heads
-            k, v = (x[:, :, None].expand(1, inner.kv_heads, repeat, *x.shape[2:])
-                    .reshape(1, inner.heads, *x.shape[2:]) for x in (k, v))
-        # key j ≤ query position p + i (and j > p + i − w under a sliding window w)
-        mask = window_mask(positions, end, inner.window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self._attend(q, k, v, positions, end, inner.window)
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.head_dim)
 
 
@@ -203,7 +218,80 @@ class ChunkedLatentAttention(_Chunked):
         return out.transpose(1, 2).reshape(rows, inner.heads * inner.v_dim)
 
 
-_SEQUENCE_MIXERS = (Attention, ChunkedAttention, LatentAttention, ChunkedLatentAttention)
+class Sequence(NamedTuple):
+    """What `_Chunked` reads of a wrapped attention that is not a cachefit module (an imported model's)."""
+
+    seq_len: int
+    causal: bool = True
+
+
+class ChunkedSdpa(_ChunkedKV):
+    """An imported model's ``aten.scaled_dot_product_attention`` call, run on chunks of c < seq_len tokens in order.
+
+    The call of a recognised Hugging Face attention module
+    (`cachefit.graphs.torch_import_hf`) in a program exported for one chunk
+    (batch 1, c tokens): its query, key and value arrive as the module
+    computed them for the chunk (RoPE applied at the chunk's positions; the
+    key and value repeated to every query head when the module repeats them
+    first).  It keeps the K/V of one sequence: ``kv_heads`` × seq_len ×
+    head_dim per tensor (of a repeated key or value, every
+    ``heads / kv_heads``-th head: the KV heads themselves), writes the
+    chunk's rows at its positions and attends the chunk's queries over rows
+    0 .. p + c − 1 with the causal mask (and the sliding window w of a local
+    layer), at the call's own ``scale``.  The mask the exported program
+    built for a lone chunk is not read.
+
+    Attributes
+    ----------
+    kv_heads : int
+    window : int or None
+    cursor, position
+        See `_Chunked`.
+    """
+
+    def __init__(self, node, input_names, *, seq_len, kv_heads, window, key):
+        super().__init__(Sequence(int(seq_len)), key)
+        self.args_template, self.kwargs_template = node.args, node.kwargs
+        self.input_names = tuple(input_names)
+        self.kv_heads, self.window = int(kv_heads), window
+
+    def forward(self, *values):
+        from torch.fx.node import map_arg
+
+        lookup = dict(zip(self.input_names, values))
+        args = map_arg(self.args_template, lambda n: lookup[n.name])
+        kwargs = map_arg(self.kwargs_template, lambda n: lookup[n.name])
+        query, key, value = args[:3]
+        scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+        if query.shape[0] != 1 or key.shape[1] % self.kv_heads or query.shape[1] % self.kv_heads:
+            raise InputError(f"module {self.key!r}: a chunk's query {tuple(query.shape)} and key "
+                             f"{tuple(key.shape)} are not one sequence's rows of {self.kv_heads} KV heads")
+        stride = key.shape[1] // self.kv_heads  # repeat_kv repeats each KV head `stride` times, consecutively
+        positions, end = self._where(query.shape[2], query.device)
+        return self._attend(query, key[:, ::stride], value[:, ::stride], positions, end, self.window, scale)
+
+
+class ChunkPositions(_Chunked):
+    """An imported model's position ids for chunks in order: HF's ``arange(c) + past_seen_tokens``.
+
+    Replaces that ``add`` of a program exported for one chunk (where
+    ``past_seen_tokens`` is 0): it returns the chunk's positions p .. p + c − 1
+    in its sequence, so position embeddings and RoPE continue across chunks.
+    """
+
+    def __init__(self, seq_len, key):
+        super().__init__(Sequence(int(seq_len)), key)
+
+    def kv_tensors(self):
+        """None: positions hold no K/V."""
+        return []
+
+    def forward(self, arange):
+        positions, _ = self._where(arange.shape[0], arange.device)
+        return positions.to(arange.dtype)
+
+
+_SEQUENCE_MIXERS = (Attention, LatentAttention, _Chunked)
 
 
 def _attention_sites(steps):
@@ -287,18 +375,23 @@ def imported_attention(graph):
     return None
 
 
-def imported_refusal(model):
-    """The `InputError` refusing chunks inside a sequence of an imported model, naming its attention module."""
-    found = imported_attention(model.graph)
+def imported_refusal(model, found=None, reason=None):
+    """The `InputError` refusing chunks inside a sequence of an imported model, naming its attention module.
+
+    `found` is (module, module type), default `imported_attention`'s;
+    `reason` says why it cannot be chunked (default: an imported model's
+    attention runs as its own traced operations over whole samples).
+    """
+    found = found or imported_attention(model.graph)
     whole = "run whole-sequence chunks (whole samples of dimension 0)"
     if found is None:
         return InputError(f"an imported ({model.source}) model's chunks are whole samples of dimension 0; a chunk "
                           f"inside a sample cannot run: {whole}")
     node, kind = found
+    reason = reason or ("it runs as the module's own traced operations over whole samples of dimension 0, with no "
+                        "K/V buffer for the earlier chunks' keys and values and no position offset")
     return InputError(f"module {node!r} ({kind}): the attention of an imported ({model.source}) model cannot be "
-                      "chunked inside a sequence: it runs as the module's own traced operations over whole "
-                      "samples of dimension 0, with no K/V buffer for the earlier chunks' keys and values and no "
-                      f"position offset; {whole}")
+                      f"chunked inside a sequence: {reason}; {whole}")
 
 
 def kv_buffers(steps):
@@ -389,29 +482,60 @@ def prepare_chunks(plan, model, chunk_tokens, micro_batches):
 
 
 def _imported_chunks(plan, model, chunk_tokens, micro_batches, by_default):
-    """`prepare_chunks` for an imported model: chunks of whole samples; one inside a sample is refused.
+    """`prepare_chunks` for an imported model: whole samples, or chunks inside a sequence where it can.
 
-    By default the plan's chunk runs when it is whole samples dividing the
-    pass; a plan chunk inside a sample (chunk_fraction × tokens < the tokens
-    of one sample) falls back to the whole pass with a note naming the
-    attention module (`imported_refusal`).  An explicit chunk inside a sample
-    is refused with that message.
+    A chunk inside a sample runs when the import recognised the model's
+    attention modules (``model.chunked_prefill``, set by
+    `cachefit.executor.export.build_export`; `inside_sequences`).  By default
+    the plan's chunk runs when it divides the pass; a plan chunk inside a
+    sample that cannot run falls back to the whole pass with a note naming
+    the attention module (`imported_refusal`).  An explicit chunk inside a
+    sample that cannot run is refused with that message.
     """
     from fractions import Fraction
 
     if not by_default:
-        if _positive(chunk_tokens) and chunk_tokens % model.tokens_per_row and model.tokens % chunk_tokens == 0:
-            raise imported_refusal(model)
+        asked = chunk_tokens
+        if asked is None and _positive(micro_batches) and model.tokens % micro_batches == 0:
+            asked = model.tokens // micro_batches
+        if _positive(asked) and asked % model.tokens_per_row and model.tokens % asked == 0:
+            return chunk_tokens, micro_batches, _inside_sequences(model, asked)
         return chunk_tokens, micro_batches, []
     if Fraction(plan.chunk_fraction) * model.tokens < model.tokens_per_row:
-        samples = model.tokens // model.tokens_per_row
-        return None, None, [f"the plan's chunk (fraction {plan.chunk_fraction:g} of a pass of {samples:,} "
-                            f"sample(s)) lies inside a sample and cannot run here "
-                            f"({imported_refusal(model)}); streams the whole pass"]
+        planned = plan_chunk_tokens(plan, model)
+        try:
+            notes = _inside_sequences(model, planned)
+        except InputError as refusal:
+            samples = model.tokens // model.tokens_per_row
+            return None, None, [f"the plan's chunk (fraction {plan.chunk_fraction:g} of a pass of {samples:,} "
+                                f"sample(s)) lies inside a sample and cannot run here ({refusal}); streams the "
+                                "whole pass"]
+        return planned, None, [f"streams the plan's chunk: {planned:,} of {model.tokens:,} tokens per pass",
+                               *notes]
     planned = plan_chunk_tokens(plan, model)
     if planned >= model.tokens or model.tokens % planned or planned % model.tokens_per_row:
         return None, None, []
     return planned, None, [f"streams the plan's chunk: {planned:,} of {model.tokens:,} tokens per pass"]
+
+
+def _inside_sequences(model, chunk):
+    """Rebuild imported `model` for chunks of `chunk` tokens inside its sequences; the notes to show.
+
+    Raises
+    ------
+    InputError
+        The model's attention was not recognised (naming the module), or
+        `chunk` does not divide seq_len.
+    """
+    if model.chunked_prefill is None:
+        raise imported_refusal(model)
+    if model.seq_len % chunk:
+        raise InputError(f"`chunk_tokens` {chunk} must divide seq_len = {model.seq_len} (a chunk inside a "
+                         "sequence never spans two) or be a multiple of it")
+    model.chunked_prefill(chunk)
+    return [f"chunks of {chunk:,} tokens inside sequences of {model.seq_len:,} (chunked prefill of an imported "
+            "model: each recognised attention module keeps a K/V buffer per sequence; position ids continue "
+            "across chunks)"]
 
 
 def _positive(value):

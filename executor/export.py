@@ -31,7 +31,8 @@ from ..errors import InputError
 from .fingerprint import graph_fingerprint
 from .model import BuiltModel, Step, torch_dtype
 
-__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves"]
+__all__ = ["build_export", "AtenCall", "Constant", "tensor_leaves", "recognised_attention", "node_groups",
+           "program_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _leaf_names(graph, module):
     return {name for name in names if name not in prefixes and _has_children(module, name)}
 
 
-def _node_groups(ep, module, graph):
+def node_groups(ep, module, graph):
     """exported node -> plan node id, for every operation that outputs a tensor (the importer's rule)."""
     from ..graphs.torch_export import _leaf_test, _runs
 
@@ -165,9 +166,9 @@ def build_export(graph, module, example_inputs, *, groups, device=None, dtype=No
         module = module.to(target_dtype)
     inputs = tuple(_cast(x, device, target_dtype) for x in inputs)
     ep, dynamic = _export(module, inputs)
-    group_name = _node_groups(ep, module, graph)
+    group_name = node_groups(ep, module, graph)
     group_index = {node: index for index, group in enumerate(groups) for node in group}
-    steps, completed, model_inputs, outputs = _steps(ep, group_name, group_index, len(groups), inputs)
+    steps, completed, model_inputs, outputs = program_steps(ep, group_name, group_index, len(groups), inputs)
 
     batch = inputs[0].shape[0]
     seq_len = graph.graph.get("seq_len")
@@ -179,7 +180,18 @@ def build_export(graph, module, example_inputs, *, groups, device=None, dtype=No
     if not dynamic:  # the steps hold the example's batch: chunks must be the whole pass
         model.seq_len = model.tokens
     model.whole_forward = lambda: tensor_leaves(module(*inputs))
+    if recognised_attention(graph):
+        from .export_chunked import rebuild_for_chunks
+
+        model.chunked_prefill = lambda chunk: rebuild_for_chunks(model, module, inputs, groups, chunk)
     return model, completed
+
+
+def recognised_attention(graph):
+    """Whether `graph` can take chunks inside a sequence: it has ``seq_len`` and attention nodes whose K/V
+    the import counted (``kv_bytes_per_token``, `cachefit.graphs.torch_import_hf`)."""
+    return bool(graph.graph.get("seq_len")) and any(data.get("kv_bytes_per_token")
+                                                    for _, data in graph.nodes(data=True))
 
 
 def _cast(tensor, device, target_dtype):
@@ -219,8 +231,13 @@ def _constants(ep):
     return found
 
 
-def _steps(ep, group_name, group_index, k, inputs):
-    """Steps in exported order, the completed groups, the model inputs and the output ids."""
+def program_steps(ep, group_name, group_index, k, inputs, replace=None):
+    """Steps in exported order, the completed groups, the model inputs and the output ids.
+
+    `replace` maps exported nodes to modules run instead of their `AtenCall`
+    (called with the node's input values, in ``all_input_nodes`` order).
+    """
+    replace = replace or {}
     nodes = list(ep.graph.nodes)
     constants = _constants(ep)
     user_inputs = [node for node in nodes if node.op == "placeholder" and node.name not in constants]
@@ -240,8 +257,8 @@ def _steps(ep, group_name, group_index, k, inputs):
             step = Step(node.name, Constant(value, is_parameter), ())
         else:
             reads = list(node.all_input_nodes)
-            step = Step(node.name, AtenCall(node, [arg.name for arg in reads]),
-                        tuple(value_id[arg] for arg in reads))
+            call = replace.get(node) or AtenCall(node, [arg.name for arg in reads])
+            step = Step(node.name, call, tuple(value_id[arg] for arg in reads))
         steps.append(step)
         completed[index[node]].append(node.name)
     output = next(node for node in nodes if node.op == "output")

@@ -99,6 +99,13 @@ class BuiltModel:
         ``"graph"`` (modules made from node attributes) or ``"torch.fx"``.
     whole_forward : callable or None
         For a torch.fx model: calls the user's module on the whole pass.
+    chunked_prefill : callable or None
+        For an imported model whose attention modules were recognised:
+        ``chunked_prefill(chunk_tokens)`` rebuilds the steps, in place, for
+        chunks inside a sequence (`cachefit.executor.export_chunked`).
+    step_groups : list of list of str or None
+        The plan's groups as step names, where steps are not plan nodes (an
+        imported model's); None: the plan's own groups.
     """
 
     graph: object
@@ -116,6 +123,8 @@ class BuiltModel:
     group_buffers: list = field(default_factory=list)
     packed_for: tuple = ()
     whole_forward: object = None
+    chunked_prefill: object = None
+    step_groups: list | None = None
 
     def parameters(self, nodes=None):
         """The distinct parameters of the steps of `nodes` (all steps when None)."""

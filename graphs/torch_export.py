@@ -309,6 +309,8 @@ def export_graph(module, example_inputs, *, tensor_bytes, dtype_name, leaf_names
     ExportFailed
         torch.export could not capture the module.
     """
+    from .torch_import_hf import annotate_attention
+
     ep = _export(module, example_inputs, dynamic_shapes)
     group = _runs(ep, _leaf_test(module, set(leaf_names), tuple(leaf_types)))
     weights = _Weights(module, ep, tensor_bytes)
@@ -326,6 +328,7 @@ def export_graph(module, example_inputs, *, tensor_bytes, dtype_name, leaf_names
     base = _bases(ep, group)
     _add_groups(graph, ep, group, base, weights, module, tensor_bytes, dtype_name)
     _charge_unread(graph, weights)
+    annotate_attention(graph, ep, group, module, tensor_bytes)  # K/V per token of recognised HF attention
     graph.graph.update(params=sum(d["params"] for _, d in graph.nodes(data=True)),
                        shared=weights.shared(),
                        dtype=(dtype_name(max(weights.dtypes, key=weights.dtypes.get))

@@ -9,7 +9,8 @@ computes a tensor becomes a graph node named like the fx node; parameters
 are charged to the first node that uses them; the data flow gives the edges.
 
 torch.export path (transformers' models, which fx cannot trace): see
-`cachefit.graphs.torch_export`, one node per leaf module.
+`cachefit.graphs.torch_export`, one node per leaf module; recognised
+attention modules carry their K/V per token (`cachefit.graphs.torch_import_hf`).
 
 torch is imported only inside the functions (the ``torch`` extra).
 """
@@ -202,7 +203,11 @@ def from_torch(module, example_inputs, *, dtype=None, leaf_modules=(), capture="
         more than one node) and ``shape_propagation`` (``"fake"`` or
         ``"real"``).  Export graphs: see `cachefit.graphs.torch_export`
         (node attributes ``module``, ``module_type``, ``buffer_bytes`` = the
-        largest temporary of the node's operators).
+        largest temporary of the node's operators); a recognised Hugging
+        Face attention's node also carries ``kv_bytes_per_token`` (and
+        ``sliding_window`` on a local layer), and then a model whose input
+        is token ids has graph attributes ``batch`` and ``seq_len``
+        (`cachefit.graphs.torch_import_hf`).
 
     Raises
     ------

@@ -180,77 +180,7 @@ class TestHeldBytes:
         assert any("take 2× that" in note for note in result.notes)
 
 
-def _hf_model(name):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if name == "gpt2":
-        config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                         use_cache=False, bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, use_cache=False)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-#: The attention module each imported model's refusal names (its own operations: the attention core).
-HF_ATTENTION = {"gpt2": ("transformer.h.0.attn", "GPT2Attention"), "llama": ("model.layers.0.self_attn",
-                                                                             "LlamaAttention")}
-
-
-@pytest.mark.slow
-class TestImportedTransformers:
-    """Hugging Face modules imported with torch.export: whole-sample chunks run, chunks inside one are refused."""
-
-    @pytest.fixture(scope="class")
-    def imported(self):
-        from cachefit.graphs import from_torch
-
-        cache = {}
-
-        def get(name):
-            if name not in cache:
-                model = _hf_model(name)
-                tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
-                cache[name] = (model, tokens, from_torch(model, tokens))
-            return cache[name]
-
-        return get
-
-    @pytest.mark.parametrize("name", ["gpt2", "llama"])
-    def test_plan_chunk_inside_a_sample_falls_back_naming_the_attention(self, imported, name):
-        model, tokens, graph = imported(name)
-        plan = cachefit.plan(graph, "64KiB", solver="greedy", chunk_fraction=1 / 16)
-        assert plan.ok
-        result = run(plan, model, example_inputs=(tokens,), iters=1, warmup=0, schedule=["partition-major"])
-        assert result.micro_batches == 1 and result.equivalent
-        node, kind = HF_ATTENTION[name]
-        assert any(note.startswith("the plan's chunk (fraction 0.0625 of a pass of 2 sample(s)) lies inside a "
-                                   f"sample and cannot run here (module {node!r} ({kind}): the attention of an "
-                                   "imported (torch.export) model cannot be chunked inside a sequence")
-                   for note in result.notes)
-        assert all(report.held.kv == 0 for report in result.groups)
-
-    @pytest.mark.parametrize("name", ["gpt2", "llama"])
-    def test_whole_sample_chunks_run_and_match(self, imported, name):
-        model, tokens, graph = imported(name)
-        plan = cachefit.plan(graph, "64KiB", solver="greedy", chunk_fraction=0.5)
-        result = run(plan, model, example_inputs=(tokens,), iters=1, warmup=0,
-                     schedule=["partition-major", "token-major"])
-        assert (result.chunk_tokens, result.micro_batches) == (1, 2)
-        assert result.equivalent and max(s.max_abs_diff for s in result.schedules) < 1e-4
-        assert "streams the plan's chunk: 1 of 2 tokens per pass" in result.notes
-
-    def test_explicit_chunk_inside_a_sequence_refused_by_module(self, imported):
-        from cachefit.graphs import from_torch
-
-        model, tokens, _ = imported("llama")
-        graph = from_torch(model, tokens)
-        graph.graph["seq_len"] = 8  # rows of dimension 0 are sequences of 8 tokens
-        plan = cachefit.plan(graph, "64KiB", solver="greedy")
-        with pytest.raises(InputError, match=r"^module 'model\.layers\.0\.self_attn' \(LlamaAttention\): the "
-                                             r"attention of an imported \(torch\.export\) model cannot be chunked "
-                                             r"inside a sequence: .*; run whole-sequence chunks"):
-            run(plan, model, example_inputs=(tokens,), chunk_tokens=4, iters=1, warmup=0)
+# Imported Hugging Face models (torch.export) chunked inside a sequence: tests/test_executor_hf_chunked.py.
 
 
 def _windowed(graph, window):

@@ -267,3 +267,18 @@ def test_tiles_of_an_export_graph_are_refused_in_one_line():
     assert plan.ok and any("tile" in node for group in plan.partitions for node in group)
     with pytest.raises(InputError, match=r"^`plan` does not match `model`: plan node '.*\.tile\.0' is not"):
         executor.run(plan, module, example_inputs=x, device="cpu", iters=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_transformers_import_recognises_causal_self_attention(imported, name):
+    """Causal self-attention (one sdpa call per layer) carries its K/V per token; BERT's bidirectional one does not."""
+    _, tokens, graph = imported(name)
+    marked = {node: data["kv_bytes_per_token"] for node, data in graph.nodes(data=True)
+              if data.get("kv_bytes_per_token")}
+    if name == "bert":
+        assert not marked and "seq_len" not in graph.graph
+        return
+    kv_heads = 4 if name == "gpt2" else 2
+    assert len(marked) == 2 and set(marked.values()) == {2 * kv_heads * 8 * 4}  # head_dim 8, fp32
+    assert (graph.graph["batch"], graph.graph["seq_len"]) == tuple(tokens.shape)
