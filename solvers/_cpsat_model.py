@@ -58,8 +58,8 @@ class Model:
     With ``exact_k`` the bottleneck lies in [`bottleneck_low`,
     `bottleneck_high`]; ``objective=False`` leaves out the objective (a
     decision model: "is there a grouping within these bounds?").
-    `deadline` (a `time.perf_counter` value) bounds the build: past it a
-    builder raises `BuildTimeout`.
+    `deadline` (a `cachefit.solvers._deadline.Deadline`) bounds the build
+    and `hint`: past it a builder raises `BuildTimeout`.
     """
 
     def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
@@ -74,6 +74,7 @@ class Model:
         self.groups = groups
         self.capacity = capacity
         self.deadline = deadline
+        self.has_objective = objective
         self.earliest = np.minimum(earliest, groups - 1).tolist()
         self.latest = np.minimum(latest, groups - 1).tolist()
         self._add_variables()
@@ -84,7 +85,7 @@ class Model:
 
     # -- building -------------------------------------------------------------------------------
     def _check_clock(self):
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and self.deadline.expired():
             raise BuildTimeout()
 
     def _before(self, v, p):
@@ -254,6 +255,7 @@ class Model:
         """Hint a complete assignment from a group index per node (positions)."""
         model = self.model
         for v in range(self.n):
+            self._check_clock()
             for p in range(self.groups):
                 var = self.started[v][p]
                 if not _constant(var):
@@ -266,12 +268,19 @@ class Model:
             if not _constant(var):
                 model.add_hint(var, 1 if p <= top else 0)
 
-    def solve(self, time_limit_s, workers, seed, parameters=SEARCH):
-        """Solve in a contained child (`run_contained`); a dict of status, objective, bound, part."""
-        time_limit_s = max(time_limit_s, 0.001)
-        return run_contained(lambda: self._solve_here(time_limit_s, workers, seed, parameters), time_limit_s)
+    def solve(self, time_limit_s, workers, seed, parameters=SEARCH, *, stall_s=None, kill_after_s=None):
+        """Solve in a contained child (`run_contained`); a dict of status, objective, bound, part, stop_reason.
 
-    def _solve_here(self, time_limit_s, workers, seed, parameters):
+        CP-SAT stops at `time_limit_s`, when it proves its answer, or (with
+        `stall_s`) when neither its incumbent nor its bound has moved for
+        `stall_s` seconds (`_Watch`).  The parent kills the child
+        `kill_after_s` seconds after the fork at the latest.
+        """
+        time_limit_s = max(time_limit_s, 0.001)
+        return run_contained(lambda: self._solve_here(time_limit_s, workers, seed, parameters, stall_s),
+                             time_limit_s, kill_after_s=kill_after_s)
+
+    def _solve_here(self, time_limit_s, workers, seed, parameters, stall_s=None):
         cp_model = self.cp_model
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit_s
@@ -283,17 +292,95 @@ class Model:
             solver.parameters.interleave_search = True
         for name, value in parameters.items():
             setattr(solver.parameters, name, value)
-        code = solver.solve(self.model)
+        watch = _Watch(solver, time.perf_counter() + time_limit_s, stall_s)
+        try:
+            code = solver.solve(self.model, watch.callback(cp_model))
+        finally:
+            watch.close()
         status = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
                   cp_model.INFEASIBLE: "INFEASIBLE", cp_model.MODEL_INVALID: "MODEL_INVALID"}.get(code, "UNKNOWN")
         result = {"status": status, "wall_s": solver.wall_time, "branches": solver.num_branches,
-                  "conflicts": solver.num_conflicts}
+                  "conflicts": solver.num_conflicts, "stop_reason": watch.stop_reason(status)}
         if status in ("OPTIMAL", "FEASIBLE"):
             result["objective"] = int(round(solver.objective_value))
             result["bound"] = int(np.ceil(solver.best_objective_bound - 1e-9))
-            part = []
-            for row in self.started:
-                part.append(next(p for p in range(self.groups)
-                                 if (row[p] if _constant(row[p]) else solver.value(row[p]))))
-            result["part"] = part
+            result["part"] = self._parts(solver)
         return result
+
+    def _parts(self, solver):
+        """Each node's group in the solution: first[v] + the started[v][p] variables that are 0 (order encoding)."""
+        rows, indices, first = [], [], []
+        for v, row in enumerate(self.started):
+            first.append(self.earliest[v])
+            for var in row:
+                if not _constant(var):
+                    rows.append(v)
+                    indices.append(var.index)
+        solution = solver.response_proto.solution
+        values = np.fromiter(solution, dtype=np.int64, count=len(solution))
+        zeros = np.bincount(np.asarray(rows, dtype=np.int64), weights=1 - values[np.asarray(indices, dtype=np.int64)],
+                            minlength=self.n) if rows else np.zeros(self.n)
+        return (np.asarray(first, dtype=np.int64) + zeros.astype(np.int64)).tolist()
+
+
+#: How often the watchdog of a solve looks at the clock (seconds).
+_WATCH_EVERY_S = 0.05
+
+
+class _Watch:
+    """Stops a CP-SAT solve at its end time or when it stalls; says why the solve stopped.
+
+    A stall is `stall_s` seconds in which neither a new incumbent (solution
+    callback) nor a better bound (``best_bound_callback``) arrived, counted
+    from the start of the solve.  A watchdog thread calls
+    ``solver.stop_search()``; CP-SAT then returns its best solution, with the
+    status it has proved (FEASIBLE unless it proved optimality meanwhile).
+    The end time is CP-SAT's own limit too; the watchdog only makes sure a
+    long presolve or model load cannot run past it.
+    """
+
+    def __init__(self, solver, end, stall_s):
+        import threading
+
+        self.solver = solver
+        self.end = end
+        self.stall_s = stall_s
+        self.last_change = time.perf_counter()
+        self.stopped = None
+        self.done = threading.Event()
+        solver.best_bound_callback = self._moved
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def callback(self, cp_model):
+        watch = self
+
+        class _Incumbents(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self):
+                watch._moved()
+
+        return _Incumbents()
+
+    def _moved(self, *_):
+        self.last_change = time.perf_counter()
+
+    def _run(self):
+        while not self.done.wait(_WATCH_EVERY_S):
+            now = time.perf_counter()
+            if now >= self.end:
+                self.stopped = "time limit"
+            elif self.stall_s is not None and now - self.last_change >= self.stall_s:
+                self.stopped = f"stall: neither the incumbent nor the bound moved for {self.stall_s:.3g} s"
+            else:
+                continue
+            self.solver.stop_search()
+            return
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+
+    def stop_reason(self, status):
+        if status in ("OPTIMAL", "INFEASIBLE"):
+            return "proved"
+        return self.stopped or "time limit"

@@ -251,10 +251,11 @@ def _heaviest_path(table, weights):
     return path, predecessors
 
 
-def reachability(table):
+def reachability(table, *, deadline=None):
     """Boolean n×n matrix with ``reach[u, v]`` when a path u ⇝ v exists (u ≠ v); None above `MAX_REACH_NODES`.
 
-    O(n·e) vectorised row unions in reverse topological order.
+    O(n·e) vectorised row unions in reverse topological order.  Also None
+    when `deadline` (a `cachefit.solvers._deadline.Deadline`) passes first.
 
     Examples
     --------
@@ -268,6 +269,8 @@ def reachability(table):
     reach = np.zeros((n, n), dtype=bool)
     successors = table.successors()
     for u in range(n - 1, -1, -1):  # reverse topological order
+        if deadline is not None and u % 256 == 0 and deadline.expired():
+            return None
         row = reach[u]
         for v in successors[u]:
             row[v] = True
@@ -463,8 +466,13 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return max(1, _ceil_div(_total(terms, live, chunk_fraction), capacity))
 
 
-def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ...}``.
+
+    With a `deadline` (`cachefit.solvers._deadline.Deadline`), the bounds
+    that need the reachability matrix (head–tail, span: O(n·e)) are left at
+    0 once it has passed; the others (O(n + e)) are always computed.  A bound
+    left out only weakens the maximum, never makes it invalid.
 
     Examples
     --------
@@ -474,21 +482,29 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     """
     if table.n == 0:
         return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
-    if reach is None:
-        reach = reachability(table)
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
-    return {
+    bounds = {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         # With no room left after the reserved part, every item must be 0 (else no plan
         # exists and the solvers say so first), and one bin may hold them all.
         "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
-        "head_tail": head_tail_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
-        "span": span_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
+        "head_tail": 0,
+        "span": 0,
     }
+    late = deadline.expired if deadline is not None else (lambda: False)
+    if reach is None and not late():
+        reach = reachability(table, deadline=deadline)
+    if reach is None:
+        return bounds
+    for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
+        if late():
+            break
+        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    return bounds
 
 
-def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """The best proven lower bound on k for `table` under `memory`: the max of all bounds.
 
     For a chain this is the path bound alone, which is then the optimal k
@@ -504,6 +520,8 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     chunk_fraction : float in (0, 1]
     reach : numpy.ndarray, optional
         A `reachability` matrix to reuse.
+    deadline : Deadline, optional
+        Past it, the O(n·e) bounds are left out (`all_bounds`).
 
     Returns
     -------
@@ -526,4 +544,5 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
         return 0
     if table.is_chain:
         return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
-    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach).values())
+    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                          deadline=deadline).values())

@@ -47,11 +47,25 @@ solve, far cheaper than a spawned interpreter.  After a crash the solve is
 retried once under `CERTIFY`; ``stats["backend_crash"]`` and the plan's
 ``reason`` say what happened, and the plan is the best one known.
 
-**The time limit covers the whole call.**  Hints stop at `HINT_SHARE` of
-the limit; each model's size is estimated before building
-(`_model_cells`, `BUILD_S_PER_CELL`) and its build stops at its share of
-the remaining time (`BuildTimeout`); a phase that cannot fit is skipped and
-``stats["phase1"]``/``["phase2"]`` say so, leaving the best hint.
+**The time limit covers the whole call** (`cachefit.solvers._deadline`).
+One `Deadline` is read by every phase: the O(n·e) bounds are left out past
+`BOUNDS_SHARE` of the limit; hints stop at `HINT_SHARE` (dp on the given
+order only when `DP_S_PER_NODE` says it fits, greedy's cut of it
+otherwise); each model's size is estimated before building
+(`_model_cells`, `BUILD_S_PER_CELL`) and its build, hints included, stops
+at its share of the remaining time (`BuildTimeout`); a phase that cannot
+fit is skipped and ``stats["phase1"]``/``["phase2"]`` say so, leaving the
+best hint.  Every solve, re-proving solves included, ends by the call's
+deadline less `finish_reserve` (kept for assembling and checking the
+plan): CP-SAT's own limit and a watchdog in the child stop it, and the
+parent kills a child that has not answered by the deadline.
+
+**CP-SAT stops when it stalls.**  A search solve (phase 1 or 2) also stops
+when neither its incumbent nor its bound has moved for `stall_s` of the
+limit (``max(STALL_MIN_S, STALL_SHARE × limit)``: 2 s of a 10 s limit),
+or when it proves its answer; ``stats["stop_reason"]`` says why the call
+ended (``"proved"``, ``"stall: ..."``, ``"time limit ..."``).  A stopped
+solve claims nothing: its plan is FEASIBLE unless certified as above.
 """
 
 from __future__ import annotations
@@ -71,10 +85,12 @@ from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
 from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
-from ._schedule import ListScheduler, cut_order
+from ._deadline import Deadline
+from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
 from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
+from .greedy import greedy_bounds
 
-__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale"]
+__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale", "stall_s", "finish_reserve"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +173,12 @@ def _part_from(groups, n):
 
 # -- Hints: list scheduling over the DAG, then dp on the order it found ------------------------------
 
-def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None):
+def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None, intervals=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
 
-    Past `deadline` (a `time.perf_counter` value) no further order is tried;
-    dp on the given order always is.
+    Past `deadline` (a `Deadline`) no further order is tried.  The given
+    order is always cut: by dp when `DP_S_PER_NODE` says it fits in the time
+    left, else (k=None, with `intervals` of the given order) by greedy, O(n).
     """
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
@@ -180,19 +197,28 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
         rules[f"random {index}"] = rng.random(n).tolist()
     orders = {"given order": list(range(n))}
     scheduler = ListScheduler(table, capacity, memory, chunk_fraction)
+    late = deadline.expired if deadline is not None else (lambda: False)
     for name, priority in rules.items():
-        if deadline is not None and time.perf_counter() > deadline:
+        if late():
             break
-        packed = scheduler.pack(list(range(n)), {}, priority)
+        packed = scheduler.pack(list(range(n)), {}, priority, deadline=deadline)
         if packed is not None:
             orders[f"list schedule ({name})"] = [v for group in packed[0] for v in group]
     starts = []
     seen = set()
     for name, order in orders.items():
         key = tuple(order)
-        if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
+        if key in seen:
             continue
         seen.add(key)
+        if deadline is not None and deadline.remaining() < DP_S_PER_NODE * n:
+            if starts or k is not None or intervals is None:
+                break
+            bounds, _ = greedy_bounds(intervals, capacity)  # the given order, cut in O(n)
+            if bounds is not None:
+                starts.append((f"{name} (greedy: no time for dp)",
+                               [list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]))
+            break
         groups = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
         if groups is not None:
             starts.append((name, groups))
@@ -209,7 +235,7 @@ def _bottleneck(table, groups, memory, chunk_fraction, flops=None):
 
 
 def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-          workers=None, balance="memory"):
+          workers=None, balance="memory", deadline=None):
     """Exact partition over every valid grouping of a DAG with OR-Tools CP-SAT.
 
     Parameters
@@ -234,6 +260,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         The bottleneck of the second solve: the largest group's bytes, or its
         Σ ``flops`` with every group still within the capacity
         (``stats["bottleneck_bound"]`` is then in flops).
+    deadline : Deadline, optional
+        A `cachefit.solvers._deadline.Deadline` that replaces `time_limit_s`
+        (`auto` shares one between its solvers; tests inject a clock).
 
     Returns
     -------
@@ -314,7 +343,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     if problem.table.n == 0:
         return finish(problem, "cpsat", [], status=Status.OPTIMAL, lower=0,
                       stats={"bottleneck_optimal": True, "gap": 0})
-    search = _Search(problem, int(workers), float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S))
+    if deadline is None:
+        deadline = Deadline(float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S), start=problem.started)
+    search = _Search(problem, int(workers), deadline)
     if problem.k is not None and problem.k < search.lower:
         return no_plan(problem, "cpsat", Status.INFEASIBLE,
                        f"k = {problem.k} is below the minimum number of groups, {search.lower}", lower=search.lower)
@@ -340,24 +371,29 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
 class _Search:
     """One call's state: the problem, the independent bounds, the time budget and the stats."""
 
-    def __init__(self, problem, workers, limit):
+    def __init__(self, problem, workers, deadline):
         self.problem = problem
         self.table = problem.table
         self.workers = workers
-        self.limit = limit
-        self.deadline = problem.started + limit
+        self.deadline = deadline
+        self.limit = deadline.limit_s
+        self.solving = deadline.reserve(finish_reserve(self.table.n, self.limit))  # solves and builds end here
+        self.stall_s = stall_s(self.limit)
         imported = time.perf_counter()
         from ortools.sat.python import cp_model  # noqa: F401  (seconds on a first call: kept out of the build budgets)
 
         self.import_s = time.perf_counter() - imported
-        self.reach = reachability(self.table)
-        self.head_tail = head_tail(self.table, problem.capacity, memory=problem.memory,
-                                   chunk_fraction=problem.chunk_fraction, reach=self.reach)
+        bounds_by = deadline.at_share(BOUNDS_SHARE)  # past it the O(n·e) bounds and domains are left out
+        self.reach = reachability(self.table, deadline=bounds_by)
+        self.head_tail = (head_tail(self.table, problem.capacity, memory=problem.memory,
+                                    chunk_fraction=problem.chunk_fraction, reach=self.reach)
+                          if self.reach is not None and not bounds_by.expired() else None)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
-                                 chunk_fraction=problem.chunk_fraction, reach=self.reach)
+                                 chunk_fraction=problem.chunk_fraction, reach=self.reach, deadline=bounds_by)
         self.k_certificate = None
         self.crash = None
-        self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit,
+        self.stops = []  # (phase, why its solve stopped)
+        self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": self.limit,
                       "sum_squares": "not minimised", "contained": CONTAINED}
         if self.import_s > 0.01:
             self.stats["import_s"] = round(self.import_s, 3)
@@ -370,13 +406,15 @@ class _Search:
         self.scale = scale
 
     def remaining(self):
-        return self.deadline - time.perf_counter()
+        """Seconds left for building and solving (the call's deadline less the finishing reserve)."""
+        return self.solving.remaining()
 
     def hints(self):
         """Phase 0: the best start (fewest groups, then smallest bottleneck), or None."""
         problem = self.problem
         starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, problem.k,
-                         problem.seed, problem.flops, deadline=problem.started + HINT_SHARE * self.limit)
+                         problem.seed, problem.flops, deadline=self.deadline.at_share(HINT_SHARE),
+                         intervals=problem.intervals())
         best = None
         for name, groups in starts:
             key = (len(groups), self.bottleneck(groups))
@@ -389,43 +427,55 @@ class _Search:
     def bottleneck(self, groups):
         return _bottleneck(self.table, groups, self.problem.memory, self.problem.chunk_fraction, self.problem.flops)
 
-    def build(self, phase, groups, share, **options):
-        """The model for `groups` groups, or None (with the reason in stats) when it cannot be built in time.
+    def build(self, phase, groups, share, hint=None, **options):
+        """The model for `groups` groups, hinted with `hint` (groups), or None when it cannot be built in time.
 
         The build may use `share` of the remaining time: its size is
-        estimated first (`_model_cells`) and the build is abandoned when the
-        clock passes its budget (`BuildTimeout`).
+        estimated first (`_model_cells`) and the build, hints included, is
+        abandoned when the clock passes its budget (`BuildTimeout`); either
+        way stats say so.
         """
         problem = self.problem
         earliest, latest = _domains(self.table.n, groups, self.head_tail)
-        budget = share * self.remaining()
+        budget = self.solving.within(share)
         cells = _model_cells(self.table, self.live is not None, groups, earliest, latest)
-        if cells * BUILD_S_PER_CELL > budget:
+        if cells * BUILD_S_PER_CELL > budget.limit_s:
             self.stats[phase] = (f"skipped: a model of ~{cells} cells would not be built within "
-                                 f"{max(budget, 0):.3g} s of the time limit")
+                                 f"{max(budget.limit_s, 0):.3g} s of the time limit")
             return None
-        started = time.perf_counter()
         from ..progress import task  # progress of the build and solve phases (a no-op without a reporter)
         try:
             with task(f"CP-SAT {phase}: building a {groups}-group model"):
                 model = Model(self.table, problem.capacity, problem.memory, self.scale, groups, earliest, latest,
-                              self.reach, deadline=started + budget, **options)
+                              self.reach, deadline=budget, **options)
+                if hint is not None:
+                    model.hint(_part_from(hint, self.table.n))
         except BuildTimeout:
-            self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget:.3g} s"
+            self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget.limit_s:.3g} s"
             return None
-        self.stats[f"{phase}_build_s"] = round(time.perf_counter() - started, 3)
+        self.stats[f"{phase}_build_s"] = round(budget.elapsed(), 3)
         return model
 
     def solve(self, model, phase, time_limit_s, parameters=SEARCH, *, feasible=False):
-        """Solve `model` in a contained child.
+        """Solve `model` in a contained child, for at most `time_limit_s` and never past the solving deadline.
 
-        After a backend crash, or an INFEASIBLE answer although a plan of the
+        A search solve (`SEARCH`) with an objective also stops when it stalls
+        (`stall_s`).  After a backend crash, or an INFEASIBLE answer although a plan of the
         model is known (`feasible`), the solve is retried once with `CERTIFY`
         (no presolve, no LP, one worker), if time is left.
         """
         from ..progress import task  # the solve runs in a forked child: the parent reports its phase and time
+        # The child reads back, sends and exits within the margin (tens of ms for thousands of nodes).
+        time_limit_s = min(time_limit_s, self.remaining() - (0.05 + 2.5e-5 * self.table.n))
+        if time_limit_s <= 0.0:
+            self.stats[f"{phase}_solve"] = "skipped: no time left"
+            return {"status": "skipped"}
+        stall = self.stall_s if parameters is SEARCH and model.has_objective else None
         with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
-            result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters)
+            result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters, stall_s=stall,
+                                 kill_after_s=self.deadline.remaining())
+        if "stop_reason" in result:
+            self.stops.append((phase, result["stop_reason"]))
         retry = None
         if result["status"] == "CRASHED":
             self.crash = f"{phase}: {result['crash']}"
@@ -435,7 +485,8 @@ class _Search:
             self.stats[f"{phase}_refuted"] = "INFEASIBLE although a plan of the model is known"
             retry = "after a refuted INFEASIBLE"
         if retry and parameters is not CERTIFY and self.remaining() > 0.05:
-            result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY)
+            result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY,
+                                 kill_after_s=self.deadline.remaining())
             self.stats[f"{phase}_retry"] = f"without presolve and LP {retry}: {result['status']}"
         self.stats[f"{phase}_overhead_s"] = round(result.get("overhead_s", 0.0), 4)
         return result
@@ -448,6 +499,7 @@ class _Search:
             return no_plan(problem, "cpsat", Status.UNKNOWN, self._reason(why), lower=lower, stats=self.stats)
         self.stats["gap"] = len(groups) - lower
         self.stats.setdefault("bottleneck_optimal", False)
+        self.stats["stop_reason"] = self._stop_reason(groups, status, lower)
         plan = finish(problem, "cpsat", groups, status=status, lower=lower, stats=self.stats)
         report = check(plan)
         if not report.ok:  # a solver bug: never hand out a plan the checker rejects
@@ -456,12 +508,54 @@ class _Search:
             plan = replace(plan, reason=self._reason("the plan is the best one found without it, re-checked"))
         return plan
 
+    def _stop_reason(self, groups, status, lower):
+        """Why the call ended: everything proved, a stalled solve, or the time limit."""
+        if self.stats.get("bottleneck_optimal") and (self.problem.k is not None or len(groups) == lower):
+            return "proved"
+        stalls = [why for _, why in self.stops if why.startswith("stall")]
+        if stalls and not any(why == "time limit" for _, why in self.stops):
+            return stalls[-1]
+        skipped = [phase for phase in ("phase1", "phase2") if str(self.stats.get(phase, "")).startswith("skipped")]
+        if skipped:
+            return f"time limit ({self.limit:g} s): {', '.join(skipped)} skipped, no time to build the model"
+        return f"time limit ({self.limit:g} s)"
+
     def _reason(self, why):
         return f"the CP-SAT backend crashed ({self.crash}); {why}" if self.crash else why
 
 
 #: Share of the time limit after which no further hint order is tried.
 HINT_SHARE = 0.3
+
+#: Share of the time limit after which the O(n·e) bounds (head–tail, span) and the domains are left out.
+BOUNDS_SHARE = 0.15
+
+#: A search solve stops when neither its incumbent nor its bound moved for
+#: max(`STALL_MIN_S`, `STALL_SHARE` × the call's limit) seconds.
+STALL_MIN_S = 1.0
+STALL_SHARE = 0.2
+
+
+def stall_s(limit_s):
+    """The stall window of a call with time limit `limit_s` (module notes).
+
+    >>> stall_s(2.0), stall_s(10.0), stall_s(30.0)
+    (1.0, 2.0, 6.0)
+    """
+    return max(STALL_MIN_S, STALL_SHARE * float(limit_s))
+
+
+def finish_reserve(n, limit_s):
+    """Seconds kept at the end of a call for assembling and checking the plan of `n` nodes.
+
+    25 µs per node (sizes and the independent check of a 2,000-node plan
+    take ~0.05 s on a loaded 2-core machine), at least 20 ms, at most a
+    tenth of the limit.
+
+    >>> finish_reserve(2000, 10.0), finish_reserve(2000, 0.1)
+    (0.05, 0.01)
+    """
+    return min(max(0.02, 2.5e-5 * n), 0.1 * float(limit_s))
 
 #: Seconds per model cell (one Boolean with its clauses) of `Model`'s build, measured on a
 #: loaded 2-core machine; only used to skip builds that clearly cannot fit in the time limit.
@@ -487,11 +581,9 @@ def _fewest_groups(search, best_groups):
         search.lower, stats["k_certificate"] = upper, "equals the lower bound"
         stats["k_proved_s"] = round(search.problem.elapsed(), 3)
         return best_groups
-    model = search.build("phase1", upper, 0.5, exact_k=False, minimum_groups=search.lower)
+    model = search.build("phase1", upper, 0.5, hint=best_groups, exact_k=False, minimum_groups=search.lower)
     if model is None:
         return best_groups if best_groups else search.plan(None, f"{stats['phase1']}; no hint either")
-    if best_groups is not None:
-        model.hint(_part_from(best_groups, n))
     result = search.solve(model, "phase1", 0.7 * search.remaining(), feasible=best_groups is not None)
     stats["phase1"], stats["phase1_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     if result["status"] == "INFEASIBLE" and best_groups is None:  # with a plan in hand it is a backend error
@@ -516,6 +608,8 @@ def _better(search, groups, found):
     if not found or (groups is not None and len(found) >= len(groups)):
         return groups
     problem = search.problem
+    if search.remaining() < DP_S_PER_NODE * search.table.n:  # no time to rebalance: the plan as found
+        return found
     order = [v for group in found for v in group]
     return cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
                      problem.flops) or found
@@ -574,12 +668,10 @@ def _smallest_bottleneck(search, target, groups):
     problem, stats, n = search.problem, search.stats, search.table.n
     low = _bottleneck_floor(search, target)
     options = dict(exact_k=True, bottleneck_low=low, flops=None if problem.flops is None else problem.flops.tolist())
-    model = search.build("phase2", target, 0.6, **options) if search.remaining() > 0.05 else None
+    model = search.build("phase2", target, 0.6, hint=groups, **options) if search.remaining() > 0.05 else None
     if model is None:
         stats.setdefault("phase2", "skipped: no time left")
         return _final(search, target, groups, low, certified=False)
-    if groups is not None:
-        model.hint(_part_from(groups, n))
     result = search.solve(model, "phase2", 0.7 * search.remaining(), feasible=groups is not None)
     stats["phase2"], stats["phase2_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     stats["phase2_bound_uncertified"] = result.get("bound")
