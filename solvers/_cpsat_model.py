@@ -332,7 +332,8 @@ class _Watch:
 
     A stall is `stall_s` seconds in which neither a new incumbent (solution
     callback) nor a better bound (``best_bound_callback``) arrived, counted
-    from the start of the solve.  A watchdog thread calls
+    from the first of them (a long presolve of a large model is not a
+    stall).  A watchdog thread calls
     ``solver.stop_search()``; CP-SAT then returns its best solution, with the
     status it has proved (FEASIBLE unless it proved optimality meanwhile).
     The end time is CP-SAT's own limit too; the watchdog only makes sure a
@@ -345,7 +346,7 @@ class _Watch:
         self.solver = solver
         self.end = end
         self.stall_s = stall_s
-        self.last_change = time.perf_counter()
+        self.last_change = None  # no incumbent or bound yet
         self.stopped = None
         self.done = threading.Event()
         solver.best_bound_callback = self._moved
@@ -369,7 +370,8 @@ class _Watch:
             now = time.perf_counter()
             if now >= self.end:
                 self.stopped = "time limit"
-            elif self.stall_s is not None and now - self.last_change >= self.stall_s:
+            elif (self.stall_s is not None and self.last_change is not None
+                  and now - self.last_change >= self.stall_s):
                 self.stopped = f"stall: neither the incumbent nor the bound moved for {self.stall_s:.3g} s"
             else:
                 continue

@@ -269,7 +269,7 @@ def reachability(table, *, deadline=None):
     reach = np.zeros((n, n), dtype=bool)
     successors = table.successors()
     for u in range(n - 1, -1, -1):  # reverse topological order
-        if deadline is not None and u % 256 == 0 and deadline.expired():
+        if deadline is not None and (n - 1 - u) % 256 == 0 and deadline.expired():
             return None
         row = reach[u]
         for v in successors[u]:

@@ -182,6 +182,8 @@ def fewest_groups(table, capacity, *, memory="liveness", chunk_fraction=1.0, max
             if deadline is not None and deadline.expired():
                 raise _OutOfBudget
 
+    if deadline is not None and deadline.expired():
+        return None
     try:
         while full not in parent:
             k += 1
