@@ -21,9 +21,9 @@ from .dp import balanced_cut
 
 __all__ = ["ListScheduler", "cut_order", "DP_S_PER_NODE"]
 
-#: Seconds per node of `cut_order` (dp on one order; liveness, a loaded 2-core machine, 2,000 nodes:
-#: ~0.3 s).  Solvers cut an order by dp only when this estimate fits in the time they have left.
-DP_S_PER_NODE = 1.5e-4
+#: Seconds per node of `cut_order` (dp on one order; liveness, 2,000 nodes: ~0.3 s on a 2-core machine
+#: at load 8, with a margin of 2×).  Solvers cut an order by dp only when this estimate fits in the time left.
+DP_S_PER_NODE = 3e-4
 
 
 def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):

@@ -92,10 +92,13 @@ from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_ac
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
-           "MAX_REACH_NODES"]
+           "MAX_REACH_NODES", "BOUNDS_SHARE"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
+
+#: The share of a solver's time limit after which it leaves out the O(n·e) bounds (`all_bounds`' `deadline`).
+BOUNDS_SHARE = 0.4
 
 
 def _ceil_div(numerator, denominator):

@@ -49,9 +49,9 @@ retried once under `CERTIFY`; ``stats["backend_crash"]`` and the plan's
 
 **The time limit covers the whole call** (`cachefit.solvers._deadline`).
 One `Deadline` is read by every phase: the O(n·e) bounds are left out past
-`BOUNDS_SHARE` of the limit; hints stop at `HINT_SHARE` (dp on the given
-order only when `DP_S_PER_NODE` says it fits, greedy's cut of it
-otherwise); each model's size is estimated before building
+`cachefit.solvers.bounds.BOUNDS_SHARE` of the limit; hints stop at
+`HINT_SHARE` (an order is cut by dp only when `DP_S_PER_NODE` says it
+fits, else kept as found); each model's size is estimated before building
 (`_model_cells`, `BUILD_S_PER_CELL`) and its build, hints included, stops
 at its share of the remaining time (`BuildTimeout`); a phase that cannot
 fit is skipped and ``stats["phase1"]``/``["phase2"]`` say so, leaving the
@@ -87,7 +87,7 @@ from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
 from ._deadline import Deadline
 from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
-from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
+from .bounds import BOUNDS_SHARE, forced_bytes, head_tail, item_sizes, lower_bound, reachability
 from .greedy import greedy_bounds
 
 __all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale", "stall_s", "finish_reserve"]
@@ -173,12 +173,17 @@ def _part_from(groups, n):
 
 # -- Hints: list scheduling over the DAG, then dp on the order it found ------------------------------
 
-def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None, intervals=None):
+def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None, intervals=None,
+            first_by=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
 
-    Past `deadline` (a `Deadline`) no further order is tried.  The given
-    order is always cut: by dp when `DP_S_PER_NODE` says it fits in the time
-    left, else (k=None, with `intervals` of the given order) by greedy, O(n).
+    Past `deadline` (a `Deadline`) no further list schedule is tried, and an
+    order is cut by dp only while `DP_S_PER_NODE` says dp fits in the time
+    left, fewest groups first (the first one while it fits before
+    `first_by`, a later deadline); the others (k=None) are kept as found: the
+    list schedule's own groups, or greedy's cut of the given order (O(n),
+    with `intervals` of the given order).  With an explicit k the given
+    order is always cut by dp (only dp splits into exactly k groups).
     """
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
@@ -195,7 +200,12 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
     }
     for index in range(2):
         rules[f"random {index}"] = rng.random(n).tolist()
-    orders = {"given order": list(range(n))}
+    given = None
+    if intervals is not None:
+        bounds, _ = greedy_bounds(intervals, capacity)
+        if bounds is not None:
+            given = [list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    found = [("given order", list(range(n)), given)]
     scheduler = ListScheduler(table, capacity, memory, chunk_fraction)
     late = deadline.expired if deadline is not None else (lambda: False)
     for name, priority in rules.items():
@@ -203,25 +213,26 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
             break
         packed = scheduler.pack(list(range(n)), {}, priority, deadline=deadline)
         if packed is not None:
-            orders[f"list schedule ({name})"] = [v for group in packed[0] for v in group]
+            found.append((f"list schedule ({name})", [v for group in packed[0] for v in group], packed[0]))
+    if k is None:
+        found.sort(key=lambda entry: len(entry[2]) if entry[2] is not None else n + 1)
     starts = []
     seen = set()
-    for name, order in orders.items():
+    for name, order, groups in found:
         key = tuple(order)
         if key in seen:
             continue
         seen.add(key)
-        if deadline is not None and deadline.remaining() < DP_S_PER_NODE * n:
-            if starts or k is not None or intervals is None:
-                break
-            bounds, _ = greedy_bounds(intervals, capacity)  # the given order, cut in O(n)
-            if bounds is not None:
-                starts.append((f"{name} (greedy: no time for dp)",
-                               [list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]))
-            break
-        groups = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
-        if groups is not None:
-            starts.append((name, groups))
+        must = k is not None and name == "given order"
+        fits = deadline is None or deadline.remaining() >= DP_S_PER_NODE * n or (
+            not starts and first_by is not None and first_by.remaining() >= DP_S_PER_NODE * n)
+        if must or fits:
+            cut = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
+            if cut is not None:
+                starts.append((name, cut))
+                continue
+        if k is None and groups is not None:
+            starts.append((f"{name}, not rebalanced (no time for dp)", groups))
     return starts
 
 
@@ -276,7 +287,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         ``stats`` holds each phase's CP-SAT status and time, where the hint
         came from, when k was proved (``k_proved_s``, seconds into the
         call), the bottleneck bound and whether the bottleneck is proved
-        (``bottleneck_optimal``).  Σ S² is not minimised
+        (``bottleneck_optimal``), the seconds of set-up before the first
+        CP-SAT solve (``setup_s``: bounds, hints, the first model build) and
+        why the call ended (``stop_reason``).  Σ S² is not minimised
         (``stats["sum_squares"] = "not minimised"``).
 
     Raises
@@ -414,7 +427,7 @@ class _Search:
         problem = self.problem
         starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, problem.k,
                          problem.seed, problem.flops, deadline=self.deadline.at_share(HINT_SHARE),
-                         intervals=problem.intervals())
+                         intervals=problem.intervals(), first_by=self.solving)
         best = None
         for name, groups in starts:
             key = (len(groups), self.bottleneck(groups))
@@ -471,6 +484,7 @@ class _Search:
             self.stats[f"{phase}_solve"] = "skipped: no time left"
             return {"status": "skipped"}
         stall = self.stall_s if parameters is SEARCH and model.has_objective else None
+        self.stats.setdefault("setup_s", round(self.deadline.elapsed(), 3))  # seconds before the first search starts
         with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
             result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters, stall_s=stall,
                                  kill_after_s=self.deadline.remaining())
@@ -517,7 +531,8 @@ class _Search:
             return stalls[-1]
         skipped = [phase for phase in ("phase1", "phase2") if str(self.stats.get(phase, "")).startswith("skipped")]
         if skipped:
-            return f"time limit ({self.limit:g} s): {', '.join(skipped)} skipped, no time to build the model"
+            return (f"time limit ({self.limit:g} s): {' and '.join(skipped)} skipped, "
+                    "the model could not be built in the time left")
         return f"time limit ({self.limit:g} s)"
 
     def _reason(self, why):
@@ -527,8 +542,6 @@ class _Search:
 #: Share of the time limit after which no further hint order is tried.
 HINT_SHARE = 0.3
 
-#: Share of the time limit after which the O(n·e) bounds (head–tail, span) and the domains are left out.
-BOUNDS_SHARE = 0.15
 
 #: A search solve stops when neither its incumbent nor its bound moved for
 #: max(`STALL_MIN_S`, `STALL_SHARE` × the call's limit) seconds.

@@ -58,7 +58,7 @@ from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
 from ._deadline import Deadline
 from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
-from .bounds import item_sizes, lower_bound
+from .bounds import BOUNDS_SHARE, item_sizes, lower_bound
 from .cuts import MAX_CUT_STATES, fewest_groups
 from .greedy import greedy_bounds
 
@@ -83,9 +83,6 @@ STALL_ATTEMPTS = 3000
 
 #: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone).
 REBALANCE_SHARE = 0.2
-
-#: Share of the time limit after which the O(n·e) lower bounds are left out (`cachefit.solvers.bounds.all_bounds`).
-BOUNDS_SHARE = 0.15
 
 
 class _Incumbent:
