@@ -41,6 +41,7 @@ from .greedy import greedy
 from .search import search
 from ._common import Problem
 from ._deadline import Deadline
+from ._schedule import DP_S_PER_NODE
 
 __all__ = ["SOLVERS", "auto", "brute", "compare", "cpsat", "dp", "greedy", "lower_bound", "search",
            "AUTO_CPSAT_MAX_CELLS", "AUTO_SEARCH_SHARE"]
@@ -105,6 +106,9 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     cells = (table.n + len(table.sources)) * max(groups, 1)
     if remaining < 0.5:
         return first.with_stats(auto="search (no time left for another solver)",
+                                stop_reason=f"time limit ({limit:g} s) after the search")
+    if cells > AUTO_CPSAT_MAX_CELLS and remaining < DP_S_PER_NODE * table.n:
+        return first.with_stats(auto="search (no time left for dp)",
                                 stop_reason=f"time limit ({limit:g} s) after the search")
     if cells > AUTO_CPSAT_MAX_CELLS:
         second = dp(table, capacity, time_limit_s=max(remaining, 1e-3), **options)  # O(n log n), no search

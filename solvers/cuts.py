@@ -34,7 +34,10 @@ __all__ = ["CutSearch", "fewest_groups", "MAX_CUT_STATES"]
 MAX_CUT_STATES = 200_000
 
 #: Group sets tried between two looks at the clock.
-_CLOCK_EVERY = 2048
+_CLOCK_EVERY = 256
+
+#: Group sets tried between two projections of the arcs still to come.
+_PROJECT_EVERY = 2048
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def fewest_groups(table, capacity, *, memory="liveness", chunk_fraction=1.0, max
             raise _OutOfBudget
         if ticks[0] % _CLOCK_EVERY == 0:
             # Projected arcs: those so far over the share of the nodes the deepest down-set holds.
-            if ticks[0] * masks.n > most_arcs * max(deepest[0], 1):
+            if ticks[0] % _PROJECT_EVERY == 0 and ticks[0] * masks.n > most_arcs * max(deepest[0], 1):
                 raise _OutOfBudget
             if deadline is not None and deadline.expired():
                 raise _OutOfBudget

@@ -190,10 +190,12 @@ def _construct(problem, packer, rng, deadline):
                                    packed[0]))
     if not candidates:
         return None
+    fewest = min(len(groups) for _, groups in candidates)
     scored = []
     for name, groups in candidates:
-        sizes = _sizes(problem, groups)
-        scored.append(((len(groups), max(sizes)), name, groups, sizes))
+        if len(groups) == fewest:  # sizes (O(n + e) each) only for the ties on k
+            sizes = _sizes(problem, groups)
+            scored.append(((len(groups), max(sizes)), name, groups, sizes))
     scored.sort(key=lambda entry: entry[0])
     _, name, groups, sizes = scored[0]
     return name, groups, sizes
