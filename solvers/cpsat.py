@@ -531,8 +531,8 @@ class _Search:
             return stalls[-1]
         skipped = [phase for phase in ("phase1", "phase2") if str(self.stats.get(phase, "")).startswith("skipped")]
         if skipped:
-            return (f"time limit ({self.limit:g} s): {' and '.join(skipped)} skipped, "
-                    "the model could not be built in the time left")
+            return (f"the model is too large for the time limit ({self.limit:g} s): {' and '.join(skipped)} "
+                    "skipped, not built in the time left")
         return f"time limit ({self.limit:g} s)"
 
     def _reason(self, why):
