@@ -565,8 +565,8 @@ def finish_reserve(n, limit_s):
     take ~0.05 s on a loaded 2-core machine), at least 20 ms, at most a
     tenth of the limit.
 
-    >>> finish_reserve(2000, 10.0), finish_reserve(2000, 0.1)
-    (0.05, 0.01)
+    >>> finish_reserve(2000, 10.0), finish_reserve(2000, 0.5)
+    (0.05, 0.05)
     """
     return min(max(0.02, 2.5e-5 * n), 0.1 * float(limit_s))
 
