@@ -281,11 +281,12 @@ def reachability(table, *, deadline=None):
     return reach
 
 
-def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """(H, T): per node, the groups needed up to and including its own, and from its own on.
 
     See the module notes.  Returns None when the reachability matrix is not
-    available (too many nodes) or no byte of a group is free for items.
+    available (too many nodes), no byte of a group is free for items, or
+    `deadline` (a `cachefit.solvers._deadline.Deadline`) passes first.
     """
     if reach is None:
         reach = reachability(table)
@@ -300,13 +301,15 @@ def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     before = items.astype(np.int64).copy()
     after = items.astype(np.int64).copy()
     for start in range(0, n, 256):
+        if deadline is not None and deadline.expired():
+            return None
         block = slice(start, min(start + 256, n))
         before[block] += items @ reach[:, block].astype(np.int64)
         after[block] += reach[block].astype(np.int64) @ items
     return -((-before) // room), -((-after) // room)
 
 
-def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """max over v of H_v + T_v − 1 (module notes); 0 when not computed.
 
     Examples
@@ -316,7 +319,7 @@ def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, r
     >>> head_tail_bound(table, 100, memory="additive"), sum_bound(table, 100, memory="additive")
     (3, 2)
     """
-    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
     if result is None:
         return 0
     head, tail = result
@@ -404,7 +407,7 @@ class _PathRun:
         self._counted.add(v)
 
 
-def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """span(u): groups in which u's output is live in any plan, at least (module notes, span bound).
 
     Returns
@@ -412,7 +415,7 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     numpy.ndarray of int64 or None
         One entry per position (1 for a sink); None when the model has no
         live term, the reachability matrix is not available (too many
-        nodes) or no byte of a group is free for items.
+        nodes), no byte of a group is free for items, or `deadline` passed first.
 
     Examples
     --------
@@ -435,6 +438,8 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     spans = np.ones(table.n, dtype=np.int64)
     sources, targets = table.sources, table.targets
     for start in range(0, sources.size, 256):
+        if deadline is not None and deadline.expired():
+            return None
         source, target = sources[start:start + 256], targets[start:start + 256]
         between = reach[source] & reach[:, target].T  # descendants(u) ∩ ancestors(z), one row per edge
         held = between.astype(np.int64) @ items + items[source] + items[target]
@@ -446,7 +451,7 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return spans
 
 
-def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """⌈(Σw + max b + ⌈f·Σ a·span⌉) / C⌉ under liveness (module notes); 0 when not computed.
 
     In the model's terms: Σ summed + max peak + ⌈f·Σ live·span⌉.  A model
@@ -461,7 +466,7 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     """
     if table.n == 0:
         return 0
-    spans = live_spans(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    spans = live_spans(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
     if spans is None:
         return 0
     terms = _terms(table, memory)
@@ -503,7 +508,8 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
         if late():
             break
-        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                             deadline=deadline)
     return bounds
 
 

@@ -399,8 +399,8 @@ class _Search:
         bounds_by = deadline.at_share(BOUNDS_SHARE)  # past it the O(n·e) bounds and domains are left out
         self.reach = reachability(self.table, deadline=bounds_by)
         self.head_tail = (head_tail(self.table, problem.capacity, memory=problem.memory,
-                                    chunk_fraction=problem.chunk_fraction, reach=self.reach)
-                          if self.reach is not None and not bounds_by.expired() else None)
+                                    chunk_fraction=problem.chunk_fraction, reach=self.reach, deadline=bounds_by)
+                          if self.reach is not None else None)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
                                  chunk_fraction=problem.chunk_fraction, reach=self.reach, deadline=bounds_by)
         self.k_certificate = None
