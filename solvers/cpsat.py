@@ -209,9 +209,10 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
     scheduler = ListScheduler(table, capacity, memory, chunk_fraction)
     late = deadline.expired if deadline is not None else (lambda: False)
     for name, priority in rules.items():
-        if late():
+        first = len(found) == 1 and first_by is not None  # the first list schedule may run until `first_by`
+        if late() and not first:
             break
-        packed = scheduler.pack(list(range(n)), {}, priority, deadline=deadline)
+        packed = scheduler.pack(list(range(n)), {}, priority, deadline=first_by if first else deadline)
         if packed is not None:
             found.append((f"list schedule ({name})", [v for group in packed[0] for v in group], packed[0]))
     if k is None:
@@ -478,8 +479,9 @@ class _Search:
         (no presolve, no LP, one worker), if time is left.
         """
         from ..progress import task  # the solve runs in a forked child: the parent reports its phase and time
-        # The child reads back, sends and exits within the margin (tens of ms for thousands of nodes).
-        time_limit_s = min(time_limit_s, self.remaining() - (0.05 + 2.5e-5 * self.table.n))
+        # CP-SAT unwinds its workers after its limit (0.1-0.2 s past it on a loaded 2-core machine), then the
+        # child reads back, sends and exits (tens of ms for thousands of nodes): both within the margin.
+        time_limit_s = min(time_limit_s, self.remaining() - (0.15 + 2.5e-5 * self.table.n))
         if time_limit_s <= 0.0:
             self.stats[f"{phase}_solve"] = "skipped: no time left"
             return {"status": "skipped"}
