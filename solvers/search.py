@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEARCH_LIMIT_S = 10.0
 
 #: The share of the time limit the exact search over cuts may take before the heuristics run.
-CUTS_SHARE = 0.5
+CUTS_SHARE = 0.75
 
 #: The search over cuts gives up beyond this many down-sets per node (narrow graphs need a few).
 CUT_STATES_PER_NODE = 20
