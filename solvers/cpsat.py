@@ -359,6 +359,8 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
                       stats={"bottleneck_optimal": True, "gap": 0})
     if deadline is None:
         deadline = Deadline(float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S), start=problem.started)
+    else:  # the shares of the phases are of the time this call has (`auto` runs it after a search)
+        deadline = deadline.within(1.0)
     search = _Search(problem, int(workers), deadline)
     if problem.k is not None and problem.k < search.lower:
         return no_plan(problem, "cpsat", Status.INFEASIBLE,
@@ -390,8 +392,8 @@ class _Search:
         self.table = problem.table
         self.workers = workers
         self.deadline = deadline
-        self.limit = deadline.limit_s
-        self.solving = deadline.reserve(finish_reserve(self.table.n, self.limit))  # solves and builds end here
+        self.limit = float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S)  # the caller's (auto's: the whole call's)
+        self.solving = deadline.reserve(finish_reserve(self.table.n, deadline.limit_s))  # solves and builds end here
         self.stall_s = stall_s(self.limit)
         imported = time.perf_counter()
         from ortools.sat.python import cp_model  # noqa: F401  (seconds on a first call: kept out of the build budgets)

@@ -324,6 +324,8 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return finish(problem, "search", [], lower=0, stats={"stop_reason": "empty graph"})
     if deadline is None:
         deadline = Deadline(float(problem.time_limit_s or DEFAULT_SEARCH_LIMIT_S), start=problem.started)
+    else:  # the shares of the phases are of the time this call has
+        deadline = deadline.within(1.0)
     limit = deadline.limit_s
     lower = lower_bound(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
                         deadline=deadline.at_share(BOUNDS_SHARE))
