@@ -261,6 +261,11 @@ class TestContainment:
         result = run_contained(lambda: time.sleep(30) or {}, 0.1)
         assert result["status"] == "UNKNOWN" and "killed" in result["crash"]
 
+    def test_a_child_is_killed_at_the_callers_deadline(self):
+        # kill_after_s (the caller's deadline) comes before the solve's own limit plus GRACE_S
+        result = run_contained(lambda: time.sleep(30) or {}, 60, kill_after_s=0.2)
+        assert result["status"] == "UNKNOWN" and "was killed" in result["crash"]
+
     def test_the_answer_comes_back_from_the_child(self):
         assert run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0, "pid": os.getpid()}, 10)["pid"] != os.getpid()
 
