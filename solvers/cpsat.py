@@ -83,7 +83,7 @@ from ..errors import InputError
 from ..result import Status
 from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
-from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
+from ._cpsat_model import CERTIFY, SEARCH, SEARCH_FROM_HINT, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
 from ._deadline import Deadline
 from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
@@ -488,6 +488,8 @@ class _Search:
             self.stats[f"{phase}_solve"] = "skipped: no time left"
             return {"status": "skipped"}
         stall = self.stall_s if parameters is SEARCH and model.has_objective else None
+        if parameters is SEARCH and model.hinted and self.live is not None:
+            parameters = SEARCH_FROM_HINT  # presolve would lose the hint (`SEARCH_FROM_HINT`)
         self.stats.setdefault("setup_s", round(self.deadline.elapsed(), 3))  # seconds before the first search starts
         with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
             result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters, stall_s=stall,
