@@ -57,8 +57,9 @@ at its share of the remaining time (`BuildTimeout`); a phase that cannot
 fit is skipped and ``stats["phase1"]``/``["phase2"]`` say so, leaving the
 best hint.  Every solve, re-proving solves included, ends by the call's
 deadline less `finish_reserve` (kept for assembling and checking the
-plan): CP-SAT's own limit and a watchdog in the child stop it, and the
-parent kills a child that has not answered by the deadline.
+plan): CP-SAT's own limit and a watchdog in the child stop it 0.15 s
+before (CP-SAT can take that long to stop its workers on a loaded
+machine), and the parent kills a child that has not answered by then.
 
 **CP-SAT stops when it stalls.**  A search solve (phase 1 or 2) also stops
 when neither its incumbent nor its bound has moved for `stall_s` of the
@@ -493,7 +494,7 @@ class _Search:
         self.stats.setdefault("setup_s", round(self.deadline.elapsed(), 3))  # seconds before the first search starts
         with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
             result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters, stall_s=stall,
-                                 kill_after_s=self.deadline.remaining())
+                                 kill_after_s=self.remaining())
         if "stop_reason" in result:
             self.stops.append((phase, result["stop_reason"]))
         retry = None
@@ -506,7 +507,7 @@ class _Search:
             retry = "after a refuted INFEASIBLE"
         if retry and parameters is not CERTIFY and self.remaining() > 0.05:
             result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY,
-                                 kill_after_s=self.deadline.remaining())
+                                 kill_after_s=self.remaining())
             self.stats[f"{phase}_retry"] = f"without presolve and LP {retry}: {result['status']}"
         self.stats[f"{phase}_overhead_s"] = round(result.get("overhead_s", 0.0), 4)
         return result
