@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["Deadline", "slack_s"]
+__all__ = ["Deadline", "slack_s", "finish_reserve"]
 
 
 def slack_s(limit_s):
@@ -29,6 +29,19 @@ def slack_s(limit_s):
     (0.25, 0.5)
     """
     return max(0.25, 0.05 * float(limit_s))
+
+
+def finish_reserve(n, limit_s):
+    """Seconds kept at the end of a call for assembling and checking the plan of `n` nodes.
+
+    25 µs per node (sizes and the independent check of a 2,000-node plan
+    take ~0.05 s on a loaded 2-core machine), at least 20 ms, at most a
+    tenth of the limit.
+
+    >>> finish_reserve(2000, 10.0), finish_reserve(2000, 0.5)
+    (0.05, 0.05)
+    """
+    return min(max(0.02, 2.5e-5 * n), 0.1 * float(limit_s))
 
 
 class Deadline:

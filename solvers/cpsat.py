@@ -56,7 +56,7 @@ fits, else kept as found); each model's size is estimated before building
 at its share of the remaining time (`BuildTimeout`); a phase that cannot
 fit is skipped and ``stats["phase1"]``/``["phase2"]`` say so, leaving the
 best hint.  Every solve, re-proving solves included, ends by the call's
-deadline less `finish_reserve` (kept for assembling and checking the
+deadline less `cachefit.solvers._deadline.finish_reserve` (kept for assembling and checking the
 plan): CP-SAT's own limit and a watchdog in the child stop it 0.15 s
 before (CP-SAT can take that long to stop its workers on a loaded
 machine), and the parent kills a child that has not answered by then.
@@ -86,12 +86,12 @@ from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
 from ._cpsat_model import CERTIFY, SEARCH, SEARCH_FROM_HINT, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
-from ._deadline import Deadline
+from ._deadline import Deadline, finish_reserve
 from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
 from .bounds import BOUNDS_SHARE, forced_bytes, head_tail, item_sizes, lower_bound, reachability
 from .greedy import greedy_bounds
 
-__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale", "stall_s", "finish_reserve"]
+__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale", "stall_s"]
 
 logger = logging.getLogger(__name__)
 
@@ -565,17 +565,6 @@ def stall_s(limit_s):
     return max(STALL_MIN_S, STALL_SHARE * float(limit_s))
 
 
-def finish_reserve(n, limit_s):
-    """Seconds kept at the end of a call for assembling and checking the plan of `n` nodes.
-
-    25 µs per node (sizes and the independent check of a 2,000-node plan
-    take ~0.05 s on a loaded 2-core machine), at least 20 ms, at most a
-    tenth of the limit.
-
-    >>> finish_reserve(2000, 10.0), finish_reserve(2000, 0.5)
-    (0.05, 0.05)
-    """
-    return min(max(0.02, 2.5e-5 * n), 0.1 * float(limit_s))
 
 #: Seconds per model cell (one Boolean with its clauses) of `Model`'s build, measured on a
 #: loaded 2-core machine; only used to skip builds that clearly cannot fit in the time limit.

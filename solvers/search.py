@@ -56,7 +56,7 @@ import numpy as np
 from ..memory import group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
-from ._deadline import Deadline
+from ._deadline import Deadline, finish_reserve
 from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
 from .bounds import BOUNDS_SHARE, item_sizes, lower_bound
 from .cuts import MAX_CUT_STATES, fewest_groups
@@ -81,7 +81,8 @@ CUT_ARCS_PER_NODE = 400
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
 
-#: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone).
+#: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone;
+#: when dp is not expected to fit in it (`DP_S_PER_NODE`), the repackings keep it).
 REBALANCE_SHARE = 0.2
 
 
@@ -341,7 +342,9 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return _from_cuts(problem, exact, lower, deadline)
     rng = np.random.default_rng(problem.seed)
     packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
-    search_deadline = deadline.reserve(REBALANCE_SHARE * limit)  # the rest is for dp's rebalancing
+    # The rest is for dp's rebalancing, unless dp cannot fit in it: then only for assembling the plan.
+    rebalances = problem.k is not None or REBALANCE_SHARE * limit >= DP_S_PER_NODE * table.n
+    search_deadline = deadline.reserve(REBALANCE_SHARE * limit if rebalances else finish_reserve(table.n, limit))
     start = _construct(problem, packer, rng, search_deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -360,7 +363,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
                        lower=lower, stats=stats)
     # dp rebalances the plan's order (and splits it into an explicit k); with the time gone, a k=None plan is
     # returned as found rather than late.
-    rebalance = problem.k is not None or deadline.remaining() > DP_S_PER_NODE * table.n
+    rebalance = problem.k is not None or (rebalances and deadline.remaining() > DP_S_PER_NODE * table.n)
     final = _recut(problem, incumbent.groups, problem.k) if rebalance else None
     stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > incumbent.k):
