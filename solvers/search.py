@@ -342,9 +342,11 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         return _from_cuts(problem, exact, lower, deadline)
     rng = np.random.default_rng(problem.seed)
     packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
-    # The rest is for dp's rebalancing, unless dp cannot fit in it: then only for assembling the plan.
+    # The rest is for dp's rebalancing, unless dp cannot fit in it: then half of it for assembling the plan
+    # (a window repacking and the plan's sizes can take tens of ms on a loaded machine).
     rebalances = problem.k is not None or REBALANCE_SHARE * limit >= DP_S_PER_NODE * table.n
-    search_deadline = deadline.reserve(REBALANCE_SHARE * limit if rebalances else finish_reserve(table.n, limit))
+    reserve = REBALANCE_SHARE * limit if rebalances else max(finish_reserve(table.n, limit), REBALANCE_SHARE * limit / 2)
+    search_deadline = deadline.reserve(reserve)
     start = _construct(problem, packer, rng, search_deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
