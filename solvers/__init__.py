@@ -40,6 +40,8 @@ from .dp import dp
 from .greedy import greedy
 from .search import search
 from ._common import Problem
+from ._deadline import Deadline
+from ._schedule import DP_S_PER_NODE
 
 __all__ = ["SOLVERS", "auto", "brute", "compare", "cpsat", "dp", "greedy", "lower_bound", "search",
            "AUTO_CPSAT_MAX_CELLS", "AUTO_SEARCH_SHARE"]
@@ -55,7 +57,7 @@ AUTO_SEARCH_SHARE = 0.5
 
 
 def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-         balance="memory"):
+         balance="memory", deadline=None):
     """Pick a solver for the graph and run it.
 
     Chains (and graphs of at most one node) go to ``dp``, which is exact for
@@ -67,7 +69,9 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     `AUTO_CPSAT_MAX_CELLS` gets ``dp`` on its node order instead), and the
     better of the two plans is returned (fewer groups, then the smaller
     bottleneck) with the better of their lower bounds.  Parameters and
-    result as for every solver.
+    result as for every solver.  Both solvers read one
+    `cachefit.solvers._deadline.Deadline` (`deadline`, which replaces
+    `time_limit_s`, e.g. to inject a clock), so the limit covers the call.
 
     Returns
     -------
@@ -90,22 +94,27 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
         return dp(table, capacity, time_limit_s=time_limit_s, **options).with_stats(
             auto="dp (chain)", stop_reason="dp is exact for a chain")
     problem = Problem.make(table, capacity, time_limit_s=time_limit_s, **options)  # bad input fails here
-    limit = float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S)
-    first = search(table, capacity, time_limit_s=AUTO_SEARCH_SHARE * limit, **options)
+    if deadline is None:
+        deadline = Deadline(float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S), start=started)
+    limit = deadline.limit_s
+    first = search(table, capacity, time_limit_s=limit, deadline=deadline.at_share(AUTO_SEARCH_SHARE), **options)
     if first.status == "INFEASIBLE" or (first.ok and k is None and first.k <= first.lower_bound):
         why = "search proved infeasible" if not first.ok else "search: k meets the lower bound"
         return first.with_stats(auto=why, stop_reason=first.stats.get("stop_reason", first.reason or why))
-    remaining = limit - (time.perf_counter() - started)
+    remaining = deadline.remaining()
     groups = first.k if first.ok else (k or table.n)
     cells = (table.n + len(table.sources)) * max(groups, 1)
     if remaining < 0.5:
         return first.with_stats(auto="search (no time left for another solver)",
                                 stop_reason=f"time limit ({limit:g} s) after the search")
+    if cells > AUTO_CPSAT_MAX_CELLS and remaining < DP_S_PER_NODE * table.n:
+        return first.with_stats(auto="search (no time left for dp)",
+                                stop_reason=f"time limit ({limit:g} s) after the search")
     if cells > AUTO_CPSAT_MAX_CELLS:
-        second = dp(table, capacity, time_limit_s=max(remaining, 1e-3), **options)
+        second = dp(table, capacity, time_limit_s=max(remaining, 1e-3), **options)  # O(n log n), no search
         why = f"search, then dp (CP-SAT model too large: {cells} cells > {AUTO_CPSAT_MAX_CELLS})"
     else:
-        second = cpsat(table, capacity, time_limit_s=remaining, **options)
+        second = cpsat(table, capacity, time_limit_s=limit, deadline=deadline, **options)
         why = f"search ({first.stats.get('stop_reason', first.reason)}), then cpsat for {remaining:.3g} s"
     return _better(first, second, k, started).with_stats(auto=why, stop_reason=_stop_reason(first, second, limit))
 
@@ -141,7 +150,10 @@ def _stop_reason(first, second, limit):
         return "k meets the lower bound"
     if second.solver == "cpsat" and second.status == "OPTIMAL":
         return "cpsat proved its plan"
-    return f"time limit ({limit:g} s): gap left, the search had stalled ({first.stats.get('stop_reason', '')})"
+    searched = f"the search had stopped ({first.stats.get('stop_reason', '')})"
+    if second.solver == "cpsat":
+        return f"gap left: cpsat stopped ({second.stats.get('stop_reason', second.reason)}), {searched}"
+    return f"gap left: dp cut the node order once, {searched}"
 
 
 #: Every registered solver by name.

@@ -6,8 +6,9 @@ some models, for instance with ``interleave_search`` and more than one worker
 Python, so the solve runs in a child forked *after* the model is built: the
 child inherits the model and its variables, solves, reads back what the
 parent needs (status, objective, bound, one group index per node) and sends
-it as one JSON line through a pipe.  The parent waits for that line with the
-deadline plus a grace period, then reaps the child.  A child that dies, or
+it as one JSON line through a pipe.  The parent waits for that line until the
+solve's limit plus a grace period, or an earlier hard limit (the caller's own
+deadline), then reaps the child.  A child that dies, or
 sends nothing, yields a result with status ``"CRASHED"`` and the signal or
 exit code; one that overruns is killed and yields ``"UNKNOWN"``.
 
@@ -37,11 +38,12 @@ logger = logging.getLogger(__name__)
 CONTAINED = hasattr(os, "fork")
 
 #: Seconds a child may run past its time limit before it is killed (CP-SAT
-#: checks its limit often, but reading back and exiting take a moment).
-GRACE_S = 5.0
+#: checks its limit often and a watchdog stops it there, but reading back and
+#: sending the answer take a moment), unless the caller's `kill_after_s` is earlier.
+GRACE_S = 1.0
 
 
-def run_contained(solve, time_limit_s, *, contain=CONTAINED):
+def run_contained(solve, time_limit_s, *, contain=CONTAINED, kill_after_s=None):
     """Return ``solve()`` (a JSON-able dict), computed in a forked child when `contain`.
 
     Parameters
@@ -53,6 +55,9 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
         The solve's own time limit; the child is killed `GRACE_S` after it.
     contain : bool
         Fork (default where the platform can), or call `solve` in-process.
+    kill_after_s : float, optional
+        Kill the child this many seconds after the fork if it has not
+        answered, even before its limit plus `GRACE_S` (the caller's deadline).
 
     Returns
     -------
@@ -87,7 +92,8 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
     os.close(write_end)
     os.close(error_write)
     try:
-        (data, errors), overrun = _read_all([read_end, error_read], started + time_limit_s + GRACE_S)
+        wait_s = time_limit_s + GRACE_S if kill_after_s is None else min(time_limit_s + GRACE_S, kill_after_s)
+        (data, errors), overrun = _read_all([read_end, error_read], started + max(wait_s, 0.0))
     finally:
         os.close(read_end)
         os.close(error_read)
@@ -107,7 +113,7 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED):
             result = None
     if result is None:
         if overrun:
-            why = f"the CP-SAT child overran its time limit by {GRACE_S:g} s and was killed"
+            why = f"the CP-SAT child had not answered {wait_s:.3g} s after its start and was killed"
             return {"status": "UNKNOWN", "crash": why, "contained": True, "overhead_s": total}
         why = _death(wait_status)
         last_words = [line.strip() for line in errors.decode(errors="replace").splitlines() if line.strip()]

@@ -14,13 +14,19 @@ import numpy as np
 from ..memory import get_model
 from ._cpsat_child import run_contained
 
-__all__ = ["Model", "BuildTimeout", "SEARCH", "CERTIFY"]
+__all__ = ["Model", "BuildTimeout", "SEARCH", "SEARCH_FROM_HINT", "CERTIFY"]
 
 #: Parameters of the search solves.  ``presolve_inclusion_work_limit = 0`` switches off the
 #: inclusion-detection presolve, which on 9.15 certifies wrong optima on models with large
 #: coefficients (it alone breaks the 6-node instance pinned in tests/test_cpsat.py); other
 #: presolve rules are still suspect, so no claim rests on these solves alone.
 SEARCH = {"presolve_inclusion_work_limit": 0}
+
+#: Parameters of the search solves of a hinted model with a live term: CP-SAT 9.15's presolve loses a
+#: complete, feasible hint of such a model (on the 250-node tight dag-layered liveness instance the
+#: hinted plan, fixed, solves at once, yet with presolve no solution appears in 5 s with 1 or 2
+#: workers; without presolve the hint is the first incumbent).  So those solves start from the hint.
+SEARCH_FROM_HINT = {**SEARCH, "cp_model_presolve": False}
 
 #: Parameters of the certifying solves: no presolve, no LP relaxation, one worker.  What is
 #: left is CP-SAT's exact integer propagation and clause learning, the part of the solver a
@@ -58,8 +64,8 @@ class Model:
     With ``exact_k`` the bottleneck lies in [`bottleneck_low`,
     `bottleneck_high`]; ``objective=False`` leaves out the objective (a
     decision model: "is there a grouping within these bounds?").
-    `deadline` (a `time.perf_counter` value) bounds the build: past it a
-    builder raises `BuildTimeout`.
+    `deadline` (a `cachefit.solvers._deadline.Deadline`) bounds the build
+    and `hint`: past it a builder raises `BuildTimeout`.
     """
 
     def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
@@ -74,6 +80,8 @@ class Model:
         self.groups = groups
         self.capacity = capacity
         self.deadline = deadline
+        self.has_objective = objective
+        self.hinted = False
         self.earliest = np.minimum(earliest, groups - 1).tolist()
         self.latest = np.minimum(latest, groups - 1).tolist()
         self._add_variables()
@@ -84,7 +92,7 @@ class Model:
 
     # -- building -------------------------------------------------------------------------------
     def _check_clock(self):
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and self.deadline.expired():
             raise BuildTimeout()
 
     def _before(self, v, p):
@@ -190,6 +198,7 @@ class Model:
                 for gone in forcing:
                     model.add(flag >= produced - gone)
                 live_terms[p].append((live[u], flag))
+                self.live_flags.append((u, p, flag))
         return live_terms
 
     def _add_capacity(self, terms, scale, reach):
@@ -203,6 +212,9 @@ class Model:
         numerator, denominator = scale
         summed = terms.summed.tolist()
         peak = terms.peak.tolist() if terms.peak is not None else [0] * self.n
+        self.live_flags = []  # (u, p, live[u][p]) of the flags, for `hint`
+        self.buffers, self.acts = {}, {}  # p -> buffer[p], p -> act[p] where they exist
+        self.terms, self.scale = terms, scale
         live_terms = self._live_terms(terms.live.tolist(), reach) if terms.live is not None else None
         max_peak = max(peak) if self.n else 0
         LinearExpr = self.cp_model.LinearExpr
@@ -212,6 +224,7 @@ class Model:
             term = self._weighted(summed, p)
             if max_peak:
                 largest = model.new_int_var(0, max_peak, f"buffer_{p}")
+                self.buffers[p] = largest
                 for v in range(self.n):
                     if peak[v] and not _constant(self.x[v][p]):
                         model.add(largest >= peak[v] * self.x[v][p])
@@ -222,6 +235,7 @@ class Model:
                     term = term + live_sum
                 else:
                     act = model.new_int_var(0, self.capacity, f"act_{p}")
+                    self.acts[p] = act
                     model.add(denominator * act >= numerator * live_sum)
                     term = term + act
             self.sizes.append(term)
@@ -239,6 +253,7 @@ class Model:
         if flops is not None:
             top = int(sum(flops)) if high is None else high
             self.bottleneck = model.new_int_var(min(low, top), top, "bottleneck_flops")
+            self.flops = flops
             loads = [self._weighted(flops, p) for p in range(K)]
         else:
             top = self.capacity if high is None else high
@@ -251,9 +266,18 @@ class Model:
 
     # -- hints and solving ----------------------------------------------------------------------
     def hint(self, part):
-        """Hint a complete assignment from a group index per node (positions)."""
+        """Hint a complete assignment from a group index per node (positions).
+
+        Every variable is hinted, the auxiliary ones (live flags, buffers,
+        scaled activations, the bottleneck) at the least value the
+        constraints allow, so a valid plan is a complete feasible solution
+        that CP-SAT takes as its first incumbent without a repair search.
+        """
         model = self.model
+        self._hint_auxiliary(part)
+        self.hinted = True
         for v in range(self.n):
+            self._check_clock()
             for p in range(self.groups):
                 var = self.started[v][p]
                 if not _constant(var):
@@ -266,12 +290,60 @@ class Model:
             if not _constant(var):
                 model.add_hint(var, 1 if p <= top else 0)
 
-    def solve(self, time_limit_s, workers, seed, parameters=SEARCH):
-        """Solve in a contained child (`run_contained`); a dict of status, objective, bound, part."""
-        time_limit_s = max(time_limit_s, 0.001)
-        return run_contained(lambda: self._solve_here(time_limit_s, workers, seed, parameters), time_limit_s)
+    def _hint_auxiliary(self, part):
+        """Hints of live[u][p], buffer[p], act[p] and the bottleneck for the grouping `part`."""
+        model, K, table = self.model, self.groups, self.table
+        part = np.asarray(part, dtype=np.int64)
+        last = part.copy()  # the group of u's last consumer (u's own for a sink)
+        np.maximum.at(last, table.sources, part[table.targets])
+        live_sum = np.zeros(K, dtype=object)
+        live = self.terms.live.tolist() if self.terms.live is not None else None
+        for u, p, flag in self.live_flags:
+            value = 1 if part[u] <= p <= last[u] else 0
+            model.add_hint(flag, value)
+        if live is not None:
+            for u in range(self.n):  # every output is live from its group to its last consumer's
+                for p in range(int(part[u]), int(last[u]) + 1):
+                    live_sum[p] += live[u]
+        summed = self.terms.summed.tolist()
+        peak = self.terms.peak.tolist() if self.terms.peak is not None else [0] * self.n
+        sizes = [0] * K
+        largest = [0] * K
+        for v in range(self.n):
+            sizes[int(part[v])] += summed[v]
+            largest[int(part[v])] = max(largest[int(part[v])], peak[v])
+        numerator, denominator = self.scale
+        for p in range(K):
+            if p in self.buffers:
+                model.add_hint(self.buffers[p], largest[p])
+                sizes[p] += largest[p]
+            if live is not None:
+                act = -((-numerator * int(live_sum[p])) // denominator)
+                if p in self.acts:
+                    model.add_hint(self.acts[p], act)
+                sizes[p] += act
+        if self.bottleneck is not None:
+            if getattr(self, "flops", None) is not None:
+                loads = [0] * K
+                for v in range(self.n):
+                    loads[int(part[v])] += self.flops[v]
+            else:
+                loads = sizes
+            model.add_hint(self.bottleneck, int(max(loads)))
 
-    def _solve_here(self, time_limit_s, workers, seed, parameters):
+    def solve(self, time_limit_s, workers, seed, parameters=SEARCH, *, stall_s=None, kill_after_s=None):
+        """Solve in a contained child (`run_contained`); a dict of status, objective, bound, part, stop_reason.
+
+        CP-SAT stops at `time_limit_s`, when it proves its answer, or (with
+        `stall_s`) when neither its incumbent nor its bound has moved for
+        `stall_s` seconds (`_Watch`).  The parent kills the child
+        `kill_after_s` seconds after the fork at the latest.
+        """
+        time_limit_s = max(time_limit_s, 0.001)
+        return run_contained(lambda: self._solve_here(time_limit_s, workers, seed, parameters, stall_s),
+                             time_limit_s, kill_after_s=kill_after_s)
+
+    def _solve_here(self, time_limit_s, workers, seed, parameters, stall_s=None):
         cp_model = self.cp_model
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit_s
@@ -283,17 +355,99 @@ class Model:
             solver.parameters.interleave_search = True
         for name, value in parameters.items():
             setattr(solver.parameters, name, value)
-        code = solver.solve(self.model)
+        watch = _Watch(solver, time.perf_counter() + time_limit_s, stall_s)
+        try:
+            code = solver.solve(self.model, watch.callback(cp_model))
+        finally:
+            watch.close()
         status = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
                   cp_model.INFEASIBLE: "INFEASIBLE", cp_model.MODEL_INVALID: "MODEL_INVALID"}.get(code, "UNKNOWN")
         result = {"status": status, "wall_s": solver.wall_time, "branches": solver.num_branches,
-                  "conflicts": solver.num_conflicts}
+                  "conflicts": solver.num_conflicts, "stop_reason": watch.stop_reason(status)}
         if status in ("OPTIMAL", "FEASIBLE"):
             result["objective"] = int(round(solver.objective_value))
             result["bound"] = int(np.ceil(solver.best_objective_bound - 1e-9))
-            part = []
-            for row in self.started:
-                part.append(next(p for p in range(self.groups)
-                                 if (row[p] if _constant(row[p]) else solver.value(row[p]))))
-            result["part"] = part
+            result["part"] = self._parts(solver)
         return result
+
+    def _parts(self, solver):
+        """Each node's group in the solution: first[v] + the started[v][p] variables that are 0 (order encoding)."""
+        rows, indices, first = [], [], []
+        for v, row in enumerate(self.started):
+            first.append(self.earliest[v])
+            for var in row:
+                if not _constant(var):
+                    rows.append(v)
+                    indices.append(var.index)
+        solution = solver.response_proto.solution
+        values = np.fromiter(solution, dtype=np.int64, count=len(solution))
+        zeros = np.bincount(np.asarray(rows, dtype=np.int64), weights=1 - values[np.asarray(indices, dtype=np.int64)],
+                            minlength=self.n) if rows else np.zeros(self.n)
+        return (np.asarray(first, dtype=np.int64) + zeros.astype(np.int64)).tolist()
+
+
+#: How often the watchdog of a solve looks at the clock (seconds).
+_WATCH_EVERY_S = 0.05
+
+
+class _Watch:
+    """Stops a CP-SAT solve at its end time or when it stalls; says why the solve stopped.
+
+    A stall is `stall_s` seconds in which neither a new incumbent (solution
+    callback) nor a better bound (``best_bound_callback``) arrived; before
+    the first of them the window is twice as long, from the start of the
+    solve (loading and presolving a large model is not yet a stall, but a
+    solve that finds nothing at all, not even its hint, is).  A watchdog thread calls
+    ``solver.stop_search()``; CP-SAT then returns its best solution, with the
+    status it has proved (FEASIBLE unless it proved optimality meanwhile).
+    The end time is CP-SAT's own limit too; the watchdog only makes sure a
+    long presolve or model load cannot run past it.
+    """
+
+    def __init__(self, solver, end, stall_s):
+        import threading
+
+        self.solver = solver
+        self.end = end
+        self.stall_s = stall_s
+        self.started = time.perf_counter()
+        self.last_change = None  # no incumbent or bound yet
+        self.stopped = None
+        self.done = threading.Event()
+        solver.best_bound_callback = self._moved
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def callback(self, cp_model):
+        watch = self
+
+        class _Incumbents(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self):
+                watch._moved()
+
+        return _Incumbents()
+
+    def _moved(self, *_):
+        self.last_change = time.perf_counter()
+
+    def _run(self):
+        while not self.done.wait(_WATCH_EVERY_S):
+            now = time.perf_counter()
+            if now >= self.end:
+                self.stopped = "time limit"
+            elif self.stall_s is not None and (now - self.last_change >= self.stall_s if self.last_change is not None
+                                               else now - self.started >= 2 * self.stall_s):
+                self.stopped = f"stall: neither the incumbent nor the bound moved for {self.stall_s:.3g} s"
+            else:
+                continue
+            self.solver.stop_search()
+            return
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+
+    def stop_reason(self, status):
+        if status in ("OPTIMAL", "INFEASIBLE"):
+            return "proved"
+        return self.stopped or "time limit"

@@ -92,10 +92,13 @@ from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_ac
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
-           "MAX_REACH_NODES"]
+           "MAX_REACH_NODES", "BOUNDS_SHARE"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
+
+#: The share of a solver's time limit after which it leaves out the O(n·e) bounds (`all_bounds`' `deadline`).
+BOUNDS_SHARE = 0.4
 
 
 def _ceil_div(numerator, denominator):
@@ -251,10 +254,11 @@ def _heaviest_path(table, weights):
     return path, predecessors
 
 
-def reachability(table):
+def reachability(table, *, deadline=None):
     """Boolean n×n matrix with ``reach[u, v]`` when a path u ⇝ v exists (u ≠ v); None above `MAX_REACH_NODES`.
 
-    O(n·e) vectorised row unions in reverse topological order.
+    O(n·e) vectorised row unions in reverse topological order.  Also None
+    when `deadline` (a `cachefit.solvers._deadline.Deadline`) passes first.
 
     Examples
     --------
@@ -268,6 +272,8 @@ def reachability(table):
     reach = np.zeros((n, n), dtype=bool)
     successors = table.successors()
     for u in range(n - 1, -1, -1):  # reverse topological order
+        if deadline is not None and (n - 1 - u) % 256 == 0 and deadline.expired():
+            return None
         row = reach[u]
         for v in successors[u]:
             row[v] = True
@@ -275,11 +281,12 @@ def reachability(table):
     return reach
 
 
-def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """(H, T): per node, the groups needed up to and including its own, and from its own on.
 
     See the module notes.  Returns None when the reachability matrix is not
-    available (too many nodes) or no byte of a group is free for items.
+    available (too many nodes), no byte of a group is free for items, or
+    `deadline` (a `cachefit.solvers._deadline.Deadline`) passes first.
     """
     if reach is None:
         reach = reachability(table)
@@ -294,13 +301,15 @@ def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     before = items.astype(np.int64).copy()
     after = items.astype(np.int64).copy()
     for start in range(0, n, 256):
+        if deadline is not None and deadline.expired():
+            return None
         block = slice(start, min(start + 256, n))
         before[block] += items @ reach[:, block].astype(np.int64)
         after[block] += reach[block].astype(np.int64) @ items
     return -((-before) // room), -((-after) // room)
 
 
-def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """max over v of H_v + T_v − 1 (module notes); 0 when not computed.
 
     Examples
@@ -310,7 +319,7 @@ def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, r
     >>> head_tail_bound(table, 100, memory="additive"), sum_bound(table, 100, memory="additive")
     (3, 2)
     """
-    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
     if result is None:
         return 0
     head, tail = result
@@ -398,7 +407,7 @@ class _PathRun:
         self._counted.add(v)
 
 
-def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """span(u): groups in which u's output is live in any plan, at least (module notes, span bound).
 
     Returns
@@ -406,7 +415,7 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     numpy.ndarray of int64 or None
         One entry per position (1 for a sink); None when the model has no
         live term, the reachability matrix is not available (too many
-        nodes) or no byte of a group is free for items.
+        nodes), no byte of a group is free for items, or `deadline` passed first.
 
     Examples
     --------
@@ -429,6 +438,8 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     spans = np.ones(table.n, dtype=np.int64)
     sources, targets = table.sources, table.targets
     for start in range(0, sources.size, 256):
+        if deadline is not None and deadline.expired():
+            return None
         source, target = sources[start:start + 256], targets[start:start + 256]
         between = reach[source] & reach[:, target].T  # descendants(u) ∩ ancestors(z), one row per edge
         held = between.astype(np.int64) @ items + items[source] + items[target]
@@ -440,7 +451,7 @@ def live_spans(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return spans
 
 
-def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """⌈(Σw + max b + ⌈f·Σ a·span⌉) / C⌉ under liveness (module notes); 0 when not computed.
 
     In the model's terms: Σ summed + max peak + ⌈f·Σ live·span⌉.  A model
@@ -455,7 +466,7 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     """
     if table.n == 0:
         return 0
-    spans = live_spans(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach)
+    spans = live_spans(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
     if spans is None:
         return 0
     terms = _terms(table, memory)
@@ -463,8 +474,13 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return max(1, _ceil_div(_total(terms, live, chunk_fraction), capacity))
 
 
-def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ...}``.
+
+    With a `deadline` (`cachefit.solvers._deadline.Deadline`), the bounds
+    that need the reachability matrix (head–tail, span: O(n·e)) are left at
+    0 once it has passed; the others (O(n + e)) are always computed.  A bound
+    left out only weakens the maximum, never makes it invalid.
 
     Examples
     --------
@@ -474,21 +490,30 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     """
     if table.n == 0:
         return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
-    if reach is None:
-        reach = reachability(table)
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
-    return {
+    bounds = {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         # With no room left after the reserved part, every item must be 0 (else no plan
         # exists and the solvers say so first), and one bin may hold them all.
         "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
-        "head_tail": head_tail_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
-        "span": span_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach),
+        "head_tail": 0,
+        "span": 0,
     }
+    late = deadline.expired if deadline is not None else (lambda: False)
+    if reach is None and not late():
+        reach = reachability(table, deadline=deadline)
+    if reach is None:
+        return bounds
+    for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
+        if late():
+            break
+        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                             deadline=deadline)
+    return bounds
 
 
-def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None):
+def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """The best proven lower bound on k for `table` under `memory`: the max of all bounds.
 
     For a chain this is the path bound alone, which is then the optimal k
@@ -504,6 +529,8 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     chunk_fraction : float in (0, 1]
     reach : numpy.ndarray, optional
         A `reachability` matrix to reuse.
+    deadline : Deadline, optional
+        Past it, the O(n·e) bounds are left out (`all_bounds`).
 
     Returns
     -------
@@ -526,4 +553,5 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
         return 0
     if table.is_chain:
         return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
-    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach).values())
+    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                          deadline=deadline).values())

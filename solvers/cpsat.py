@@ -47,11 +47,26 @@ solve, far cheaper than a spawned interpreter.  After a crash the solve is
 retried once under `CERTIFY`; ``stats["backend_crash"]`` and the plan's
 ``reason`` say what happened, and the plan is the best one known.
 
-**The time limit covers the whole call.**  Hints stop at `HINT_SHARE` of
-the limit; each model's size is estimated before building
-(`_model_cells`, `BUILD_S_PER_CELL`) and its build stops at its share of
-the remaining time (`BuildTimeout`); a phase that cannot fit is skipped and
-``stats["phase1"]``/``["phase2"]`` say so, leaving the best hint.
+**The time limit covers the whole call** (`cachefit.solvers._deadline`).
+One `Deadline` is read by every phase: the O(n·e) bounds are left out past
+`cachefit.solvers.bounds.BOUNDS_SHARE` of the limit; hints stop at
+`HINT_SHARE` (an order is cut by dp only when `DP_S_PER_NODE` says it
+fits, else kept as found); each model's size is estimated before building
+(`_model_cells`, `BUILD_S_PER_CELL`, `BUILD_S_PER_CELL_NO_LIVE`) and its build, hints included, stops
+at its share of the remaining time (`BuildTimeout`); a phase that cannot
+fit is skipped and ``stats["phase1"]``/``["phase2"]`` say so, leaving the
+best hint.  Every solve, re-proving solves included, ends by the call's
+deadline less `cachefit.solvers._deadline.finish_reserve` (kept for assembling and checking the
+plan): CP-SAT's own limit and a watchdog in the child stop it 0.15 s
+before (CP-SAT can take that long to stop its workers on a loaded
+machine), and the parent kills a child that has not answered by then.
+
+**CP-SAT stops when it stalls.**  A search solve (phase 1 or 2) also stops
+when neither its incumbent nor its bound has moved for `stall_s` of the
+limit (``max(STALL_MIN_S, STALL_SHARE × limit)``: 2 s of a 10 s limit),
+or when it proves its answer; ``stats["stop_reason"]`` says why the call
+ended (``"proved"``, ``"stall: ..."``, ``"time limit ..."``).  A stopped
+solve claims nothing: its plan is FEASIBLE unless certified as above.
 """
 
 from __future__ import annotations
@@ -69,12 +84,14 @@ from ..errors import InputError
 from ..result import Status
 from ..memory import get_model, group_sizes
 from ._cpsat_child import CONTAINED
-from ._cpsat_model import CERTIFY, SEARCH, BuildTimeout, Model
+from ._cpsat_model import CERTIFY, SEARCH, SEARCH_FROM_HINT, BuildTimeout, Model
 from ._common import Problem, alone_sizes, finish, no_plan, refuse
-from ._schedule import ListScheduler, cut_order
-from .bounds import forced_bytes, head_tail, item_sizes, lower_bound, reachability
+from ._deadline import Deadline, finish_reserve
+from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
+from .bounds import BOUNDS_SHARE, forced_bytes, head_tail, item_sizes, lower_bound, reachability
+from .greedy import greedy_bounds
 
-__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale"]
+__all__ = ["cpsat", "DEFAULT_TIME_LIMIT_S", "activation_scale", "stall_s"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +174,17 @@ def _part_from(groups, n):
 
 # -- Hints: list scheduling over the DAG, then dp on the order it found ------------------------------
 
-def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None):
+def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadline=None, intervals=None,
+            first_by=None):
     """Candidate plans (groups of positions) for hints: dp on the given order and on list-schedule orders.
 
-    Past `deadline` (a `time.perf_counter` value) no further order is tried;
-    dp on the given order always is.
+    Past `deadline` (a `Deadline`) no further list schedule is tried, and an
+    order is cut by dp only while `DP_S_PER_NODE` says dp fits in the time
+    left, fewest groups first (the first one while it fits before
+    `first_by`, a later deadline); the others (k=None) are kept as found: the
+    list schedule's own groups, or greedy's cut of the given order (O(n),
+    with `intervals` of the given order).  With an explicit k the given
+    order is always cut by dp (only dp splits into exactly k groups).
     """
     n = table.n
     items, _ = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
@@ -178,24 +201,40 @@ def _starts(table, capacity, memory, chunk_fraction, k, seed, flops=None, deadli
     }
     for index in range(2):
         rules[f"random {index}"] = rng.random(n).tolist()
-    orders = {"given order": list(range(n))}
+    given = None
+    if intervals is not None:
+        bounds, _ = greedy_bounds(intervals, capacity)
+        if bounds is not None:
+            given = [list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    found = [("given order", list(range(n)), given)]
     scheduler = ListScheduler(table, capacity, memory, chunk_fraction)
+    late = deadline.expired if deadline is not None else (lambda: False)
     for name, priority in rules.items():
-        if deadline is not None and time.perf_counter() > deadline:
+        first = len(found) == 1 and first_by is not None  # the first list schedule may run until `first_by`
+        if late() and not first:
             break
-        packed = scheduler.pack(list(range(n)), {}, priority)
+        packed = scheduler.pack(list(range(n)), {}, priority, deadline=first_by if first else deadline)
         if packed is not None:
-            orders[f"list schedule ({name})"] = [v for group in packed[0] for v in group]
+            found.append((f"list schedule ({name})", [v for group in packed[0] for v in group], packed[0]))
+    if k is None:
+        found.sort(key=lambda entry: len(entry[2]) if entry[2] is not None else n + 1)
     starts = []
     seen = set()
-    for name, order in orders.items():
+    for name, order, groups in found:
         key = tuple(order)
-        if key in seen or (starts and deadline is not None and time.perf_counter() > deadline):
+        if key in seen:
             continue
         seen.add(key)
-        groups = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
-        if groups is not None:
-            starts.append((name, groups))
+        must = k is not None and name == "given order"
+        fits = deadline is None or deadline.remaining() >= DP_S_PER_NODE * n or (
+            not starts and first_by is not None and first_by.remaining() >= DP_S_PER_NODE * n)
+        if must or fits:
+            cut = cut_order(table, order, capacity, memory, chunk_fraction, k, flops)
+            if cut is not None:
+                starts.append((name, cut))
+                continue
+        if k is None and groups is not None:
+            starts.append((f"{name}, not rebalanced (no time for dp)", groups))
     return starts
 
 
@@ -209,7 +248,7 @@ def _bottleneck(table, groups, memory, chunk_fraction, flops=None):
 
 
 def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-          workers=None, balance="memory"):
+          workers=None, balance="memory", deadline=None):
     """Exact partition over every valid grouping of a DAG with OR-Tools CP-SAT.
 
     Parameters
@@ -234,6 +273,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         The bottleneck of the second solve: the largest group's bytes, or its
         Σ ``flops`` with every group still within the capacity
         (``stats["bottleneck_bound"]`` is then in flops).
+    deadline : Deadline, optional
+        A `cachefit.solvers._deadline.Deadline` that replaces `time_limit_s`
+        (`auto` shares one between its solvers; tests inject a clock).
 
     Returns
     -------
@@ -247,7 +289,9 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
         ``stats`` holds each phase's CP-SAT status and time, where the hint
         came from, when k was proved (``k_proved_s``, seconds into the
         call), the bottleneck bound and whether the bottleneck is proved
-        (``bottleneck_optimal``).  Σ S² is not minimised
+        (``bottleneck_optimal``), the seconds of set-up before the first
+        CP-SAT solve (``setup_s``: bounds, hints, the first model build) and
+        why the call ended (``stop_reason``).  Σ S² is not minimised
         (``stats["sum_squares"] = "not minimised"``).
 
     Raises
@@ -314,7 +358,11 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
     if problem.table.n == 0:
         return finish(problem, "cpsat", [], status=Status.OPTIMAL, lower=0,
                       stats={"bottleneck_optimal": True, "gap": 0})
-    search = _Search(problem, int(workers), float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S))
+    if deadline is None:
+        deadline = Deadline(float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S), start=problem.started)
+    else:  # the shares of the phases are of the time this call has (`auto` runs it after a search)
+        deadline = deadline.within(1.0)
+    search = _Search(problem, int(workers), deadline)
     if problem.k is not None and problem.k < search.lower:
         return no_plan(problem, "cpsat", Status.INFEASIBLE,
                        f"k = {problem.k} is below the minimum number of groups, {search.lower}", lower=search.lower)
@@ -340,24 +388,30 @@ def cpsat(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, tim
 class _Search:
     """One call's state: the problem, the independent bounds, the time budget and the stats."""
 
-    def __init__(self, problem, workers, limit):
+    def __init__(self, problem, workers, deadline):
         self.problem = problem
         self.table = problem.table
         self.workers = workers
-        self.limit = limit
-        self.deadline = problem.started + limit
+        self.deadline = deadline
+        self.limit = float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S)  # the caller's (auto's: the whole call's)
+        self.solving = deadline.reserve(finish_reserve(self.table.n, deadline.limit_s))  # solves and builds end here
+        self.stall_s = stall_s(self.limit)
+        self.teardown_s = 0.0  # freeing the largest model built so far (`TEARDOWN_S_PER_CELL`)
         imported = time.perf_counter()
         from ortools.sat.python import cp_model  # noqa: F401  (seconds on a first call: kept out of the build budgets)
 
         self.import_s = time.perf_counter() - imported
-        self.reach = reachability(self.table)
-        self.head_tail = head_tail(self.table, problem.capacity, memory=problem.memory,
-                                   chunk_fraction=problem.chunk_fraction, reach=self.reach)
+        bounds_by = deadline.at_share(BOUNDS_SHARE)  # past it the O(n·e) bounds and domains are left out
+        self.reach = reachability(self.table, deadline=bounds_by)
+        self.head_tail = (head_tail(self.table, problem.capacity, memory=problem.memory,
+                                    chunk_fraction=problem.chunk_fraction, reach=self.reach, deadline=bounds_by)
+                          if self.reach is not None else None)
         self.lower = lower_bound(self.table, problem.capacity, memory=problem.memory,
-                                 chunk_fraction=problem.chunk_fraction, reach=self.reach)
+                                 chunk_fraction=problem.chunk_fraction, reach=self.reach, deadline=bounds_by)
         self.k_certificate = None
         self.crash = None
-        self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": limit,
+        self.stops = []  # (phase, why its solve stopped)
+        self.stats = {"workers": workers, "seed": problem.seed, "time_limit_s": self.limit,
                       "sum_squares": "not minimised", "contained": CONTAINED}
         if self.import_s > 0.01:
             self.stats["import_s"] = round(self.import_s, 3)
@@ -370,13 +424,15 @@ class _Search:
         self.scale = scale
 
     def remaining(self):
-        return self.deadline - time.perf_counter()
+        """Seconds left for building and solving (the call's deadline less the finishing and teardown reserves)."""
+        return self.solving.remaining() - self.teardown_s
 
     def hints(self):
         """Phase 0: the best start (fewest groups, then smallest bottleneck), or None."""
         problem = self.problem
         starts = _starts(self.table, problem.capacity, problem.memory, problem.chunk_fraction, problem.k,
-                         problem.seed, problem.flops, deadline=problem.started + HINT_SHARE * self.limit)
+                         problem.seed, problem.flops, deadline=self.deadline.at_share(HINT_SHARE),
+                         intervals=problem.intervals(), first_by=self.solving)
         best = None
         for name, groups in starts:
             key = (len(groups), self.bottleneck(groups))
@@ -389,43 +445,61 @@ class _Search:
     def bottleneck(self, groups):
         return _bottleneck(self.table, groups, self.problem.memory, self.problem.chunk_fraction, self.problem.flops)
 
-    def build(self, phase, groups, share, **options):
-        """The model for `groups` groups, or None (with the reason in stats) when it cannot be built in time.
+    def build(self, phase, groups, share, hint=None, **options):
+        """The model for `groups` groups, hinted with `hint` (groups), or None when it cannot be built in time.
 
         The build may use `share` of the remaining time: its size is
-        estimated first (`_model_cells`) and the build is abandoned when the
-        clock passes its budget (`BuildTimeout`).
+        estimated first (`_model_cells`) and the build, hints included, is
+        abandoned when the clock passes its budget (`BuildTimeout`); either
+        way stats say so.
         """
         problem = self.problem
         earliest, latest = _domains(self.table.n, groups, self.head_tail)
-        budget = share * self.remaining()
+        budget = self.solving.within(share)
         cells = _model_cells(self.table, self.live is not None, groups, earliest, latest)
-        if cells * BUILD_S_PER_CELL > budget:
+        if cells * (BUILD_S_PER_CELL if self.live is not None else BUILD_S_PER_CELL_NO_LIVE) > budget.limit_s:
             self.stats[phase] = (f"skipped: a model of ~{cells} cells would not be built within "
-                                 f"{max(budget, 0):.3g} s of the time limit")
+                                 f"{max(budget.limit_s, 0):.3g} s of the time limit")
             return None
-        started = time.perf_counter()
         from ..progress import task  # progress of the build and solve phases (a no-op without a reporter)
         try:
             with task(f"CP-SAT {phase}: building a {groups}-group model"):
                 model = Model(self.table, problem.capacity, problem.memory, self.scale, groups, earliest, latest,
-                              self.reach, deadline=started + budget, **options)
+                              self.reach, deadline=budget, **options)
+                if hint is not None:
+                    model.hint(_part_from(hint, self.table.n))
         except BuildTimeout:
-            self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget:.3g} s"
+            self.stats[phase] = f"skipped: the model (~{cells} cells) was not built within {budget.limit_s:.3g} s"
             return None
-        self.stats[f"{phase}_build_s"] = round(time.perf_counter() - started, 3)
+        self.stats[f"{phase}_build_s"] = round(budget.elapsed(), 3)
+        per_cell = TEARDOWN_S_PER_CELL if self.live is not None else TEARDOWN_S_PER_CELL / 10
+        self.teardown_s = max(self.teardown_s, cells * per_cell)
         return model
 
     def solve(self, model, phase, time_limit_s, parameters=SEARCH, *, feasible=False):
-        """Solve `model` in a contained child.
+        """Solve `model` in a contained child, for at most `time_limit_s` and never past the solving deadline.
 
-        After a backend crash, or an INFEASIBLE answer although a plan of the
+        A search solve (`SEARCH`) with an objective also stops when it stalls
+        (`stall_s`).  After a backend crash, or an INFEASIBLE answer although a plan of the
         model is known (`feasible`), the solve is retried once with `CERTIFY`
         (no presolve, no LP, one worker), if time is left.
         """
         from ..progress import task  # the solve runs in a forked child: the parent reports its phase and time
+        # CP-SAT unwinds its workers after its limit (0.1-0.2 s past it on a loaded 2-core machine), then the
+        # child reads back, sends and exits (tens of ms for thousands of nodes): both within the margin.
+        time_limit_s = min(time_limit_s, self.remaining() - (0.15 + 2.5e-5 * self.table.n))
+        if time_limit_s <= 0.0:
+            self.stats[f"{phase}_solve"] = "skipped: no time left"
+            return {"status": "skipped"}
+        stall = self.stall_s if parameters is SEARCH and model.has_objective else None
+        if parameters is SEARCH and model.hinted and self.live is not None:
+            parameters = SEARCH_FROM_HINT  # presolve would lose the hint (`SEARCH_FROM_HINT`)
+        self.stats.setdefault("setup_s", round(self.deadline.elapsed(), 3))  # seconds before the first search starts
         with task(f"CP-SAT {phase}: solving (limit {time_limit_s:.3g} s)"):
-            result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters)
+            result = model.solve(time_limit_s, self.workers, self.problem.seed, parameters, stall_s=stall,
+                                 kill_after_s=self.remaining())
+        if "stop_reason" in result:
+            self.stops.append((phase, result["stop_reason"]))
         retry = None
         if result["status"] == "CRASHED":
             self.crash = f"{phase}: {result['crash']}"
@@ -435,7 +509,8 @@ class _Search:
             self.stats[f"{phase}_refuted"] = "INFEASIBLE although a plan of the model is known"
             retry = "after a refuted INFEASIBLE"
         if retry and parameters is not CERTIFY and self.remaining() > 0.05:
-            result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY)
+            result = model.solve(self.remaining() * 0.5, 1, self.problem.seed, CERTIFY,
+                                 kill_after_s=self.remaining())
             self.stats[f"{phase}_retry"] = f"without presolve and LP {retry}: {result['status']}"
         self.stats[f"{phase}_overhead_s"] = round(result.get("overhead_s", 0.0), 4)
         return result
@@ -448,6 +523,7 @@ class _Search:
             return no_plan(problem, "cpsat", Status.UNKNOWN, self._reason(why), lower=lower, stats=self.stats)
         self.stats["gap"] = len(groups) - lower
         self.stats.setdefault("bottleneck_optimal", False)
+        self.stats["stop_reason"] = self._stop_reason(groups, status, lower)
         plan = finish(problem, "cpsat", groups, status=status, lower=lower, stats=self.stats)
         report = check(plan)
         if not report.ok:  # a solver bug: never hand out a plan the checker rejects
@@ -456,6 +532,19 @@ class _Search:
             plan = replace(plan, reason=self._reason("the plan is the best one found without it, re-checked"))
         return plan
 
+    def _stop_reason(self, groups, status, lower):
+        """Why the call ended: everything proved, a stalled solve, or the time limit."""
+        if self.stats.get("bottleneck_optimal") and (self.problem.k is not None or len(groups) == lower):
+            return "proved"
+        stalls = [why for _, why in self.stops if why.startswith("stall")]
+        if stalls and not any(why == "time limit" for _, why in self.stops):
+            return stalls[-1]
+        skipped = [phase for phase in ("phase1", "phase2") if str(self.stats.get(phase, "")).startswith("skipped")]
+        if skipped:
+            return (f"the model is too large for the time limit ({self.limit:g} s): {' and '.join(skipped)} "
+                    "skipped, not built in the time left")
+        return f"time limit ({self.limit:g} s)"
+
     def _reason(self, why):
         return f"the CP-SAT backend crashed ({self.crash}); {why}" if self.crash else why
 
@@ -463,9 +552,35 @@ class _Search:
 #: Share of the time limit after which no further hint order is tried.
 HINT_SHARE = 0.3
 
+
+#: A search solve stops when neither its incumbent nor its bound moved for
+#: max(`STALL_MIN_S`, `STALL_SHARE` × the call's limit) seconds.
+STALL_MIN_S = 1.0
+STALL_SHARE = 0.2
+
+
+def stall_s(limit_s):
+    """The stall window of a call with time limit `limit_s` (module notes).
+
+    >>> stall_s(2.0), stall_s(10.0), stall_s(30.0)
+    (1.0, 2.0, 6.0)
+    """
+    return max(STALL_MIN_S, STALL_SHARE * float(limit_s))
+
+
+
 #: Seconds per model cell (one Boolean with its clauses) of `Model`'s build, measured on a
 #: loaded 2-core machine; only used to skip builds that clearly cannot fit in the time limit.
 BUILD_S_PER_CELL = 2e-5
+
+#: The same for a model without a live term (additive): no live flags, ~10× cheaper per cell (the
+#: 145-group model of the 2,000-node tight dag-layered additive instance, ~650k cells, builds in 0.75 s).
+BUILD_S_PER_CELL_NO_LIVE = 2.5e-6
+
+#: Seconds per model cell to free a built model (its Python objects): ~1.5 µs with a live term (0.19 s
+#: for the 133k-cell model of the 500-node tight dag-layered liveness instance), twice that kept in
+#: reserve; a tenth of it without a live term.  The largest model built is kept off the solving time.
+TEARDOWN_S_PER_CELL = 3e-6
 
 
 def _model_cells(table, has_live, groups, earliest, latest):
@@ -487,11 +602,9 @@ def _fewest_groups(search, best_groups):
         search.lower, stats["k_certificate"] = upper, "equals the lower bound"
         stats["k_proved_s"] = round(search.problem.elapsed(), 3)
         return best_groups
-    model = search.build("phase1", upper, 0.5, exact_k=False, minimum_groups=search.lower)
+    model = search.build("phase1", upper, 0.5, hint=best_groups, exact_k=False, minimum_groups=search.lower)
     if model is None:
         return best_groups if best_groups else search.plan(None, f"{stats['phase1']}; no hint either")
-    if best_groups is not None:
-        model.hint(_part_from(best_groups, n))
     result = search.solve(model, "phase1", 0.7 * search.remaining(), feasible=best_groups is not None)
     stats["phase1"], stats["phase1_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     if result["status"] == "INFEASIBLE" and best_groups is None:  # with a plan in hand it is a backend error
@@ -516,6 +629,8 @@ def _better(search, groups, found):
     if not found or (groups is not None and len(found) >= len(groups)):
         return groups
     problem = search.problem
+    if search.remaining() < DP_S_PER_NODE * search.table.n:  # no time to rebalance: the plan as found
+        return found
     order = [v for group in found for v in group]
     return cut_order(search.table, order, problem.capacity, problem.memory, problem.chunk_fraction, None,
                      problem.flops) or found
@@ -574,12 +689,10 @@ def _smallest_bottleneck(search, target, groups):
     problem, stats, n = search.problem, search.stats, search.table.n
     low = _bottleneck_floor(search, target)
     options = dict(exact_k=True, bottleneck_low=low, flops=None if problem.flops is None else problem.flops.tolist())
-    model = search.build("phase2", target, 0.6, **options) if search.remaining() > 0.05 else None
+    model = search.build("phase2", target, 0.6, hint=groups, **options) if search.remaining() > 0.05 else None
     if model is None:
         stats.setdefault("phase2", "skipped: no time left")
         return _final(search, target, groups, low, certified=False)
-    if groups is not None:
-        model.hint(_part_from(groups, n))
     result = search.solve(model, "phase2", 0.7 * search.remaining(), feasible=groups is not None)
     stats["phase2"], stats["phase2_wall_s"] = result["status"], round(result.get("wall_s", 0.0), 3)
     stats["phase2_bound_uncertified"] = result.get("bound")
@@ -598,6 +711,7 @@ def _smallest_bottleneck(search, target, groups):
         if len(found) == target and (groups is None or search.bottleneck(found) <= search.bottleneck(groups)):
             groups = found
     certified = result["status"] == "OPTIMAL" and groups is not None
+    del model  # freed now, within the solving time (`TEARDOWN_S_PER_CELL`), not after the plan is assembled
     if certified:
         groups, certified = _certify_bottleneck(search, target, groups, low, options)
     return _final(search, target, groups, low, certified)

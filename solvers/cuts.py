@@ -24,7 +24,6 @@ for n ≤ 12; this one only visits the down-sets reachable within the capacity.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..memory import OpenGroup, get_model
@@ -35,7 +34,10 @@ __all__ = ["CutSearch", "fewest_groups", "MAX_CUT_STATES"]
 MAX_CUT_STATES = 200_000
 
 #: Group sets tried between two looks at the clock.
-_CLOCK_EVERY = 2048
+_CLOCK_EVERY = 256
+
+#: Group sets tried between two projections of the arcs still to come.
+_PROJECT_EVERY = 2048
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,8 @@ def fewest_groups(table, capacity, *, memory="liveness", chunk_fraction=1.0, max
         Give up after enumerating this many (down-set, group) pairs (default 200 × `max_states`), or
         as soon as the pairs so far, divided by the share of the nodes the deepest down-set reached
         holds, project beyond it (the signature of a wide graph, after one or two levels).
-    deadline : float, optional
-        A `time.perf_counter` value to give up at.
+    deadline : Deadline, optional
+        A `cachefit.solvers._deadline.Deadline` to give up at.
 
     Returns
     -------
@@ -178,11 +180,13 @@ def fewest_groups(table, capacity, *, memory="liveness", chunk_fraction=1.0, max
             raise _OutOfBudget
         if ticks[0] % _CLOCK_EVERY == 0:
             # Projected arcs: those so far over the share of the nodes the deepest down-set holds.
-            if ticks[0] * masks.n > most_arcs * max(deepest[0], 1):
+            if ticks[0] % _PROJECT_EVERY == 0 and ticks[0] * masks.n > most_arcs * max(deepest[0], 1):
                 raise _OutOfBudget
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and deadline.expired():
                 raise _OutOfBudget
 
+    if deadline is not None and deadline.expired():
+        return None
     try:
         while full not in parent:
             k += 1

@@ -50,15 +50,15 @@ limit is not what stops it (the stall rule counts attempts, not seconds).
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
 from ..memory import group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
-from ._schedule import ListScheduler, cut_order
-from .bounds import item_sizes
+from ._deadline import Deadline, finish_reserve
+from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
+from .bounds import BOUNDS_SHARE, item_sizes, lower_bound
 from .cuts import MAX_CUT_STATES, fewest_groups
 from .greedy import greedy_bounds
 
@@ -81,7 +81,8 @@ CUT_ARCS_PER_NODE = 400
 #: The search stops after this many window repackings in a row without a better plan.
 STALL_ATTEMPTS = 3000
 
-#: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone).
+#: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone;
+#: when dp is not expected to fit in it (`DP_S_PER_NODE`), the repackings keep it).
 REBALANCE_SHARE = 0.2
 
 
@@ -182,18 +183,20 @@ def _construct(problem, packer, rng, deadline):
     rules = ("fit", "free") if packer.has_live else ("fit",)
     for name, priority in _priorities(table, items, rng, 4).items():
         for rule in rules:
-            if time.perf_counter() > deadline and candidates:
+            if deadline.expired() and candidates:
                 break
-            packed = packer.pack(list(range(table.n)), {}, priority, rule)
+            packed = packer.pack(list(range(table.n)), {}, priority, rule, deadline=None if not candidates else deadline)
             if packed is not None:
                 candidates.append((f"list schedule ({name}{', freeing first' if rule == 'free' else ''})",
                                    packed[0]))
     if not candidates:
         return None
+    fewest = min(len(groups) for _, groups in candidates)
     scored = []
     for name, groups in candidates:
-        sizes = _sizes(problem, groups)
-        scored.append(((len(groups), max(sizes)), name, groups, sizes))
+        if len(groups) == fewest:  # sizes (O(n + e) each) only for the ties on k
+            sizes = _sizes(problem, groups)
+            scored.append(((len(groups), max(sizes)), name, groups, sizes))
     scored.sort(key=lambda entry: entry[0])
     _, name, groups, sizes = scored[0]
     return name, groups, sizes
@@ -237,7 +240,7 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
             return "k meets the lower bound", attempts, improvements
         if since >= stall_attempts:
             return f"stalled: {since} window repackings in a row without fewer groups", attempts, improvements
-        if time.perf_counter() >= deadline:
+        if deadline.expired():
             return "time limit", attempts, improvements
         width = int(rng.integers(2, min(MAX_WINDOW, incumbent.k) + 1))
         start = int(rng.integers(0, incumbent.k - width + 1))
@@ -251,7 +254,7 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
 
 
 def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True):
+           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True, deadline=None):
     """A DAG grouping by list scheduling and window repacking (module notes).
 
     Parameters
@@ -276,6 +279,9 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         First try the exact search over cuts (`cachefit.solvers.cuts`), for
         at most `CUTS_SHARE` of the time limit; it proves k on narrow graphs
         and gives up quickly on wide ones.
+    deadline : Deadline, optional
+        A `cachefit.solvers._deadline.Deadline` that replaces `time_limit_s`
+        (`auto` shares one between its solvers; tests inject a clock).
 
     Returns
     -------
@@ -317,9 +323,13 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     table = problem.table
     if table.n == 0:
         return finish(problem, "search", [], lower=0, stats={"stop_reason": "empty graph"})
-    limit = float(problem.time_limit_s or DEFAULT_SEARCH_LIMIT_S)
-    deadline = problem.started + limit
-    lower = problem.lower_bound()
+    if deadline is None:
+        deadline = Deadline(float(problem.time_limit_s or DEFAULT_SEARCH_LIMIT_S), start=problem.started)
+    else:  # the shares of the phases are of the time this call has
+        deadline = deadline.within(1.0)
+    limit = deadline.limit_s
+    lower = lower_bound(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
+                        deadline=deadline.at_share(BOUNDS_SHARE))
     reason = check_k(problem, lower)
     if reason:
         return no_plan(problem, "search", Status.INFEASIBLE, reason, lower=lower)
@@ -327,12 +337,16 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     if cuts:
         exact = fewest_groups(table, problem.capacity, memory=problem.memory, chunk_fraction=problem.chunk_fraction,
                               max_states=min(MAX_CUT_STATES, CUT_STATES_PER_NODE * table.n),
-                              max_arcs=CUT_ARCS_PER_NODE * table.n, deadline=problem.started + CUTS_SHARE * limit)
+                              max_arcs=CUT_ARCS_PER_NODE * table.n, deadline=deadline.at_share(CUTS_SHARE))
     if exact is not None:
-        return _from_cuts(problem, exact, lower, limit)
+        return _from_cuts(problem, exact, lower, deadline)
     rng = np.random.default_rng(problem.seed)
     packer = ListScheduler(table, problem.capacity, problem.memory, problem.chunk_fraction)
-    search_deadline = deadline - REBALANCE_SHARE * limit  # the rest is for dp's rebalancing
+    # The rest is for dp's rebalancing, unless dp cannot fit in it: then half of it for assembling the plan
+    # (a window repacking and the plan's sizes can take tens of ms on a loaded machine).
+    rebalances = problem.k is not None or REBALANCE_SHARE * limit >= DP_S_PER_NODE * table.n
+    reserve = REBALANCE_SHARE * limit if rebalances else max(finish_reserve(table.n, limit), REBALANCE_SHARE * limit / 2)
+    search_deadline = deadline.reserve(reserve)
     start = _construct(problem, packer, rng, search_deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -351,7 +365,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
                        lower=lower, stats=stats)
     # dp rebalances the plan's order (and splits it into an explicit k); with the time gone, a k=None plan is
     # returned as found rather than late.
-    rebalance = problem.k is not None or time.perf_counter() < deadline
+    rebalance = problem.k is not None or (rebalances and deadline.remaining() > DP_S_PER_NODE * table.n)
     final = _recut(problem, incumbent.groups, problem.k) if rebalance else None
     stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > incumbent.k):
@@ -359,17 +373,19 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     return finish(problem, "search", final, lower=lower, stats=stats)
 
 
-def _from_cuts(problem, exact, lower, limit):
+def _from_cuts(problem, exact, lower, deadline):
     """The plan when the search over cuts finished: k is proved (`cachefit.solvers.cuts`)."""
     stats = {"stop_reason": "the search over cuts proved k", "cut_states": exact.states, "seed": problem.seed,
-             "time_limit_s": limit}
+             "time_limit_s": deadline.limit_s}
     if lower > exact.k:  # the cut search is exact, so this would be a bug in a bound
         raise AssertionError(f"lower bound {lower} exceeds the optimal k = {exact.k} of the search over cuts")
     if problem.k is not None and problem.k < exact.k:
         return no_plan(problem, "search", Status.INFEASIBLE,
                        f"k = {problem.k} is below the minimum number of groups, {exact.k}", lower=exact.k,
                        stats=stats)
-    final = _recut(problem, exact.groups, problem.k)
+    rebalance = problem.k is not None or deadline.remaining() > DP_S_PER_NODE * problem.table.n
+    final = _recut(problem, exact.groups, problem.k) if rebalance else None
+    stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > exact.k):
         if problem.k is not None:
             return no_plan(problem, "search", Status.UNKNOWN,

@@ -16,6 +16,7 @@ from cachefit.solvers import brute, cpsat, dp, greedy
 from cachefit.solvers import _cpsat_child as child_module
 from cachefit.solvers._cpsat_child import run_contained
 from cachefit.solvers._cpsat_model import BuildTimeout, Model
+from cachefit.solvers._deadline import Deadline
 from cachefit.solvers.cpsat import activation_scale
 from cachefit.testing import assert_valid_plan, dags
 from test_bounds import toy_models  # noqa: F401 (a fixture)
@@ -260,6 +261,11 @@ class TestContainment:
         result = run_contained(lambda: time.sleep(30) or {}, 0.1)
         assert result["status"] == "UNKNOWN" and "killed" in result["crash"]
 
+    def test_a_child_is_killed_at_the_callers_deadline(self):
+        # kill_after_s (the caller's deadline) comes before the solve's own limit plus GRACE_S
+        result = run_contained(lambda: time.sleep(30) or {}, 60, kill_after_s=0.2)
+        assert result["status"] == "UNKNOWN" and "was killed" in result["crash"]
+
     def test_the_answer_comes_back_from_the_child(self):
         assert run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0, "pid": os.getpid()}, 10)["pid"] != os.getpid()
 
@@ -278,7 +284,7 @@ class TestTimeBudget:
         table = as_table(graph)
         with pytest.raises(BuildTimeout):
             Model(table, capacity, "additive", (1, 1), 5, np.zeros(40, dtype=np.int64), np.full(40, 4), None,
-                  exact_k=False, deadline=time.perf_counter() - 1)
+                  exact_k=False, deadline=Deadline(1, start=time.perf_counter() - 2))
 
 
 def test_registry_models_it_never_names(toy_models):

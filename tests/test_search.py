@@ -170,11 +170,11 @@ def test_auto_keeps_cpsats_proof_that_no_plan_exists(monkeypatch):
     module = sys.modules["cachefit.solvers"]
 
     def unknown(graph, capacity, **options):
-        problem = Problem.make(graph, capacity, **{k: v for k, v in options.items() if k != "stall_attempts"})
+        problem = Problem.make(graph, capacity, **{k: v for k, v in options.items() if k != "deadline"})
         return no_plan(problem, "search", Status.UNKNOWN, "nothing found")
 
     def infeasible(graph, capacity, **options):
-        problem = Problem.make(graph, capacity, **options)
+        problem = Problem.make(graph, capacity, **{k: v for k, v in options.items() if k != "deadline"})
         return no_plan(problem, "cpsat", Status.INFEASIBLE, "proved")
 
     monkeypatch.setattr(module, "search", unknown)
