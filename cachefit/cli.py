@@ -266,7 +266,7 @@ def compare_solvers(graph, capacity, *, memory, chunk_fraction, k, time_limit_s,
                       format_bytes(result.bottleneck) if result.ok else "-",
                       f"{result.balance:.3f}" if result.balance else "-", f"{result.wall_s * 1000:.1f} ms",
                       "ok" if report.ok else f"[red]{len(report.violations)} violation(s)[/]")
-    console.print(table)
+    print_table(table)
     rejected = [result.solver for result in plans if result.ok and not any(result is kept for kept in passed)]
     if rejected:
         console.print(Text(f"not chosen, rejected by the checker: {', '.join(rejected)}"))

@@ -50,7 +50,7 @@ def devices_command(sources):
         table.add_row(device.name, f"{device.on_chip_kind} {_size(device.on_chip_bytes)}", off_chip,
                       _rate(device.memory_bandwidth) if device.memory_kind else "-",
                       _rate(device.on_chip_bandwidth), _rate(device.peak_flops, "FLOP/s"))
-    console.print(table)
+    print_table(table)
     console.print(Text("unpublished: the vendor gives no figure (none is guessed). --capacity names: "
                        + ", ".join(DEVICES)), highlight=False)
     if not sources:

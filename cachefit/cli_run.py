@@ -10,8 +10,9 @@ import sys
 
 import click
 from rich.markup import escape
+from rich.table import Table
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options
+from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options, print_table
 from .errors import InputError
 from .executor.schedules import SCHEDULES
 
@@ -210,7 +211,10 @@ def run(model, device, chunk_tokens, micro_batches, schedule, l2_persist, json_p
                          schedule=schedule, l2_persist=l2_persist, seed=seed, dtype=compute_dtype,
                          warmup=warmup, iters=iters)
     for renderable in render(result):
-        console.print(renderable)
+        if isinstance(renderable, Table):
+            print_table(renderable)  # never cut to "bloc…" when piped
+        else:
+            console.print(renderable)
     if json_path:
         result = _with_estimate(result, plan)
         result.to_json(json_path)

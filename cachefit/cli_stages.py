@@ -13,7 +13,8 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .clikit import EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options
+from .clikit import (EXIT_NO_PLAN, EXIT_OK, console, error_console, friendly, memory_option, model_options,
+                     print_table)
 from .errors import CachefitError, InputError
 from .units import format_bytes, format_count
 
@@ -69,7 +70,7 @@ def stages_command(model, devices, device_capacity, reserve, balance, memory, so
                   f"{devices} device(s) of {format_device(total)} − {format_bytes(reserved)} reserve = "
                   f"{format_bytes(plan.capacity)} each", highlight=False)
     if plan.ok:
-        console.print(stage_table(plan, title=f"{plan.k} stage(s), balanced by {balance}"))
+        print_table(stage_table(plan, title=f"{plan.k} stage(s), balanced by {balance}"))
         mean_flops = sum(stats["flops"]) / plan.k
         mean_bytes = sum(plan.sizes) / plan.k
         status = f"{plan.status} ({plan.solver}"
@@ -231,7 +232,7 @@ def pipeline_command(plan_file, schedule, microbatches, backend, warmup, iters, 
         sys.exit(EXIT_NO_PLAN)
     if result is None:  # a torchrun rank other than the last
         sys.exit(EXIT_OK)
-    console.print(_pipeline_table(result))
+    print_table(_pipeline_table(result))
     lines = [
         "busy: the stage's forward over all micro-batches; step: barrier to the stage's end; idle: "
         "1 − busy / slowest step",
