@@ -21,8 +21,11 @@ Modelling choices, stated where they differ from a production model:
   falcon's ALiBi is not modelled (no positional term);
 * a mixture-of-experts layer is evaluated densely: each expert runs on every
   token of its input and ``moe_combine`` weights the expert outputs by the
-  renormalised top-k router probabilities (zero for experts a token is not
-  routed to).  The result is exactly the routed MoE's, for any chunking, and
+  routed top-k scores of its model family (`moe_routing`: Mixtral's
+  renormalised softmax, DeepSeek-V3's scaled sigmoid, ...; zero for experts
+  a token is not routed to), then adds the shared expert (gated by
+  sigmoid(shared_gate) in Qwen2-MoE).  The result is exactly the routed
+  MoE's, for any chunking, and
   the graph has fixed shapes (CUDA graphs need them), but an expert does
   ``experts / experts_per_token`` times its routed work, so MoE timings are
   not representative;
@@ -42,7 +45,8 @@ from ..errors import InputError
 from ..graphs.tile import TILE_AXES
 
 __all__ = ["ParamFactory", "Part", "make_node_module", "order_inputs", "logical_attrs", "tile_part",
-           "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS", "StageInput", "ForeignTable"]
+           "activation_function", "ACTIVATIONS", "SUPPORTED_OPS", "TILE_AXIS", "StageInput", "ForeignTable",
+           "Routing", "moe_routing"]
 
 #: The node ``op`` values the executor materialises.
 SUPPORTED_OPS = ("embedding", "norm", "linear", "attention", "mla_attention", "activation", "add", "expert",
@@ -464,21 +468,135 @@ class Expert(nn.Module):
         return self.out(inner)
 
 
+class Routing:
+    """How a mixture-of-experts layer turns router logits into per-expert weights (`moe_routing` builds one).
+
+    ``scoring``: ``"softmax"`` or ``"sigmoid"`` of the logits; each token
+    keeps its `top_k` experts, chosen among the best `top_groups` of
+    `groups` equal groups of experts when `groups` > 1 (a group scored by
+    ``group_score``: ``"max"``, its best expert, or ``"top2"``, the sum of its
+    best two); the kept scores are divided by their sum when `normalise`,
+    then multiplied by `scale`.
+    """
+
+    def __init__(self, scoring="softmax", normalise=True, scale=1.0, groups=1, top_groups=1, group_score="max"):
+        self.scoring, self.normalise, self.scale = scoring, bool(normalise), float(scale)
+        self.groups, self.top_groups, self.group_score = int(groups), int(top_groups), group_score
+
+    def __repr__(self):
+        return (f"Routing({self.scoring!r}, normalise={self.normalise}, scale={self.scale}, groups={self.groups}, "
+                f"top_groups={self.top_groups}, group_score={self.group_score!r})")
+
+    def weights(self, logits, top_k):
+        """(tokens, experts) float32 weights: the routed score of each expert, 0 where not routed."""
+        logits = logits.float()
+        scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        choice = scores
+        if self.groups > 1:
+            grouped = scores.view(scores.shape[0], self.groups, -1)
+            group_scores = (grouped.max(dim=-1).values if self.group_score == "max"
+                            else grouped.topk(2, dim=-1).values.sum(dim=-1))
+            kept = torch.zeros_like(group_scores).scatter_(
+                1, torch.topk(group_scores, self.top_groups, dim=-1).indices, 1.0)
+            mask = kept[:, :, None].expand_as(grouped).reshape_as(scores).bool()
+            if self.group_score == "max":  # DeepSeek-V2 zeroes the other groups' scores
+                scores = choice = scores.masked_fill(~mask, 0.0)
+            else:  # DeepSeek-V3 excludes them from the choice only
+                choice = scores.masked_fill(~mask, float("-inf"))
+        indices = torch.topk(choice, top_k, dim=-1).indices
+        values = scores.gather(-1, indices)
+        if self.normalise:
+            values = values / (values.sum(dim=-1, keepdim=True) + (1e-20 if self.scoring == "sigmoid" else 0.0))
+        return torch.zeros_like(scores).scatter_(-1, indices, values * self.scale)
+
+
+#: model_type -> (the config fields and the transformers 5.24 defaults its router reads).  Keys:
+#: scoring, norm_topk_prob (None: always normalised, as Mixtral), routed_scaling_factor, n_group,
+#: topk_group, group_score, topk_method (DeepSeek-V2: "greedy" or "group_limited_greedy").
+_ROUTERS = {
+    # DeepseekV3TopkRouter: sigmoid scores; group-limited top-k (a group: sum of its best two); the kept
+    # sigmoid scores normalised (+1e-20) and scaled
+    "deepseek_v3": dict(scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8,
+                        topk_group=4, group_score="top2"),
+    # DeepseekV2TopkRouter: softmax; greedy or group-limited (a group: its best expert) top-k; scaled, never
+    # normalised (transformers' DeepSeek-V2 reads no norm_topk_prob)
+    "deepseek_v2": dict(scoring="softmax", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=None,
+                        topk_group=None, group_score="max", topk_method="greedy"),
+    # Qwen2MoeTopKRouter / Qwen3MoeTopKRouter: softmax top-k, normalised only with norm_topk_prob
+    "qwen2_moe": dict(scoring="softmax", norm_topk_prob=False),
+    "qwen3_moe": dict(scoring="softmax", norm_topk_prob=False),
+}
+
+
+def moe_routing(config):
+    """The `Routing` of a graph's ``config`` (`cachefit.graphs.transformer`'s normalised config, or None).
+
+    Each field is the config's own where it has it, else the default of
+    transformers 5.24's config class for its ``model_type`` (`_ROUTERS`);
+    any other model (Mixtral, a config without a model_type) routes as
+    Mixtral: softmax, top-k, renormalised.  DeepSeek's group-limited
+    choice applies when ``n_group`` divides the experts into groups of at
+    least two (DeepSeek-V3 scores a group by its best two; transformers
+    cannot run a config where this fails, and the executor then chooses
+    among all experts).  DeepSeek-V3's ``e_score_correction_bias`` (a buffer,
+    zero as transformers initialises it; not a parameter the graph counts)
+    is taken as zero.
+
+    Examples
+    --------
+    >>> moe_routing({"model_type": "deepseek_v3", "num_local_experts": 256})
+    Routing('sigmoid', normalise=True, scale=2.5, groups=8, top_groups=4, group_score='top2')
+    >>> moe_routing({"model_type": "qwen2_moe", "norm_topk_prob": True}).normalise
+    True
+    >>> moe_routing(None)
+    Routing('softmax', normalise=True, scale=1.0, groups=1, top_groups=1, group_score='max')
+    """
+    config = config or {}
+    defaults = _ROUTERS.get(config.get("model_type"))
+    if defaults is None:
+        return Routing()
+
+    def field(name):
+        value = config.get(name)
+        return defaults.get(name) if value is None else value
+
+    groups, top_groups = int(field("n_group") or 1), int(field("topk_group") or 1)
+    experts, group_score = int(config.get("num_local_experts") or 0), defaults.get("group_score", "max")
+    per_group = experts // groups if experts and not experts % groups else 0
+    if field("topk_method") == "greedy" or groups < 2 or per_group < (2 if group_score == "top2" else 1):
+        groups = top_groups = 1
+    normalise = field("norm_topk_prob")
+    return Routing(defaults["scoring"], normalise=True if normalise is None else normalise,
+                   scale=field("routed_scaling_factor") or 1.0, groups=groups, top_groups=min(top_groups, groups),
+                   group_score=group_score)
+
+
 class MoECombine(nn.Module):
-    """Σ_e w_e · expert_e, w = renormalised top-k of softmax(router logits), in float32."""
+    """Σ_e w_e · expert_e (w: the `Routing` of the router logits), plus the shared expert, in float32.
 
-    def __init__(self, key, attrs):
+    Inputs in `order_inputs`' order: the router's logits, the `num_experts`
+    routed experts' outputs by index, then optionally the shared expert's
+    output and, after it, its 1-wide gate (Qwen2-MoE), which scales the
+    shared output by sigmoid(gate) (transformers' Qwen2MoeSparseMoeBlock);
+    DeepSeek's shared experts are added as they are (DeepseekV3MoE).
+    """
+
+    def __init__(self, key, attrs, routing=None):
         super().__init__()
-        self.top_k = int(attrs["experts_per_token"])
+        self.top_k, self.num_experts = int(attrs["experts_per_token"]), int(attrs["num_experts"])
+        self.routing = routing or Routing()
 
-    def forward(self, logits, *experts):
-        probs = torch.softmax(logits.float(), dim=-1)
-        values, indices = torch.topk(probs, self.top_k, dim=-1)
-        values = values / values.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter_(-1, indices, values)
+    def forward(self, logits, *inputs):
+        experts, shared = inputs[:self.num_experts], inputs[self.num_experts:]
+        weights = self.routing.weights(logits, self.top_k)
         out = weights[:, 0:1] * experts[0].float()
         for index in range(1, len(experts)):
             out = out + weights[:, index:index + 1] * experts[index].float()
+        if shared:
+            shared_out = shared[0].float()
+            if len(shared) == 2:
+                shared_out = torch.sigmoid(shared[1].float()) * shared_out
+            out = out + shared_out
         return out.to(experts[0].dtype)
 
 
@@ -518,18 +636,18 @@ class Join(nn.Module):
 class Block(nn.Module):
     """A whole transformer block (block granularity), built from the same ops as op granularity."""
 
-    def __init__(self, key, config, seq_len, factory, dtype, device, window=None):
+    def __init__(self, key, config, seq_len, factory, dtype, device, window=None, layer=None):
         super().__init__()
         from ..graphs.transformer import block_ops
 
         self.ops = []  # (name, input names) in order; modules registered under sanitised names
         self.layers = nn.ModuleDict()
-        ops = block_ops(config, 1, 1, 1)
+        ops = block_ops(config, 1, 1, 1, layer=layer)  # the layer picks a dense or an MoE MLP (DeepSeek, Qwen-MoE)
         logical = {name: attrs for name, attrs, _ in ops}
         for name, attrs, preds in ops:
             if attrs.get("op") == "attention" and window is not None:  # the block node's sliding window
                 attrs = {**attrs, "sliding_window": window}
-            module = _op_module(f"{key}.{name}", attrs, seq_len, factory, dtype, device)
+            module = _op_module(f"{key}.{name}", attrs, seq_len, factory, dtype, device, config=config)
             order = order_inputs(f"{key}.{name}", attrs, list(preds),
                                  lambda pred: logical.get(pred, {}))
             self.layers[name.replace(".", "_")] = module
@@ -561,7 +679,7 @@ def order_inputs(node, attrs, preds, logical):
     """The predecessors of `node` in the order its module takes them.
 
     attention: q, k, v; gated activation: gate, up; moe_combine: the router,
-    then the experts by index; expert: its input (the router edge is only an
+    the experts by index, then the shared expert and its gate if any; expert: its input (the router edge is only an
     ordering edge); join: tiles by tile index; add: all; any other op: its
     single input.  Roles are read from the predecessors' ``role`` attributes;
     when absent the graph's predecessor order is kept.
@@ -588,12 +706,16 @@ def order_inputs(node, attrs, preds, logical):
         return by_roles(("gate", "up"))
     if op == "moe_combine":
         router = [p for p in preds if roles[p] == "router"]
-        experts = [p for p in preds if roles[p] != "router"]
-        if len(router) != 1 or len(experts) != int(attrs["num_experts"]):
-            raise InputError(f"node {node!r} (moe_combine) needs one router and "
-                             f"{attrs['num_experts']} experts as inputs, got {preds}")
+        shared = [p for p in preds if roles[p] == "shared_expert"]
+        gate = [p for p in preds if roles[p] == "shared_gate"]
+        experts = [p for p in preds if roles[p] not in ("router", "shared_expert", "shared_gate")]
+        if (len(router) != 1 or len(experts) != int(attrs["num_experts"]) or len(shared) > 1
+                or len(gate) > len(shared)):
+            raise InputError(f"node {node!r} (moe_combine) needs one router, {attrs['num_experts']} experts "
+                             f"and optionally one shared_expert (then optionally its shared_gate) as inputs, "
+                             f"got {preds}")
         experts.sort(key=lambda p: logical(p).get("expert", 0))
-        return router + experts
+        return router + experts + shared + gate
     if op == "expert":
         data = [p for p in preds if roles[p] != "router"]
         if len(data) != 1:
@@ -641,7 +763,7 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
     if op == "expert":
         return Expert(key, attrs, factory, dtype, part=part)
     if op == "moe_combine":
-        return MoECombine(key, attrs)
+        return MoECombine(key, attrs, routing=moe_routing(config))
     if op == "pooler":
         return Pooler(key, attrs, seq_len, factory, dtype, part=part)
     if op == "stage_input":
@@ -650,7 +772,8 @@ def _op_module(key, attrs, seq_len, factory, dtype, device, part=None, tied=None
         if config is None:
             raise InputError(f"node {key!r} (block) needs the graph attribute `config` "
                              "(a graph from cachefit.graphs.transformer)")
-        return Block(key, config, seq_len, factory, dtype, device, window=attrs.get("sliding_window"))
+        return Block(key, config, seq_len, factory, dtype, device, window=attrs.get("sliding_window"),
+                     layer=attrs.get("layer"))
     raise InputError(f"node {key!r}: the executor cannot materialise op {op!r}; supported ops: "
                      f"{', '.join(SUPPORTED_OPS)}")
 
