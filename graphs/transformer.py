@@ -117,7 +117,12 @@ __all__ = [
     "normalize_config",
     "MODEL_TYPES",
     "GRANULARITIES",
+    "ROUTING_KEYS",
 ]
+
+#: MoE routing fields the graph's normalised config keeps (sizes do not depend on them; the executor
+#: routes with them, `cachefit.executor.nodes.moe_routing`, each family's transformers default where absent).
+ROUTING_KEYS = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func")
 
 #: The accepted `granularity` values.
 GRANULARITIES = ("block", "op")
@@ -996,10 +1001,10 @@ def transformer(config, *, batch=1, seq_len=2048, dtype="bf16", granularity="blo
                          f"a context of at most {cfg['max_position_embeddings'] - seq_len:,} tokens fits")
 
     name = config.get("name") or config.get("_name_or_path") or cfg["model_type"] or "transformer"
-    windows = {key: config[key] for key in kv.WINDOW_KEYS if key in config and key not in cfg}
+    kept = {key: config[key] for key in (*kv.WINDOW_KEYS, *ROUTING_KEYS) if key in config and key not in cfg}
     graph = nx.DiGraph(name=str(name), dtype=dtype, batch=batch, seq_len=seq_len,
                        source=str(config.get("source", "config mapping")),
-                       granularity=granularity, config={**cfg, **windows})
+                       granularity=granularity, config={**cfg, **kept})
     by_op = granularity == "op"
     previous = None  # the node whose output feeds what comes next
 

@@ -250,3 +250,30 @@ class TestRefusals:
         torch.testing.assert_close(combine(logits, *experts), 2 * torch.ones(1, 3))
         torch.testing.assert_close(combine(logits, *experts, shared), 12 * torch.ones(1, 3))
         torch.testing.assert_close(combine(logits, *experts, shared, gate), 7 * torch.ones(1, 3))
+
+
+class TestRoutingFieldsKept:
+    """The graph's normalised config keeps the routing fields, so the executor routes as the model's own config says."""
+
+    @pytest.mark.parametrize("name, normalise, scale", [("qwen3-30b-a3b", True, 1.0), ("qwen1.5-moe-a2.7b", False, 1.0),
+                                                         ("deepseek-v3", True, 2.5), ("deepseek-v2-lite", False, 1.0)])
+    def test_embedded_moe_routing(self, name, normalise, scale):
+        from cachefit import instances
+        from cachefit.executor.nodes import moe_routing
+
+        graph = instances.load(name, seq_len=8, batch=1)
+        routing = moe_routing(graph.graph["config"])
+        assert routing.normalise is normalise
+        assert routing.scale == scale
+
+    def test_config_field_overrides_family_default(self):
+        from cachefit.executor.nodes import moe_routing
+        from cachefit.graphs.transformer import transformer
+
+        config = {"model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                  "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}
+        for flag in (True, False):
+            graph = transformer({**config, "norm_topk_prob": flag}, batch=1, seq_len=4)
+            assert graph.graph["config"]["norm_topk_prob"] is flag
+            assert moe_routing(graph.graph["config"]).normalise is flag
