@@ -248,7 +248,8 @@ class TestCheckBothLevels:
         node["weight_bytes"] = 200
         inner["sizes"] = [size - 100 if index == 1 else size for index, size in enumerate(inner["sizes"])]
         report = check(read_plan(json.dumps(data)))
-        assert report.violations == ("stage 1 on chip: the on-chip graph holds 800 B of weight_bytes, its stage 900 B",)
+        assert report.violations == ("stage 1 on chip: the on-chip graph holds 800 B of weight_bytes, its stage 900 B",
+                                     "stage 1 on chip: node '4' has weight_bytes 200 B on chip, 300 B in the model")
 
     def test_missing_stage_input(self):
         data = self.data()
@@ -264,8 +265,11 @@ class TestCheckBothLevels:
         data["k"] = 6
         report = check(read_plan(json.dumps(data)))
         assert report.violations == (
-            "stage 0 on chip: stage_input '2' is not an input of this stage",
+            "stage 0 on chip: the on-chip graph's `stage` is 1, not 0",
+            "stage 0 on chip: stage_input '2' stands for a node of this stage (a stage input is the output of a "
+            "producer in an earlier stage)",
             "stage 0 on chip: 3 stage node(s) are not in the on-chip graph, first '0'",
+            "stage 1 on chip: the on-chip graph's `stage` is 0, not 1",
             "stage 1 on chip: stage_input '2' is missing",
             "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'")
 
