@@ -263,7 +263,11 @@ class TestCheckBothLevels:
         data = self.data()
         data["stages"][0]["plan"], data["stages"][1]["plan"] = data["stages"][1]["plan"], data["stages"][0]["plan"]
         data["k"] = 6
-        report = check(read_plan(json.dumps(data)))
+        with pytest.raises(InputError, match=re.escape("plan field 'stages[0].plan.graph.graph.stage' must be 0 "
+                                                       "(the on-chip graph of stage 0), got 1")):
+            read_plan(json.dumps(data))
+        plan = read_plan(json.dumps(self.data()))
+        report = check(Deployment(plan.stages, plan.groups[::-1]))  # built in memory: the checker's own finding
         assert report.violations == (
             "stage 0 on chip: the on-chip graph's `stage` is 1, not 0",
             "stage 0 on chip: stage_input '2' stands for a node of this stage (a stage input is the output of a "
