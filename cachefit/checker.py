@@ -108,7 +108,11 @@ def check(plan, graph=None):
             if node not in graph:
                 violations.append(f"group {index} holds {node!r}, which is not in the graph")
             elif node in group_of:
-                violations.append(f"node {node!r} is in groups {group_of[node]} and {index}")
+                where = f"twice in group {index}" if group_of[node] == index else \
+                    f"in groups {group_of[node]} and {index}"
+                what = (" (this stage's stage_input: the output of that node, which runs in an earlier stage)"
+                        if graph.nodes[node].get("op") == "stage_input" else "")
+                violations.append(f"node {node!r}{what} is listed {where}")
             else:
                 group_of[node] = index
     missing = [node for node in graph.nodes if node not in group_of]
@@ -337,6 +341,11 @@ def _node_violations(whole, nodes, sub, expanded):
     for tile_id, data in sub.nodes(data=True):
         if "tile" in data:
             tiles.setdefault(data.get("parent"), []).append(tile_id)
+    members = set(nodes)
+    for node, data in sub.nodes(data=True):
+        origin = data.get("parent") if "tile" in data else node
+        if not expanded and data.get("op") != "stage_input" and origin not in members:
+            yield f"node {node!r} is on chip but is not a node of this stage"  # (with expanded blocks: the operators' check)
     for node in nodes:
         if node in expanded or node not in sub:
             continue
