@@ -9,8 +9,11 @@ bound ≤ k).
 
 A two-level plan (`cachefit.deploy.Deployment`) is checked level by level
 (`check_levels`): the stage plan, each stage's on-chip plan, and the link
-between them (each on-chip graph is its stage's nodes, with the
-activations it receives as ``stage_input`` nodes).
+between them (each on-chip graph is its stage's nodes, attribute for
+attribute, with the activations it receives as ``stage_input`` nodes).  For
+a block the on-chip level expanded into operators, the reference is the
+model rebuilt at operator granularity by `cachefit.graphs.transformer` from
+the model graph's own config.
 """
 
 from __future__ import annotations
@@ -156,11 +159,21 @@ def check_levels(deployment):
     × dtype bytes for an embedding), a tied node with its owner counts none.
 
     Each on-chip report also holds the violations of the link to its stage:
-    its graph's ``stage_input`` nodes must be exactly the producers outside
-    the stage that feed it, each with its producer's ``activation_bytes``;
-    every node of the stage must be in it (by id, or as the block it was
-    expanded from); and its Σ ``weight_bytes`` and Σ ``kv_bytes`` must equal
-    the stage's (tiling splits weights exactly).
+    its graph's ``stage`` is the stage's index and its other graph
+    attributes (``seq_len``, ``batch``, ``dtype``, ``context``, ``phase``,
+    ``config``, ...) are the model graph's, but for those tiling adds; its
+    ``stage_input`` nodes are exactly the producers outside the stage that
+    feed it, each with its producer's ``activation_bytes`` and no other
+    bytes; every node of the stage is in it (by id, or as the block it was
+    expanded from) and no other; a node kept as it is carries exactly the
+    model node's attributes (every one the memory models read:
+    ``weight_bytes``, ``activation_bytes``, ``buffer_bytes``, ``kv_bytes``,
+    ``kv_bytes_per_token``, ``sliding_window``, ``op``, ... and the rest), and
+    the model's edges into it; a tiled node's tiles sum to its weights and
+    output and carry its other attributes; an expanded block's operators
+    are those `cachefit.graphs.transformer` builds from the model's config;
+    and its Σ ``weight_bytes`` and Σ ``kv_bytes`` equal the stage's (tiling
+    splits weights exactly).  Each violation names the node and attribute.
 
     Returns
     -------
@@ -335,17 +348,17 @@ def _node_violations(whole, nodes, sub, expanded):
     the id with the node's full output and no weights, and its tiles,
     whose ``weight_bytes`` sum to the node's and which carry its other
     attributes but those tiling splits or sets.  Nodes of an expanded block
-    are the block's operators, checked by the totals.
+    are the block's operators (`_operator_violations`).
     """
     tiles = {}
     for tile_id, data in sub.nodes(data=True):
         if "tile" in data:
             tiles.setdefault(data.get("parent"), []).append(tile_id)
     members = set(nodes)
-    for node, data in sub.nodes(data=True):
-        origin = data.get("parent") if "tile" in data else node
-        if not expanded and data.get("op") != "stage_input" and origin not in members:
-            yield f"node {node!r} is on chip but is not a node of this stage"  # (with expanded blocks: the operators' check)
+    alien = [node for node, data in sub.nodes(data=True) if not expanded and data.get("op") != "stage_input"
+             and (data.get("parent") if "tile" in data else node) not in members]  # expanded: `_operator_violations`
+    if alien:
+        yield f"{len(alien)} on-chip node(s) are not nodes of this stage, first {alien[0]!r}"
     for node in nodes:
         if node in expanded or node not in sub:
             continue
@@ -432,14 +445,16 @@ def _operator_violations(whole, nodes, sub, expanded, operators):
     if ops is None:
         yield "the on-chip graph expands blocks, but the model graph is not a transformer graph"
         return
-    own = {}  # operator → the block it belongs to
-    for block in expanded & members:
-        prefix = f"{block}."
-        parts = ([v for v in ("embed", "embed_norm") if v in ops] if block == "embed"
-                 else [v for v in ops if v.startswith(prefix)])
-        if not parts:
-            yield f"node {block!r} is listed in expanded_blocks, but the model has no operators for it"
-        own.update((part, block) for part in parts)
+    blocks = expanded & members
+    own = {}  # operator → the block it belongs to: "block.3.q" → "block.3" (one pass); the embedding holds its norm
+    for operator in ops:
+        block = ".".join(operator.split(".", 2)[:2])
+        if block in blocks and operator != block:
+            own[operator] = block
+    if "embed" in blocks:
+        own.update((operator, "embed") for operator in ("embed", "embed_norm") if operator in ops)
+    for block in sorted(blocks - set(own.values())):
+        yield f"node {block!r} is listed in expanded_blocks, but the model has no operators for it"
     tiled = {data.get("parent") for _, data in sub.nodes(data=True) if "tile" in data}
     for node, data in sub.nodes(data=True):
         if data.get("op") == "stage_input" or (node in members and node not in expanded):

@@ -273,9 +273,11 @@ class TestCheckBothLevels:
             "stage 0 on chip: stage_input '2' stands for a node of this stage (a stage input is the output of a "
             "producer in an earlier stage)",
             "stage 0 on chip: 3 stage node(s) are not in the on-chip graph, first '0'",
+            "stage 0 on chip: 3 on-chip node(s) are not nodes of this stage, first '3'",
             "stage 1 on chip: the on-chip graph's `stage` is 0, not 1",
             "stage 1 on chip: stage_input '2' is missing",
-            "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'")
+            "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'",
+            "stage 1 on chip: 3 on-chip node(s) are not nodes of this stage, first '0'")
 
 
 class TestPlanDevices:

@@ -133,7 +133,7 @@ class TestForgedOnChipGraphs:
         data["stages"][0]["nodes"].remove("block.7")
         data["stages"][1]["nodes"].insert(0, "block.7")
         data["stages"][1]["plan"]["partitions"][0].insert(0, "block.7")
-        assert ("stage 0 on chip: node 'block.7' is on chip but is not a node of this stage"
+        assert ("stage 0 on chip: 1 on-chip node(s) are not nodes of this stage, first 'block.7'"
                 in check(read_plan(json.dumps(data))).violations)
 
 
