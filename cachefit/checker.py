@@ -9,8 +9,11 @@ bound ≤ k).
 
 A two-level plan (`cachefit.deploy.Deployment`) is checked level by level
 (`check_levels`): the stage plan, each stage's on-chip plan, and the link
-between them (each on-chip graph is its stage's nodes, with the
-activations it receives as ``stage_input`` nodes).
+between them (each on-chip graph is its stage's nodes, attribute for
+attribute, with the activations it receives as ``stage_input`` nodes).  For
+a block the on-chip level expanded into operators, the reference is the
+model rebuilt at operator granularity by `cachefit.graphs.transformer` from
+the model graph's own config.
 """
 
 from __future__ import annotations
@@ -108,7 +111,11 @@ def check(plan, graph=None):
             if node not in graph:
                 violations.append(f"group {index} holds {node!r}, which is not in the graph")
             elif node in group_of:
-                violations.append(f"node {node!r} is in groups {group_of[node]} and {index}")
+                where = f"twice in group {index}" if group_of[node] == index else \
+                    f"in groups {group_of[node]} and {index}"
+                what = (" (this stage's stage_input: the output of that node, which runs in an earlier stage)"
+                        if graph.nodes[node].get("op") == "stage_input" else "")
+                violations.append(f"node {node!r}{what} is listed {where}")
             else:
                 group_of[node] = index
     missing = [node for node in graph.nodes if node not in group_of]
@@ -152,11 +159,21 @@ def check_levels(deployment):
     × dtype bytes for an embedding), a tied node with its owner counts none.
 
     Each on-chip report also holds the violations of the link to its stage:
-    its graph's ``stage_input`` nodes must be exactly the producers outside
-    the stage that feed it, each with its producer's ``activation_bytes``;
-    every node of the stage must be in it (by id, or as the block it was
-    expanded from); and its Σ ``weight_bytes`` and Σ ``kv_bytes`` must equal
-    the stage's (tiling splits weights exactly).
+    its graph's ``stage`` is the stage's index and its other graph
+    attributes (``seq_len``, ``batch``, ``dtype``, ``context``, ``phase``,
+    ``config``, ...) are the model graph's, but for those tiling adds; its
+    ``stage_input`` nodes are exactly the producers outside the stage that
+    feed it, each with its producer's ``activation_bytes`` and no other
+    bytes; every node of the stage is in it (by id, or as the block it was
+    expanded from) and no other; a node kept as it is carries exactly the
+    model node's attributes (every one the memory models read:
+    ``weight_bytes``, ``activation_bytes``, ``buffer_bytes``, ``kv_bytes``,
+    ``kv_bytes_per_token``, ``sliding_window``, ``op``, ... and the rest), and
+    the model's edges into it; a tiled node's tiles sum to its weights and
+    output and carry its other attributes; an expanded block's operators
+    are those `cachefit.graphs.transformer` builds from the model's config;
+    and its Σ ``weight_bytes`` and Σ ``kv_bytes`` equal the stage's (tiling
+    splits weights exactly).  Each violation names the node and attribute.
 
     Returns
     -------
@@ -179,11 +196,12 @@ def check_levels(deployment):
     if extra:
         stage_report = CheckReport(False, (*stage_report.violations, *extra), stage_report.sizes)
     reports = [stage_report]
+    operators = {}  # the model at operator granularity, built once if an on-chip graph expanded a block
     for index, group in enumerate(groups):
         report = check(group)
         links = ()
         if stages.ok and index < len(stages.partitions) and isinstance(whole, nx.DiGraph):
-            links = _link_violations(whole, stages.partitions[index], group.graph)
+            links = _link_violations(whole, stages.partitions[index], group.graph, index, operators)
         reports.append(CheckReport(report.ok and not links, (*report.violations, *links), report.sizes))
     return tuple(reports)
 
@@ -231,8 +249,23 @@ def _copy_violations(whole, partitions):
     return violations
 
 
-def _link_violations(whole, nodes, sub):
-    """Why the on-chip graph `sub` is not the stage `nodes` of `whole` (empty when it is)."""
+#: Graph attributes the on-chip level sets (its name, its stage index) or adds (tiling); every other
+#: graph attribute of an on-chip graph must equal the model's (seq_len, batch, dtype, context, phase, config, ...).
+_ON_CHIP_GRAPH_KEYS = frozenset({"name", "stage", "tiled", "untiled", "tile_capacity", "tile_memory",
+                                 "tile_chunk_fraction", "expanded_blocks"})
+#: The graph attributes every memory model may read, compared even when both graphs lack them.
+_SHAPE_KEYS = ("seq_len", "batch", "dtype", "context", "phase", "config")
+#: Node attributes a tile does not share with its parent: those `cachefit.graphs.tile` splits or sets.
+_TILE_KEYS = frozenset({"weight_bytes", "params", "flops", "activation_bytes", "tile", "parent", "tile_offset", "join"})
+#: The byte attributes the memory models read, which a stage input holds none of but its producer's output.
+_NODE_BYTES = ("weight_bytes", "buffer_bytes", "kv_bytes", "kv_bytes_per_token", "sliding_window")
+
+
+def _link_violations(whole, nodes, sub, index=None, operators=None):
+    """Why the on-chip graph `sub` is not the stage `nodes` (stage `index`) of `whole` (empty when it is).
+
+    `operators`: a dict caching `_operator_graph` of `whole` across stages.
+    """
     if isinstance(sub, LayerTable):
         sub = sub.to_graph()
     if not isinstance(sub, nx.DiGraph):
@@ -241,15 +274,23 @@ def _link_violations(whole, nodes, sub):
     missing = [node for node in nodes if node not in whole]
     if missing:
         return (f"stage node {missing[0]!r} is not in the model graph",)
-    violations = []
+    violations = list(_graph_violations(whole, sub, index))
     wanted = {u: whole.nodes[u].get("activation_bytes", 0)
               for v in nodes for u in whole.predecessors(v) if u not in members}
     given = {v: data.get("activation_bytes", 0) for v, data in sub.nodes(data=True) if data.get("op") == "stage_input"}
     for u in sorted(set(wanted) ^ set(given)):
-        violations.append(f"stage_input {u!r} is {'missing' if u in wanted else 'not an input of this stage'}")
+        if u in members:
+            violations.append(f"stage_input {u!r} stands for a node of this stage (a stage input is the output "
+                              "of a producer in an earlier stage)")
+        else:
+            violations.append(f"stage_input {u!r} is {'missing' if u in wanted else 'not an input of this stage'}")
     for u in sorted(set(wanted) & set(given)):
         if wanted[u] != given[u]:
             violations.append(f"stage_input {u!r} has activation_bytes {given[u]} B, its producer {wanted[u]} B")
+        for key in _NODE_BYTES:
+            if sub.nodes[u].get(key):
+                violations.append(f"stage_input {u!r} has {key} {sub.nodes[u][key]!r}; a stage input holds only "
+                                  "its producer's output bytes")
     expanded = set(sub.graph.get("expanded_blocks") or ())
     absent = [node for node in nodes if node not in expanded
               and (node not in sub or sub.nodes[node].get("op") == "stage_input")]
@@ -260,27 +301,200 @@ def _link_violations(whole, nodes, sub):
         chip_total = sum(data.get(key) or 0 for _, data in sub.nodes(data=True) if data.get("op") != "stage_input")
         if stage_total != chip_total:
             violations.append(f"the on-chip graph holds {chip_total} B of {key}, its stage {stage_total} B")
-    violations.extend(_untouched_violations(whole, nodes, sub, expanded))
+    violations.extend(_node_violations(whole, nodes, sub, expanded))
+    if expanded:
+        violations.extend(_operator_violations(whole, nodes, sub, expanded, operators))
+    violations.extend(_edge_violations(whole, nodes, sub, expanded))
     return tuple(violations)
 
 
-def _untouched_violations(whole, nodes, sub, expanded):
-    """Nodes the on-chip level kept as they are (not tiled, joined or expanded) keep their bytes and edges."""
-    def untouched(node):
-        data = sub.nodes[node] if node in sub else None
-        return (data is not None and node not in expanded and "tile" not in data
-                and data.get("op") not in ("concat", "stage_input"))
+def _graph_violations(whole, sub, index):
+    """The on-chip graph is stage `index`'s, and its graph attributes (but its own) are the model's."""
+    if index is not None and sub.graph.get("stage") != index:
+        yield f"the on-chip graph's `stage` is {_short(sub.graph.get('stage'))}, not {index}"
+    keys = (set(whole.graph) | set(sub.graph) | set(_SHAPE_KEYS)) - _ON_CHIP_GRAPH_KEYS
+    for key in sorted(keys):
+        planned, model = sub.graph.get(key), whole.graph.get(key)
+        if planned != model:
+            yield f"the on-chip graph's `{key}` {_difference(planned, model)}"
 
-    kept = [node for node in nodes if untouched(node)]
-    for node in kept:
-        for key in ("activation_bytes", "buffer_bytes"):
-            planned, stage = sub.nodes[node].get(key) or 0, whole.nodes[node].get(key) or 0
-            if planned != stage:
-                yield f"node {node!r} has {key} {planned} B on chip, {stage} B in the model"
-    kept = set(kept)
-    for u, v in whole.subgraph(kept).edges:
-        if not sub.has_edge(u, v):
-            yield f"the on-chip graph lacks the model's edge {u!r} -> {v!r}"
+
+def _difference(planned, model):
+    """How `planned` differs from `model`, in a few words (a dict: at its first differing key)."""
+    if isinstance(planned, dict) and isinstance(model, dict):
+        key = next(key for key in sorted({*planned, *model}, key=str) if planned.get(key) != model.get(key))
+        return f"differs from the model's at {key!r}: {_short(planned.get(key))}, the model's {_short(model.get(key))}"
+    return f"is {_short(planned)}, the model's {_short(model)}"
+
+
+def _value(key, value):
+    """`value` of the attribute `key` for a message: bytes with their unit, anything else as `_short`."""
+    if key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
+        return f"{value} B"
+    return _short(value)
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}…"
+
+
+def _node_violations(whole, nodes, sub, expanded):
+    """Every stage node the on-chip level kept is the model's node, attribute for attribute; a tiled one is its tiles.
+
+    A node kept as it is must carry exactly the model node's attributes
+    (every one the memory models read, and the rest: the executor reads
+    them).  A tiled node (`cachefit.graphs.tile`) is its join, which keeps
+    the id with the node's full output and no weights, and its tiles,
+    whose ``weight_bytes`` sum to the node's and which carry its other
+    attributes but those tiling splits or sets.  Nodes of an expanded block
+    are the block's operators (`_operator_violations`).
+    """
+    tiles = {}
+    for tile_id, data in sub.nodes(data=True):
+        if "tile" in data:
+            tiles.setdefault(data.get("parent"), []).append(tile_id)
+    members = set(nodes)
+    alien = [node for node, data in sub.nodes(data=True) if not expanded and data.get("op") != "stage_input"
+             and (data.get("parent") if "tile" in data else node) not in members]  # expanded: `_operator_violations`
+    if alien:
+        yield f"{len(alien)} on-chip node(s) are not nodes of this stage, first {alien[0]!r}"
+    for node in nodes:
+        if node in expanded or node not in sub:
+            continue
+        planned, model = sub.nodes[node], whole.nodes[node]
+        if planned.get("op") == "stage_input":
+            continue  # reported with the stage inputs
+        if node not in tiles and "tile" not in planned:
+            for key in sorted({*planned, *model}):
+                if planned.get(key) != model.get(key):
+                    yield (f"node {node!r} has {key} {_value(key, planned.get(key))} on chip, "
+                           f"{_value(key, model.get(key))} in the model")
+            continue
+        if planned.get("op") != "concat" or planned.get("parent") != node:
+            yield f"node {node!r} is tiled on chip, but its id is not its tiles' join (op 'concat', parent {node!r})"
+            continue
+        if planned.get("activation_bytes") != model.get("activation_bytes"):
+            yield f"node {node!r}: its tiles' join has activation_bytes {_short(planned.get('activation_bytes'))}, " \
+                  f"the model's node {model.get('activation_bytes')} B"
+        for key in _NODE_BYTES:
+            if planned.get(key):
+                yield f"node {node!r}: its tiles' join has {key} {_short(planned[key])}, expected none"
+        parts = tiles.get(node, ())
+        outputs = [sub.nodes[tile_id].get("activation_bytes") for tile_id in parts]
+        if planned.get("join") == "cat" and sum(output or 0 for output in outputs) != model.get("activation_bytes"):
+            yield f"node {node!r}: its cat-joined tiles output {sum(output or 0 for output in outputs)} B of " \
+                  f"activation_bytes, the model's node {model.get('activation_bytes')} B"
+        elif planned.get("join") != "cat" and any(output != model.get("activation_bytes") for output in outputs):
+            yield f"node {node!r}: each of its sum-joined tiles outputs the node's whole activation_bytes, " \
+                  f"{model.get('activation_bytes')} B, got {outputs}"
+        total = sum(sub.nodes[tile_id].get("weight_bytes") or 0 for tile_id in parts)
+        if total != (model.get("weight_bytes") or 0):
+            yield f"node {node!r}: its {len(parts)} tile(s) hold {total} B of weight_bytes, the model's node " \
+                  f"{model.get('weight_bytes')} B"
+        axis = planned.get("axis")
+        for tile_id in parts:
+            data = sub.nodes[tile_id]
+            for key in sorted(({*data, *model} - _TILE_KEYS) - {axis}):
+                if data.get(key) != model.get(key):
+                    yield f"node {node!r}: tile {tile_id!r} has {key} {_value(key, data.get(key))} on chip, " \
+                          f"{_value(key, model.get(key))} in the model"
+
+
+def _operator_graph(whole):
+    """`whole` rebuilt at operator granularity by `cachefit.graphs.transformer` from its own graph attributes.
+
+    The reference for the operators of a block the on-chip level expanded
+    (`cachefit.graphs.tile`); None when `whole` is not a transformer graph
+    (then no block can have been expanded).
+    """
+    from .errors import InputError
+    from .graphs.transformer import transformer
+
+    attributes = whole.graph
+    config = attributes.get("config")
+    if not isinstance(config, dict):
+        return None
+    config = dict(config)
+    if not config.get("max_position_embeddings"):
+        config.pop("max_position_embeddings", None)  # 0 stands for "none" in the normalised form
+    try:
+        return transformer(config, batch=attributes.get("batch"), seq_len=attributes.get("seq_len"),
+                           dtype=attributes.get("dtype", "bf16"), granularity="op",
+                           phase=attributes.get("phase", "prefill"), context=attributes.get("context"))
+    except InputError:
+        return None
+
+
+def _operator_violations(whole, nodes, sub, expanded, operators):
+    """The operators of every expanded block are the model's operators, attribute for attribute.
+
+    Each on-chip node that is not a stage node, a stage input, a tile or a
+    join must be an operator of a block of this stage that the on-chip graph
+    lists in ``expanded_blocks``, carrying exactly that operator's
+    attributes (a tile of an operator: its attributes but those tiling
+    splits or sets); every operator of an expanded block must be on chip.
+    """
+    if "graph" not in operators:
+        operators["graph"] = _operator_graph(whole)
+    ops = operators["graph"]
+    members = set(nodes)
+    unknown = sorted(expanded - members)
+    if unknown:
+        yield f"expanded_blocks names {len(unknown)} node(s) not in this stage, first {unknown[0]!r}"
+    if ops is None:
+        yield "the on-chip graph expands blocks, but the model graph is not a transformer graph"
+        return
+    blocks = expanded & members
+    own = {}  # operator → the block it belongs to: "block.3.q" → "block.3" (one pass); the embedding holds its norm
+    for operator in ops:
+        block = ".".join(operator.split(".", 2)[:2])
+        if block in blocks and operator != block:
+            own[operator] = block
+    if "embed" in blocks:
+        own.update((operator, "embed") for operator in ("embed", "embed_norm") if operator in ops)
+    for block in sorted(blocks - set(own.values())):
+        yield f"node {block!r} is listed in expanded_blocks, but the model has no operators for it"
+    tiled = {data.get("parent") for _, data in sub.nodes(data=True) if "tile" in data}
+    for node, data in sub.nodes(data=True):
+        if data.get("op") == "stage_input" or (node in members and node not in expanded):
+            continue
+        reference = node if "tile" not in data else data.get("parent")
+        if reference not in own:
+            if "tile" not in data or reference not in members:
+                yield f"node {node!r} is on chip but is neither a node of this stage nor an operator of a block it " \
+                      "expanded"
+            continue
+        model = ops.nodes[reference]
+        if "tile" in data:
+            skip = _TILE_KEYS | {sub.nodes[reference].get("axis") if reference in sub else None}
+        elif reference in tiled:
+            continue  # the join of a tiled operator: its tiles carry the operator's attributes
+        else:
+            skip = frozenset()
+        for key in sorted(({*data, *model}) - skip):
+            if data.get(key) != model.get(key):
+                yield (f"node {node!r} (an operator of {own[reference]!r}) has {key} {_value(key, data.get(key))} "
+                       f"on chip, {_value(key, model.get(key))} in the model")
+    absent = sorted(part for part in own if part not in sub)
+    if absent:
+        yield f"{len(absent)} operator(s) of expanded blocks are not in the on-chip graph, first {absent[0]!r}"
+
+
+def _edge_violations(whole, nodes, sub, expanded):
+    """The model's edges into the stage's kept nodes (from kept nodes or stage inputs) are on chip."""
+    def kept(node):
+        data = sub.nodes[node] if node in sub else None
+        return (data is not None and node not in expanded and "tile" not in data and data.get("op") != "stage_input"
+                and not (data.get("op") == "concat" and data.get("parent") == node))
+
+    members = set(nodes)
+    for v in nodes:
+        if not kept(v):
+            continue
+        for u in whole.predecessors(v):
+            if (kept(u) if u in members else u in sub) and not sub.has_edge(u, v):
+                yield f"the on-chip graph lacks the model's edge {u!r} -> {v!r}"
 
 
 def _merge(reports):

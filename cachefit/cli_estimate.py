@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 
@@ -204,6 +205,8 @@ def estimate_command(plan_file, device, devices, kv, launch_us, max_rows, json_p
     from .estimate import estimate
     from .result import write_text_atomic
 
+    if launch_us is not None and not 0 <= launch_us < math.inf:  # named as the user spelled it, not as `launch_s`
+        raise InputError(f"`--launch-us` must be a non-negative number of microseconds, got {launch_us:g}")
     plan = _read_plan_or_deployment(plan_file)
     _exit_if_check_fails(plan)
     result = estimate(plan, device, devices=devices, kv=kv, launch_s=None if launch_us is None else launch_us * 1e-6)

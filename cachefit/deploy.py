@@ -63,8 +63,8 @@ import networkx as nx
 
 from .errors import InputError
 from .memory import with_kv
-from .result import PLAN_FORMAT, PLAN_VERSION, TWO_LEVEL_VERSION, Plan, Status, check_version, graph_to_data, \
-    write_text_atomic
+from .result import PLAN_FORMAT, PLAN_VERSION, TWO_LEVEL_VERSION, Plan, Status, check_capacity, check_version, \
+    graph_to_data, write_text_atomic
 
 __all__ = ["Deployment", "deploy", "plan_two_level", "DEPLOYMENT_FORMAT", "DEPLOYMENT_VERSION", "stage_graph",
            "stage_graphs"]
@@ -260,6 +260,16 @@ class Deployment:
         capacity = data.get("capacity")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
             raise InputError(f"plan field 'capacity' has the wrong type: {type(capacity).__name__}")
+        check_capacity(data["device_capacity"], "device_capacity")
+        if capacity is not None:
+            check_capacity(capacity, "capacity")
+        for index, group in enumerate(groups):
+            graph = group.get("graph") if isinstance(group, dict) else None
+            stage = graph.get("graph", {}).get("stage") if isinstance(graph, dict) and \
+                isinstance(graph.get("graph"), dict) else None
+            if stage is not None and stage != index:
+                raise InputError(f"plan field 'stages[{index}].plan.graph.graph.stage' must be {index} (the "
+                                 f"on-chip graph of stage {index}), got {stage!r}")
         stage_plan = _read_at("", lambda: Plan.from_dict(stage_data))  # every field of it was checked above but the graph
         result = cls(stage_plan, tuple(_read_at(f"stages[{index}].plan.", lambda group=group: Plan.from_dict(group))
                                        for index, group in enumerate(groups)), capacity)

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import InputError
 
 __all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "TWO_LEVEL_VERSION", "PLAN_VERSIONS", "read_plan", "check_version",
-           "graph_to_data", "graph_from_data", "write_text_atomic"]
+           "check_graph_attributes", "check_capacity", "graph_to_data", "graph_from_data", "write_text_atomic"]
 
 PLAN_FORMAT = "cachefit.plan"
 #: A single-level plan: one capacity, one list of groups (`Plan`).
@@ -195,6 +195,7 @@ class Plan:
         if not isinstance(data.get("reason", ""), str):
             raise InputError(f"plan field 'reason' has the wrong type: {type(data['reason']).__name__} "
                              "(expected a string)")
+        check_capacity(data["capacity"], "capacity")
         if data["status"] not in Status.__members__:
             raise InputError(f"plan field 'status' must be one of {', '.join(Status.__members__)}, got {data['status']!r}")
         partitions = data["partitions"]
@@ -226,6 +227,20 @@ def check_version(data):
     if isinstance(version, bool) or version not in PLAN_VERSIONS:
         raise InputError(f"unsupported plan version {version!r}; this cachefit reads versions "
                          f"{' and '.join(map(str, PLAN_VERSIONS))}")
+
+
+def check_capacity(value, field):
+    """Refuse a capacity read from a plan file beyond `cachefit.validation.MAX_BYTES` (2**62 B).
+
+    Every byte count of a graph is at most that, so no plan needs more; a
+    larger integer (JSON has no limit) is refused in one line naming `field`.
+    """
+    from .validation import MAX_BYTES
+
+    if value > MAX_BYTES:
+        text = str(value) if value < 10**30 else f"an integer of {len(str(value))} digits"
+        raise InputError(f"plan field '{field}' must be at most 2**62 B (4 EiB), the most cachefit's exact integer "
+                         f"arithmetic holds, got {text}")
 
 
 def read_plan(source):
@@ -261,9 +276,71 @@ def read_plan(source):
 
 
 def _validated(graph):
+    """`graph` (a plan's, read from a file) validated: its nodes (`cachefit.validation.validate`) and graph attributes.
+
+    The one check of every graph a plan file holds: a version-1 plan's, a
+    version-2 plan's model graph and each of its stages' on-chip graphs.
+    """
     from .validation import validate  # networkx and numpy load only once a graph is read (fast refusals)
 
+    check_graph_attributes(graph.graph)
     return validate(graph)
+
+
+def check_graph_attributes(attributes, *, field="graph.graph"):
+    """Refuse a malformed graph attribute that the memory models, the estimator or the executor read.
+
+    ``seq_len`` and ``batch`` positive integers (batch × seq_len at most
+    `cachefit.limits.MAX_TOKENS`), ``context`` and ``stage`` non-negative
+    integers, ``dtype`` one of `cachefit.units.DTYPE_BYTES`, ``phase``
+    ``"prefill"`` or ``"decode"``, ``config`` an object, and a transformer
+    config (one with ``hidden_size``) one that
+    `cachefit.graphs.transformer.normalize_config` accepts; each may be
+    absent (or null).
+
+    Raises
+    ------
+    InputError
+        ``plan field 'graph.graph.KEY' ...``, naming the attribute (`field` is the prefix).
+    """
+    from .limits import MAX_TOKENS
+    from .units import DTYPE_BYTES
+
+    def integer(key, minimum, what):
+        value = attributes.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                                  or value > MAX_TOKENS):
+            raise InputError(f"plan field '{field}.{key}' must be {what} (at most {MAX_TOKENS:,}), "
+                             f"got {_brief(value)}")
+
+    integer("seq_len", 1, "a positive integer of tokens")
+    integer("batch", 1, "a positive integer of sequences")
+    integer("context", 0, "a non-negative integer of tokens")
+    integer("stage", 0, "a non-negative integer (the stage's index)")
+    if (attributes.get("seq_len") or 1) * (attributes.get("batch") or 1) > MAX_TOKENS:
+        raise InputError(f"plan field '{field}': batch × seq_len = "
+                         f"{attributes['batch'] * attributes['seq_len']:,} tokens, more than {MAX_TOKENS:,}")
+    dtype = attributes.get("dtype")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in DTYPE_BYTES):
+        raise InputError(f"plan field '{field}.dtype' must be one of {', '.join(DTYPE_BYTES)}, got {_brief(dtype)}")
+    phase = attributes.get("phase")
+    if phase is not None and phase not in ("prefill", "decode"):
+        raise InputError(f"plan field '{field}.phase' must be 'prefill' or 'decode', got {_brief(phase)}")
+    config = attributes.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise InputError(f"plan field '{field}.config' must be an object, got {type(config).__name__}")
+    if isinstance(config, dict) and "hidden_size" in config:
+        from .graphs.transformer import normalize_config
+
+        try:
+            normalize_config(config)
+        except InputError as error:
+            raise InputError(f"plan field '{field}.config': {error}") from None
+
+
+def _brief(value):
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}…"
 
 
 def graph_to_data(graph):

@@ -22,6 +22,8 @@ cachefit.errors.InputError: `capacity` must be bytes, spelled with an upper-case
 '50.0 MiB'
 >>> format_bytes(999)
 '999 B'
+>>> format_bytes(10**400)
+'8.9e+384 PiB'
 """
 
 from __future__ import annotations
@@ -117,15 +119,18 @@ def format_bytes(num_bytes, *, binary=True, precision=1):
     """
     base = 1024 if binary else 1000
     suffixes = ["KiB", "MiB", "GiB", "TiB", "PiB"] if binary else ["KB", "MB", "GB", "TB", "PB"]
+    if isinstance(num_bytes, float) and not math.isfinite(num_bytes):
+        return f"{num_bytes} B"
     num_bytes = int(num_bytes)
     if abs(num_bytes) < base:
         return f"{num_bytes} B"
-    value = float(num_bytes)
-    for suffix in suffixes:
-        value /= base
-        if abs(value) < base or suffix == suffixes[-1]:
-            return f"{value:.{precision}f} {suffix}"
-    raise AssertionError("unreachable")
+    for power, suffix in enumerate(suffixes, start=1):
+        if abs(num_bytes) < base ** (power + 1) or suffix == suffixes[-1]:
+            break
+    try:
+        return f"{num_bytes / base ** power:.{precision}f} {suffix}"  # int / int: exact to the nearest float
+    except OverflowError:  # beyond any float (a hostile file's 10**400): exact decimal, in scientific notation
+        return f"{Decimal(num_bytes) / Decimal(base ** power):.{precision}e} {suffix}"
 
 
 def format_count(value, unit=""):

@@ -36,7 +36,7 @@ class TestCheck:
         expected = {
             "missing node": "node(s) in no group",
             "empty group": "group 2 is empty",
-            "duplicate": "is in groups 0 and 2",
+            "duplicate": "is listed in groups 0 and 2",
             "unknown node": "which is not in the graph",
             "backwards": "goes backwards",
             "wrong size": "differ from recomputed",

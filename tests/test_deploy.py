@@ -248,7 +248,8 @@ class TestCheckBothLevels:
         node["weight_bytes"] = 200
         inner["sizes"] = [size - 100 if index == 1 else size for index, size in enumerate(inner["sizes"])]
         report = check(read_plan(json.dumps(data)))
-        assert report.violations == ("stage 1 on chip: the on-chip graph holds 800 B of weight_bytes, its stage 900 B",)
+        assert report.violations == ("stage 1 on chip: the on-chip graph holds 800 B of weight_bytes, its stage 900 B",
+                                     "stage 1 on chip: node '4' has weight_bytes 200 B on chip, 300 B in the model")
 
     def test_missing_stage_input(self):
         data = self.data()
@@ -262,12 +263,21 @@ class TestCheckBothLevels:
         data = self.data()
         data["stages"][0]["plan"], data["stages"][1]["plan"] = data["stages"][1]["plan"], data["stages"][0]["plan"]
         data["k"] = 6
-        report = check(read_plan(json.dumps(data)))
+        with pytest.raises(InputError, match=re.escape("plan field 'stages[0].plan.graph.graph.stage' must be 0 "
+                                                       "(the on-chip graph of stage 0), got 1")):
+            read_plan(json.dumps(data))
+        plan = read_plan(json.dumps(self.data()))
+        report = check(Deployment(plan.stages, plan.groups[::-1]))  # built in memory: the checker's own finding
         assert report.violations == (
-            "stage 0 on chip: stage_input '2' is not an input of this stage",
+            "stage 0 on chip: the on-chip graph's `stage` is 1, not 0",
+            "stage 0 on chip: stage_input '2' stands for a node of this stage (a stage input is the output of a "
+            "producer in an earlier stage)",
             "stage 0 on chip: 3 stage node(s) are not in the on-chip graph, first '0'",
+            "stage 0 on chip: 3 on-chip node(s) are not nodes of this stage, first '3'",
+            "stage 1 on chip: the on-chip graph's `stage` is 0, not 1",
             "stage 1 on chip: stage_input '2' is missing",
-            "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'")
+            "stage 1 on chip: 3 stage node(s) are not in the on-chip graph, first '3'",
+            "stage 1 on chip: 3 on-chip node(s) are not nodes of this stage, first '0'")
 
 
 class TestPlanDevices:
