@@ -329,11 +329,30 @@ def _from_legacy(cls, data):
     return cls(Plan.from_dict(data.get("stages")), tuple(Plan.from_dict(group) for group in data["groups"]))
 
 
+#: What a node's consumers read of it beyond its bytes: the marks they order their inputs by (``role``,
+#: ``expert``, ``tile``: `cachefit.executor.nodes.order_inputs`) and a routed expert's ``rows`` (its output is
+#: sized for the tokens routed to it), which a stage_input standing for it carries.
+INPUT_MARKS = ("role", "expert", "tile", "rows")
+
+
+def _input_marks(graph, node):
+    """`node`'s ``INPUT_MARKS`` (an unmarked concat's: those of the tile it joins), for the stage_input standing for it."""
+    attrs = graph.nodes[node]
+    if attrs.get("op") == "concat" and "role" not in attrs:
+        first = next(iter(graph.predecessors(node)), None)
+        attrs = graph.nodes[first] if first is not None else attrs
+    return {key: attrs[key] for key in INPUT_MARKS if key in attrs}
+
+
 def stage_graph(graph, nodes, index):
     """The sub-graph of stage `index` (its `nodes`) with a ``stage_input`` node per activation it receives.
 
     A ``stage_input`` node keeps its producer's id and ``activation_bytes``
-    (weights, buffer and flops 0).  Returns a new graph; `graph` is not changed.
+    (weights, buffer and flops 0), and what its consumers read of it
+    (``INPUT_MARKS``: an MoE combine takes the router, the experts by index,
+    the shared expert and its gate; read through an unmarked concat to the
+    tile it joins).  Returns a new graph;
+    `graph` is not changed.
     """
     members = set(nodes)
     inputs = [u for u in dict.fromkeys(p for v in nodes for p in graph.predecessors(v)) if u not in members]
@@ -341,7 +360,7 @@ def stage_graph(graph, nodes, index):
     sub.graph.update(name=f"{graph.graph.get('name', 'model')} stage {index}", stage=index)
     for u in inputs:
         sub.add_node(u, op="stage_input", weight_bytes=0, activation_bytes=graph.nodes[u]["activation_bytes"],
-                     buffer_bytes=0, flops=0, params=0)
+                     buffer_bytes=0, flops=0, params=0, **_input_marks(graph, u))
     for v in nodes:
         sub.add_node(v, **graph.nodes[v])
     sub.add_edges_from((u, v) for v in nodes for u in graph.predecessors(v))

@@ -217,13 +217,19 @@ def _source_width(graph, node):
 
 
 def _stage_input_width(graph, node, tokens):
-    """Features per token of ``stage_input`` `node`: its ``activation_bytes`` / (tokens × dtype bytes)."""
+    """Features per token of ``stage_input`` `node`: its ``activation_bytes`` / (rows × dtype bytes).
+
+    rows: the producer's ``rows`` where it has them (a routed expert's output is
+    sized for the tokens routed to it, though the executor's expert returns every
+    token's row), else `tokens`.
+    """
     from ..units import DTYPE_BYTES
 
     element = DTYPE_BYTES.get(str(graph.graph.get("dtype", "")).lower())
     if graph.in_degree(node):
         raise InputError(f"stage_input {node!r} has predecessors; a stage input must be a source of its stage graph")
-    width, rest = divmod(int(graph.nodes[node].get("activation_bytes", 0)), tokens * (element or 0) or 1)
+    rows = int(graph.nodes[node].get("rows") or tokens)
+    width, rest = divmod(int(graph.nodes[node].get("activation_bytes", 0)), rows * (element or 0) or 1)
     if element is None or rest or width < 1:
         raise InputError(f"stage_input {node!r}: activation_bytes {graph.nodes[node].get('activation_bytes')!r} is "
                          f"not tokens ({tokens}) × features × dtype bytes; the executor cannot shape this input")

@@ -277,3 +277,27 @@ class TestRoutingFieldsKept:
             graph = transformer({**config, "norm_topk_prob": flag}, batch=1, seq_len=4)
             assert graph.graph["config"]["norm_topk_prob"] is flag
             assert moe_routing(graph.graph["config"]).normalise is flag
+
+
+class TestStageCutInsideMoE:
+    """A pipeline stage that begins inside an MoE layer receives the router's, experts' and shared expert's outputs."""
+
+    @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+    def test_every_stage_runs(self, name):
+        import cachefit
+        from cachefit.executor import run
+        from cachefit.graphs.hf import from_hf_config
+
+        graph = from_hf_config(MODELS[name], granularity="op", seq_len=8, batch=1)
+        total = sum(data["weight_bytes"] for _, data in graph.nodes(data=True))
+        inside = 0
+        for devices in (2, 3, 4):
+            deployment = cachefit.deploy(graph, devices=devices, device_capacity=2 * total // devices,
+                                         capacity="64KiB")
+            assert deployment.ok and cachefit.check(deployment).ok
+            for stage, sub in enumerate(deployment.stage_graphs()):
+                received = {data.get("role") for _, data in sub.nodes(data=True) if data.get("op") == "stage_input"}
+                inside += bool(received & {"expert", "shared_expert", "shared_gate", "router"})
+                result = run(deployment, stage=stage, schedule=["partition-major"], warmup=0, iters=1)
+                assert result.equivalent, (devices, stage)
+        assert inside  # at least one cut falls inside an MoE layer
