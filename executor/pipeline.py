@@ -358,6 +358,7 @@ def _stage_process(rank, job):
             buffer = io.BytesIO()
             torch.save({"timings": result[0], "output": result[1]}, buffer)
             job.result_pipe.send_bytes(buffer.getvalue())
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
@@ -401,9 +402,25 @@ def _run_torchrun(job):
     torch.set_num_threads(job.threads)
     dist.init_process_group(job.backend, timeout=timedelta(seconds=job.timeout_s))
     try:
-        return run_stage(rank, world, job, device=device)
+        result = run_stage(rank, world, job, device=device)
+        _quiesce()
+        return result
     finally:
         dist.destroy_process_group()
+
+
+def _quiesce():
+    """Wait until every stage has finished before any tears its connections down.
+
+    A rank that destroyed its process group while a peer's gloo threads still
+    had work in flight on their shared connection aborted one of the two
+    processes ("terminate called without an active exception", SIGABRT) —
+    seen once under load in a 2-stage run whose stages had both finished.
+    Only on the success path: after a failure the other ranks may never come.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _check_options(plan, schedule, microbatches, backend, warmup, iters, timeout_s, threads):
