@@ -18,6 +18,10 @@ activations
     values plus what the group produced, before the values no later group
     reads are dropped).
 
+Boundary and activations leave out tensors that share a parameter's
+storage: an imported (torch.export) graph hands its weights from step to
+step as values, and they are counted once, among the weights.
+
 Each is counted twice: as allocated (the run's dtype) and at the plan's
 dtype (every floating tensor's elements × the plan's bytes per element;
 integer tensors as allocated), so a float32 CPU run compares with a bf16
@@ -75,6 +79,13 @@ def measure_held(model, runners, groups, chunk_tokens, micro_batches):
     parameter already counted in an earlier group is not counted again).
     """
     element = plan_element_size(model)
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+
+    def values(store):
+        """The store's tensors that are not parameters (an imported graph hands its weights on as values)."""
+        return [value for value in store.values()
+                if not (isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in weights)]
+
     run_dtype = str(model.dtype).replace("torch.", "")
     plan_dtype = str(model.graph.graph.get("dtype", "")).lower()
     store = chunk_stores(model, chunk_tokens, micro_batches)[0]
@@ -84,11 +95,11 @@ def measure_held(model, runners, groups, chunk_tokens, micro_batches):
         for runner, group in zip(runners, groups):
             parameters = [p for p in model.parameters(group) if id(p) not in placed]
             placed.update(id(p) for p in parameters)
-            boundary = list(store.values())
+            boundary = values(store)
             peak = {"bytes": _tensor_bytes(boundary, None), "values": boundary}
 
-            def after_step(values, peak=peak):
-                held = list(values.values())
+            def after_step(step_values, peak=peak):
+                held = values(step_values)
                 size = _tensor_bytes(held, None)
                 if size > peak["bytes"]:
                     peak.update(bytes=size, values=held)

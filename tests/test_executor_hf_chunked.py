@@ -186,3 +186,18 @@ class TestRefusals:
                                              r"call of 32 tokens \(schedule 'batched'") as caught:
             run(_plan(graph), module, example_inputs=(tokens,), iters=1, warmup=0, schedule=["batched"])
         assert "\n" not in str(caught.value)
+
+
+class TestHeldWithoutWeightsAsValues:
+    """An imported graph hands its weights on as values: the held boundary counts activations only."""
+
+    def test_boundary_is_at_most_what_the_plan_hands_over(self, imported):
+        module, tokens, graph = imported("gpt2")
+        plan = cachefit.plan(graph, "96KiB", solver="greedy", memory="liveness", chunk_tokens=SEQ)
+        assert plan.ok and plan.k >= 3
+        result = run(plan, module, example_inputs=(tokens,), iters=1, warmup=0, schedule=["partition-major"])
+        where = {node: index for index, group in enumerate(plan.partitions) for node in group}
+        for index, report in enumerate(result.groups):
+            crossing = sum(plan.graph.nodes[u]["activation_bytes"] for u in plan.graph
+                           if where[u] < index and any(where[v] >= index for v in plan.graph.successors(u)))
+            assert report.held.boundary <= crossing + tokens.numel() * tokens.element_size()
