@@ -140,18 +140,21 @@ def capacity_text(num_bytes, *, slack=0.01):
     """A short capacity string (`parse_bytes` syntax) of at least `num_bytes` and at most `slack` more.
 
     The largest binary unit not above `num_bytes`, in the coarsest step
-    (1, 1/2, 1/4, ... of the unit: always whole bytes) that stays within
-    `slack`; the exact byte count when none does.
+    (1, 1/2, 1/4, ... 1/1024 of the unit: whole bytes, and at most ten
+    decimals, so the text parses back exactly) that stays within `slack`;
+    the exact byte count when none does.
 
     >>> capacity_text(104499200), capacity_text(1000), capacity_text(80 * 10**9), capacity_text(5 * 2**20 + 1)
     ('100MiB', '1000', '75GiB', '5.03125MiB')
+    >>> capacity_text(80000000007, slack=0)
+    '80000000007'
     """
     num_bytes = int(num_bytes)
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if num_bytes < scale:
             continue
         step = scale
-        while step >= 1:
+        while step >= max(1, scale >> 10):
             steps = -(-num_bytes // step)
             if steps * step <= num_bytes * (1 + slack):
                 value = steps * step / scale  # a dyadic fraction: exact in a float

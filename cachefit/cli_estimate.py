@@ -279,7 +279,7 @@ def print_deployment(result):
     console.print(f"stages: {result.stages.memory}, within {format_bytes(result.device_capacity)} each; "
                   f"on chip: {result.groups[0].memory if result.groups else '-'}, within {capacity}",
                   highlight=False, soft_wrap=True)
-    copies = result.stages.stats.get("table_copies") or {} if result.stages.ok else {}
+    copies = (result.stages.stats.get("table_copies") or {}) if result.stages.ok else {}
     for node, size in copies.items():
         stage = next(index for index, nodes in enumerate(result.stages.partitions) if node in nodes)
         owner = result.graph.nodes[node].get("tied_to")

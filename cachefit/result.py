@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -287,6 +288,10 @@ def _validated(graph):
     return validate(graph)
 
 
+#: A dtype name as the builders and importers write it (``bf16``, ``fp32``, torch's ``float64``, ...).
+_DTYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,15}")
+
+
 def check_graph_attributes(attributes, *, field="graph.graph"):
     """Refuse a malformed graph attribute that the memory models, the estimator or the executor read.
 
@@ -321,8 +326,9 @@ def check_graph_attributes(attributes, *, field="graph.graph"):
         raise InputError(f"plan field '{field}': batch × seq_len = "
                          f"{attributes['batch'] * attributes['seq_len']:,} tokens, more than {MAX_TOKENS:,}")
     dtype = attributes.get("dtype")
-    if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in DTYPE_BYTES):
-        raise InputError(f"plan field '{field}.dtype' must be one of {', '.join(DTYPE_BYTES)}, got {_brief(dtype)}")
+    if dtype is not None and (not isinstance(dtype, str) or not _DTYPE_NAME.fullmatch(dtype)):
+        raise InputError(f"plan field '{field}.dtype' must name a data type ({', '.join(DTYPE_BYTES)}, or a "
+                         f"torch dtype such as float64 for an imported graph), got {_brief(dtype)}")
     phase = attributes.get("phase")
     if phase is not None and phase not in ("prefill", "decode"):
         raise InputError(f"plan field '{field}.phase' must be 'prefill' or 'decode', got {_brief(phase)}")

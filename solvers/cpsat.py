@@ -539,7 +539,8 @@ class _Search:
         stalls = [why for _, why in self.stops if why.startswith("stall")]
         if stalls and not any(why == "time limit" for _, why in self.stops):
             return stalls[-1]
-        skipped = [phase for phase in ("phase1", "phase2") if str(self.stats.get(phase, "")).startswith("skipped")]
+        skipped = [phase for phase in ("phase1", "phase2")
+                   if str(self.stats.get(phase, "")).startswith(("skipped: a model of", "skipped: the model"))]
         if skipped:
             return (f"the model is too large for the time limit ({self.limit:g} s): {' and '.join(skipped)} "
                     "skipped, not built in the time left")

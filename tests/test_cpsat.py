@@ -301,3 +301,15 @@ def test_registry_models_it_never_names(toy_models):
         if plan.ok:
             assert plan.lower_bound <= oracle.k <= plan.k
             assert plan.status != Status.OPTIMAL or plan.k == oracle.k
+
+
+def test_stop_reason_does_not_blame_model_size_when_the_hint_meets_the_bound():
+    """phase1 skipped because the hint meets the lower bound is a proof, not a model too large for the limit."""
+    import cachefit
+    from cachefit.instances import families
+
+    graph, capacity = families.generate("dag-layered", 60, seed=2, capacity="tight")
+    plan = cachefit.plan(graph, capacity, solver="cpsat", time_limit_s=1)
+    assert plan.status == "OPTIMAL"
+    assert plan.stats["phase1"] == "skipped: the hint meets the lower bound"
+    assert not plan.stats["stop_reason"].startswith("the model is too large")

@@ -194,8 +194,8 @@ class TestStageGraphAttributesAreRead:
                      "(at most 4,294,967,296), got 0"),
         ("context", -1, "plan field 'stages[0].plan.graph.graph.context' must be a non-negative integer of tokens "
                         "(at most 4,294,967,296), got -1"),
-        ("dtype", "fp64", "plan field 'stages[0].plan.graph.graph.dtype' must be one of fp32, bf16, fp16, fp8, "
-                          "int8, got 'fp64'"),
+        ("dtype", "fp 32", "plan field 'stages[0].plan.graph.graph.dtype' must name a data type (fp32, bf16, fp16, "
+                           "fp8, int8, or a torch dtype such as float64 for an imported graph), got 'fp 32'"),
         ("phase", "train", "plan field 'stages[0].plan.graph.graph.phase' must be 'prefill' or 'decode', "
                            "got 'train'"),
         ("config", {"hidden_size": "x"}, "plan field 'stages[0].plan.graph.graph.config': `config['hidden_size']` "
@@ -222,8 +222,8 @@ class TestStageGraphAttributesAreRead:
         with pytest.raises(InputError, match=re.escape("plan field 'graph.graph.seq_len' must be a positive")):
             read_plan(json.dumps(data))
         single = copy.deepcopy(kv2["stages"][0]["plan"])
-        single["graph"]["graph"]["dtype"] = "fp64"
-        with pytest.raises(InputError, match=re.escape("plan field 'graph.graph.dtype' must be one of")):
+        single["graph"]["graph"]["dtype"] = 64
+        with pytest.raises(InputError, match=re.escape("plan field 'graph.graph.dtype' must name a data type")):
             read_plan(json.dumps(single))
 
     @pytest.mark.parametrize("key, value, line", [
@@ -303,3 +303,20 @@ def test_in_memory_deployment_with_a_forged_graph(kv2):
     forged = Deployment(plan.stages, (Plan(**{**plan.groups[0].__dict__, "graph": graph}), *plan.groups[1:]))
     assert ("stage 0 on chip: node 'block.3' has activation_bytes 0 B on chip, "
             f"{plan.stages.graph.nodes['block.3']['activation_bytes']} B in the model") in check(forged).violations
+
+
+def test_a_float64_import_reads_back(tmp_path):
+    """Every plan file cachefit writes, it reads back: an fp64 module imported with from_torch has dtype 'float64'."""
+    torch = pytest.importorskip("torch")
+    import cachefit
+    from cachefit.graphs.torch_import import from_torch
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).double()
+    graph = from_torch(module, torch.zeros(2, 8, dtype=torch.float64))
+    assert graph.graph["dtype"] == "float64"
+    plan = cachefit.plan(graph, "1KiB", solver="greedy")
+    path = tmp_path / "p.json"
+    plan.to_json(path)
+    assert read_plan(path.read_text()).sizes == plan.sizes
+    result = CliRunner().invoke(main, ["check", str(path)])
+    assert result.exit_code == 0, result.output
