@@ -160,6 +160,7 @@ def capacity_text(num_bytes, *, slack=0.01):
                 value = steps * step / scale  # a dyadic fraction: exact in a float
                 return f"{value:.10f}".rstrip("0").rstrip(".") + unit
             step //= 2
+        break  # not a round figure of its own unit: the exact byte count
     return str(num_bytes)
 
 
