@@ -529,11 +529,12 @@ def _inside_sequences(model, chunk):
     """
     if model.chunked_prefill is None:
         raise imported_refusal(model)
-    if model.seq_len % chunk:
-        raise InputError(f"`chunk_tokens` {chunk} must divide seq_len = {model.seq_len} (a chunk inside a "
+    seq_len = int(model.graph.graph.get("seq_len") or model.seq_len)  # a static export's model.seq_len is the pass
+    if seq_len % chunk:
+        raise InputError(f"`chunk_tokens` {chunk} must divide seq_len = {seq_len} (a chunk inside a "
                          "sequence never spans two) or be a multiple of it")
     model.chunked_prefill(chunk)
-    return [f"chunks of {chunk:,} tokens inside sequences of {model.seq_len:,} (chunked prefill of an imported "
+    return [f"chunks of {chunk:,} tokens inside sequences of {seq_len:,} (chunked prefill of an imported "
             "model: each recognised attention module keeps a K/V buffer per sequence; position ids continue "
             "across chunks)"]
 

@@ -182,8 +182,8 @@ class TestRefusals:
 
     def test_batched_schedule_refused_in_one_line(self, imported):
         module, tokens, graph = imported("gpt2")
-        with pytest.raises(InputError, match=r"^this imported model runs chunks of 4 tokens inside a sequence; a "
-                                             r"call of 32 tokens \(schedule 'batched'") as caught:
+        with pytest.raises(InputError, match=r"^schedule 'batched' cannot run an imported model rebuilt for "
+                                             r"chunks inside a sequence") as caught:
             run(_plan(graph), module, example_inputs=(tokens,), iters=1, warmup=0, schedule=["batched"])
         assert "\n" not in str(caught.value)
 
@@ -201,3 +201,21 @@ class TestHeldWithoutWeightsAsValues:
             crossing = sum(plan.graph.nodes[u]["activation_bytes"] for u in plan.graph
                            if where[u] < index and any(where[v] >= index for v in plan.graph.successors(u)))
             assert report.held.boundary <= crossing + tokens.numel() * tokens.element_size()
+
+
+class TestScheduleAll:
+    """An imported model rebuilt for chunks inside a sequence has no whole-pass call: 'batched' is left out."""
+
+    def test_all_runs_without_batched_and_says_so(self, imported):
+        module, tokens, graph = imported("llama")
+        plan = _plan(graph)
+        result = run(plan, module, example_inputs=(tokens,), iters=1, warmup=0, schedule="all")
+        assert result.equivalent
+        assert "batched" not in {schedule.name for schedule in result.schedules}
+        assert any(note.startswith("batched left out of 'all'") for note in result.notes)
+
+    def test_explicit_batched_is_refused_before_running(self, imported):
+        module, tokens, graph = imported("llama")
+        plan = _plan(graph)
+        with pytest.raises(InputError, match="^schedule 'batched' cannot run an imported model rebuilt for chunks"):
+            run(plan, module, example_inputs=(tokens,), iters=1, warmup=0, schedule=["batched", "partition-major"])
