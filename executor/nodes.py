@@ -512,16 +512,19 @@ class Routing:
 
 #: model_type -> (the config fields and the transformers 5.24 defaults its router reads).  Keys:
 #: scoring, norm_topk_prob (None: always normalised, as Mixtral), routed_scaling_factor, n_group,
-#: topk_group, group_score, topk_method (DeepSeek-V2: "greedy" or "group_limited_greedy").
+#: topk_group, group_score, topk_method (DeepSeek-V2: "greedy" or "group_limited_greedy"); reads: the config
+#: fields that family's router honours (default: those named among its keys), others are ignored as there.
 _ROUTERS = {
     # DeepseekV3TopkRouter: sigmoid scores; group-limited top-k (a group: sum of its best two); the kept
     # sigmoid scores normalised (+1e-20) and scaled
     "deepseek_v3": dict(scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8,
-                        topk_group=4, group_score="top2"),
+                        topk_group=4, group_score="top2",
+                        reads=("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group")),
     # DeepseekV2TopkRouter: softmax; greedy or group-limited (a group: its best expert) top-k; scaled, never
     # normalised (transformers' DeepSeek-V2 reads no norm_topk_prob)
     "deepseek_v2": dict(scoring="softmax", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=None,
-                        topk_group=None, group_score="max", topk_method="greedy"),
+                        topk_group=None, group_score="max", topk_method="greedy",
+                        reads=("routed_scaling_factor", "n_group", "topk_group", "topk_method")),
     # Qwen2MoeTopKRouter / Qwen3MoeTopKRouter: softmax top-k, normalised only with norm_topk_prob
     "qwen2_moe": dict(scoring="softmax", norm_topk_prob=False),
     "qwen3_moe": dict(scoring="softmax", norm_topk_prob=False),
@@ -556,8 +559,8 @@ def moe_routing(config):
     if defaults is None:
         return Routing()
 
-    def field(name):
-        value = config.get(name)
+    def field(name):  # the config's value where the family's router reads that field, else the default
+        value = config.get(name) if name in defaults.get("reads", defaults) else None
         return defaults.get(name) if value is None else value
 
     groups, top_groups = int(field("n_group") or 1), int(field("topk_group") or 1)
@@ -871,5 +874,8 @@ def make_node_module(graph, node, *, seq_len, factory, dtype, device, tiles=None
         else:
             raise InputError(f"node {node!r} is tied to {owner!r}, which must be an embedding (or its tiles) "
                              "earlier in the graph")
-    return _op_module(key, attrs, seq_len, factory, dtype, device, part=part, tied=tied,
-                      config=graph.graph.get("config"))
+    try:
+        return _op_module(key, attrs, seq_len, factory, dtype, device, part=part, tied=tied,
+                          config=graph.graph.get("config"))
+    except KeyError as missing:  # a node attribute the module needs (a hand-built or edited graph)
+        raise InputError(f"node {node!r} ({op}) lacks the attribute {missing.args[0]!r} its module needs") from None

@@ -301,3 +301,30 @@ class TestStageCutInsideMoE:
                 result = run(deployment, stage=stage, schedule=["partition-major"], warmup=0, iters=1)
                 assert result.equivalent, (devices, stage)
         assert inside  # at least one cut falls inside an MoE layer
+
+
+class TestFieldsEachRouterReads:
+    """A config field that transformers' router for the family ignores is ignored here too."""
+
+    def test_deepseek_v2_never_normalises(self):
+        from cachefit.executor.nodes import moe_routing
+
+        assert moe_routing({"model_type": "deepseek_v2", "norm_topk_prob": True}).normalise is False
+
+    def test_deepseek_v3_always_limits_by_group(self):
+        from cachefit.executor.nodes import moe_routing
+
+        routing = moe_routing({"model_type": "deepseek_v3", "num_local_experts": 256, "topk_method": "greedy"})
+        assert (routing.groups, routing.top_groups) == (8, 4)
+
+    def test_missing_attribute_is_named(self):
+        import networkx as nx
+
+        from cachefit.errors import InputError
+        from cachefit.executor.nodes import make_node_module
+
+        graph = nx.DiGraph(dtype="fp32")
+        graph.add_node("block.0.combine", op="moe_combine", experts_per_token=2)
+        with pytest.raises(InputError, match=r"^node 'block\.0\.combine' \(moe_combine\) lacks the attribute "
+                                             r"'num_experts' its module needs$"):
+            make_node_module(graph, "block.0.combine", seq_len=4, factory={}, dtype=torch.float32, device="cpu")
