@@ -213,18 +213,21 @@ _COPY = "table_copy_bytes"
 def _table_bytes(graph, node, absent):
     """The bytes of what `node` shares with its owners `absent`, from the owners' side.
 
-    Owners that are embeddings with their shape: Σ num_embeddings ×
-    embedding_dim × dtype bytes (the token tables); else a linear `node`
-    with its shape: out_features × in_features × dtype bytes; else Σ the
-    owners' weight_bytes.
+    A linear `node` (an LM head using the token table as its matrix) whose
+    owners are embeddings with their shape: Σ num_embeddings × embedding_dim ×
+    dtype bytes (the token tables); a linear `node` with its shape otherwise:
+    out_features × in_features × dtype bytes; any other tied node (an
+    imported op reading an owner's tensor, whose dtype may differ from the
+    graph's): Σ the owners' weight_bytes.
     """
     element = DTYPE_BYTES.get(str(graph.graph.get("dtype", "")).lower())
     owners = [graph.nodes[owner] for owner in absent]
-    if element and all(data.get("op") == "embedding" and data.get("num_embeddings") and data.get("embedding_dim")
-                       for data in owners):
-        return sum(int(data["num_embeddings"]) * int(data["embedding_dim"]) * element for data in owners)
     attrs = graph.nodes[node]
-    if element and attrs.get("op") == "linear" and attrs.get("in_features") and attrs.get("out_features"):
+    linear = bool(element and attrs.get("op") == "linear")
+    if linear and all(data.get("op") == "embedding" and data.get("num_embeddings") and data.get("embedding_dim")
+                      for data in owners):
+        return sum(int(data["num_embeddings"]) * int(data["embedding_dim"]) * element for data in owners)
+    if linear and attrs.get("in_features") and attrs.get("out_features"):
         return int(attrs["in_features"]) * int(attrs["out_features"]) * element
     return sum(int(data.get("weight_bytes") or 0) for data in owners)
 

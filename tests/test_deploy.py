@@ -536,3 +536,27 @@ def test_cli_says_which_stage_counts_a_table_copy(tmp_path):
             "77,194,752 B (73.6 MiB)") in text
     check_run = CliRunner().invoke(main, ["check", str(tmp_path / "p.json")])
     assert check_run.exit_code == 0, check_run.output
+
+
+def test_imported_tie_in_another_dtype_is_checked_by_the_owners_bytes():
+    """A bf16 table read (cast) by an op of an fp32 import: its copy is the owner's 12,800 B, on both sides."""
+    torch = pytest.importorskip("torch")
+    from cachefit.graphs.torch_import import from_torch
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 64).to(torch.bfloat16)
+            self.l1, self.l2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.l2(torch.relu(self.l1(self.emb(x).float())))
+            return h @ self.emb.weight.t().float()
+
+    graph = from_torch(Model().eval(), torch.zeros(2, 8, dtype=torch.long))
+    total = sum(data["weight_bytes"] + data["activation_bytes"] for _, data in graph.nodes(data=True))
+    deployment = cachefit.deploy(graph, devices=2, device_capacity=total, capacity=total)
+    copies = {node: data["table_copy_bytes"] for sub in deployment.stage_graphs()
+              for node, data in sub.nodes(data=True) if data.get("table_copy_bytes")}
+    assert list(copies.values()) == [100 * 64 * 2]
+    assert cachefit.check(deployment).ok
