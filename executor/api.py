@@ -11,7 +11,7 @@ import torch
 from ..errors import InputError
 from ..progress import task
 from ..units import DTYPE_BYTES
-from .chunked import kv_prefix_note, planned_kv, prepare_chunks
+from .chunked import kv_prefix_note, planned_kv, prepare_chunks, release_chunked
 from .fingerprint import check_plan_groups, check_same_graph, plan_graph
 from .model import BuiltModel, build, pack_group_weights
 from .results import GroupReport, RunResult, ScheduleResult
@@ -188,7 +188,7 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
                                    example_inputs=example_inputs)
     chunk_tokens, micro_batches, chunk_notes = prepare_chunks(plan, model, chunk_tokens, micro_batches)
     groups = model.step_groups or groups  # an imported model rebuilt for chunks inside a sequence has new steps
-    names = resolve_schedules(schedule, model.device)
+    names = resolve_schedules(schedule, "cuda" if _is_cuda(model.device) else "cpu")
     if model.step_groups and "batched" in names:  # its steps take one chunk's rows: no whole-pass call
         if schedule != "all":
             raise InputError("schedule 'batched' cannot run an imported model rebuilt for chunks inside a sequence "
@@ -207,12 +207,15 @@ def run(plan, model=None, *, device=None, chunk_tokens=None, micro_batches=None,
         reference = {name: tensor.clone() for name, tensor in model.reference().items()}
     l2 = _L2Record(requested=bool(l2_persist) and on_cuda)
     results = []
-    with task("run", total=len(names) * (setup.warmup + setup.iters)) as bar:
-        for name in names:
-            result = _run_schedule(name, setup, reference, l2, on_pass=_pass_counter(bar, name, setup))
-            results.append(result)
-            if progress is not None:
-                progress(result)
+    try:
+        with task("run", total=len(names) * (setup.warmup + setup.iters)) as bar:
+            for name in names:
+                result = _run_schedule(name, setup, reference, l2, on_pass=_pass_counter(bar, name, setup))
+                results.append(result)
+                if progress is not None:
+                    progress(result)
+    finally:
+        release_chunked(model)  # a model kept after the run holds no sequence's K/V
     l2_info = l2.to_dict(bool(l2_persist))
     if l2.statuses and not l2_info.get("available"):
         notes.append(f"L2 persistence {l2.statuses[-1]}")

@@ -57,7 +57,8 @@ from ..errors import InputError
 from .nodes import Attention, Block, Join, LatentAttention, Linear, Norm, Pooler, rotate, window_mask
 
 __all__ = ["ChunkedAttention", "ChunkedLatentAttention", "ChunkedSdpa", "ChunkPositions", "Sequence",
-           "enable_chunked_prefill", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note", "planned_kv", "kv_buffers",
+           "enable_chunked_prefill", "release_chunked", "plan_chunk_tokens", "prepare_chunks", "kv_prefix_note",
+           "planned_kv", "kv_buffers",
            "reset_chunked", "replay_positions", "imported_attention", "imported_refusal"]
 
 logger = logging.getLogger(__name__)
@@ -422,6 +423,21 @@ def reset_chunked(model):
     for _, _, _, module in _attention_sites(model.steps):
         if isinstance(module, _Chunked):
             module.cursor = 0
+
+
+def release_chunked(model):
+    """Drop the K/V (or latent) buffers every chunked attention of `model` allocated, back at cursor 0.
+
+    A run calls it when it ends, so a model kept after `run` holds no
+    sequence's keys and values (on CUDA: no device memory); the next chunk
+    allocates them again.
+    """
+    for _, _, _, module in _attention_sites(model.steps):
+        if isinstance(module, _Chunked):
+            module.cursor = 0
+            for name in ("_key_buffer", "_value_buffer", "_latent_buffer"):
+                if getattr(module, name, None) is not None:
+                    setattr(module, name, None)
 
 
 def plan_chunk_tokens(plan, model):

@@ -322,3 +322,21 @@ class TestLatentAttention:
                                              r"chunks' latents through its layer's kv_a_norm and kv_b; "
                                              r"'block\.0\.kv_b' is not kv_b"):
             enable_chunked_prefill(model)
+
+
+def test_a_run_leaves_no_kv_buffers_behind():
+    """After `run`, a kept model holds no sequence's keys and values; a second run allocates them again."""
+    import cachefit
+    from cachefit.executor import build, run
+    from cachefit.executor.chunked import kv_buffers
+
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+    graph = cachefit.graphs.transformer(config, batch=1, seq_len=16, granularity="op")
+    plan = cachefit.plan(graph, 2**40, solver="greedy", chunk_fraction=0.25)
+    model = build(plan.graph, plan)
+    for _ in range(2):
+        result = run(plan, model, iters=1, warmup=0)
+        assert result.equivalent and result.chunk_tokens == 4
+        assert any(group.held.kv for group in result.groups)
+        assert kv_buffers(model.steps) == []
