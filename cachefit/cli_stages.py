@@ -164,7 +164,14 @@ def _stage_level(plan_file, inner="node-order"):
         return plan.stages, None
     from .executor.stage import inner_groups
 
-    return plan.stages, inner_groups(plan)
+    groups = inner_groups(plan)
+    planned, run = [group.k for group in plan.groups], [len(stage) for stage in groups]
+    if planned != run:
+        console.print(f"on-chip groups per stage as planned: {', '.join(map(str, planned))}; as run: "
+                      f"{', '.join(map(str, run))} (a tiled node or an expanded block runs whole, in the last group "
+                      "holding a piece of it, so a group as run may hold more than the on-chip capacity)",
+                      highlight=False, soft_wrap=True)
+    return plan.stages, groups
 
 
 @click.command("pipeline")

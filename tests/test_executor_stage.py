@@ -255,3 +255,24 @@ def test_an_input_without_a_role_takes_the_role_left_over():
 
     roles = {"a": {"role": "v"}, "b": {}, "c": {"role": "q"}}
     assert order_inputs("attn", {"op": "attention"}, ["a", "b", "c"], roles.__getitem__) == ["c", "b", "a"]
+
+
+def test_partition_major_stages_say_when_groups_run_merged(tmp_path, capsys):
+    """Tiles of a node run whole, in the last group holding one: the pipeline says planned vs run group counts."""
+    from cachefit.cli_stages import _stage_level
+    from cachefit.executor.stage import inner_groups
+
+    graph = transformer(TINY_GPT2, batch=2, seq_len=8, granularity="op")
+    total = sum(data["weight_bytes"] for _, data in graph.nodes(data=True))
+    deployment = cachefit.plan(graph, total // 12, devices=2, device_capacity=int(total * 0.8), solver="greedy",
+                               tile=True)
+    assert deployment.ok, deployment.reason
+    planned = [group.k for group in deployment.groups]
+    merged = [len(stage) for stage in inner_groups(deployment)]
+    assert planned != merged  # the tiles of a node span groups here
+    path = tmp_path / "p.json"
+    deployment.to_json(path)
+    _stage_level(str(path), "partition-major")
+    text = " ".join(capsys.readouterr().out.split())
+    assert (f"on-chip groups per stage as planned: {', '.join(map(str, planned))}; as run: "
+            f"{', '.join(map(str, merged))}") in text
