@@ -257,10 +257,9 @@ def annotate(graph, config, *, context, dtype_size):
     attributes ``phase``-independent ``context``, ``kv_bytes`` (the total
     over layers), ``kv_layers`` (how many layers hold a cache, also when
     `context` is 0) and ``kv_formula``.  Works on the graph being built
-    (the builder's own); marks the windows first (`mark_windows`) and caps
+    (the builder's own), whose windows `mark_windows` has marked, and caps
     each node's cache by its ``sliding_window``.
     """
-    mark_windows(graph, config)
     batch, seq_len = graph.graph["batch"], graph.graph["seq_len"]
     total, layers, per_token = 0, [], None
     for _, data in graph.nodes(data=True):

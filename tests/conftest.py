@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("default", max_examples=60, deadline=None, derandomize=True)
@@ -22,3 +23,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def import_once():
+    """`get(build, name, shape)` -> (module, token ids, from_torch graph), built and imported once per test module.
+
+    `build(name)` makes the torch module; the token ids (seeded) have `shape`.
+    """
+    cache = {}
+
+    def get(build, name, shape):
+        if (name, shape) not in cache:
+            import torch
+
+            from cachefit.graphs import from_torch
+
+            module = build(name)
+            tokens = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+            cache[name, shape] = (module, tokens, from_torch(module, tokens))
+        return cache[name, shape]
+
+    return get

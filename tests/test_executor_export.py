@@ -188,17 +188,8 @@ MODELS = ["gpt2", "llama", "bert", "qwen2", "mixtral"]
 
 
 @pytest.fixture(scope="module")
-def imported():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = _transformers_model(name)
-            tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
-            cache[name] = (model, tokens, from_torch(model, tokens))
-        return cache[name]
-
-    return get
+def imported(import_once):
+    return lambda name: import_once(_transformers_model, name, (2, 8))
 
 
 @pytest.mark.slow

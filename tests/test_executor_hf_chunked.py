@@ -41,17 +41,8 @@ CORES = {"gpt2": ("transformer.h.0.attn", 4, 8, None), "llama": ("model.layers.0
 
 
 @pytest.fixture(scope="module")
-def imported():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            module = _module(name)
-            tokens = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-            cache[name] = (module, tokens, from_torch(module, tokens))
-        return cache[name]
-
-    return get
+def imported(import_once):
+    return lambda name: import_once(_module, name, (BATCH, SEQ))
 
 
 def _plan(graph, chunk=CHUNK):

@@ -229,11 +229,17 @@ def test_cli_pipeline_partition_major_needs_two_levels(tmp_path):
                                      "(version 2, `cachefit plan MODEL --devices N ...`); this is a single-level plan")
 
 
-def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
+def _forged(deployment, tmp_path, stage):
+    """A plan file of `deployment` whose stage `stage` claims its first on-chip group is one byte larger."""
     data = json.loads(deployment.to_json())
-    data["stages"][1]["plan"]["sizes"][0] += 1
+    data["stages"][stage]["plan"]["sizes"][0] += 1
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
+    return path
+
+
+def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
+    path = _forged(deployment, tmp_path, 1)
     result = CliRunner().invoke(main, ["pipeline", str(path), "-m", "2"])
     assert result.exit_code == 1
     assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 1 on chip:")
@@ -241,10 +247,7 @@ def test_cli_pipeline_checks_both_levels_first(deployment, tmp_path):
 
 
 def test_cli_run_stage_rejects_a_forged_two_level_plan(deployment, tmp_path):
-    data = json.loads(deployment.to_json())
-    data["stages"][0]["plan"]["sizes"][0] += 1
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
+    path = _forged(deployment, tmp_path, 0)
     result = CliRunner().invoke(main, ["run", str(path), "--stage", "1"])
     assert result.exit_code == 1
     assert result.output.startswith("plan rejected: `plan` fails cachefit.check: stage 0 on chip:")
