@@ -497,8 +497,9 @@ def node_prefix_bytes(graph, chunk_fraction):
 
     For reports (the CLI, the executor's planned-vs-measured note); the
     memory models compute the same term over a `LayerTable`.  Reads the
-    graph attributes ``seq_len``, ``batch`` (1 if absent) and ``context``
-    (`graph_context`); a graph without ``seq_len`` or without K/V nodes
+    graph attributes ``seq_len``, ``batch`` and ``context``
+    (`graph_context`); a graph without ``seq_len`` or ``batch`` (which the
+    memory models refuse to plan with K/V per token) or without K/V nodes
     gives {}.
 
     >>> from cachefit.instances import load
@@ -510,8 +511,8 @@ def node_prefix_bytes(graph, chunk_fraction):
     (16769024, 25165824)
     """
     per_token = node_kv_bytes_per_token(graph)
-    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
-    if not per_token or not seq_len:
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch")
+    if not per_token or not seq_len or not batch:
         return {}
     windows, context = node_windows(graph), graph_context(graph)
     return {node: value * prefix_tokens(seq_len, batch, chunk_fraction, windows.get(node), context)
@@ -522,7 +523,8 @@ def prefix_formulas(graph, chunk_fraction):
     """`prefix_formula` of each kind of K/V node of `graph` (bytes per token, window) with its count, or None.
 
     One kind (every node alike): its formula alone.  None when no node
-    holds K/V or the chunks hold whole sequences.
+    holds K/V, the graph lacks ``seq_len`` or ``batch``, or the chunks hold
+    whole sequences.
 
     >>> from cachefit.instances import load
     >>> print(prefix_formulas(load("gemma-3-1b", seq_len=8192), 32 / 8192).replace("; ", ";\\n"))
@@ -530,8 +532,8 @@ def prefix_formulas(graph, chunk_fraction):
     1,024 B/token × 511 tokens (sliding window 512: w − 1 of the 8,160 before the last 32-token chunk of 8,192) = 523,264 B on 22 nodes
     """
     per_token = node_kv_bytes_per_token(graph)
-    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch") or 1
-    if not per_token or not seq_len or not prefix_tokens(seq_len, batch, chunk_fraction):
+    seq_len, batch = graph.graph.get("seq_len"), graph.graph.get("batch")
+    if not per_token or not seq_len or not batch or not prefix_tokens(seq_len, batch, chunk_fraction):
         return None
     windows, context = node_windows(graph), graph_context(graph)
     counts = {}

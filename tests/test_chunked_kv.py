@@ -425,3 +425,20 @@ class TestContextPrefix:
         with pytest.raises(InputError, match=r"^the graph's `context` must be a non-negative integer \(tokens "
                                              r"already in the KV cache\), got "):
             group_sizes(g, [["a", "attn", "b"]], memory="liveness+kv", chunk_fraction=0.25)
+
+
+def test_prefix_reports_need_the_shape_the_memory_models_need():
+    """A graph without ``batch`` is refused by the +kv models; the report helpers report nothing for it."""
+    import pytest
+
+    from cachefit import InputError
+    from cachefit.graphs.kv import prefix_formulas
+    from cachefit.memory import as_table
+
+    g = _chain(3_072, seq_len=1_024)
+    assert node_prefix_bytes(g, 64 / 1_024) and prefix_formulas(g, 64 / 1_024)
+    del g.graph["batch"]
+    with pytest.raises(InputError, match="`batch` must be a positive integer"):
+        group_sizes(as_table(g), [["a", "attn", "b"]], memory="liveness+kv", chunk_fraction=64 / 1_024)
+    assert node_prefix_bytes(g, 64 / 1_024) == {}
+    assert prefix_formulas(g, 64 / 1_024) is None
