@@ -21,6 +21,7 @@ Two kinds of module can be split:
 
 from __future__ import annotations
 
+import numbers
 import re
 
 from torch import nn
@@ -88,7 +89,9 @@ class StepsModule(nn.Module):
             nodes (`cachefit.executor.stage.inner_groups`); together, every
             node once, in order.
         chunks : int
-            The row chunks each group runs over before the next group starts.
+            The row chunks each group runs over before the next group starts
+            (a positive integer that divides the rows of every value a stage
+            reads from earlier ones, checked when the module runs).
 
         Notes
         -----
@@ -100,6 +103,8 @@ class StepsModule(nn.Module):
         stages read.  The math is the node order's: only the order of the
         calls changes.
         """
+        if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1:
+            raise InputError(f"`chunks` must be a positive integer of row chunks, got {chunks!r}")
         order = [node for stage in stages for group in stage for node in group]
         if order != list(self.node_ids):
             raise InputError("the on-chip groups of the stages must list every node once, in the model's order")
@@ -142,6 +147,10 @@ class StepsModule(nn.Module):
                 values.update(zip(crossing, self.boundaries[index - 1](*(values[name] for name in crossing))))
             parts = [dict() for _ in range(chunks)]
             for name in taken:
+                rows = values[name].shape[0] if values[name].dim() else 0
+                if not rows or rows % chunks:
+                    raise InputError(f"value {name!r} has {rows} row(s) along dimension 0, which the {chunks} "
+                                     "row chunks each group runs over do not divide")
                 for part, piece in zip(parts, torch.chunk(values[name], chunks, dim=0)):
                     part[name] = piece
             for group in groups:

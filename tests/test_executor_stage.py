@@ -200,6 +200,30 @@ def test_partition_major_module_computes_the_same(deployment):
     assert split_spec(deployment.stages, module) == {"boundaries.0": torch.distributed.pipelining.SplitPoint.BEGINNING}
 
 
+@pytest.mark.parametrize("chunks", [0, -1, True, 2.0, "2"])
+def test_partition_major_module_refuses_bad_chunks(deployment, chunks):
+    from cachefit.executor.split import pipeline_module
+    from cachefit.executor.stage import inner_groups
+
+    module, _ = pipeline_module(deployment.stages)
+    with pytest.raises(InputError, match="`chunks` must be a positive integer of row chunks"):
+        module.run_partition_major(inner_groups(deployment), chunks)
+
+
+def test_partition_major_module_refuses_chunks_that_do_not_divide_the_rows(deployment):
+    from cachefit.executor.split import pipeline_module
+    from cachefit.executor.stage import inner_groups
+
+    module, inputs = pipeline_module(deployment.stages)
+    rows = inputs[0].shape[0]
+    for chunks in (rows + 1, rows * 2 + 1):
+        module.run_partition_major(inner_groups(deployment), chunks)
+        with pytest.raises(InputError, match=f"has {rows} row\\(s\\) along dimension 0, which the {chunks} row "
+                                             "chunks each group runs over do not divide"):
+            with torch.no_grad():
+                module(*inputs)
+
+
 def test_cli_pipeline_partition_major_inside_stages(deployment, tmp_path):
     path = tmp_path / "p.json"
     deployment.to_json(path)
