@@ -555,3 +555,126 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
         return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
     return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
                           deadline=deadline).values())
+
+
+# -- cut bound ---------------------------------------------------------------------------------------
+
+#: Flow networks are solved in int32 (`scipy.sparse.csgraph.maximum_flow`): finite capacities sum below this.
+_FLOW_TOTAL = 1 << 30
+
+
+def _verified_flow(tails, heads, capacities, nodes, source, sink):
+    """Value of a maximum source→sink flow, re-checked exactly; 0 when it cannot be confirmed.
+
+    `capacities` are int64 below `_FLOW_TOTAL` each, or `_FLOW_TOTAL` for an
+    uncuttable arc.  The flow scipy returns is checked arc by arc (within the
+    capacities, antisymmetric, conserved at every node but the terminals), so
+    its value is a feasible flow's and, by weak duality, at most the minimum
+    cut whatever the backend's correctness.
+    """
+    import scipy.sparse as sparse
+    from scipy.sparse.csgraph import maximum_flow
+
+    if tails.size == 0:
+        return 0
+    network = sparse.csr_matrix((capacities.astype(np.int32), (tails, heads)), shape=(nodes, nodes))
+    network.sum_duplicates()
+    result = maximum_flow(network, source, sink, method="dinic")
+    flow = result.flow.tocsr().astype(np.int64)
+    cap = network.astype(np.int64)
+    over = (flow - cap).tocsr()
+    if over.nnz and over.data.max() > 0:  # an entry above its capacity (reverse entries have capacity 0)
+        return 0
+    if (flow + flow.T).count_nonzero():
+        return 0
+    balance = np.asarray(flow.sum(axis=1)).ravel()
+    value = int(balance[source])
+    balance[[source, sink]] = 0
+    if balance.any() or value != int(result.flow_value) or value < 0:
+        return 0
+    return value
+
+
+def _min_boundary(sources, targets, live, inside, outside):
+    """A lower bound on min live(∂D) over down-sets D with `inside` ⊆ D and D ∩ `outside` = ∅ (module notes).
+
+    ∂D = {u ∈ D with a successor outside D}.  `inside` must be closed under
+    predecessors and `outside` under successors, disjoint.  Exact up to the
+    flooring of capacities to the int32 flow network (never above the minimum).
+    """
+    free = ~inside & ~outside
+    into_free = free[targets]
+    # u ∈ D with a successor outside: always on the boundary.
+    fixed_nodes = np.unique(sources[inside[sources] & outside[targets]])
+    fixed = int(live[fixed_nodes].sum())
+    has_outside_successor = np.zeros(live.size, dtype=bool)
+    has_outside_successor[sources[outside[targets]]] = True
+    has_successor = np.zeros(live.size, dtype=bool)
+    has_successor[sources] = True
+    has_free_successor = np.zeros(live.size, dtype=bool)
+    has_free_successor[sources[into_free]] = True
+    # x_v (v ∈ D) for the free nodes; y_u (every successor of u in D) for the nodes that may stay off the boundary.
+    priced = np.flatnonzero(free & has_successor)  # x_u → T at live(u)
+    covered = np.flatnonzero((inside | free) & has_free_successor & ~has_outside_successor)  # S → y_u at live(u)
+    if priced.size == 0:
+        return fixed
+    free_index = np.full(live.size, -1, dtype=np.int64)
+    free_nodes = np.flatnonzero(free)
+    free_index[free_nodes] = 2 + np.arange(free_nodes.size)
+    cover_index = np.full(live.size, -1, dtype=np.int64)
+    cover_index[covered] = 2 + free_nodes.size + np.arange(covered.size)
+    total = int(live[priced].sum()) + int(live[covered].sum())
+    if total == 0:
+        return fixed
+    unit = total // (_FLOW_TOTAL - 1) + 1  # Σ ⌊live / unit⌋ < _FLOW_TOTAL
+    scaled = live // unit
+    # y_u → x_z for every free successor z of a covered u; x_z → x_u for an edge u → z inside the free nodes.
+    cover_edges = (cover_index[sources] >= 0) & into_free
+    free_edges = free[sources] & into_free
+    tails = np.concatenate((free_index[priced], np.zeros(covered.size, dtype=np.int64),
+                            cover_index[sources[cover_edges]], free_index[targets[free_edges]]))
+    heads = np.concatenate((np.ones(priced.size, dtype=np.int64), cover_index[covered],
+                            free_index[targets[cover_edges]], free_index[sources[free_edges]]))
+    capacities = np.concatenate((scaled[priced], scaled[covered],
+                                 np.full(int(cover_edges.sum()) + int(free_edges.sum()), _FLOW_TOTAL, dtype=np.int64)))
+    flow = _verified_flow(tails, heads, capacities, 2 + free_nodes.size + covered.size, 0, 1)
+    # min cut = min over D of [Σ_{priced u ∈ D} + Σ_{covered u not all-successors-in-D}] (scaled); the covered free
+    # nodes' own price is counted twice there, once too often when u ∈ D has every successor in D.
+    offset = int(scaled[covered[free[covered]]].sum())
+    return fixed + max(0, unit * (flow - offset))
+
+
+def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, start=1, deadline=None):
+    """The fewest groups k ≥ `start` not refuted by the outputs live across the cuts (module notes); 0 when not computed."""
+    n = table.n
+    if n == 0:
+        return 0
+    terms = _terms(table, memory)
+    if terms.live is None:
+        return 0
+    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    if result is None:
+        return 0
+    head, tail = result
+    live = terms.live.astype(np.int64)
+    own = int(live.sum())
+    sources, targets = table.sources.astype(np.int64), table.targets.astype(np.int64)
+    k = max(1, int(start))
+    while k <= n:
+        crossing = 0
+        refuted = False
+        for p in range(1, k):
+            if deadline is not None and deadline.expired():
+                return k
+            inside, outside = tail >= k - p + 1, head >= p + 1
+            if (inside & outside).any():
+                refuted = True  # some node must lie both before and after the p-th cut
+                break
+            crossing += _min_boundary(sources, targets, live, inside, outside)
+            if _total(terms, own + crossing, chunk_fraction) > k * int(capacity):
+                refuted = True
+                break
+        if not refuted and _total(terms, own + crossing, chunk_fraction) <= k * int(capacity):
+            return k
+        k += 1
+    return k
