@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_activation_array
+from ..memory import Intervals, OpenGroup, Terms, get_model, scale_activation, scale_activation_array
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
@@ -296,16 +296,10 @@ def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     room = int(capacity) - reserved
     if room <= 0:
         return None
-    # Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
-    n = table.n
-    before = items.astype(np.int64).copy()
-    after = items.astype(np.int64).copy()
-    for start in range(0, n, 256):
-        if deadline is not None and deadline.expired():
-            return None
-        block = slice(start, min(start + 256, n))
-        before[block] += items @ reach[:, block].astype(np.int64)
-        after[block] += reach[block].astype(np.int64) @ items
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return None
+    before, after = closure
     return -((-before) // room), -((-after) // room)
 
 
@@ -489,7 +483,7 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0}
     """
     if table.n == 0:
-        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
+        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     bounds = {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
@@ -499,6 +493,7 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         "head_tail": 0,
         "span": 0,
+        "cut": 0,
     }
     late = deadline.expired if deadline is not None else (lambda: False)
     if reach is None and not late():
@@ -510,6 +505,9 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
             break
         bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
                              deadline=deadline)
+    if not late():  # tries only the k above every other bound, each refuted k raising it by one
+        bounds["cut"] = cut_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                                  start=max(bounds.values()), deadline=deadline)
     return bounds
 
 
@@ -557,124 +555,236 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
                           deadline=deadline).values())
 
 
+
 # -- cut bound ---------------------------------------------------------------------------------------
 
 #: Flow networks are solved in int32 (`scipy.sparse.csgraph.maximum_flow`): finite capacities sum below this.
 _FLOW_TOTAL = 1 << 30
 
+#: Refinement rounds of the cut bound's windows per candidate k (each round re-solves the cuts whose window moved).
+CUT_ROUNDS = 30
 
-def _verified_flow(tails, heads, capacities, nodes, source, sink):
-    """Value of a maximum source→sink flow, re-checked exactly; 0 when it cannot be confirmed.
 
-    `capacities` are int64 below `_FLOW_TOTAL` each, or `_FLOW_TOTAL` for an
-    uncuttable arc.  The flow scipy returns is checked arc by arc (within the
-    capacities, antisymmetric, conserved at every node but the terminals), so
-    its value is a feasible flow's and, by weak duality, at most the minimum
-    cut whatever the backend's correctness.
+def _verified_flow(tails, heads, capacities, nodes):
+    """A maximum flow from node 0 to node 1, re-checked exactly: its value on each arc, or None if not confirmed.
+
+    `capacities` (int64) are non-negative and the finite ones sum below
+    `_FLOW_TOTAL`; an uncuttable arc has `_FLOW_TOTAL`.  The flow that scipy
+    returns is checked in int64 (antisymmetric, within the capacities,
+    conserved at every node but the terminals), so it is a feasible flow
+    whatever the backend does, and by weak duality its value is at most the
+    capacity of every cut.
     """
     import scipy.sparse as sparse
     from scipy.sparse.csgraph import maximum_flow
 
-    if tails.size == 0:
-        return 0
-    network = sparse.csr_matrix((capacities.astype(np.int32), (tails, heads)), shape=(nodes, nodes))
-    network.sum_duplicates()
-    result = maximum_flow(network, source, sink, method="dinic")
-    flow = result.flow.tocsr().astype(np.int64)
-    cap = network.astype(np.int64)
-    over = (flow - cap).tocsr()
-    if over.nnz and over.data.max() > 0:  # an entry above its capacity (reverse entries have capacity 0)
-        return 0
-    if (flow + flow.T).count_nonzero():
-        return 0
-    balance = np.asarray(flow.sum(axis=1)).ravel()
-    value = int(balance[source])
-    balance[[source, sink]] = 0
-    if balance.any() or value != int(result.flow_value) or value < 0:
-        return 0
-    return value
+    order = np.lexsort((heads, tails))
+    tails, heads, capacities = tails[order], heads[order], capacities[order]
+    indptr = np.zeros(nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(tails, minlength=nodes), out=indptr[1:])
+    network = sparse.csr_matrix((capacities.astype(np.int32), heads.astype(np.int32), indptr.astype(np.int32)),
+                                shape=(nodes, nodes))
+    flow = maximum_flow(network, 0, 1, method="dinic").flow.tocoo()
+    rows, cols, values = flow.row.astype(np.int64), flow.col.astype(np.int64), flow.data.astype(np.int64)
+    keys = rows * nodes + cols
+    by_key = np.argsort(keys)
+    keys, values = keys[by_key], values[by_key]
+    mirror = (cols * nodes + rows)[by_key]
+    at = np.minimum(np.searchsorted(keys, mirror), keys.size - 1)
+    arc_keys = tails * nodes + heads  # sorted by the lexsort above
+    where = np.minimum(np.searchsorted(arc_keys, keys), max(arc_keys.size - 1, 0))
+    bound = np.where(arc_keys[where] == keys, capacities[where], 0) if arc_keys.size else np.zeros_like(values)
+    balance = np.zeros(nodes, dtype=np.int64)
+    np.add.at(balance, rows[by_key], values)
+    if (np.any(keys[1:] == keys[:-1]) or np.any(keys[at] != mirror) or np.any(values[at] != -values)
+            or np.any(values > bound) or balance[2:].any()):
+        return None
+    arc_flow = np.zeros(arc_keys.size, dtype=np.int64)
+    hit = np.searchsorted(keys, arc_keys)
+    present = hit < keys.size
+    present[present] = keys[hit[present]] == arc_keys[present]
+    arc_flow[present] = values[hit[present]]
+    restore = np.empty_like(order)
+    restore[order] = np.arange(order.size)
+    return arc_flow[restore]
 
 
-def _min_boundary(sources, targets, live, inside, outside):
-    """A lower bound on min live(∂D) over down-sets D with `inside` ⊆ D and D ∩ `outside` = ∅ (module notes).
+def _boundary_network(sources, targets, live, inside, outside):
+    """The flow network of one cut (module notes, cut bound), in local node numbers (0 source, 1 sink).
 
-    ∂D = {u ∈ D with a successor outside D}.  `inside` must be closed under
-    predecessors and `outside` under successors, disjoint.  Exact up to the
-    flooring of capacities to the int32 flow network (never above the minimum).
+    Returns (fixed, tails, heads, capacities, nodes, doubled): capacities in
+    bytes with -1 for uncuttable arcs, and the positions of the covered free
+    nodes, whose price a finite cut counts once too often.
     """
+    n = live.size
     free = ~inside & ~outside
     into_free = free[targets]
-    # u ∈ D with a successor outside: always on the boundary.
-    fixed_nodes = np.unique(sources[inside[sources] & outside[targets]])
-    fixed = int(live[fixed_nodes].sum())
-    has_outside_successor = np.zeros(live.size, dtype=bool)
-    has_outside_successor[sources[outside[targets]]] = True
-    has_successor = np.zeros(live.size, dtype=bool)
-    has_successor[sources] = True
-    has_free_successor = np.zeros(live.size, dtype=bool)
-    has_free_successor[sources[into_free]] = True
-    # x_v (v ∈ D) for the free nodes; y_u (every successor of u in D) for the nodes that may stay off the boundary.
-    priced = np.flatnonzero(free & has_successor)  # x_u → T at live(u)
-    covered = np.flatnonzero((inside | free) & has_free_successor & ~has_outside_successor)  # S → y_u at live(u)
-    if priced.size == 0:
-        return fixed
-    free_index = np.full(live.size, -1, dtype=np.int64)
+    # A member of D with a successor outside every admissible D is always on the boundary.
+    fixed = int(live[np.unique(sources[inside[sources] & outside[targets]])].sum())
+    flags = np.zeros((3, n), dtype=bool)  # has a successor / one outside / one free
+    flags[0, sources] = True
+    flags[1, sources[outside[targets]]] = True
+    flags[2, sources[into_free]] = True
+    # Variables: x_v = [v ∈ D] for the free nodes; y_u = [every successor of u in D] for the covered nodes.
+    priced = np.flatnonzero(free & flags[0])  # x_u = 1 costs live(u) (arc x_u → sink)
+    covered = np.flatnonzero(~outside & flags[2] & ~flags[1])  # y_u = 0 costs live(u) (arc source → y_u)
     free_nodes = np.flatnonzero(free)
-    free_index[free_nodes] = 2 + np.arange(free_nodes.size)
-    cover_index = np.full(live.size, -1, dtype=np.int64)
-    cover_index[covered] = 2 + free_nodes.size + np.arange(covered.size)
-    total = int(live[priced].sum()) + int(live[covered].sum())
-    if total == 0:
-        return fixed
-    unit = total // (_FLOW_TOTAL - 1) + 1  # Σ ⌊live / unit⌋ < _FLOW_TOTAL
-    scaled = live // unit
-    # y_u → x_z for every free successor z of a covered u; x_z → x_u for an edge u → z inside the free nodes.
-    cover_edges = (cover_index[sources] >= 0) & into_free
+    index = np.full((2, n), -1, dtype=np.int64)
+    index[0, free_nodes] = 2 + np.arange(free_nodes.size)
+    index[1, covered] = 2 + free_nodes.size + np.arange(covered.size)
+    # Uncuttable: y_u → x_z for a free successor z of a covered u; x_z → x_u for an edge u → z between free nodes.
+    cover_edges = (index[1, sources] >= 0) & into_free
     free_edges = free[sources] & into_free
-    tails = np.concatenate((free_index[priced], np.zeros(covered.size, dtype=np.int64),
-                            cover_index[sources[cover_edges]], free_index[targets[free_edges]]))
-    heads = np.concatenate((np.ones(priced.size, dtype=np.int64), cover_index[covered],
-                            free_index[targets[cover_edges]], free_index[sources[free_edges]]))
-    capacities = np.concatenate((scaled[priced], scaled[covered],
-                                 np.full(int(cover_edges.sum()) + int(free_edges.sum()), _FLOW_TOTAL, dtype=np.int64)))
-    flow = _verified_flow(tails, heads, capacities, 2 + free_nodes.size + covered.size, 0, 1)
-    # min cut = min over D of [Σ_{priced u ∈ D} + Σ_{covered u not all-successors-in-D}] (scaled); the covered free
-    # nodes' own price is counted twice there, once too often when u ∈ D has every successor in D.
-    offset = int(scaled[covered[free[covered]]].sum())
-    return fixed + max(0, unit * (flow - offset))
+    tails = np.concatenate((index[0, priced], np.zeros(covered.size, dtype=np.int64),
+                            index[1, sources[cover_edges]], index[0, targets[free_edges]]))
+    heads = np.concatenate((np.ones(priced.size, dtype=np.int64), index[1, covered],
+                            index[0, targets[cover_edges]], index[0, sources[free_edges]]))
+    capacities = np.concatenate((live[priced], live[covered],
+                                 np.full(int(cover_edges.sum() + free_edges.sum()), -1, dtype=np.int64)))
+    return fixed, tails, heads, capacities, 2 + free_nodes.size + covered.size, covered[free[covered]]
+
+
+def min_boundaries(table, live, windows):
+    """Per window (inside, outside): a lower bound on min live(∂D) over down-sets D with inside ⊆ D ⊆ V ∖ outside.
+
+    ∂D is the set of members of D with a successor outside D (module notes,
+    cut bound).  Each `inside` (boolean per position) must be closed under
+    predecessors, each `outside` under successors, the two disjoint.  Every
+    window is one component of a single flow network (one backend call);
+    the answer is the minimum up to the flooring of the capacities to int32,
+    never above it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([1, 1, 1, 1])  # D holds the first node, not the last: cheapest cut after the 5
+    >>> first, last = np.array([1, 0, 0, 0], bool), np.array([0, 0, 0, 1], bool)
+    >>> min_boundaries(table, [9, 5, 7, 0], [(first, last), (first | [0, 1, 0, 0], last)])
+    [5, 5]
+    """
+    sources, targets = table.sources.astype(np.int64), table.targets.astype(np.int64)
+    live = np.asarray(live, dtype=np.int64)
+    networks = [_boundary_network(sources, targets, live, np.asarray(inside, dtype=bool), np.asarray(outside, dtype=bool))
+                for inside, outside in windows]
+    total = sum(int(capacities[capacities > 0].sum()) for _, _, _, capacities, _, _ in networks)
+    if total == 0:
+        return [fixed for fixed, *_ in networks]
+    unit = total // (_FLOW_TOTAL - 1) + 1  # Σ ⌊capacity / unit⌋ < _FLOW_TOTAL
+    parts, base = [], 2
+    for _, tails, heads, capacities, nodes, _ in networks:
+        def place(local, base=base):
+            return np.where(local < 2, local, local + base - 2)
+        scaled = np.where(capacities < 0, _FLOW_TOTAL, capacities // unit)
+        parts.append((place(tails), place(heads), scaled))
+        base += nodes - 2
+    tails, heads, scaled = (np.concatenate(column) for column in zip(*parts))
+    arc_flow = _verified_flow(tails, heads, scaled, base)
+    result, start = [], 0
+    for (fixed, local_tails, _, capacities, _, doubled), (_, _, part_scaled) in zip(networks, parts):
+        stop = start + local_tails.size
+        if arc_flow is None:
+            result.append(fixed)
+        else:
+            # The component's flow (out of the source) is at most its every cut: over any D, the scaled
+            # Σ_{priced u ∈ D} + Σ_{covered u, y_u = 0}, where a covered free u is counted once too often.
+            value = int(arc_flow[start:stop][local_tails == 0].sum())
+            result.append(fixed + max(0, unit * (value - int((live[doubled] // unit).sum()))))
+        start = stop
+    return result
+
+
+def _closure_items(items, reach, deadline=None):
+    """(before, after): items of each node's ancestors and of its descendants, each with the node's own; None past `deadline`.
+
+    Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
+    """
+    n = items.size
+    before = items.astype(np.int64).copy()
+    after = items.astype(np.int64).copy()
+    for start in range(0, n, 256):
+        if deadline is not None and deadline.expired():
+            return None
+        block = slice(start, min(start + 256, n))
+        before[block] += items @ reach[:, block].astype(np.int64)
+        after[block] += reach[block].astype(np.int64) @ items
+    return before, after
+
+
+def _clamp(value):
+    """`value` within ±2⁶² (an int64 comparison with any byte total of the table gives the same answer)."""
+    return max(-2**62, min(2**62, value))
+
+
+def _refutes(table, capacity, k, *, terms, chunk_fraction, room, before, after, deadline):
+    """True when no plan has exactly k groups by the cut argument (module notes); None when `deadline` passed first."""
+    live = terms.live
+    own = int(live.sum())
+    capacity = int(capacity)
+    crossing = np.zeros(k, dtype=np.int64)  # crossing[p]: a lower bound on live(∂D_p), p = 1..k−1
+    keys = [None] * k
+    for _ in range(CUT_ROUNDS):
+        if deadline is not None and deadline.expired():
+            return None
+        carried = np.concatenate(([0], np.cumsum(scale_activation_array(crossing, chunk_fraction, ceil=False))))
+        cuts, windows = [], []
+        for p in range(1, k):
+            # Groups 0..p−1 hold D_p's items and carry Σ_{q<p} ⌊f·crossing_q⌋; groups p..k−1 the rest and Σ_{q≥p}.
+            outside = before > _clamp(p * room - int(carried[p]))
+            inside = after > _clamp((k - p) * room - int(carried[k] - carried[p]))
+            key = (np.flatnonzero(inside).tobytes(), np.flatnonzero(outside).tobytes())
+            if key == keys[p]:
+                continue
+            keys[p] = key
+            if (inside & outside).any():
+                return True  # a node must lie both before and after the p-th cut
+            cuts.append(p)
+            windows.append((inside, outside))
+        if not cuts:
+            break
+        crossing[cuts] = np.maximum(crossing[cuts], min_boundaries(table, live, windows))
+        if _total(terms, own + int(crossing.sum()), chunk_fraction) > k * capacity:
+            return True
+    return _total(terms, own + int(crossing.sum()), chunk_fraction) > k * capacity
 
 
 def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, start=1, deadline=None):
-    """The fewest groups k ≥ `start` not refuted by the outputs live across the cuts (module notes); 0 when not computed."""
+    """1 + the largest k ≥ `start` refuted by the outputs live across the cuts (module notes); 0 when none is.
+
+    Tries k = `start`, `start` + 1, … and stops at the first it cannot
+    refute.  0 also for a model without a live term, when the reachability
+    matrix is not available, no byte of a group is free for items, or
+    `deadline` passes before a k is refuted.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([60, 60, 60], [10, 10, 0])
+    >>> cut_bound(table, 100), sum_bound(table, 100)  # each cut carries a 10: 180 + 20 + 2·10 > 2 groups
+    (3, 2)
+    """
     n = table.n
-    if n == 0:
-        return 0
     terms = _terms(table, memory)
-    if terms.live is None:
+    if n == 0 or terms.live is None:
         return 0
-    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
-    if result is None:
+    if reach is None:
+        reach = reachability(table, deadline=deadline)
+    if reach is None:
         return 0
-    head, tail = result
-    live = terms.live.astype(np.int64)
-    own = int(live.sum())
-    sources, targets = table.sources.astype(np.int64), table.targets.astype(np.int64)
-    k = max(1, int(start))
-    while k <= n:
-        crossing = 0
-        refuted = False
-        for p in range(1, k):
-            if deadline is not None and deadline.expired():
-                return k
-            inside, outside = tail >= k - p + 1, head >= p + 1
-            if (inside & outside).any():
-                refuted = True  # some node must lie both before and after the p-th cut
-                break
-            crossing += _min_boundary(sources, targets, live, inside, outside)
-            if _total(terms, own + crossing, chunk_fraction) > k * int(capacity):
-                refuted = True
-                break
-        if not refuted and _total(terms, own + crossing, chunk_fraction) <= k * int(capacity):
-            return k
-        k += 1
-    return k
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room = int(capacity) - reserved
+    if room <= 0 or int(items.sum()) >= 2**62 // max(n, 1):
+        return 0
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return 0
+    before, after = closure
+    terms = Terms(terms.summed, terms.peak, terms.live.astype(np.int64))
+    bound = 0
+    for k in range(max(1, int(start)), n):
+        refuted = _refutes(table, capacity, k, terms=terms, chunk_fraction=chunk_fraction, room=room, before=before,
+                           after=after, deadline=deadline)
+        if not refuted:
+            break
+        bound = k + 1
+    return bound
