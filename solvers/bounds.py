@@ -468,101 +468,16 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return max(1, _ceil_div(_total(terms, live, chunk_fraction), capacity))
 
 
-def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
-    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ...}``.
-
-    With a `deadline` (`cachefit.solvers._deadline.Deadline`), the bounds
-    that need the reachability matrix (head–tail, span: O(n·e)) are left at
-    0 once it has passed; the others (O(n + e)) are always computed.  A bound
-    left out only weakens the maximum, never makes it invalid.
-
-    Examples
-    --------
-    >>> from cachefit.memory import LayerTable
-    >>> all_bounds(LayerTable.chain([6, 6, 6, 2, 2, 2]), 10, memory="additive")
-    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0}
-    """
-    if table.n == 0:
-        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
-    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
-    bounds = {
-        "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
-        # With no room left after the reserved part, every item must be 0 (else no plan
-        # exists and the solvers say so first), and one bin may hold them all.
-        "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
-        "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
-        "head_tail": 0,
-        "span": 0,
-        "cut": 0,
-    }
-    late = deadline.expired if deadline is not None else (lambda: False)
-    if reach is None and not late():
-        reach = reachability(table, deadline=deadline)
-    if reach is None:
-        return bounds
-    for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
-        if late():
-            break
-        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
-                             deadline=deadline)
-    if not late():  # tries only the k above every other bound, each refuted k raising it by one
-        bounds["cut"] = cut_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
-                                  start=max(bounds.values()), deadline=deadline)
-    return bounds
-
-
-def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
-    """The best proven lower bound on k for `table` under `memory`: the max of all bounds.
-
-    For a chain this is the path bound alone, which is then the optimal k
-    (module notes); the others never exceed it.
-
-    Parameters
-    ----------
-    table : LayerTable
-    capacity : int
-        C in bytes.
-    memory : str
-        A name in `cachefit.memory.MODELS`.
-    chunk_fraction : float in (0, 1]
-    reach : numpy.ndarray, optional
-        A `reachability` matrix to reuse.
-    deadline : Deadline, optional
-        Past it, the O(n·e) bounds are left out (`all_bounds`).
-
-    Returns
-    -------
-    int
-        0 for an empty table, else at least 1.
-
-    Notes
-    -----
-    O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
-    pass along the path, the reachability matrix for the head–tail bound
-    (pass `reach` to reuse one).  For chains, O(k log n).
-
-    Examples
-    --------
-    >>> from cachefit.memory import LayerTable
-    >>> lower_bound(LayerTable.chain([40, 30, 20, 50, 10]), 60, memory="additive")
-    3
-    """
-    if table.n == 0:
-        return 0
-    if table.is_chain:
-        return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
-    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
-                          deadline=deadline).values())
-
-
-
 # -- cut bound ---------------------------------------------------------------------------------------
 
 #: Flow networks are solved in int32 (`scipy.sparse.csgraph.maximum_flow`): finite capacities sum below this.
 _FLOW_TOTAL = 1 << 30
 
-#: Refinement rounds of the cut bound's windows per candidate k (each round re-solves the cuts whose window moved).
-CUT_ROUNDS = 30
+#: The cut bound's slices of item bytes per group (`cut_floors`): finer slices, narrower windows, more flows.
+CUT_PARTS = 16
+
+#: Slices whose flow networks go to the backend together (one call; the deadline is read between calls).
+CUT_BATCH = 256
 
 
 def _verified_flow(tails, heads, capacities, nodes):
@@ -711,80 +626,177 @@ def _closure_items(items, reach, deadline=None):
     return before, after
 
 
-def _clamp(value):
-    """`value` within ±2⁶² (an int64 comparison with any byte total of the table gives the same answer)."""
-    return max(-2**62, min(2**62, value))
+def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """Per slice [lo, hi] of the item bytes a down-set can hold: a lower bound on the live bytes it leaves across.
 
-
-def _refutes(table, capacity, k, *, terms, chunk_fraction, room, before, after, deadline):
-    """True when no plan has exactly k groups by the cut argument (module notes); None when `deadline` passed first."""
-    live = terms.live
-    own = int(live.sum())
-    capacity = int(capacity)
-    crossing = np.zeros(k, dtype=np.int64)  # crossing[p]: a lower bound on live(∂D_p), p = 1..k−1
-    keys = [None] * k
-    for _ in range(CUT_ROUNDS):
+    Returns
+    -------
+    (lows, highs, floors) : three int64 arrays, or None
+        Slices of width ⌊C'/`CUT_PARTS`⌋ covering 0..items(V) (C' = C − min
+        peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
+        in [lows[j], highs[j]] (module notes, cut bound), -1 for a slice no
+        down-set can reach; 0 for the slices left when `deadline` passed.
+        None for a model without a live term, without the reachability
+        matrix (too many nodes), or when no byte of a group is free for items.
+    """
+    n = table.n
+    terms = _terms(table, memory)
+    if n == 0 or terms.live is None:
+        return None
+    if reach is None:
+        reach = reachability(table, deadline=deadline)
+    if reach is None:
+        return None
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room = int(capacity) - reserved
+    total = int(items.sum())
+    if room <= 0 or total >= 2**62 // max(n, 1):
+        return None
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return None
+    before, after = closure
+    width = max(1, room // CUT_PARTS, total // (CUT_PARTS * n))
+    lows = np.arange(0, total + 1, width, dtype=np.int64)
+    highs = np.minimum(lows + width - 1, total)
+    floors = np.zeros(lows.size, dtype=np.int64)
+    live = terms.live.astype(np.int64)
+    for start in range(0, lows.size, CUT_BATCH):
         if deadline is not None and deadline.expired():
-            return None
-        carried = np.concatenate(([0], np.cumsum(scale_activation_array(crossing, chunk_fraction, ceil=False))))
-        cuts, windows = [], []
-        for p in range(1, k):
-            # Groups 0..p−1 hold D_p's items and carry Σ_{q<p} ⌊f·crossing_q⌋; groups p..k−1 the rest and Σ_{q≥p}.
-            outside = before > _clamp(p * room - int(carried[p]))
-            inside = after > _clamp((k - p) * room - int(carried[k] - carried[p]))
-            key = (np.flatnonzero(inside).tobytes(), np.flatnonzero(outside).tobytes())
-            if key == keys[p]:
-                continue
-            keys[p] = key
+            break  # the slices left keep the floor 0
+        batch, windows = [], []
+        for j in range(start, min(start + CUT_BATCH, lows.size)):
+            # v ∈ D forces items(D) ≥ before(v); v ∉ D forces items(D) ≤ items(V) − after(v).
+            outside, inside = before > highs[j], after > total - lows[j]
             if (inside & outside).any():
-                return True  # a node must lie both before and after the p-th cut
-            cuts.append(p)
-            windows.append((inside, outside))
-        if not cuts:
-            break
-        crossing[cuts] = np.maximum(crossing[cuts], min_boundaries(table, live, windows))
-        if _total(terms, own + int(crossing.sum()), chunk_fraction) > k * capacity:
-            return True
-    return _total(terms, own + int(crossing.sum()), chunk_fraction) > k * capacity
+                floors[j] = -1  # no down-set has its items in this slice
+            else:
+                batch.append(j)
+                windows.append((inside, outside))
+        if windows:
+            floors[batch] = min_boundaries(table, live, windows)
+    return lows, highs, floors
 
 
-def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, start=1, deadline=None):
-    """1 + the largest k ≥ `start` refuted by the outputs live across the cuts (module notes); 0 when none is.
-
-    Tries k = `start`, `start` + 1, … and stops at the first it cannot
-    refute.  0 also for a model without a live term, when the reachability
-    matrix is not available, no byte of a group is free for items, or
-    `deadline` passes before a k is refuted.
+def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """The fewest groups that can carry every cut's live outputs, by a walk over the slices (module notes); 0 when not computed.
 
     Examples
     --------
     >>> from cachefit.memory import LayerTable
     >>> table = LayerTable.chain([60, 60, 60], [10, 10, 0])
-    >>> cut_bound(table, 100), sum_bound(table, 100)  # each cut carries a 10: 180 + 20 + 2·10 > 2 groups
+    >>> cut_bound(table, 100), sum_bound(table, 100)  # every cut carries a 10: 60 + 10 + 60 > 100
     (3, 2)
     """
-    n = table.n
-    terms = _terms(table, memory)
-    if n == 0 or terms.live is None:
+    profile = cut_floors(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    if profile is None:
         return 0
-    if reach is None:
+    lows, highs, floors = profile
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room, total = int(capacity) - reserved, int(items.sum())
+    carried = scale_activation_array(np.maximum(floors, 0), chunk_fraction, ceil=False)
+    # reach[j]: the furthest a down-set in slice j, or in an earlier one, lets the next group start from
+    # (its items less the live bytes its group must carry); unreachable slices never count.
+    reach_from = np.where(floors < 0, np.iinfo(np.int64).min // 2, highs - carried)
+    best_to = np.maximum.accumulate(reach_from)
+    if total <= room:
+        return 1
+    furthest, groups = room, 1  # items(D_1) ≤ C' (the first group carries nothing in)
+    while groups < table.n:
+        j = int(np.searchsorted(lows, furthest, side="right")) - 1  # the slice holding `furthest`
+        start = best_to[j - 1] if j > 0 else np.iinfo(np.int64).min // 2
+        if floors[j] >= 0:
+            start = max(start, furthest - int(carried[j]))
+        if start >= total - room:  # the last group fits after D_groups
+            return groups + 1
+        furthest, groups = min(total, int(start) + room), groups + 1
+    return table.n
+
+
+def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ..., "cut": ...}``.
+
+    With a `deadline` (`cachefit.solvers._deadline.Deadline`), the bounds
+    that need the reachability matrix (head–tail, span, cut: O(n·e) and the
+    cut bound's flows) are left at 0 once it has passed, and the cut bound
+    keeps the floor 0 for the slices it had not reached; the others
+    (O(n + e)) are always computed.  A bound left out, or computed from
+    fewer slices, only weakens the maximum, never makes it invalid.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> all_bounds(LayerTable.chain([6, 6, 6, 2, 2, 2]), 10, memory="additive")
+    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0, 'cut': 0}
+    """
+    if table.n == 0:
+        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    bounds = {
+        "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
+        # With no room left after the reserved part, every item must be 0 (else no plan
+        # exists and the solvers say so first), and one bin may hold them all.
+        "l2": max(1, l2_bound(items, capacity - reserved)) if capacity > reserved else 1,
+        "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
+        "head_tail": 0,
+        "span": 0,
+        "cut": 0,
+    }
+    late = deadline.expired if deadline is not None else (lambda: False)
+    if reach is None and not late():
         reach = reachability(table, deadline=deadline)
     if reach is None:
-        return 0
-    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
-    room = int(capacity) - reserved
-    if room <= 0 or int(items.sum()) >= 2**62 // max(n, 1):
-        return 0
-    closure = _closure_items(items, reach, deadline)
-    if closure is None:
-        return 0
-    before, after = closure
-    terms = Terms(terms.summed, terms.peak, terms.live.astype(np.int64))
-    bound = 0
-    for k in range(max(1, int(start)), n):
-        refuted = _refutes(table, capacity, k, terms=terms, chunk_fraction=chunk_fraction, room=room, before=before,
-                           after=after, deadline=deadline)
-        if not refuted:
+        return bounds
+    for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
+        if late():
             break
-        bound = k + 1
-    return bound
+        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                             deadline=deadline)
+    if not late():
+        bounds["cut"] = cut_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                                  deadline=deadline)
+    return bounds
+
+
+def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """The best proven lower bound on k for `table` under `memory`: the max of all bounds.
+
+    For a chain this is the path bound alone, which is then the optimal k
+    (module notes); the others never exceed it.
+
+    Parameters
+    ----------
+    table : LayerTable
+    capacity : int
+        C in bytes.
+    memory : str
+        A name in `cachefit.memory.MODELS`.
+    chunk_fraction : float in (0, 1]
+    reach : numpy.ndarray, optional
+        A `reachability` matrix to reuse.
+    deadline : Deadline, optional
+        Past it, the O(n·e) bounds are left out (`all_bounds`).
+
+    Returns
+    -------
+    int
+        0 for an empty table, else at least 1.
+
+    Notes
+    -----
+    O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
+    pass along the path, the reachability matrix for the head–tail bound
+    (pass `reach` to reuse one).  For chains, O(k log n).
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> lower_bound(LayerTable.chain([40, 30, 20, 50, 10]), 60, memory="additive")
+    3
+    """
+    if table.n == 0:
+        return 0
+    if table.is_chain:
+        return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
+    return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                          deadline=deadline).values())

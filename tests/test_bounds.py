@@ -315,10 +315,9 @@ def test_kv_resident_bytes_raise_the_bounds():
     graph.add_node("d", weight_bytes=0, activation_bytes=0, buffer_bytes=0)  # not a chain: every bound runs
     graph.add_edges_from([("a", "b"), ("b", "c")])
     table = LayerTable.from_graph(graph)
-    assert all_bounds(table, 100, memory="liveness") == {"sum": 2, "l2": 2, "path": 2, "head_tail": 2, "span": 2,
-                                                         "cut": 0}  # the cut bound refutes no k ≥ 2
+    assert set(all_bounds(table, 100, memory="liveness").values()) == {2}
     assert all_bounds(table, 100, memory="liveness+kv") == {"sum": 2, "l2": 3, "path": 3, "head_tail": 3, "span": 3,
-                                                                  "cut": 0}
+                                                                  "cut": 3}
     assert brute(graph, 100, memory="liveness+kv").k == 3  # a, b and c each need a group of their own
 
 
