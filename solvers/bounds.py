@@ -82,17 +82,67 @@ so k ≥ ⌈(Σw + max b + ⌈f·Σ_u a_u·span(u)⌉) / C⌉.  It never falls b
 sum bound (span ≥ 1) and it sees what the others miss on graphs whose skip
 edges keep outputs live across many groups.  Needs the reachability matrix
 (O(e·n) vectorised, in blocks of edges), so n ≤ `MAX_REACH_NODES`.
+
+**Cut bound** (`cut_bound`, models with a live term).  The bounds above
+count an activation in the groups of its producer and of its consumers, but
+in a graph with parallel branches every boundary between two groups is
+crossed by the outputs of a whole layer.  Write D_p = P_0 ∪ … ∪ P_{p−1} for
+the first p groups of a plan: a down-set (it holds every predecessor of its
+members), ∅ = D_0 ⊂ D_1 ⊂ … ⊂ D_k = V.  A member u of D_p is live in group p
+exactly when it has a successor outside D_p (last(u) ≥ p), so group p
+carries the outputs of the boundary ∂D_p = {u ∈ D_p : succ(u) ⊄ D_p}, and as
+for the item sizes S(P_p) ≥ items(P_p) + ⌊f·live(∂D_p)⌋ + min peak, that is
+
+    items(D_{p+1}) − items(D_p) ≤ C' − ⌊f·live(∂D_p)⌋      (1)
+
+(C' = C − min peak; ∂D_0 = ∅).  *Floors.*  Cut 0..items(V) into slices
+[lo, hi] of width ⌊C'/`CUT_PARTS`⌋ (`cut_floors`).  A down-set D with
+items(D) in [lo, hi] holds every v with after(v) > items(V) − lo (else v and
+its descendants, all outside D, leave items(D) < lo) and no v with
+before(v) > hi (before, after: the items of v with its ancestors, with its
+descendants, as in the head–tail bound); the first set is closed under
+predecessors, the second under successors.  The least live(∂D) over the
+down-sets between those two sets is a minimum-weight closure problem, so a
+minimum cut (J.-C. Picard, *Maximal closure of a graph and applications to
+combinatorial problems*, Management Science 22(11), 1976): x_v = [v ∈ D] for
+each undecided node, y_u = [every successor of u in D] for each node that
+may stay off the boundary, live(∂D) = Σ live(u)·(x_u − y_u) plus the outputs
+of decided members with a successor decided outside, and the implications
+y_u ⇒ x_z (z a successor) and x_z ⇒ x_u (u a predecessor) as uncuttable
+arcs (`min_boundaries`).  The floor of the slice is the value of a maximum
+flow in that network with capacities ⌊c / unit⌋ (unit chosen so they fit
+int32; each finite cut then counts at most its bytes / unit, so unit ×
+flow ≤ the minimum).  The flow of scipy's solver is re-checked in exact
+integers (within the capacities, antisymmetric, conserved), so by weak
+duality its value is a lower bound whatever the backend; a flow that fails
+the check counts 0.  A slice that no down-set reaches (a node both required
+and excluded) is marked and never used.  *Walk.*  Let F(x) be the floor of
+x's slice.  D_1 = P_0 carries nothing in, so items(D_1) ≤ C', and by (1)
+items(D_{t+1}) ≤ items(D_t) − ⌊f·F(items(D_t))⌋ + C'.  With M_1 = C',
+R(M) = max over reachable x ≤ M of x − ⌊f·F(x)⌋ (attained at a slice's
+right end or at M) and M_{t+1} = R(M_t) + C', induction gives
+items(D_t) ≤ M_t; the last group needs items(V) − items(D_{k−1}) +
+⌊f·F(items(D_{k−1}))⌋ ≤ C', so R(M_{k−1}) ≥ items(V) − C'.  The bound is the
+first k for which that holds (1 when items(V) ≤ C').  Unlike the sum and
+span bounds it is per group: cuts cannot all sit at the narrowest layer,
+because consecutive ones are at most a group apart.  An output whose
+consumer lies beyond the window is a decided boundary member, so skip edges
+count in every slice they cross.  The slices' flows are solved `CUT_BATCH`
+at a time; past the deadline the slices left keep the floor 0, which only
+weakens the bound.  Needs the reachability matrix, so n ≤ `MAX_REACH_NODES`;
+about `CUT_PARTS`·k slices, each a network over the nodes its window leaves
+undecided.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..memory import Intervals, OpenGroup, Terms, get_model, scale_activation, scale_activation_array
+from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_activation_array
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
-           "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
-           "MAX_REACH_NODES", "BOUNDS_SHARE"]
+           "path_bound", "live_spans", "span_bound", "min_boundaries", "cut_floors", "cut_bound", "reachability",
+           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
@@ -695,8 +745,8 @@ def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     room, total = int(capacity) - reserved, int(items.sum())
     carried = scale_activation_array(np.maximum(floors, 0), chunk_fraction, ceil=False)
-    # reach[j]: the furthest a down-set in slice j, or in an earlier one, lets the next group start from
-    # (its items less the live bytes its group must carry); unreachable slices never count.
+    # best_to[j]: over slices 0..j, the most items a down-set there can hold less the live bytes the next
+    # group must carry for it (R of the module notes at the slice's right end); unreachable slices never count.
     reach_from = np.where(floors < 0, np.iinfo(np.int64).min // 2, highs - carried)
     best_to = np.maximum.accumulate(reach_from)
     if total <= room:
@@ -785,8 +835,10 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     Notes
     -----
     O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
-    pass along the path, the reachability matrix for the head–tail bound
-    (pass `reach` to reuse one).  For chains, O(k log n).
+    pass along the path, the reachability matrix for the head–tail, span and
+    cut bounds (pass `reach` to reuse one), and for models with a live term
+    the cut bound's maximum flows (about `CUT_PARTS`·k small networks, solved
+    `CUT_BATCH` at a time).  For chains, O(k log n).
 
     Examples
     --------
