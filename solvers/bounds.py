@@ -127,9 +127,11 @@ first k for which that holds (1 when items(V) ≤ C').  Unlike the sum and
 span bounds it is per group: cuts cannot all sit at the narrowest layer,
 because consecutive ones are at most a group apart.  An output whose
 consumer lies beyond the window is a decided boundary member, so skip edges
-count in every slice they cross.  The slices' flows are solved `CUT_BATCH`
-at a time; past the deadline the slices left keep the floor 0, which only
-weakens the bound.  Needs the reachability matrix, so n ≤ `MAX_REACH_NODES`;
+count in every slice they cross.  The slices' flows are solved in batches
+of about `CUT_BATCH` undecided nodes; past the deadline the slices left keep the floor 0, which only
+weakens the bound.  On wide graphs, when the windows would leave more than
+`CUT_WORK` undecided nodes in all, the slices are widened by that ratio: a
+wider slice admits more down-sets, so its floor is lower but still valid.  Needs the reachability matrix, so n ≤ `MAX_REACH_NODES`;
 about `CUT_PARTS`·k slices, each a network over the nodes its window leaves
 undecided.
 """
@@ -142,7 +144,7 @@ from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_ac
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "min_boundaries", "cut_floors", "cut_bound", "reachability",
-           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH"]
+           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH", "CUT_WORK"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
@@ -526,8 +528,13 @@ _FLOW_TOTAL = 1 << 30
 #: The cut bound's slices of item bytes per group (`cut_floors`): finer slices, narrower windows, more flows.
 CUT_PARTS = 16
 
-#: Slices whose flow networks go to the backend together (one call; the deadline is read between calls).
-CUT_BATCH = 256
+#: Undecided nodes (the flow networks' size) of the slices that go to the backend together in one call;
+#: the deadline is read between calls.
+CUT_BATCH = 4_000
+
+#: Undecided nodes summed over all slices above which the slices are widened (`cut_floors`): bounds the flows'
+#: size on wide graphs, where a window spans many parallel branches, so the bound stays cheap without a deadline.
+CUT_WORK = 40_000
 
 
 def _verified_flow(tails, heads, capacities, nodes):
@@ -676,14 +683,30 @@ def _closure_items(items, reach, deadline=None):
     return before, after
 
 
+def _undecided(before, after, total, width):
+    """Per slice of width `width`: how many nodes its window leaves undecided (the size of its flow network).
+
+    Node v is undecided in slice [lo, hi] when before(v) ≤ hi and after(v) ≤ total − lo: for the
+    slices j from ⌈(before(v) − width + 1) / width⌉ to ⌊(total − after(v)) / width⌋.
+    """
+    slices = total // width + 1
+    first = np.clip(-(-(before - width + 1) // width), 0, slices)
+    last = np.clip((total - after) // width + 1, 0, slices)
+    steps = np.zeros(slices + 1, dtype=np.int64)
+    spans = first < last
+    np.add.at(steps, first[spans], 1)
+    np.add.at(steps, last[spans], -1)
+    return np.cumsum(steps[:-1])
+
+
 def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
     """Per slice [lo, hi] of the item bytes a down-set can hold: a lower bound on the live bytes it leaves across.
 
     Returns
     -------
     (lows, highs, floors) : three int64 arrays, or None
-        Slices of width ⌊C'/`CUT_PARTS`⌋ covering 0..items(V) (C' = C − min
-        peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
+        Slices of width ⌊C'/`CUT_PARTS`⌋ (wider on wide graphs, `CUT_WORK`)
+        covering 0..items(V) (C' = C − min peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
         in [lows[j], highs[j]] (module notes, cut bound), -1 for a slice no
         down-set can reach; 0 for the slices left when `deadline` passed.
         None for a model without a live term, without the reachability
@@ -707,24 +730,30 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         return None
     before, after = closure
     width = max(1, room // CUT_PARTS, total // (CUT_PARTS * n))
+    work = int(_undecided(before, after, total, width).sum())
+    if work > CUT_WORK:  # wide windows (many parallel branches): wider slices, fewer and smaller flows in all
+        width *= -(-work // CUT_WORK)
+    undecided = _undecided(before, after, total, width)
     lows = np.arange(0, total + 1, width, dtype=np.int64)
     highs = np.minimum(lows + width - 1, total)
     floors = np.zeros(lows.size, dtype=np.int64)
     live = terms.live.astype(np.int64)
-    for start in range(0, lows.size, CUT_BATCH):
+    # Batches of consecutive slices, each of at most CUT_BATCH nodes undecided in all (one backend call).
+    batch_of = np.cumsum(undecided) // CUT_BATCH
+    for batch in np.split(np.arange(lows.size), np.flatnonzero(np.diff(batch_of)) + 1):
         if deadline is not None and deadline.expired():
             break  # the slices left keep the floor 0
-        batch, windows = [], []
-        for j in range(start, min(start + CUT_BATCH, lows.size)):
+        solved, windows = [], []
+        for j in batch.tolist():
             # v ∈ D forces items(D) ≥ before(v); v ∉ D forces items(D) ≤ items(V) − after(v).
             outside, inside = before > highs[j], after > total - lows[j]
             if (inside & outside).any():
                 floors[j] = -1  # no down-set has its items in this slice
             else:
-                batch.append(j)
+                solved.append(j)
                 windows.append((inside, outside))
         if windows:
-            floors[batch] = min_boundaries(table, live, windows)
+            floors[solved] = min_boundaries(table, live, windows)
     return lows, highs, floors
 
 
@@ -837,8 +866,8 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
     pass along the path, the reachability matrix for the head–tail, span and
     cut bounds (pass `reach` to reuse one), and for models with a live term
-    the cut bound's maximum flows (about `CUT_PARTS`·k small networks, solved
-    `CUT_BATCH` at a time).  For chains, O(k log n).
+    the cut bound's maximum flows (about `CUT_PARTS`·k small networks of at
+    most `CUT_WORK` nodes in all, solved in batches of `CUT_BATCH`).  For chains, O(k log n).
 
     Examples
     --------

@@ -120,19 +120,36 @@ class TestCutBound:
         assert cut_bound(LayerTable.chain([]), 10) == 0
 
     def test_a_passed_deadline_leaves_the_slices_not_reached_at_zero(self, monkeypatch):
-        monkeypatch.setattr(bounds_module, "CUT_BATCH", 64)
+        monkeypatch.setattr(bounds_module, "CUT_BATCH", 40)  # undecided nodes per backend call: several calls
         graph, capacity = generate("dag-layered", 120, seed=2, capacity="tight", memory="liveness")
         table = LayerTable.from_graph(graph)
         reach = reachability(table)
-        full = cut_floors(table, capacity, reach=reach)[2]
-        assert full.size > 64 and full[64:].any()
-        reads = iter(range(1, 100))  # every look at the clock is a second later: the second batch is too late
-        late = Deadline(2.5, start=0.0, clock=lambda: next(reads))
-        cut = cut_floors(table, capacity, reach=reach, deadline=late)[2]
-        assert cut[:64].tolist() == full[:64].tolist() and not cut[64:].any()
+        reads = []  # every look at the clock is a second later
+
+        def clock():
+            reads.append(None)
+            return float(len(reads))
+
+        full = cut_floors(table, capacity, reach=reach, deadline=Deadline(1000.0, start=0.0, clock=clock))[2]
+        calls = len(reads)  # one look before the closure sums, then one before each backend call
+        assert calls > 4
+        reads.clear()
+        cut = cut_floors(table, capacity, reach=reach, deadline=Deadline(calls // 2 + 0.5, start=0.0, clock=clock))[2]
+        solved = np.flatnonzero(cut)
+        assert solved.size and (cut[solved] == full[solved]).all()  # the calls made give what they gave before
+        assert np.flatnonzero(full).size > solved.size and not cut[solved.max() + 1:].any()
         gone = Deadline(1.0, start=0.0, clock=lambda: 2.0)
         assert cut_floors(table, capacity, reach=reach, deadline=gone) is None
         assert cut_bound(table, capacity, reach=reach, deadline=gone) == 0
+
+    def test_wide_graphs_get_wider_slices(self, monkeypatch):
+        graph, capacity = generate("dag-layered", 300, seed=1, capacity="tight", memory="liveness")
+        table = LayerTable.from_graph(graph)
+        fine = cut_floors(table, capacity)
+        monkeypatch.setattr(bounds_module, "CUT_WORK", 500)
+        coarse = cut_floors(table, capacity)
+        assert coarse[0].size < fine[0].size
+        assert sum_bound(table, capacity) < cut_bound(table, capacity) <= all_bounds(table, capacity)["cut"]
 
     def test_floors_bound_every_down_set_in_their_slice(self):
         capacity = 10**10
