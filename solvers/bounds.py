@@ -128,12 +128,13 @@ span bounds it is per group: cuts cannot all sit at the narrowest layer,
 because consecutive ones are at most a group apart.  An output whose
 consumer lies beyond the window is a decided boundary member, so skip edges
 count in every slice they cross.  The slices' flows are solved in batches
-of about `CUT_BATCH` undecided nodes; past the deadline the slices left keep the floor 0, which only
-weakens the bound.  On wide graphs, when the windows would leave more than
-`CUT_WORK` undecided nodes in all, the slices are widened by that ratio: a
-wider slice admits more down-sets, so its floor is lower but still valid.  Needs the reachability matrix, so n ≤ `MAX_REACH_NODES`;
-about `CUT_PARTS`·k slices, each a network over the nodes its window leaves
-undecided.
+of about `CUT_BATCH` undecided nodes; past the deadline the slices left
+keep the floor 0, which only weakens the bound.  On wide graphs, when the
+windows would leave more than `CUT_WORK` undecided nodes in all, the slices
+are widened by that ratio: a wider slice admits more down-sets, so its
+floor is lower but still valid.  Needs the reachability matrix, so
+n ≤ `MAX_REACH_NODES`; about `CUT_PARTS`·k slices, each a network over the
+nodes its window leaves undecided.
 """
 
 from __future__ import annotations
@@ -617,7 +618,7 @@ def _boundary_network(sources, targets, live, inside, outside):
 
 
 def min_boundaries(table, live, windows):
-    """Per window (inside, outside): a lower bound on min live(∂D) over down-sets D with inside ⊆ D ⊆ V ∖ outside.
+    """Per window (inside, outside): a lower bound on min live(∂D) over down-sets inside ⊆ D ⊆ V ∖ outside.
 
     ∂D is the set of members of D with a successor outside D (module notes,
     cut bound).  Each `inside` (boolean per position) must be closed under
@@ -637,8 +638,8 @@ def min_boundaries(table, live, windows):
     """
     sources, targets = table.sources.astype(np.int64), table.targets.astype(np.int64)
     live = np.asarray(live, dtype=np.int64)
-    networks = [_boundary_network(sources, targets, live, np.asarray(inside, dtype=bool), np.asarray(outside, dtype=bool))
-                for inside, outside in windows]
+    networks = [_boundary_network(sources, targets, live, np.asarray(inside, dtype=bool),
+                                  np.asarray(outside, dtype=bool)) for inside, outside in windows]
     total = sum(int(capacities[capacities > 0].sum()) for _, _, _, capacities, _, _ in networks)
     if total == 0:
         return [fixed for fixed, *_ in networks]
@@ -667,7 +668,7 @@ def min_boundaries(table, live, windows):
 
 
 def _closure_items(items, reach, deadline=None):
-    """(before, after): items of each node's ancestors and of its descendants, each with the node's own; None past `deadline`.
+    """(before, after): items of each node with its ancestors, with its descendants; None past `deadline`.
 
     Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
     """
@@ -758,7 +759,7 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
 
 
 def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
-    """The fewest groups that can carry every cut's live outputs, by a walk over the slices (module notes); 0 when not computed.
+    """The fewest groups that carry every cut's live outputs, a walk over the slices (module notes); 0 if not computed.
 
     Examples
     --------

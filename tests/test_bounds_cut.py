@@ -176,8 +176,8 @@ class TestCutBound:
 
 
 def _small_layered(rng, n, capacity):
-    """A small layered DAG like the bench's (layers of width 1–3, fan-in 1–2, every output consumed by the next layer),
-    with weights up to C/3 and activations up to C/5, so that the outputs live across a cut weigh."""
+    """A small layered DAG like the bench's: layers of width 1–3, fan-in 1–2, every output consumed by the next
+    layer, weights up to C/3 and activations up to C/5, so that the outputs live across a cut weigh."""
     graph, layers, count = nx.DiGraph(), [], 0
     while count < n:
         width = min(int(rng.integers(1, 4)), n - count)
