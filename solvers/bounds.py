@@ -621,11 +621,29 @@ def min_boundaries(table, live, windows):
     """Per window (inside, outside): a lower bound on min live(∂D) over down-sets inside ⊆ D ⊆ V ∖ outside.
 
     ∂D is the set of members of D with a successor outside D (module notes,
-    cut bound).  Each `inside` (boolean per position) must be closed under
-    predecessors, each `outside` under successors, the two disjoint.  Every
-    window is one component of a single flow network (one backend call);
-    the answer is the minimum up to the flooring of the capacities to int32,
-    never above it.
+    cut bound).
+
+    Parameters
+    ----------
+    table : LayerTable
+    live : array of int
+        Bytes of each position's output (the model's live term).
+    windows : list of (inside, outside)
+        Boolean arrays over the positions: `inside` closed under
+        predecessors, `outside` under successors, the two disjoint.
+
+    Returns
+    -------
+    list of int
+        One floor per window: the minimum up to the flooring of the
+        capacities to int32, never above it; only the forced part (outputs
+        of `inside` nodes with a successor in `outside`) when the backend's
+        flow fails the exact check.
+
+    Notes
+    -----
+    Every window is one component of a single flow network, solved by one
+    `scipy.sparse.csgraph.maximum_flow` call (Dinic) and re-checked in int64.
 
     Examples
     --------
