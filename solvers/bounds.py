@@ -82,6 +82,59 @@ so k ≥ ⌈(Σw + max b + ⌈f·Σ_u a_u·span(u)⌉) / C⌉.  It never falls b
 sum bound (span ≥ 1) and it sees what the others miss on graphs whose skip
 edges keep outputs live across many groups.  Needs the reachability matrix
 (O(e·n) vectorised, in blocks of edges), so n ≤ `MAX_REACH_NODES`.
+
+**Cut bound** (`cut_bound`, models with a live term).  The bounds above
+count an activation in the groups of its producer and of its consumers, but
+in a graph with parallel branches every boundary between two groups is
+crossed by the outputs of a whole layer.  Write D_p = P_0 ∪ … ∪ P_{p−1} for
+the first p groups of a plan: a down-set (it holds every predecessor of its
+members), ∅ = D_0 ⊂ D_1 ⊂ … ⊂ D_k = V.  A member u of D_p is live in group p
+exactly when it has a successor outside D_p (last(u) ≥ p), so group p
+carries the outputs of the boundary ∂D_p = {u ∈ D_p : succ(u) ⊄ D_p}, and as
+for the item sizes S(P_p) ≥ items(P_p) + ⌊f·live(∂D_p)⌋ + min peak, that is
+
+    items(D_{p+1}) − items(D_p) ≤ C' − ⌊f·live(∂D_p)⌋      (1)
+
+(C' = C − min peak; ∂D_0 = ∅).  *Floors.*  Cut 0..items(V) into slices
+[lo, hi] of width ⌊C'/`CUT_PARTS`⌋ (`cut_floors`).  A down-set D with
+items(D) in [lo, hi] holds every v with after(v) > items(V) − lo (else v and
+its descendants, all outside D, leave items(D) < lo) and no v with
+before(v) > hi (before, after: the items of v with its ancestors, with its
+descendants, as in the head–tail bound); the first set is closed under
+predecessors, the second under successors.  The least live(∂D) over the
+down-sets between those two sets is a minimum-weight closure problem, so a
+minimum cut (J.-C. Picard, *Maximal closure of a graph and applications to
+combinatorial problems*, Management Science 22(11), 1976): x_v = [v ∈ D] for
+each undecided node, y_u = [every successor of u in D] for each node that
+may stay off the boundary, live(∂D) = Σ live(u)·(x_u − y_u) plus the outputs
+of decided members with a successor decided outside, and the implications
+y_u ⇒ x_z (z a successor) and x_z ⇒ x_u (u a predecessor) as uncuttable
+arcs (`min_boundaries`).  The floor of the slice is the value of a maximum
+flow in that network with capacities ⌊c / unit⌋ (unit chosen so they fit
+int32; each finite cut then counts at most its bytes / unit, so unit ×
+flow ≤ the minimum).  The flow of scipy's solver is re-checked in exact
+integers (within the capacities, antisymmetric, conserved), so by weak
+duality its value is a lower bound whatever the backend; a flow that fails
+the check counts 0.  A slice that no down-set reaches (a node both required
+and excluded) is marked and never used.  *Walk.*  Let F(x) be the floor of
+x's slice.  D_1 = P_0 carries nothing in, so items(D_1) ≤ C', and by (1)
+items(D_{t+1}) ≤ items(D_t) − ⌊f·F(items(D_t))⌋ + C'.  With M_1 = C',
+R(M) = max over reachable x ≤ M of x − ⌊f·F(x)⌋ (attained at a slice's
+right end or at M) and M_{t+1} = R(M_t) + C', induction gives
+items(D_t) ≤ M_t; the last group needs items(V) − items(D_{k−1}) +
+⌊f·F(items(D_{k−1}))⌋ ≤ C', so R(M_{k−1}) ≥ items(V) − C'.  The bound is the
+first k for which that holds (1 when items(V) ≤ C').  Unlike the sum and
+span bounds it is per group: cuts cannot all sit at the narrowest layer,
+because consecutive ones are at most a group apart.  An output whose
+consumer lies beyond the window is a decided boundary member, so skip edges
+count in every slice they cross.  The slices' flows are solved in batches
+of about `CUT_BATCH` undecided nodes; past the deadline the slices left
+keep the floor 0, which only weakens the bound.  On wide graphs, when the
+windows would leave more than `CUT_WORK` undecided nodes in all, the slices
+are widened by that ratio: a wider slice admits more down-sets, so its
+floor is lower but still valid.  Needs the reachability matrix, so
+n ≤ `MAX_REACH_NODES`; about `CUT_PARTS`·k slices, each a network over the
+nodes its window leaves undecided.
 """
 
 from __future__ import annotations
@@ -91,8 +144,8 @@ import numpy as np
 from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_activation_array
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
-           "path_bound", "live_spans", "span_bound", "reachability", "lower_bound", "all_bounds",
-           "MAX_REACH_NODES", "BOUNDS_SHARE"]
+           "path_bound", "live_spans", "span_bound", "min_boundaries", "cut_floors", "cut_bound", "reachability",
+           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH", "CUT_WORK"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
@@ -296,16 +349,10 @@ def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     room = int(capacity) - reserved
     if room <= 0:
         return None
-    # Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
-    n = table.n
-    before = items.astype(np.int64).copy()
-    after = items.astype(np.int64).copy()
-    for start in range(0, n, 256):
-        if deadline is not None and deadline.expired():
-            return None
-        block = slice(start, min(start + 256, n))
-        before[block] += items @ reach[:, block].astype(np.int64)
-        after[block] += reach[block].astype(np.int64) @ items
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return None
+    before, after = closure
     return -((-before) // room), -((-after) // room)
 
 
@@ -474,22 +521,314 @@ def span_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return max(1, _ceil_div(_total(terms, live, chunk_fraction), capacity))
 
 
+# -- cut bound ---------------------------------------------------------------------------------------
+
+#: Flow networks are solved in int32 (`scipy.sparse.csgraph.maximum_flow`): finite capacities sum below this.
+_FLOW_TOTAL = 1 << 30
+
+#: The cut bound's slices of item bytes per group (`cut_floors`): finer slices, narrower windows, more flows.
+CUT_PARTS = 16
+
+#: Undecided nodes (the flow networks' size) of the slices that go to the backend together in one call;
+#: the deadline is read between calls.
+CUT_BATCH = 4_000
+
+#: Undecided nodes summed over all slices above which the slices are widened (`cut_floors`): bounds the flows'
+#: size on wide graphs, where a window spans many parallel branches, so the bound stays cheap without a deadline.
+CUT_WORK = 40_000
+
+
+def _verified_flow(tails, heads, capacities, nodes):
+    """A maximum flow from node 0 to node 1, re-checked exactly: its value on each arc, or None if not confirmed.
+
+    `capacities` (int64) are non-negative and the finite ones sum below
+    `_FLOW_TOTAL`; an uncuttable arc has `_FLOW_TOTAL`.  The flow that scipy
+    returns is checked in int64 (antisymmetric, within the capacities,
+    conserved at every node but the terminals), so it is a feasible flow
+    whatever the backend does, and by weak duality its value is at most the
+    capacity of every cut.
+    """
+    import scipy.sparse as sparse
+    from scipy.sparse.csgraph import maximum_flow
+
+    order = np.lexsort((heads, tails))
+    tails, heads, capacities = tails[order], heads[order], capacities[order]
+    indptr = np.zeros(nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(tails, minlength=nodes), out=indptr[1:])
+    network = sparse.csr_matrix((capacities.astype(np.int32), heads.astype(np.int32), indptr.astype(np.int32)),
+                                shape=(nodes, nodes))
+    flow = maximum_flow(network, 0, 1, method="dinic").flow.tocoo()
+    rows, cols, values = flow.row.astype(np.int64), flow.col.astype(np.int64), flow.data.astype(np.int64)
+    keys = rows * nodes + cols
+    by_key = np.argsort(keys)
+    keys, values = keys[by_key], values[by_key]
+    mirror = (cols * nodes + rows)[by_key]
+    at = np.minimum(np.searchsorted(keys, mirror), keys.size - 1)
+    arc_keys = tails * nodes + heads  # sorted by the lexsort above
+    where = np.minimum(np.searchsorted(arc_keys, keys), max(arc_keys.size - 1, 0))
+    bound = np.where(arc_keys[where] == keys, capacities[where], 0) if arc_keys.size else np.zeros_like(values)
+    balance = np.zeros(nodes, dtype=np.int64)
+    np.add.at(balance, rows[by_key], values)
+    if (np.any(keys[1:] == keys[:-1]) or np.any(keys[at] != mirror) or np.any(values[at] != -values)
+            or np.any(values > bound) or balance[2:].any()):
+        return None
+    arc_flow = np.zeros(arc_keys.size, dtype=np.int64)
+    hit = np.searchsorted(keys, arc_keys)
+    present = hit < keys.size
+    present[present] = keys[hit[present]] == arc_keys[present]
+    arc_flow[present] = values[hit[present]]
+    restore = np.empty_like(order)
+    restore[order] = np.arange(order.size)
+    return arc_flow[restore]
+
+
+def _boundary_network(sources, targets, live, inside, outside):
+    """The flow network of one cut (module notes, cut bound), in local node numbers (0 source, 1 sink).
+
+    Returns (fixed, tails, heads, capacities, nodes, doubled): capacities in
+    bytes with -1 for uncuttable arcs, and the positions of the covered free
+    nodes, whose price a finite cut counts once too often.
+    """
+    n = live.size
+    free = ~inside & ~outside
+    into_free = free[targets]
+    # A member of D with a successor outside every admissible D is always on the boundary.
+    fixed = int(live[np.unique(sources[inside[sources] & outside[targets]])].sum())
+    flags = np.zeros((3, n), dtype=bool)  # has a successor / one outside / one free
+    flags[0, sources] = True
+    flags[1, sources[outside[targets]]] = True
+    flags[2, sources[into_free]] = True
+    # Variables: x_v = [v ∈ D] for the free nodes; y_u = [every successor of u in D] for the covered nodes.
+    priced = np.flatnonzero(free & flags[0])  # x_u = 1 costs live(u) (arc x_u → sink)
+    covered = np.flatnonzero(~outside & flags[2] & ~flags[1])  # y_u = 0 costs live(u) (arc source → y_u)
+    free_nodes = np.flatnonzero(free)
+    index = np.full((2, n), -1, dtype=np.int64)
+    index[0, free_nodes] = 2 + np.arange(free_nodes.size)
+    index[1, covered] = 2 + free_nodes.size + np.arange(covered.size)
+    # Uncuttable: y_u → x_z for a free successor z of a covered u; x_z → x_u for an edge u → z between free nodes.
+    cover_edges = (index[1, sources] >= 0) & into_free
+    free_edges = free[sources] & into_free
+    tails = np.concatenate((index[0, priced], np.zeros(covered.size, dtype=np.int64),
+                            index[1, sources[cover_edges]], index[0, targets[free_edges]]))
+    heads = np.concatenate((np.ones(priced.size, dtype=np.int64), index[1, covered],
+                            index[0, targets[cover_edges]], index[0, sources[free_edges]]))
+    capacities = np.concatenate((live[priced], live[covered],
+                                 np.full(int(cover_edges.sum() + free_edges.sum()), -1, dtype=np.int64)))
+    return fixed, tails, heads, capacities, 2 + free_nodes.size + covered.size, covered[free[covered]]
+
+
+def min_boundaries(table, live, windows):
+    """Per window (inside, outside): a lower bound on min live(∂D) over down-sets inside ⊆ D ⊆ V ∖ outside.
+
+    ∂D is the set of members of D with a successor outside D (module notes,
+    cut bound).
+
+    Parameters
+    ----------
+    table : LayerTable
+    live : array of int
+        Bytes of each position's output (the model's live term).
+    windows : list of (inside, outside)
+        Boolean arrays over the positions: `inside` closed under
+        predecessors, `outside` under successors, the two disjoint.
+
+    Returns
+    -------
+    list of int
+        One floor per window: the minimum up to the flooring of the
+        capacities to int32, never above it; only the forced part (outputs
+        of `inside` nodes with a successor in `outside`) when the backend's
+        flow fails the exact check.
+
+    Notes
+    -----
+    Every window is one component of a single flow network, solved by one
+    `scipy.sparse.csgraph.maximum_flow` call (Dinic) and re-checked in int64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([1, 1, 1, 1])  # D holds the first node, not the last: cheapest cut after the 5
+    >>> first, last = np.array([1, 0, 0, 0], bool), np.array([0, 0, 0, 1], bool)
+    >>> min_boundaries(table, [9, 5, 7, 0], [(first, last), (first | [0, 1, 0, 0], last)])
+    [5, 5]
+    """
+    sources, targets = table.sources.astype(np.int64), table.targets.astype(np.int64)
+    live = np.asarray(live, dtype=np.int64)
+    networks = [_boundary_network(sources, targets, live, np.asarray(inside, dtype=bool),
+                                  np.asarray(outside, dtype=bool)) for inside, outside in windows]
+    total = sum(int(capacities[capacities > 0].sum()) for _, _, _, capacities, _, _ in networks)
+    if total == 0:
+        return [fixed for fixed, *_ in networks]
+    unit = total // (_FLOW_TOTAL - 1) + 1  # Σ ⌊capacity / unit⌋ < _FLOW_TOTAL
+    parts, base = [], 2
+    for _, tails, heads, capacities, nodes, _ in networks:
+        def place(local, base=base):
+            return np.where(local < 2, local, local + base - 2)
+        scaled = np.where(capacities < 0, _FLOW_TOTAL, capacities // unit)
+        parts.append((place(tails), place(heads), scaled))
+        base += nodes - 2
+    tails, heads, scaled = (np.concatenate(column) for column in zip(*parts))
+    arc_flow = _verified_flow(tails, heads, scaled, base)
+    result, start = [], 0
+    for (fixed, local_tails, _, capacities, _, doubled), (_, _, part_scaled) in zip(networks, parts):
+        stop = start + local_tails.size
+        if arc_flow is None:
+            result.append(fixed)
+        else:
+            # The component's flow (out of the source) is at most its every cut: over any D, the scaled
+            # Σ_{priced u ∈ D} + Σ_{covered u, y_u = 0}, where a covered free u is counted once too often.
+            value = int(arc_flow[start:stop][local_tails == 0].sum())
+            result.append(fixed + max(0, unit * (value - int((live[doubled] // unit).sum()))))
+        start = stop
+    return result
+
+
+def _closure_items(items, reach, deadline=None):
+    """(before, after): items of each node with its ancestors, with its descendants; None past `deadline`.
+
+    Exact integer products, a block of 256 columns/rows at a time (no n×n int64 copy).
+    """
+    n = items.size
+    before = items.astype(np.int64).copy()
+    after = items.astype(np.int64).copy()
+    for start in range(0, n, 256):
+        if deadline is not None and deadline.expired():
+            return None
+        block = slice(start, min(start + 256, n))
+        before[block] += items @ reach[:, block].astype(np.int64)
+        after[block] += reach[block].astype(np.int64) @ items
+    return before, after
+
+
+def _undecided(before, after, total, width):
+    """Per slice of width `width`: how many nodes its window leaves undecided (the size of its flow network).
+
+    Node v is undecided in slice [lo, hi] when before(v) ≤ hi and after(v) ≤ total − lo: for the
+    slices j from ⌈(before(v) − width + 1) / width⌉ to ⌊(total − after(v)) / width⌋.
+    """
+    slices = total // width + 1
+    first = np.clip(-(-(before - width + 1) // width), 0, slices)
+    last = np.clip((total - after) // width + 1, 0, slices)
+    steps = np.zeros(slices + 1, dtype=np.int64)
+    spans = first < last
+    np.add.at(steps, first[spans], 1)
+    np.add.at(steps, last[spans], -1)
+    return np.cumsum(steps[:-1])
+
+
+def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """Per slice [lo, hi] of the item bytes a down-set can hold: a lower bound on the live bytes it leaves across.
+
+    Returns
+    -------
+    (lows, highs, floors) : three int64 arrays, or None
+        Slices of width ⌊C'/`CUT_PARTS`⌋ (wider on wide graphs, `CUT_WORK`)
+        covering 0..items(V) (C' = C − min peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
+        in [lows[j], highs[j]] (module notes, cut bound), -1 for a slice no
+        down-set can reach; 0 for the slices left when `deadline` passed.
+        None for a model without a live term, without the reachability
+        matrix (too many nodes), or when no byte of a group is free for items.
+    """
+    n = table.n
+    terms = _terms(table, memory)
+    if n == 0 or terms.live is None:
+        return None
+    if reach is None:
+        reach = reachability(table, deadline=deadline)
+    if reach is None:
+        return None
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room = int(capacity) - reserved
+    total = int(items.sum())
+    if room <= 0 or total >= 2**62 // max(n, 1):
+        return None
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return None
+    before, after = closure
+    width = max(1, room // CUT_PARTS, total // (CUT_PARTS * n))
+    work = int(_undecided(before, after, total, width).sum())
+    if work > CUT_WORK:  # wide windows (many parallel branches): wider slices, fewer and smaller flows in all
+        width *= -(-work // CUT_WORK)
+    undecided = _undecided(before, after, total, width)
+    lows = np.arange(0, total + 1, width, dtype=np.int64)
+    highs = np.minimum(lows + width - 1, total)
+    floors = np.zeros(lows.size, dtype=np.int64)
+    live = terms.live.astype(np.int64)
+    # Batches of consecutive slices, each of at most CUT_BATCH nodes undecided in all (one backend call).
+    batch_of = np.cumsum(undecided) // CUT_BATCH
+    for batch in np.split(np.arange(lows.size), np.flatnonzero(np.diff(batch_of)) + 1):
+        if deadline is not None and deadline.expired():
+            break  # the slices left keep the floor 0
+        solved, windows = [], []
+        for j in batch.tolist():
+            # v ∈ D forces items(D) ≥ before(v); v ∉ D forces items(D) ≤ items(V) − after(v).
+            outside, inside = before > highs[j], after > total - lows[j]
+            if (inside & outside).any():
+                floors[j] = -1  # no down-set has its items in this slice
+            else:
+                solved.append(j)
+                windows.append((inside, outside))
+        if windows:
+            floors[solved] = min_boundaries(table, live, windows)
+    return lows, highs, floors
+
+
+def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+    """The fewest groups that carry every cut's live outputs, a walk over the slices (module notes); 0 if not computed.
+
+    Examples
+    --------
+    >>> from cachefit.memory import LayerTable
+    >>> table = LayerTable.chain([60, 60, 60], [10, 10, 0])
+    >>> cut_bound(table, 100), sum_bound(table, 100)  # every cut carries a 10: 60 + 10 + 60 > 100
+    (3, 2)
+    """
+    profile = cut_floors(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    if profile is None:
+        return 0
+    lows, highs, floors = profile
+    items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
+    room, total = int(capacity) - reserved, int(items.sum())
+    carried = scale_activation_array(np.maximum(floors, 0), chunk_fraction, ceil=False)
+    # best_to[j]: over slices 0..j, the most items a down-set there can hold less the live bytes the next
+    # group must carry for it (R of the module notes at the slice's right end); unreachable slices never count.
+    reach_from = np.where(floors < 0, np.iinfo(np.int64).min // 2, highs - carried)
+    best_to = np.maximum.accumulate(reach_from)
+    if total <= room:
+        return 1
+    furthest, groups = room, 1  # items(D_1) ≤ C' (the first group carries nothing in)
+    while groups < table.n:
+        j = int(np.searchsorted(lows, furthest, side="right")) - 1  # the slice holding `furthest`
+        start = best_to[j - 1] if j > 0 else np.iinfo(np.int64).min // 2
+        if floors[j] >= 0:
+            start = max(start, furthest - int(carried[j]))
+        if start >= total - room:  # the last group fits after D_groups
+            return groups + 1
+        furthest, groups = min(total, int(start) + room), groups + 1
+    return table.n
+
+
 def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
-    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ...}``.
+    """Every bound by name: ``{"sum": ..., "l2": ..., "path": ..., "head_tail": ..., "span": ..., "cut": ...}``.
 
     With a `deadline` (`cachefit.solvers._deadline.Deadline`), the bounds
-    that need the reachability matrix (head–tail, span: O(n·e)) are left at
-    0 once it has passed; the others (O(n + e)) are always computed.  A bound
-    left out only weakens the maximum, never makes it invalid.
+    that need the reachability matrix (head–tail, span, cut: O(n·e) and the
+    cut bound's flows) are left at 0 once it has passed, and the cut bound
+    keeps the floor 0 for the slices it had not reached; the others
+    (O(n + e)) are always computed.  A bound left out, or computed from
+    fewer slices, only weakens the maximum, never makes it invalid.
 
     Examples
     --------
     >>> from cachefit.memory import LayerTable
     >>> all_bounds(LayerTable.chain([6, 6, 6, 2, 2, 2]), 10, memory="additive")
-    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0}
+    {'sum': 3, 'l2': 3, 'path': 4, 'head_tail': 3, 'span': 0, 'cut': 0}
     """
     if table.n == 0:
-        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
+        return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     bounds = {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
@@ -499,6 +838,7 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         "path": path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
         "head_tail": 0,
         "span": 0,
+        "cut": 0,
     }
     late = deadline.expired if deadline is not None else (lambda: False)
     if reach is None and not late():
@@ -510,6 +850,9 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
             break
         bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
                              deadline=deadline)
+    if not late():
+        bounds["cut"] = cut_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
+                                  deadline=deadline)
     return bounds
 
 
@@ -540,8 +883,10 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     Notes
     -----
     O(n log n + n·e): one sort for L2, one longest-path pass and one greedy
-    pass along the path, the reachability matrix for the head–tail bound
-    (pass `reach` to reuse one).  For chains, O(k log n).
+    pass along the path, the reachability matrix for the head–tail, span and
+    cut bounds (pass `reach` to reuse one), and for models with a live term
+    the cut bound's maximum flows (about `CUT_PARTS`·k small networks of at
+    most `CUT_WORK` nodes in all, solved in batches of `CUT_BATCH`).  For chains, O(k log n).
 
     Examples
     --------

@@ -86,7 +86,7 @@ class TestByHand:
     def test_empty(self):
         table = LayerTable.chain([])
         assert lower_bound(table, 10) == 0
-        assert all_bounds(table, 10) == {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0}
+        assert all_bounds(table, 10) == {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
 
     def test_reachability(self):
         graph = nx.DiGraph()
@@ -316,12 +316,13 @@ def test_kv_resident_bytes_raise_the_bounds():
     graph.add_edges_from([("a", "b"), ("b", "c")])
     table = LayerTable.from_graph(graph)
     assert set(all_bounds(table, 100, memory="liveness").values()) == {2}
-    assert all_bounds(table, 100, memory="liveness+kv") == {"sum": 2, "l2": 3, "path": 3, "head_tail": 3, "span": 3}
+    assert all_bounds(table, 100, memory="liveness+kv") == {"sum": 2, "l2": 3, "path": 3, "head_tail": 3, "span": 3,
+                                                                  "cut": 3}
     assert brute(graph, 100, memory="liveness+kv").k == 3  # a, b and c each need a group of their own
 
 
 def test_a_passed_deadline_leaves_out_only_the_quadratic_bounds():
-    """With the deadline gone, the O(n·e) bounds (head–tail, span) are 0 and the others unchanged."""
+    """With the deadline gone, the O(n·e) bounds (head–tail, span, cut) are 0 and the others unchanged."""
     from cachefit.instances.families import generate
     from cachefit.memory import as_table
     from cachefit.solvers._deadline import Deadline
@@ -332,6 +333,6 @@ def test_a_passed_deadline_leaves_out_only_the_quadratic_bounds():
         table = as_table(graph)
         full = all_bounds(table, capacity, memory=memory)
         cut = all_bounds(table, capacity, memory=memory, deadline=gone)
-        assert cut == {**full, "head_tail": 0, "span": 0}
+        assert cut == {**full, "head_tail": 0, "span": 0, "cut": 0}
         assert lower_bound(table, capacity, memory=memory, deadline=gone) == max(cut.values()) <= max(full.values())
         assert reachability(table, deadline=gone) is None
