@@ -37,7 +37,7 @@ from .bounds import lower_bound
 from .brute import MAX_BRUTE_NODES, brute
 from .cpsat import DEFAULT_TIME_LIMIT_S, cpsat
 from .dp import dp
-from .greedy import greedy
+from .greedy import greedy, greedy_bounds
 from .search import search
 from ._common import Problem
 from ._deadline import Deadline
@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 #: `auto` hands a DAG to cpsat only when (nodes + edges) × greedy's k is at most this
 #: (the size of the CP-SAT model); larger DAGs get dp on the given order.
 AUTO_CPSAT_MAX_CELLS = 500_000
+
+#: `auto` gives a DAG to ``search`` with exact windows (`cachefit.solvers._window`) for the whole time limit
+#: when its whole CP-SAT model would have more cells than this (`_cells_estimate`); smaller DAGs get
+#: ``search``, then ``cpsat``.
+AUTO_WINDOWS_CELLS = 20_000
 
 #: The share of `auto`'s time limit the first search may take on a DAG (it stops earlier when it stalls).
 AUTO_SEARCH_SHARE = 0.5
@@ -97,6 +102,12 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     if deadline is None:
         deadline = Deadline(float(problem.time_limit_s or DEFAULT_TIME_LIMIT_S), start=started)
     limit = deadline.limit_s
+    estimate = _cells_estimate(problem)
+    if estimate > AUTO_WINDOWS_CELLS:
+        plan = search(table, capacity, time_limit_s=limit, deadline=deadline, exact_windows=True, **options)
+        why = (f"search with exact windows (the whole CP-SAT model would have ~{estimate} cells "
+               f"> {AUTO_WINDOWS_CELLS})")
+        return plan.with_stats(auto=why, stop_reason=plan.stats.get("stop_reason", plan.reason or why))
     first = search(table, capacity, time_limit_s=limit, deadline=deadline.at_share(AUTO_SEARCH_SHARE), **options)
     if first.status == "INFEASIBLE" or (first.ok and k is None and first.k <= first.lower_bound):
         why = "search proved infeasible" if not first.ok else "search: k meets the lower bound"
@@ -117,6 +128,14 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
         second = cpsat(table, capacity, time_limit_s=limit, deadline=deadline, **options)
         why = f"search ({first.stats.get('stop_reason', first.reason)}), then cpsat for {remaining:.3g} s"
     return _better(first, second, k, started).with_stats(auto=why, stop_reason=_stop_reason(first, second, limit))
+
+
+def _cells_estimate(problem):
+    """(nodes + edges) × the fewest groups of the node order (greedy's k, at least search's): the whole CP-SAT model's size."""
+    bounds, _ = greedy_bounds(problem.intervals(), problem.capacity)
+    table = problem.table
+    groups = table.n if bounds is None else len(bounds) - 1
+    return (table.n + len(table.sources)) * max(groups, 1)
 
 
 def _key(plan):
