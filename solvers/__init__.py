@@ -18,8 +18,10 @@ infeasibility as a status, never as an exception.
 - ``brute``: exhaustive search, n ≤ 12 (the test oracle).
 - ``search``: list scheduling and window repacking over every valid grouping
   of a DAG (a heuristic: OPTIMAL only when k meets the lower bound).
-- ``auto``: dp for chains; for DAGs ``search`` first, then cpsat with the
-  time left unless the search has closed the gap.
+- ``auto``: dp for chains; for a DAG whose whole CP-SAT model would be
+  large, ``search`` with exact windows (`cachefit.solvers._window`: CP-SAT
+  repacks a few consecutive groups at a time); for a smaller DAG ``search``
+  first, then cpsat with the time left unless the search has closed the gap.
 
 `compare` runs several solvers on one problem.
 """
@@ -66,7 +68,12 @@ def auto(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time
     """Pick a solver for the graph and run it.
 
     Chains (and graphs of at most one node) go to ``dp``, which is exact for
-    them.  For a DAG, ``search`` runs first, for at most `AUTO_SEARCH_SHARE`
+    them.  A DAG whose whole CP-SAT model would exceed `AUTO_WINDOWS_CELLS`
+    (`_cells_estimate`) goes to ``search`` with ``exact_windows=True`` for
+    the whole time limit: its heuristics, then exact window repacking by
+    CP-SAT on small models (`cachefit.solvers._window`), stopping when k
+    meets the lower bound, the windows stall, or at the limit.  For a
+    smaller DAG, ``search`` runs first, for at most `AUTO_SEARCH_SHARE`
     of `time_limit_s` (default `cachefit.solvers.cpsat.DEFAULT_TIME_LIMIT_S`,
     10 s), stopping earlier when k meets the lower bound or it stalls.  When
     its k meets the lower bound, that plan is returned at once.  Otherwise

@@ -3,10 +3,11 @@
 `repack_windows` improves a valid plan by taking w consecutive groups
 i..i+w−1, fixing everything before and after them, and asking CP-SAT
 (`cachefit.solvers._cpsat_model.Model`, the one order encoding) for a
-repacking of just those nodes into w − 1 groups.  The model of a window is
-small (its nodes × w cells, at most `WINDOW_CELLS`), so it is built in
-milliseconds whatever the size of the graph, and CP-SAT's search runs where
-the model of the whole graph could not even be built in the time limit.
+repacking of just those nodes into w − 1 groups (or a sideways move).
+The model of a window is small (its nodes × w cells, at most
+`MAX_WINDOW_CELLS`), so it is built in milliseconds whatever the size of
+the graph, and CP-SAT's search runs where the model of the whole graph could
+not even be built in the time limit.
 
 Notes
 -----
@@ -35,11 +36,18 @@ a solver returns still goes through `finish` and `cachefit.check`.  A
 window proved infeasible says nothing about the whole plan (another window,
 or another order, may still do better): nothing is ever claimed from one.
 
-**Which windows.**  For every start i, the widest window from i whose model
-stays within `WINDOW_CELLS`; the starts are tried in an order drawn from
-the seed, the plan's k and the number of improvements so far, and after an
-improvement every window is worth trying again.  The search *stalls* when
-every start has been tried on the current plan without fewer groups.
+**Which windows: a sweep.**  From a cursor at the first group, the widest
+window whose model stays within the sweep's cell budget (`WINDOW_CELLS` at
+first: about 5 groups) is asked first for one group fewer (skipped when
+its nodes' summed bytes alone cannot fit in one group fewer), else for as
+many groups with the last one as small as possible (a *sideways* move,
+hinted with the window as it is: its free bytes move to the window's last
+group, where the next window starts, so free bytes scattered over many
+groups gather until a window can drop one).  The cursor then moves to the
+window's last group, or stays after one group fewer.  A sweep to the end of
+the plan without a move doubles the cell budget (wider windows: a larger
+neighbourhood, slower solves), up to `MAX_WINDOW_CELLS`; a sweep of the
+widest windows without a move is a *stall*.
 
 **Contained, batched.**  The windows run in slices of `SLICE_S` seconds,
 each in one child forked by `cachefit.solvers._cpsat_child.run_contained`:
@@ -48,9 +56,9 @@ caller, and a fork costs one slice, not one window.
 
 **Deterministic** for a fixed seed when time is not what stops it: one
 worker, a deterministic time limit per window
-(`WINDOW_DETERMINISTIC_S`, CP-SAT's ``max_deterministic_time``), windows
-drawn from the seed and the plan, and a window cut by the end of a slice
-is tried again whole in the next.
+(`WINDOW_DETERMINISTIC_S`, CP-SAT's ``max_deterministic_time``), the sweep
+a function of the plan, and a window cut by the end of a slice is tried
+again whole in the next.
 
 **Time.**  No window is built or solved past the deadline: a slice ends
 `SLICE_MARGIN_S` before it, and each solve's wall-clock limit is what is
@@ -69,8 +77,8 @@ from ._cpsat_child import CONTAINED, run_contained
 from ._cpsat_model import SEARCH, SEARCH_FROM_HINT, BuildTimeout, Model
 from ._deadline import Deadline
 
-__all__ = ["repack_windows", "WINDOW_CELLS", "WINDOW_DETERMINISTIC_S", "WINDOW_SEARCH", "SLICE_S",
-           "SLICE_MARGIN_S"]
+__all__ = ["repack_windows", "WINDOW_CELLS", "MAX_WINDOW_CELLS", "WINDOW_DETERMINISTIC_S", "WINDOW_SEARCH",
+           "WINDOW_FROM_HINT", "SLICE_S", "SLICE_MARGIN_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +91,8 @@ WINDOW_CELLS = 2000
 #: After a sweep without a move the budget doubles, up to this; past it the search has stalled.
 MAX_WINDOW_CELLS = 16000
 
-#: CP-SAT's deterministic time limit per window (roughly seconds of one core).
+#: CP-SAT's deterministic time limit per window (roughly seconds of one core) of `WINDOW_CELLS`; a wider
+#: sweep's windows get proportionally more.
 WINDOW_DETERMINISTIC_S = 0.3
 
 #: Parameters of a window's solve: `SEARCH` without the LP relaxation, which on the windows of the tight
@@ -129,15 +138,18 @@ def repack_windows(problem, incumbent, lower, deadline, *, scale, contain=CONTAI
     Returns
     -------
     dict
-        ``windows`` (tried), ``windows_improved``, ``slices``, ``build_s``
-        and ``solve_s`` (summed over windows), ``crashes`` when a child was
-        lost, and ``stop_reason``: ``"k meets the lower bound"``,
-        ``"stall: ..."``, ``"time limit"``, or the crashes.
+        ``windows`` (solves), ``windows_improved`` (fewer groups),
+        ``sideways`` (moves kept), ``slices`` (children), ``build_s`` and
+        ``solve_s`` (summed over windows), ``build_max_s`` (the slowest
+        build), ``windows_rejected`` when CP-SAT proposed a repacking that
+        measured over capacity, ``crashes`` when a child was lost, and
+        ``stop_reason``: ``"k meets the lower bound"``, ``"stall: ..."``,
+        ``"time limit"``, or the crashes.
     """
-    table = problem.table
     context = _Context(problem, incumbent.packer, scale)
     state = {"cursor": 0, "moved": False, "improvements": 0, "cells": WINDOW_CELLS}
-    stats = {"windows": 0, "windows_improved": 0, "sideways": 0, "slices": 0, "build_s": 0.0, "solve_s": 0.0}
+    stats = {"windows": 0, "windows_improved": 0, "sideways": 0, "slices": 0, "build_s": 0.0, "build_max_s": 0.0,
+             "solve_s": 0.0}
     stop = None
     while stop is None:
         if incumbent.k <= lower:
@@ -168,14 +180,15 @@ def repack_windows(problem, incumbent, lower, deadline, *, scale, contain=CONTAI
             stats[key] += result[key]
         for key in ("build_s", "solve_s"):
             stats[key] = round(stats[key] + result[key], 3)
+        stats["build_max_s"] = max(stats["build_max_s"], result["build_max_s"])
         if result["rejected"]:
             stats["windows_rejected"] = stats.get("windows_rejected", 0) + result["rejected"]
         if result["windows_improved"] or result["sideways"]:
             groups = result["groups"]
             sizes = context.measure_plan(groups)
             if sizes is None or len(groups) > incumbent.k:  # never expected: each window was measured in the child
-                stats["slices_rejected"] = stats.get("slices_rejected", 0) + 1
-                continue
+                stop = "a child sent back a plan that does not measure valid; the plan in hand is kept"
+                break
             incumbent.replace(groups, sizes)
         state = result["state"]
         if result["stop"] != "slice":
@@ -226,7 +239,8 @@ def _slice_deadline(deadline):
 
 def _slice(context, incumbent, lower, deadline, state):
     """Windows until `deadline`, a stall or k = `lower`; a JSON-able dict for the parent (module notes)."""
-    counts = {"windows": 0, "windows_improved": 0, "sideways": 0, "rejected": 0, "build_s": 0.0, "solve_s": 0.0}
+    counts = {"windows": 0, "windows_improved": 0, "sideways": 0, "rejected": 0, "build_s": 0.0, "build_max_s": 0.0,
+              "solve_s": 0.0}
     stop = "slice"
     while True:
         if incumbent.k <= lower:
@@ -249,8 +263,9 @@ def _slice(context, incumbent, lower, deadline, state):
         for target in (width - 1, width):  # fewer groups, else a sideways move
             if target < width and not context.may_drop(incumbent, start, width):
                 continue
-            outcome = _solve_window(context, incumbent, start, width, target, deadline)
+            outcome = _solve_window(context, incumbent, start, width, target, deadline, state["cells"])
             counts["build_s"] += outcome["build_s"]
+            counts["build_max_s"] = max(counts["build_max_s"], outcome["build_s"])
             counts["solve_s"] += outcome["solve_s"]
             if outcome["cut"]:  # cut by the end of the slice: this window is tried again whole in the next
                 return _report(incumbent, state, counts, stop)
@@ -270,6 +285,7 @@ def _slice(context, incumbent, lower, deadline, state):
 
 def _report(incumbent, state, counts, stop):
     counts["build_s"] = round(counts["build_s"], 4)
+    counts["build_max_s"] = round(counts["build_max_s"], 4)
     counts["solve_s"] = round(counts["solve_s"], 4)
     return {"groups": incumbent.groups, "stop": stop, "state": state, **counts, "wall_s": 0.0}
 
@@ -301,7 +317,7 @@ def _widest(context, incumbent, start, cells):
     return width - 1
 
 
-def _solve_window(context, incumbent, start, width, target, deadline):
+def _solve_window(context, incumbent, start, width, target, deadline, cells=WINDOW_CELLS):
     """Repack one window into `target` groups (`width`: a sideways move); groups or None, times, and a cut flag."""
     outcome = {"groups": None, "build_s": 0.0, "solve_s": 0.0, "cut": False}
     began = time.perf_counter()
@@ -318,7 +334,7 @@ def _solve_window(context, incumbent, start, width, target, deadline):
         outcome["cut"] = True
         return outcome
     parameters = {**(WINDOW_FROM_HINT if sideways and context.has_live else WINDOW_SEARCH),
-                  "max_deterministic_time": WINDOW_DETERMINISTIC_S}
+                  "max_deterministic_time": WINDOW_DETERMINISTIC_S * cells / WINDOW_CELLS}
     result = model._solve_here(limit, 1, context.problem.seed, parameters)
     outcome["solve_s"] = float(result["wall_s"])
     if result["status"] not in ("OPTIMAL", "INFEASIBLE") and result["wall_s"] >= limit - 0.02:

@@ -39,6 +39,11 @@ whose Σ S² is at least the old one is accepted as a sideways move that
 pushes free bytes towards the window's end, where a later window can use
 them.
 
+*Exact windows* (``exact_windows=True``, what `auto` asks for on large
+DAGs): once the window repacking stalls, CP-SAT repacks windows exactly
+(`cachefit.solvers._window`), from the same incumbent, until k meets the
+bound, the windows stall too, or the time is spent.
+
 The best plan is finally re-cut by `cachefit.solvers.dp` on its own node
 order (never more groups: its groups are contiguous runs of that order),
 which balances it, and is returned through the common `finish`, so its sizes

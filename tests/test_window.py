@@ -201,13 +201,13 @@ class TestContainment:
 
 
 def test_deterministic_for_a_seed_when_a_stall_stops_it():
-    graph, capacity = generate("dag-layered", 60, seed=2, capacity="tight", memory="liveness")
+    graph, capacity = generate("dag-layered", 30, seed=2, capacity="tight", memory="liveness")
     plans = []
     for _ in range(2):
         problem = _problem(graph, capacity, "liveness", seed=5)
         incumbent = _incumbent(problem, _singletons(problem))
         plan, stats = _repack(problem, incumbent, contain=True)
-        assert stats["stop_reason"].startswith("stall")
+        assert stats["stop_reason"].startswith("stall") and stats["windows_improved"] > 0
         plans.append(plan.partitions)
     assert plans[0] == plans[1]
 
