@@ -179,7 +179,6 @@ class TestSimulatedMachine:
 
         monkeypatch.setattr(solvers, "search", search_uses_its_share)
         monkeypatch.setattr(solvers, "cpsat", cpsat_gets_the_rest)
-        monkeypatch.setattr(solvers, "AUTO_CPSAT_MAX_CELLS", 10**9)
         monkeypatch.setattr(solvers, "AUTO_WINDOWS_CELLS", 10**9)
         graph, capacity = _instance("liveness")
         plan = auto(graph, capacity, memory="liveness", deadline=deadline)
