@@ -114,6 +114,9 @@ SLICE_MARGIN_S = 0.3
 #: Seconds a window's solve keeps from its slice for CP-SAT to stop.
 _STOP_S = 0.15
 
+#: The shortest wall-clock limit a window is solved with (less is left: the window waits for the next slice).
+_MIN_SOLVE_S = 0.05
+
 #: The fewest groups a window takes (2 groups into 1 is the smallest repacking).
 MIN_WIDTH = 2
 
@@ -146,6 +149,8 @@ def repack_windows(problem, incumbent, lower, deadline, *, scale, contain=CONTAI
         ``stop_reason``: ``"k meets the lower bound"``, ``"stall: ..."``,
         ``"time limit"``, or the crashes.
     """
+    from ortools.sat.python import cp_model  # noqa: F401  (once here, not once per child: ~0.25 s each)
+
     context = _Context(problem, incumbent.packer, scale)
     state = {"cursor": 0, "moved": False, "improvements": 0, "cells": WINDOW_CELLS}
     stats = {"windows": 0, "windows_improved": 0, "sideways": 0, "slices": 0, "build_s": 0.0, "build_max_s": 0.0,
@@ -155,7 +160,7 @@ def repack_windows(problem, incumbent, lower, deadline, *, scale, contain=CONTAI
         if incumbent.k <= lower:
             stop = "k meets the lower bound"
             break
-        if deadline.remaining() <= SLICE_MARGIN_S + 0.1:
+        if deadline.remaining() <= SLICE_MARGIN_S + _STOP_S + 2 * _MIN_SOLVE_S:
             stop = "time limit"
             break
         slice_deadline = _slice_deadline(deadline)
@@ -320,6 +325,9 @@ def _widest(context, incumbent, start, cells):
 def _solve_window(context, incumbent, start, width, target, deadline, cells=WINDOW_CELLS):
     """Repack one window into `target` groups (`width`: a sideways move); groups or None, times, and a cut flag."""
     outcome = {"groups": None, "build_s": 0.0, "solve_s": 0.0, "cut": False}
+    if deadline.remaining() - _STOP_S < _MIN_SOLVE_S:  # no time for a solve: nothing is built
+        outcome["cut"] = True
+        return outcome
     began = time.perf_counter()
     sideways = target == width
     try:
@@ -330,7 +338,7 @@ def _solve_window(context, incumbent, start, width, target, deadline, cells=WIND
         return outcome
     outcome["build_s"] = time.perf_counter() - began
     limit = deadline.remaining() - _STOP_S
-    if limit <= 0.05:
+    if limit < _MIN_SOLVE_S:
         outcome["cut"] = True
         return outcome
     parameters = {**(WINDOW_FROM_HINT if sideways and context.has_live else WINDOW_SEARCH),

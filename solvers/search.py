@@ -234,8 +234,9 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     exact_windows : bool
         When the window repacking stalls, go on with exact window repacking
         by CP-SAT (`cachefit.solvers._window`) until k meets the lower
-        bound, every window has been tried, or the time is spent (what
-        `auto` does on DAGs whose whole CP-SAT model is large).
+        bound, the windows stall, or the time is spent (what `auto` does on
+        DAGs whose whole CP-SAT model is large); ``stats["exact_windows"]``
+        says what they did.
     deadline : Deadline, optional
         A `cachefit.solvers._deadline.Deadline` that replaces `time_limit_s`
         (`auto` shares one between its solvers; tests inject a clock).
