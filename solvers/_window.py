@@ -152,7 +152,7 @@ def repack_windows(problem, incumbent, lower, deadline, *, scale, contain=CONTAI
     from ortools.sat.python import cp_model  # noqa: F401  (once here, not once per child: ~0.25 s each)
 
     context = _Context(problem, incumbent.packer, scale)
-    state = {"cursor": 0, "moved": False, "improvements": 0, "cells": WINDOW_CELLS}
+    state = {"cursor": 0, "moved": False, "cells": WINDOW_CELLS}
     stats = {"windows": 0, "windows_improved": 0, "sideways": 0, "slices": 0, "build_s": 0.0, "build_max_s": 0.0,
              "solve_s": 0.0}
     stop = None
@@ -255,6 +255,9 @@ def _slice(context, incumbent, lower, deadline, state):
             break
         start = state["cursor"]
         width = _widest(context, incumbent, start, state["cells"])
+        if width < MIN_WIDTH and start + MIN_WIDTH <= incumbent.k:  # two groups over the budget: the next start
+            state["cursor"] = start + 1
+            continue
         if width < MIN_WIDTH:  # the sweep has reached the end of the plan
             if not state["moved"]:
                 if state["cells"] * 2 > MAX_WINDOW_CELLS:
@@ -281,7 +284,6 @@ def _slice(context, incumbent, lower, deadline, state):
             elif kept:
                 state["moved"] = True
                 counts["windows_improved" if kept == "fewer" else "sideways"] += 1
-                state["improvements"] += kept == "fewer"
                 break
         if kept != "fewer":  # after fewer groups the same start is tried again on the new plan
             state["cursor"] = start + width - 1

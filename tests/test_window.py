@@ -237,3 +237,20 @@ class TestAuto:
         plan = auto(graph, 10, memory="additive", time_limit_s=5)
         assert check(plan).ok and plan.k == 3 and plan.status == "OPTIMAL"
         assert plan.stats["auto"].startswith("search (stalled")
+
+
+def test_a_window_over_the_cell_budget_is_skipped_not_the_rest_of_the_sweep(monkeypatch):
+    # The first two groups alone exceed every budget: the sweep goes on from the next start.
+    real_cells = window_module._Context.cells
+
+    def cells(self, incumbent, start, width):
+        return 10**9 if start == 0 else real_cells(self, incumbent, start, width)
+
+    monkeypatch.setattr(window_module._Context, "cells", cells)
+    graph, capacity = generate("dag-layered", 30, seed=2, capacity="tight", memory="additive")
+    problem = _problem(graph, capacity, "additive")
+    incumbent = _incumbent(problem, _singletons(problem))
+    plan, stats = _repack(problem, incumbent)
+    assert_valid_plan(graph, plan)
+    assert stats["windows_improved"] > 0 and stats["stop_reason"].startswith("stall")
+    assert plan.partitions[0] == (problem.table.ids[0],)  # the first group was never in a window
