@@ -52,6 +52,9 @@ report = check(plan)
 print(json.dumps({"k": plan.k if plan.ok else None, "bound": plan.lower_bound, "status": str(plan.status),
                   "wall_s": round(wall, 3), "check": bool(report.ok), "solver": plan.solver,
                   "why": str(plan.stats.get("stop_reason", plan.stats.get("auto", ""))),
+                  "setup_s": plan.stats.get("setup_s"),
+                  "window_build_s": (plan.stats.get("exact_windows") or {}).get("build_s")
+                  if isinstance(plan.stats.get("exact_windows"), dict) else None,
                   "package": cachefit.__file__}))
 """
 

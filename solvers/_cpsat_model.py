@@ -65,12 +65,17 @@ class Model:
     `bottleneck_high`]; ``objective=False`` leaves out the objective (a
     decision model: "is there a grouping within these bounds?").
     `deadline` (a `cachefit.solvers._deadline.Deadline`) bounds the build
-    and `hint`: past it a builder raises `BuildTimeout`.
+    and `hint`: past it a builder raises `BuildTimeout`.  `terms` (a
+    `cachefit.memory.Terms` of `table`) replaces `memory`'s own terms: a
+    window of a plan (`cachefit.solvers._window`) states what is carried
+    into it as nodes fixed in its first group with no bytes of their own
+    but their live ones.  `minimize_group` (with ``exact_k``) replaces the
+    objective by the size of that group (a window's sideways move).
     """
 
     def __init__(self, table, capacity, memory, scale, groups, earliest, latest, reach, *, exact_k,
                  minimum_groups=1, bottleneck_low=0, bottleneck_high=None, flops=None, objective=True,
-                 deadline=None):
+                 deadline=None, terms=None, minimize_group=None):
         from ortools.sat.python import cp_model
 
         self.cp_model = cp_model
@@ -87,8 +92,12 @@ class Model:
         self._add_variables()
         self._add_precedence()
         self._add_group_use(exact_k, minimum_groups)
-        self._add_capacity(get_model(memory).terms(table), scale, reach)
-        self._add_objective(exact_k, minimum_groups, bottleneck_low, bottleneck_high, flops, objective)
+        self._add_capacity(get_model(memory).terms(table) if terms is None else terms, scale, reach)
+        if minimize_group is not None:  # a window's sideways move (`cachefit.solvers._window`)
+            self.bottleneck = None
+            self.model.minimize(self.sizes[minimize_group])
+        else:
+            self._add_objective(exact_k, minimum_groups, bottleneck_low, bottleneck_high, flops, objective)
 
     # -- building -------------------------------------------------------------------------------
     def _check_clock(self):

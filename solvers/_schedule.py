@@ -19,7 +19,7 @@ import numpy as np
 from ..memory import OpenGroup, get_model, group_sizes
 from .dp import balanced_cut
 
-__all__ = ["ListScheduler", "cut_order", "DP_S_PER_NODE"]
+__all__ = ["ListScheduler", "Incumbent", "cut_order", "DP_S_PER_NODE"]
 
 #: Seconds per node of `cut_order` (dp on one order; liveness, 2,000 nodes: ~0.3 s on a 2-core machine
 #: at load 8, with a margin of 2×).  Solvers cut an order by dp only when this estimate fits in the time left.
@@ -156,3 +156,106 @@ class ListScheduler:
                     waiting[z] -= 1
                     if not waiting[z]:
                         ready.append(z)
+
+    def measure(self, groups, carried_nodes):
+        """Exact sizes of `groups` placed in turn after the carried state, or None when they are not valid.
+
+        Not valid: a node placed before one of its predecessors among the
+        groups' nodes, or an empty group.  `carried_nodes` as for `pack`
+        (every earlier-placed node with a successor among `groups` or later).
+        A repacking found by another method (`cachefit.solvers._window`) is
+        measured here before it is kept.
+        """
+        predecessors, successors, live = self.predecessors, self.successors, self.live
+        member = {v for group in groups for v in group}
+        open_successors = dict(carried_nodes)
+        carried = sum(live[u] for u in carried_nodes)
+        placed = set()
+        sizes = []
+        for group in groups:
+            if not group:
+                return None
+            inside = set(group)
+            group_now = self.group
+            group_now.reset(carried)
+            size = 0
+            for v in group:
+                if any(u in member and u not in placed and u not in inside for u in predecessors[v]):
+                    return None
+                size = group_now.add(v)
+            for v in group:
+                for u in predecessors[v]:
+                    if u not in inside:
+                        open_successors[u] -= 1
+                        if not open_successors[u]:
+                            carried -= live[u]
+            for v in group:
+                open_successors[v] = len(successors[v]) - sum(1 for z in successors[v] if z in inside)
+                if open_successors[v]:
+                    carried += live[v]
+            placed |= inside
+            sizes.append(size)
+        return sizes
+
+
+class Incumbent:
+    """The best plan so far: its groups, their sizes, and each node's group and last consumer's group.
+
+    `search`'s window repacking and `cachefit.solvers._window`'s exact one
+    both work on it; `packer` is the problem's `ListScheduler`.
+    """
+
+    def __init__(self, packer, groups, sizes):
+        self.packer = packer
+        self.replace(groups, sizes)
+
+    def replace(self, groups, sizes):
+        self.groups = [list(group) for group in groups]
+        self.sizes = list(sizes)
+        table = self.packer.table
+        part = np.empty(table.n, dtype=np.int64)
+        for index, group in enumerate(self.groups):
+            part[group] = index
+        last = part.copy()
+        np.maximum.at(last, table.sources, part[table.targets])
+        self.part, self.last = part, last
+        self.part_list = part.tolist()
+
+    @property
+    def k(self):
+        return len(self.groups)
+
+    def carried_into(self, index):
+        """{u: successors of u in group `index` or later} over nodes before it with such a successor."""
+        part = self.part_list
+        before = np.flatnonzero((self.part < index) & (self.last >= index)).tolist()
+        successors = self.packer.successors
+        return {u: sum(1 for z in successors[u] if part[z] >= index) for u in before}
+
+    def window(self, start, width):
+        """The nodes of groups start..start+width−1, in the plan's order."""
+        return [v for group in self.groups[start:start + width] for v in group]
+
+    def try_window(self, start, width, priority, rule):
+        """Repack groups start..start+width−1; keep the result when it is no worse.  True when k dropped."""
+        nodes = self.window(start, width)
+        packed = self.packer.pack(nodes, self.carried_into(start), priority, rule)
+        if packed is None:
+            return None
+        groups, sizes = packed
+        old = self.sizes[start:start + width]
+        if len(groups) > width:
+            return None
+        if len(groups) == width and _worse(sizes, old):
+            return None
+        self.replace(self.groups[:start] + groups + self.groups[start + width:],
+                     self.sizes[:start] + sizes + self.sizes[start + width:])
+        return len(groups) < width
+
+
+def _worse(sizes, old):
+    """Whether a repacked window with as many groups is worse: more bytes in all, or (as many) less uneven."""
+    total, old_total = sum(sizes), sum(old)
+    if total != old_total:
+        return total > old_total
+    return sum(x * x for x in sizes) < sum(x * x for x in old)

@@ -39,6 +39,11 @@ whose Σ S² is at least the old one is accepted as a sideways move that
 pushes free bytes towards the window's end, where a later window can use
 them.
 
+*Exact windows* (``exact_windows=True``, what `auto` asks for on large
+DAGs): once the window repacking stalls, CP-SAT repacks windows exactly
+(`cachefit.solvers._window`), from the same incumbent, until k meets the
+bound, the windows stall too, or the time is spent.
+
 The best plan is finally re-cut by `cachefit.solvers.dp` on its own node
 order (never more groups: its groups are contiguous runs of that order),
 which balances it, and is returned through the common `finish`, so its sizes
@@ -57,8 +62,10 @@ from ..memory import group_sizes
 from ..result import Status
 from ._common import Problem, check_k, finish, no_plan, refuse
 from ._deadline import Deadline, finish_reserve
-from ._schedule import DP_S_PER_NODE, ListScheduler, cut_order
+from ._schedule import DP_S_PER_NODE, Incumbent, ListScheduler, cut_order
+from ._window import repack_windows
 from .bounds import BOUNDS_SHARE, item_sizes, lower_bound
+from .cpsat import activation_scale
 from .cuts import MAX_CUT_STATES, fewest_groups
 from .greedy import greedy_bounds
 
@@ -84,61 +91,6 @@ STALL_ATTEMPTS = 3000
 #: Share of the time limit kept for the final rebalancing by dp (skipped, not late, when the time is gone;
 #: when dp is not expected to fit in it (`DP_S_PER_NODE`), the repackings keep it).
 REBALANCE_SHARE = 0.2
-
-
-class _Incumbent:
-    """The best plan so far: its groups, their sizes, and each node's group and last consumer's group."""
-
-    def __init__(self, packer, groups, sizes):
-        self.packer = packer
-        self.replace(groups, sizes)
-
-    def replace(self, groups, sizes):
-        self.groups = [list(group) for group in groups]
-        self.sizes = list(sizes)
-        table = self.packer.table
-        part = np.empty(table.n, dtype=np.int64)
-        for index, group in enumerate(self.groups):
-            part[group] = index
-        last = part.copy()
-        np.maximum.at(last, table.sources, part[table.targets])
-        self.part, self.last = part, last
-        self.part_list = part.tolist()
-
-    @property
-    def k(self):
-        return len(self.groups)
-
-    def carried_into(self, index):
-        """{u: successors of u in group `index` or later} over nodes before it with such a successor."""
-        part = self.part_list
-        before = np.flatnonzero((self.part < index) & (self.last >= index)).tolist()
-        successors = self.packer.successors
-        return {u: sum(1 for z in successors[u] if part[z] >= index) for u in before}
-
-    def try_window(self, start, width, priority, rule):
-        """Repack groups start..start+width−1; keep the result when it is no worse.  True when k dropped."""
-        nodes = [v for group in self.groups[start:start + width] for v in group]
-        packed = self.packer.pack(nodes, self.carried_into(start), priority, rule)
-        if packed is None:
-            return None
-        groups, sizes = packed
-        old = self.sizes[start:start + width]
-        if len(groups) > width:
-            return None
-        if len(groups) == width and _worse(sizes, old):
-            return None
-        self.replace(self.groups[:start] + groups + self.groups[start + width:],
-                     self.sizes[:start] + sizes + self.sizes[start + width:])
-        return len(groups) < width
-
-
-def _worse(sizes, old):
-    """Whether a repacked window with as many groups is worse: more bytes in all, or (as many) less uneven."""
-    total, old_total = sum(sizes), sum(old)
-    if total != old_total:
-        return total > old_total
-    return sum(x * x for x in sizes) < sum(x * x for x in old)
 
 
 def _priorities(table, items, rng, count):
@@ -254,7 +206,7 @@ def _improve(incumbent, rng, deadline, lower, stall_attempts, liveness):
 
 
 def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_limit_s=None, seed=0,
-           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True, deadline=None):
+           balance="memory", stall_attempts=STALL_ATTEMPTS, cuts=True, exact_windows=False, deadline=None):
     """A DAG grouping by list scheduling and window repacking (module notes).
 
     Parameters
@@ -279,6 +231,12 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
         First try the exact search over cuts (`cachefit.solvers.cuts`), for
         at most `CUTS_SHARE` of the time limit; it proves k on narrow graphs
         and gives up quickly on wide ones.
+    exact_windows : bool
+        When the window repacking stalls, go on with exact window repacking
+        by CP-SAT (`cachefit.solvers._window`) until k meets the lower
+        bound, the windows stall, or the time is spent (what `auto` does on
+        DAGs whose whole CP-SAT model is large); ``stats["exact_windows"]``
+        says what they did.
     deadline : Deadline, optional
         A `cachefit.solvers._deadline.Deadline` that replaces `time_limit_s`
         (`auto` shares one between its solvers; tests inject a clock).
@@ -346,18 +304,24 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     # (a window repacking and the plan's sizes can take tens of ms on a loaded machine).
     rebalances = problem.k is not None or REBALANCE_SHARE * limit >= DP_S_PER_NODE * table.n
     reserve = REBALANCE_SHARE * limit if rebalances else max(finish_reserve(table.n, limit), REBALANCE_SHARE * limit / 2)
+    if exact_windows and rebalances:  # the exact windows use the time dp is not expected to need
+        reserve = min(reserve, DP_S_PER_NODE * table.n + finish_reserve(table.n, limit) + 0.1)
     search_deadline = deadline.reserve(reserve)
+    setup_s = deadline.elapsed()  # bounds and the search over cuts: before the first plan is searched for
     start = _construct(problem, packer, rng, search_deadline)
     if start is None:
         return no_plan(problem, "search", Status.UNKNOWN,
                        "no construction found a plan (live activations overflow every order tried)", lower=lower)
     name, groups, sizes = start
-    incumbent = _Incumbent(packer, groups, sizes)
+    incumbent = Incumbent(packer, groups, sizes)
     stop, attempts, improvements = _improve(incumbent, rng, search_deadline, max(lower, problem.k or 0),
                                             stall_attempts, packer.has_live)
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
              "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
-             "cuts": "gave up: too wide for the time or state budget"}
+             "cuts": "gave up: too wide for the time or state budget",
+             "setup_s": round(setup_s, 3)}
+    if exact_windows and stop.startswith("stalled"):
+        stats.update(_exact_windows(problem, incumbent, max(lower, problem.k or 0), search_deadline))
     logger.info("search: k %d -> %d (bound %d): %s", len(groups), incumbent.k, lower, stop)
     if problem.k is not None and incumbent.k > problem.k:
         return no_plan(problem, "search", Status.UNKNOWN,
@@ -371,6 +335,19 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     if final is None or (problem.k is None and len(final) > incumbent.k):
         final = incumbent.groups
     return finish(problem, "search", final, lower=lower, stats=stats)
+
+
+def _exact_windows(problem, incumbent, lower, deadline):
+    """Exact window repacking after the heuristic one stalled; the stats it adds (``exact_windows``, ``stop_reason``)."""
+    live = incumbent.packer.live
+    scale = activation_scale(problem.chunk_fraction, sum(live), problem.capacity) if incumbent.packer.has_live else (1, 1)
+    if scale is None:
+        return {"exact_windows": f"skipped: chunk_fraction {problem.chunk_fraction!r} has no exact small-integer "
+                                 "scaling for CP-SAT"}
+    before = incumbent.k
+    stats = repack_windows(problem, incumbent, lower, deadline, scale=scale)
+    logger.info("search: exact windows: k %d -> %d: %s", before, incumbent.k, stats["stop_reason"])
+    return {"exact_windows": {"start_k": before, **stats}, "stop_reason": f"exact windows: {stats['stop_reason']}"}
 
 
 def _from_cuts(problem, exact, lower, deadline):

@@ -99,11 +99,27 @@ class TestExpiredDeadline:
         solvers = sys.modules["cachefit.solvers"]
         _forbid(monkeypatch, solvers, "cpsat", "cpsat")
         _forbid(monkeypatch, solvers, "dp", "dp")
+        monkeypatch.setattr(solvers, "AUTO_WINDOWS_CELLS", 10**9)  # the path of small DAGs: search, then cpsat
         graph, capacity = _instance("liveness")
         plan = auto(graph, capacity, memory="liveness", deadline=expired)
         assert_valid_plan(graph, plan)
         assert plan.ok and plan.stats["auto"] in ("search (no time left for another solver)",
                                                   "search: k meets the lower bound")
+
+    def test_auto_with_exact_windows_builds_and_solves_nothing(self, expired, monkeypatch):
+        solvers = sys.modules["cachefit.solvers"]
+        _forbid(monkeypatch, solvers, "cpsat", "cpsat")
+        _forbid(monkeypatch, solvers, "dp", "dp")
+        _forbid(monkeypatch, model_module.Model, "__init__", "a CP-SAT model build")
+        _forbid(monkeypatch, sys.modules["cachefit.solvers._window"], "run_contained", "a window's solve")
+        _forbid(monkeypatch, sys.modules["cachefit.solvers.search"], "cut_order", "dp's rebalancing")
+        monkeypatch.setattr(solvers, "AUTO_WINDOWS_CELLS", 0)
+        graph, capacity = _instance("liveness")
+        plan = auto(graph, capacity, memory="liveness", deadline=expired)
+        assert_valid_plan(graph, plan)
+        assert plan.ok and plan.stats["auto"].startswith("search with exact windows")
+        assert plan.stats["stop_reason"] in ("time limit", "k meets the lower bound")
+        assert "exact_windows" not in plan.stats  # the heuristics stopped on the time limit: no window was tried
 
 
 class TestSimulatedMachine:
@@ -163,7 +179,7 @@ class TestSimulatedMachine:
 
         monkeypatch.setattr(solvers, "search", search_uses_its_share)
         monkeypatch.setattr(solvers, "cpsat", cpsat_gets_the_rest)
-        monkeypatch.setattr(solvers, "AUTO_CPSAT_MAX_CELLS", 10**9)
+        monkeypatch.setattr(solvers, "AUTO_WINDOWS_CELLS", 10**9)
         graph, capacity = _instance("liveness")
         plan = auto(graph, capacity, memory="liveness", deadline=deadline)
         assert_valid_plan(graph, plan)

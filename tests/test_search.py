@@ -9,7 +9,7 @@ from cachefit import LayerTable, check, group_sizes
 from cachefit.instances.families import generate
 from cachefit.solvers import SOLVERS, auto, brute, search
 from cachefit.solvers._schedule import ListScheduler
-from cachefit.solvers.search import _Incumbent
+from cachefit.solvers._schedule import Incumbent
 from cachefit.testing import dags
 
 MODELS = ["additive", "liveness"]
@@ -95,7 +95,7 @@ def test_window_repacking_keeps_every_size_exact(data, memory, fraction, seed):
     packed = packer.pack(list(range(table.n)), {}, [-v for v in range(table.n)])
     if packed is None:
         return
-    incumbent = _Incumbent(packer, *packed)
+    incumbent = Incumbent(packer, *packed)
     for _ in range(30):
         width = int(rng.integers(1, min(4, incumbent.k) + 1))
         start = int(rng.integers(0, incumbent.k - width + 1))
