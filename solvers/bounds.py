@@ -132,7 +132,11 @@ of about `CUT_BATCH` undecided nodes; past the deadline the slices left
 keep the floor 0, which only weakens the bound.  On wide graphs, when the
 windows would leave more than `CUT_WORK` undecided nodes in all, the slices
 are widened by that ratio: a wider slice admits more down-sets, so its
-floor is lower but still valid.  Needs the reachability matrix, so
+floor is lower but still valid.  Each slice also costs a few passes over
+the whole graph (its window and its network are masks over every node and
+edge), so on long narrow graphs, where a slice is cheap in flow but there
+are up to 16·n of them, the slices are widened until their count times
+(n + e + `CUT_SLICE_CALL`) is at most `CUT_SLICE_WORK`.  Needs the reachability matrix, so
 n ≤ `MAX_REACH_NODES`; about `CUT_PARTS`·k slices, each a network over the
 nodes its window leaves undecided.
 """
@@ -142,10 +146,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..memory import Intervals, OpenGroup, get_model, scale_activation, scale_activation_array
+from ..validation import MAX_BYTES
 
 __all__ = ["forced_bytes", "sum_bound", "item_sizes", "l2_bound", "head_tail", "head_tail_bound",
            "path_bound", "live_spans", "span_bound", "min_boundaries", "cut_floors", "cut_bound", "reachability",
-           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH", "CUT_WORK"]
+           "lower_bound", "all_bounds", "MAX_REACH_NODES", "BOUNDS_SHARE", "CUT_PARTS", "CUT_BATCH", "CUT_WORK",
+           "CUT_SLICE_WORK", "CUT_SLICE_CALL"]
 
 #: Above this many nodes the n×n reachability matrix (and the head–tail bound) is skipped.
 MAX_REACH_NODES = 4000
@@ -537,6 +543,14 @@ CUT_BATCH = 4_000
 #: size on wide graphs, where a window spans many parallel branches, so the bound stays cheap without a deadline.
 CUT_WORK = 40_000
 
+#: Slices × (nodes + edges) above which the slices are widened (`cut_floors`): each slice costs a few passes over
+#: the whole graph, so this bounds the bound's cost on long narrow graphs (many slices, each cheap in flow), where
+#: 16·n slices of a 4,000-node graph took seconds without a deadline.
+CUT_SLICE_WORK = 40_000_000
+
+#: What one slice costs beyond its passes over the graph, in the same units (its ~20 numpy calls' overhead).
+CUT_SLICE_CALL = 10_000
+
 
 def _verified_flow(tails, heads, capacities, nodes):
     """A maximum flow from node 0 to node 1, re-checked exactly: its value on each arc, or None if not confirmed.
@@ -724,8 +738,9 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     Returns
     -------
     (lows, highs, floors) : three int64 arrays, or None
-        Slices of width ⌊C'/`CUT_PARTS`⌋ (wider on wide graphs, `CUT_WORK`)
-        covering 0..items(V) (C' = C − min peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
+        Slices of width ⌊C'/`CUT_PARTS`⌋ (wider on wide graphs, `CUT_WORK`,
+        and on long narrow ones, `CUT_SLICE_WORK`) covering 0..items(V)
+        (C' = C − min peak); ``floors[j]`` ≤ live(∂D) for every down-set D with items(D)
         in [lows[j], highs[j]] (module notes, cut bound), -1 for a slice no
         down-set can reach; 0 for the slices left when `deadline` passed.
         None for a model without a live term, without the reachability
@@ -752,6 +767,9 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     work = int(_undecided(before, after, total, width).sum())
     if work > CUT_WORK:  # wide windows (many parallel branches): wider slices, fewer and smaller flows in all
         width *= -(-work // CUT_WORK)
+    passes = (total // width + 1) * (n + table.sources.size + CUT_SLICE_CALL)
+    if passes > CUT_SLICE_WORK:  # many slices (long narrow graphs): each costs passes over the whole graph
+        width *= -(-passes // CUT_SLICE_WORK)
     undecided = _undecided(before, after, total, width)
     lows = np.arange(0, total + 1, width, dtype=np.int64)
     highs = np.minimum(lows + width - 1, total)
@@ -829,6 +847,7 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     """
     if table.n == 0:
         return {"sum": 0, "l2": 0, "path": 0, "head_tail": 0, "span": 0, "cut": 0}
+    capacity = min(int(capacity), MAX_BYTES)  # every group of a valid graph fits 2**62 (`lower_bound`)
     items, reserved = item_sizes(table, memory=memory, chunk_fraction=chunk_fraction)
     bounds = {
         "sum": sum_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction),
@@ -886,7 +905,10 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     pass along the path, the reachability matrix for the head–tail, span and
     cut bounds (pass `reach` to reuse one), and for models with a live term
     the cut bound's maximum flows (about `CUT_PARTS`·k small networks of at
-    most `CUT_WORK` nodes in all, solved in batches of `CUT_BATCH`).  For chains, O(k log n).
+    most `CUT_WORK` nodes in all, solved in batches of `CUT_BATCH`, and
+    at most `CUT_SLICE_WORK` / (n + e + `CUT_SLICE_CALL`) slices).  For
+    chains, O(k log n).  A capacity above 2**62 counts as 2**62
+    (`cachefit.validation.MAX_BYTES`: every group of a valid graph fits it).
 
     Examples
     --------
@@ -896,6 +918,7 @@ def lower_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach
     """
     if table.n == 0:
         return 0
+    capacity = min(int(capacity), MAX_BYTES)
     if table.is_chain:
         return path_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction)
     return max(all_bounds(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,

@@ -8,7 +8,8 @@ import pytest
 import scipy.sparse.csgraph
 from hypothesis import given, settings, strategies as st
 
-from cachefit import LayerTable
+from cachefit import LayerTable, check
+from cachefit.solvers import greedy
 from cachefit.instances.families import generate
 from cachefit.solvers import brute
 from cachefit.solvers._deadline import Deadline
@@ -151,6 +152,25 @@ class TestCutBound:
         assert coarse[0].size < fine[0].size
         assert sum_bound(table, capacity) < cut_bound(table, capacity) <= all_bounds(table, capacity)["cut"]
 
+    def test_long_narrow_graphs_get_fewer_slices(self):
+        """A 4,000-node DAG two nodes wide: 16 slices per group would be ~43,000 passes over the whole graph."""
+        rng = np.random.default_rng(1)
+        graph = nx.DiGraph()
+        for v in range(4_000):
+            graph.add_node(str(v), weight_bytes=int(rng.integers(10**9, 10**9 + 1_000)),
+                           activation_bytes=int(rng.integers(10**6, 10**7)), buffer_bytes=0)
+            for u in {v - 2 - v % 2, v - 1 - v % 2} if v >= 2 else ():
+                graph.add_edge(str(u), str(v))
+        table = LayerTable.from_graph(graph)
+        capacity = 3 * 10**9 // 2
+        lows, highs, floors = cut_floors(table, capacity)
+        per_slice = table.n + table.sources.size + bounds_module.CUT_SLICE_CALL
+        assert lows.size * per_slice <= bounds_module.CUT_SLICE_WORK + per_slice
+        assert lows[0] == 0 and highs[-1] == int((table.weight + table.activation).sum())
+        plan = greedy(graph, capacity)
+        assert plan.ok and check(plan).ok
+        assert sum_bound(table, capacity) <= cut_bound(table, capacity) <= plan.k
+
     def test_floors_bound_every_down_set_in_their_slice(self):
         capacity = 10**10
         graph = _small_layered(np.random.default_rng(4), 11, capacity)
@@ -235,3 +255,12 @@ def test_cut_bound_never_exceeds_the_optimum(data, scale, fraction):
     if not oracle.ok:
         return
     assert cut_bound(LayerTable.from_graph(graph), capacity, chunk_fraction=fraction) <= oracle.k
+
+
+def test_a_capacity_beyond_2_62_counts_as_2_62():
+    """Every group of a valid graph fits 2**62 bytes, so a larger capacity changes no bound (it crashed L2)."""
+    graph, capacity = generate("dag-layered", 60, seed=0, capacity="tight", memory="liveness")
+    table = LayerTable.from_graph(graph)
+    for huge in (2**62, 2**63, 10**30):
+        assert lower_bound(table, huge) == 1
+        assert set(all_bounds(table, huge).values()) <= {0, 1}
