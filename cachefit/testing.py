@@ -4,7 +4,9 @@
 chosen around a capacity, with zero-byte nodes and exact-fit weights mixed
 in, edges only from lower to higher index (acyclic by construction) and
 nodes inserted in index order (a topological order).  `assert_valid_plan`
-re-checks any plan with the independent checker.
+re-checks any plan with the independent checker.  `FakeClock` stands in for the
+wall clock of a solver's deadline, so time limits can be tested without
+waiting.
 
 Requires hypothesis (``pip install 'cachefit[test]'``).
 
@@ -32,7 +34,7 @@ import networkx as nx
 from .checker import check
 from .errors import InputError
 
-__all__ = ["chains", "dags", "assert_valid_plan", "exact_fit_weights"]
+__all__ = ["chains", "dags", "assert_valid_plan", "exact_fit_weights", "FakeClock"]
 
 
 def exact_fit_weights(capacity):
@@ -207,3 +209,25 @@ def assert_valid_plan(graph, plan):
         lines = "\n".join(f"  - {violation}" for violation in report.violations)
         raise AssertionError(f"plan from {plan.solver!r} ({plan.status}) is invalid:\n{lines}")
     return report
+
+
+class FakeClock:
+    """A clock whose seconds pass only when a test moves ``now``: the `clock` of a solver's deadline.
+
+    Examples
+    --------
+    >>> from cachefit.solvers._deadline import Deadline
+    >>> clock = FakeClock()
+    >>> deadline = Deadline(2.0, clock=clock)
+    >>> deadline.expired(), deadline.remaining()
+    (False, 2.0)
+    >>> clock.now += 3.0
+    >>> deadline.expired()
+    True
+    """
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now

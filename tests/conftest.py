@@ -45,3 +45,20 @@ def import_once():
         return cache[name, shape]
 
     return get
+
+
+@pytest.fixture
+def slow_builds(monkeypatch):
+    """A `cachefit.testing.FakeClock` on which every step of a CP-SAT model build takes a millisecond."""
+    from cachefit.solvers import _cpsat_model
+    from cachefit.testing import FakeClock
+
+    clock = FakeClock()
+    real_check = _cpsat_model.Model._check_clock
+
+    def slow_check(self):
+        clock.now += 1e-3
+        real_check(self)
+
+    monkeypatch.setattr(_cpsat_model.Model, "_check_clock", slow_check)
+    return clock

@@ -20,19 +20,9 @@ from cachefit.solvers import auto, cpsat, search
 from cachefit.solvers import _cpsat_model as model_module
 from cachefit.solvers._common import Problem, no_plan
 from cachefit.solvers._deadline import Deadline, slack_s
-from cachefit.testing import assert_valid_plan
+from cachefit.testing import FakeClock, assert_valid_plan
 
 MODELS = ["additive", "liveness"]
-
-
-class FakeClock:
-    """Seconds that pass only when the test (or a simulated phase) says so."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def _instance(memory, n=250):
@@ -127,15 +117,10 @@ class TestSimulatedMachine:
 
     @pytest.mark.parametrize("memory", MODELS)
     @pytest.mark.parametrize("limit", [0.5, 2.0, 10.0])
-    def test_cpsat_ends_within_its_limit(self, memory, limit, monkeypatch):
-        clock = FakeClock()
+    def test_cpsat_ends_within_its_limit(self, memory, limit, monkeypatch, slow_builds):
+        clock = slow_builds
         deadline = Deadline(limit, clock=clock)
         solves = []
-        real_check = model_module.Model._check_clock
-
-        def slow_check(self):
-            clock.now += 1e-3
-            real_check(self)
 
         def solve_takes_its_limit(self, time_limit_s, workers, seed, parameters=model_module.SEARCH, *,
                                   stall_s=None, kill_after_s=None):
@@ -145,7 +130,6 @@ class TestSimulatedMachine:
             clock.now += time_limit_s
             return {"status": "UNKNOWN", "wall_s": time_limit_s, "stop_reason": "time limit"}
 
-        monkeypatch.setattr(model_module.Model, "_check_clock", slow_check)
         monkeypatch.setattr(model_module.Model, "solve", solve_takes_its_limit)
         graph, capacity = _instance(memory)
         plan = cpsat(graph, capacity, memory=memory, workers=1, deadline=deadline)

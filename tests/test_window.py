@@ -20,18 +20,10 @@ from cachefit.solvers._common import Problem, finish
 from cachefit.solvers._deadline import Deadline
 from cachefit.solvers._schedule import Incumbent, ListScheduler
 from cachefit.solvers.cpsat import activation_scale
-from cachefit.testing import assert_valid_plan, dags
+from cachefit.testing import FakeClock, assert_valid_plan, dags
 
 MODELS = ["additive", "liveness"]
 SCALES = [100, 10**8, 10**10, 10**12]
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def _problem(graph, capacity, memory, fraction=1.0, seed=0):
@@ -150,16 +142,11 @@ class TestDeadline:
         assert plan.k == problem.table.n and stats["stop_reason"] == "time limit" and stats["slices"] == 0
 
     @pytest.mark.parametrize("limit", [0.5, 3.0, 10.0])
-    def test_every_solve_ends_before_the_deadline_on_a_simulated_machine(self, limit, monkeypatch):
+    def test_every_solve_ends_before_the_deadline_on_a_simulated_machine(self, limit, monkeypatch, slow_builds):
         # Every solve uses its whole wall-clock limit and every build step takes a millisecond.
-        clock = FakeClock()
+        clock = slow_builds
         deadline = Deadline(limit, clock=clock)
         solves = []
-        real_check = model_module.Model._check_clock
-
-        def slow_check(self):
-            clock.now += 1e-3
-            real_check(self)
 
         def solve_takes_its_limit(self, time_limit_s, workers, seed, parameters, stall_s=None):
             assert 0 < time_limit_s <= deadline.remaining(), "a solve was given time past the deadline"
@@ -171,7 +158,6 @@ class TestDeadline:
             assert kill_after_s is not None and kill_after_s <= deadline.remaining() + 1e-9
             return solve()
 
-        monkeypatch.setattr(model_module.Model, "_check_clock", slow_check)
         monkeypatch.setattr(model_module.Model, "_solve_here", solve_takes_its_limit)
         monkeypatch.setattr(window_module, "run_contained", in_process)
         graph, capacity = generate("dag-layered", 250, seed=0, capacity="tight", memory="liveness")
