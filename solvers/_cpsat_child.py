@@ -98,12 +98,19 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED, kill_after_s=None):
         os.close(read_end)
         os.close(error_read)
     if overrun:
-        os.kill(pid, signal.SIGKILL)
-    if data.endswith(b"\n"):  # the answer is in: let the child's teardown finish on its own
-        wait_status = None
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone (and reaped: the caller's SIGCHLD handling)
+            pass
+    wait_status = None
+    if data.endswith(b"\n"):  # the answer is in: reap the child if its teardown ends soon, else later
         _EXITING.append(pid)
+        _reap(wait_s=REAP_WAIT_S)
     else:
-        _, wait_status = os.waitpid(pid, 0)
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored or handled by the application)
+            wait_status = None
     total = time.perf_counter() - started
     result = None
     if data.endswith(b"\n"):
@@ -129,16 +136,28 @@ def run_contained(solve, time_limit_s, *, contain=CONTAINED, kill_after_s=None):
 #: Children that sent their answer and may still be exiting (reaped by `_reap`).
 _EXITING = []
 
+#: Seconds `run_contained` waits for a child that answered to finish exiting (a few ms unless its address
+#: space is large); one that takes longer is reaped by the next call or at exit.
+REAP_WAIT_S = 0.05
 
-def _reap(block=False):
-    """Collect the exit status of children that already answered (no zombies left behind)."""
-    for pid in list(_EXITING):
-        try:
-            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _EXITING.remove(pid)
+
+def _reap(block=False, wait_s=0.0):
+    """Collect the exit status of children that already answered (no zombies left behind).
+
+    `block`: wait for each; else poll for up to `wait_s` seconds in all.
+    """
+    until = time.perf_counter() + wait_s
+    while True:
+        for pid in list(_EXITING):
+            try:
+                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                done = pid
+            if done:
+                _EXITING.remove(pid)
+        if not _EXITING or time.perf_counter() >= until:
+            return
+        time.sleep(0.001)
 
 
 atexit.register(_reap, True)
@@ -167,7 +186,9 @@ def _read_all(fds, deadline):
 
 
 def _death(wait_status):
-    """How a child ended, in words."""
+    """How a child ended, in words (None: its exit status was collected by someone else)."""
+    if wait_status is None:
+        return "the CP-SAT process ended without a result (its exit status was collected elsewhere)"
     if os.WIFSIGNALED(wait_status):
         number = os.WTERMSIG(wait_status)
         try:

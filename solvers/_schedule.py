@@ -26,7 +26,7 @@ __all__ = ["ListScheduler", "Incumbent", "cut_order", "DP_S_PER_NODE"]
 DP_S_PER_NODE = 3e-4
 
 
-def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
+def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None, deadline=None):
     """dp's balanced groups (sorted lists of positions of `table`) for the topological `order`, or None.
 
     Parameters
@@ -38,6 +38,8 @@ def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
         As for `cachefit.solvers.dp.balanced_cut` (`k` None: the fewest groups).
     flops : numpy.ndarray, optional
         Per position of `table`: balance the runs by flops instead of bytes.
+    deadline : Deadline, optional
+        dp's Σ S² stage stops when it passes (`cachefit.solvers.dp.balanced_cut`).
 
     Returns
     -------
@@ -49,7 +51,8 @@ def cut_order(table, order, capacity, memory, chunk_fraction, k, flops=None):
     """
     order = list(order)
     bounds, _ = balanced_cut(table.reorder(order), capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
-                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)])
+                             flops=None if flops is None else flops[np.asarray(order, dtype=np.int64)],
+                             deadline=deadline)
     if bounds is None:
         return None
     groups = [sorted(order[s:e]) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from ..result import Status
 from ..memory import Intervals
 from .bounds import forced_bytes
 from ._common import Problem, contiguous_groups, finish, no_plan, refuse
+from ._deadline import Deadline, finish_reserve
 from .greedy import greedy_bounds, split_to_k
 
 __all__ = ["dp", "balanced_cut", "min_bottleneck", "DP_PAIR_BUDGET"]
@@ -77,13 +79,15 @@ def _windows(probe, k, cap):
     return low, high
 
 
-def _min_sum_squares(probe, k, cap, budget):
-    """Boundaries [0, b1, ..., n] of k runs of size ≤ cap with the smallest Σ S², or None over budget.
+def _min_sum_squares(probe, k, cap, budget, deadline=None):
+    """Boundaries [0, b1, ..., n] of k runs of size ≤ cap with the smallest Σ S², or None over budget or time.
 
     D_j(e) = min over feasible s of D_{j−1}(s) + size(s, e)², evaluated one
     layer at a time over every (s, e) pair of adjacent windows with
     size(s, e) ≤ cap, flattened into numpy arrays.  Ties go to the smallest s.
-    Returns (bounds, pairs evaluated, exact integer arithmetic?).
+    Returns (bounds, pairs evaluated, exact integer arithmetic?).  With a
+    `deadline` (`cachefit.solvers._deadline.Deadline`) the clock is read
+    before each layer, and None is returned once it has passed.
     """
     n = probe.n
     low, high = _windows(probe, k, cap)
@@ -98,6 +102,8 @@ def _min_sum_squares(probe, k, cap, budget):
     choices = []
     pairs = 0
     for j in range(1, k + 1):
+        if deadline is not None and deadline.expired():
+            return None, pairs, exact
         ends = np.arange(low[j], high[j] + 1, dtype=np.int64)
         first = np.maximum(probe.begins(ends, cap, low[j - 1]), low[j - 1])
         last = np.minimum(ends - 1, high[j - 1])
@@ -155,9 +161,13 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     chunk_fraction : float in (0, 1]
     k : int, optional
         Exactly k non-empty groups, balanced.  Default: the fewest.
-    time_limit_s, seed
-        Accepted for the common signature; dp is exact and deterministic and
-        uses neither.
+    time_limit_s : float, optional
+        Wall-clock limit of the call.  The first two stages (k, then the
+        bottleneck) always run, O(k log n · log C); the Σ S² stage stops at
+        the limit, leaving the bottleneck-optimal greedy runs
+        (``stats["sum_squares_optimal"]`` False).  Default: no limit.
+    seed
+        Accepted for the common signature; dp is deterministic.
     balance : {"memory", "flops"}
         The bottleneck minimised after k: the largest group's bytes, or its
         Σ ``flops`` (node attribute, 0 where absent) with every group still
@@ -222,6 +232,7 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     >>> dp(from_layers([40, 30, 20, 50, 10]), 100, memory="additive", k=2).sizes
     (70, 80)
     """
+    started = time.perf_counter()
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
     table = problem.table
@@ -247,19 +258,24 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
                        f"k = {problem.k}: the given node order needs {order_k} groups; "
                        "another order may need fewer: try solver='cpsat'", lower=lower)
     target = problem.k or order_k
+    deadline = None
+    if time_limit_s is not None:  # the plan's sizes and check come after: end the Σ S² stage before them
+        deadline = Deadline(float(problem.time_limit_s), start=started).reserve(
+            finish_reserve(n, float(problem.time_limit_s)))
     if problem.balance == "flops":
-        result, stats = _balance_flops(intervals, bounds, target, problem.flops, problem.capacity)
+        result, stats = _balance_flops(intervals, bounds, target, problem.flops, problem.capacity, deadline)
     else:
         result, stats = _balance(intervals, bounds, target,
-                                 forced_bytes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction))
+                                 forced_bytes(table, memory=problem.memory, chunk_fraction=problem.chunk_fraction),
+                                 deadline)
     sizes = intervals.sizes(result)
     status = Status.OPTIMAL if table.is_chain else Status.FEASIBLE
     stats = {"order": "given", "min_k_for_order": order_k, **stats}
     return finish(problem, "dp", contiguous_groups(result), status=status, lower=lower, sizes=sizes, stats=stats)
 
 
-def _balance(intervals, bounds, target, forced):
-    """Stages 2 and 3 from greedy's `bounds`: boundaries of `target` runs, and stats."""
+def _balance(intervals, bounds, target, forced, deadline=None):
+    """Stages 2 and 3 from greedy's `bounds`: boundaries of `target` runs, and stats (stage 3 stops at `deadline`)."""
     order_k = len(bounds) - 1
     probe = intervals
     feasible = split_to_k(bounds, target) if target > order_k else bounds
@@ -267,10 +283,10 @@ def _balance(intervals, bounds, target, forced):
     # k runs hold every node, so k·B* ≥ Σ S ≥ the sum bound's total (see `bounds.forced_bytes`).
     low = -(-forced // target)
     bottleneck, probes = min_bottleneck(probe, target, min(low, high), high)
-    result, pairs, exact = _min_sum_squares(probe, target, bottleneck, DP_PAIR_BUDGET)
+    result, pairs, exact = _min_sum_squares(probe, target, bottleneck, DP_PAIR_BUDGET, deadline)
     sum_squares_optimal = result is not None
     if result is None:
-        logger.info("dp: Σ S² stage over budget (%d pairs); using the greedy plan at the bottleneck", pairs)
+        logger.info("dp: Σ S² stage over budget (%d pairs) or time; using the greedy plan at the bottleneck", pairs)
         greedy_at, _ = greedy_bounds(intervals, bottleneck)
         result = split_to_k(greedy_at, target) if len(greedy_at) - 1 < target else greedy_at
     return result, {"probes": probes, "balance_optimal_for_order": True,
@@ -331,10 +347,11 @@ class _FlopsCapped:
         return count, largest
 
 
-def _balance_flops(intervals, bounds, target, flops, capacity):
+def _balance_flops(intervals, bounds, target, flops, capacity, deadline=None):
     """Boundaries of `target` runs within `capacity` bytes with the smallest largest Σ flops, then Σ S².
 
-    `bounds` is greedy's byte plan (the fewest runs).  Returns (bounds, stats).
+    `bounds` is greedy's byte plan (the fewest runs).  Returns (bounds, stats); the Σ S² stage stops at
+    `deadline`.
     """
     order_k = len(bounds) - 1
     probe = intervals
@@ -354,10 +371,11 @@ def _balance_flops(intervals, bounds, target, flops, capacity):
         else:
             low = middle + 1
     capped.limit = high
-    result, pairs, exact = _min_sum_squares(capped, target, capacity, DP_PAIR_BUDGET)
+    result, pairs, exact = _min_sum_squares(capped, target, capacity, DP_PAIR_BUDGET, deadline)
     sum_squares_optimal = result is not None
     if result is None:
-        logger.info("dp: Σ S² stage over budget (%d pairs); using the greedy plan at the flops bottleneck", pairs)
+        logger.info("dp: Σ S² stage over budget (%d pairs) or time; using the greedy plan at the flops bottleneck",
+                    pairs)
         cuts, start = [0], 0
         while start < capped.n:
             start = capped.end(start)
@@ -368,13 +386,15 @@ def _balance_flops(intervals, bounds, target, flops, capacity):
                     "probe": probe.mode}
 
 
-def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, flops=None):
+def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, flops=None, deadline=None):
     """Boundaries of dp's partition of `table`'s node order, without building a Plan.
 
     The building block `cpsat` uses to turn any topological order into a
     balanced hint.  Inputs are taken as already validated (capacity in bytes).
     With `flops` (an int64 array per position) the runs are balanced by flops
-    (``balance="flops"``), else by bytes.
+    (``balance="flops"``), else by bytes.  With a `deadline`
+    (`cachefit.solvers._deadline.Deadline`) the Σ S² stage stops when it
+    passes, leaving the bottleneck-optimal runs of the greedy cut.
 
     Returns
     -------
@@ -402,8 +422,8 @@ def balanced_cut(table, capacity, *, memory="liveness", chunk_fraction=1.0, k=No
     if table.n == 0:
         return bounds, order_k
     if flops is not None:
-        result, _ = _balance_flops(intervals, bounds, target, flops, capacity)
+        result, _ = _balance_flops(intervals, bounds, target, flops, capacity, deadline)
     else:
         result, _ = _balance(intervals, bounds, target,
-                             forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction))
+                             forced_bytes(table, memory=memory, chunk_fraction=chunk_fraction), deadline)
     return result, order_k

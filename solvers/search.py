@@ -106,10 +106,14 @@ def _priorities(table, items, rng, count):
     return rules
 
 
-def _recut(problem, groups, k):
-    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None (`cut_order`)."""
+def _recut(problem, groups, k, deadline):
+    """dp's balanced groups on the node order of `groups` (k groups, or the fewest), or None (`cut_order`).
+
+    Its Σ S² stage stops at `deadline` (less the time the plan's assembly needs).
+    """
     return cut_order(problem.table, [v for group in groups for v in group], problem.capacity, problem.memory,
-                     problem.chunk_fraction, k, problem.flops)
+                     problem.chunk_fraction, k, problem.flops,
+                     deadline.reserve(finish_reserve(problem.table.n, deadline.limit_s)))
 
 
 def _greedy_groups(problem):
@@ -316,6 +320,8 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     incumbent = Incumbent(packer, groups, sizes)
     stop, attempts, improvements = _improve(incumbent, rng, search_deadline, max(lower, problem.k or 0),
                                             stall_attempts, packer.has_live)
+    if problem.k is not None and problem.k > lower and stop == "k meets the lower bound":
+        stop = f"k meets the k asked for ({problem.k})"
     stats = {"start": name, "start_k": len(groups), "windows": attempts, "windows_improved": improvements,
              "stop_reason": stop, "seed": problem.seed, "time_limit_s": limit,
              "cuts": "gave up: too wide for the time or state budget",
@@ -330,7 +336,7 @@ def search(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, ti
     # dp rebalances the plan's order (and splits it into an explicit k); with the time gone, a k=None plan is
     # returned as found rather than late.
     rebalance = problem.k is not None or (rebalances and deadline.remaining() > DP_S_PER_NODE * table.n)
-    final = _recut(problem, incumbent.groups, problem.k) if rebalance else None
+    final = _recut(problem, incumbent.groups, problem.k, deadline) if rebalance else None
     stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > incumbent.k):
         final = incumbent.groups
@@ -361,7 +367,7 @@ def _from_cuts(problem, exact, lower, deadline):
                        f"k = {problem.k} is below the minimum number of groups, {exact.k}", lower=exact.k,
                        stats=stats)
     rebalance = problem.k is not None or deadline.remaining() > DP_S_PER_NODE * problem.table.n
-    final = _recut(problem, exact.groups, problem.k) if rebalance else None
+    final = _recut(problem, exact.groups, problem.k, deadline) if rebalance else None
     stats["rebalanced"] = final is not None
     if final is None or (problem.k is None and len(final) > exact.k):
         if problem.k is not None:

@@ -269,6 +269,36 @@ class TestContainment:
     def test_the_answer_comes_back_from_the_child(self):
         assert run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0, "pid": os.getpid()}, 10)["pid"] != os.getpid()
 
+    @pytest.mark.parametrize("handling", ["ignored", "reaped by the application"])
+    def test_a_crash_is_reported_when_the_application_reaps_children(self, handling):
+        """Servers often ignore SIGCHLD or reap every child in a handler: the crash is still only reported."""
+        import signal
+
+        def reap_all(*_):
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN if handling == "ignored" else reap_all)
+        try:
+            result = run_contained(os.abort, 10)
+            answered = run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0}, 10)
+        finally:
+            signal.signal(signal.SIGCHLD, previous)
+        assert result["status"] == "CRASHED"
+        assert "SIGABRT" in result["crash"] or "collected elsewhere" in result["crash"]
+        assert answered["status"] == "OPTIMAL"
+
+    @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+    def test_no_child_is_left_behind(self):
+        """A child that answered is reaped before the call returns (it was left a zombie until the next call)."""
+        pids = [run_contained(lambda: {"status": "OPTIMAL", "wall_s": 0.0, "pid": os.getpid()}, 10)["pid"]
+                for _ in range(3)]
+        assert not child_module._EXITING
+        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
 
 class TestTimeBudget:
     def test_a_model_that_cannot_be_built_in_time_degrades_to_the_hint(self, monkeypatch):

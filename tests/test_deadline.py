@@ -85,6 +85,28 @@ class TestExpiredDeadline:
         assert plan.ok and plan.stats["windows"] == 0 and plan.stats["rebalanced"] is False
         assert plan.stats["stop_reason"] in ("time limit", "k meets the lower bound")
 
+    @pytest.mark.parametrize("memory", MODELS)
+    def test_search_with_a_fixed_k_splits_without_the_sum_of_squares_stage(self, memory, expired, monkeypatch):
+        """With k asked for, dp still cuts the order into k groups, but its Σ S² stage (O(k·n) pairs) is skipped."""
+        dp_module = sys.modules["cachefit.solvers.dp"]
+        real = dp_module._min_sum_squares
+        pairs = []
+
+        def counted(*args, **kwargs):
+            result = real(*args, **kwargs)
+            pairs.append(result[1])
+            return result
+
+        monkeypatch.setattr(dp_module, "_min_sum_squares", counted)
+        graph, capacity = _instance(memory)
+        k = search(graph, capacity, memory=memory, time_limit_s=1.0).k + 5
+        pairs.clear()
+        plan = search(graph, capacity, memory=memory, k=k, deadline=expired)
+        assert_valid_plan(graph, plan)
+        assert plan.ok and plan.k == k and plan.stats["rebalanced"] is True
+        assert pairs == [0]  # called once, stopped before its first layer
+        assert plan.stats["stop_reason"] in ("time limit", f"k meets the k asked for ({k})")
+
     def test_auto_runs_no_second_solver(self, expired, monkeypatch):
         solvers = sys.modules["cachefit.solvers"]
         _forbid(monkeypatch, solvers, "cpsat", "cpsat")

@@ -206,3 +206,42 @@ def test_balanced_cut_refuses_a_k_the_order_cannot_reach():
     assert balanced_cut(table, 60, memory="additive", k=1) == (None, 2)
     bounds, order_k = balanced_cut(table, 60, memory="additive", k=3)
     assert bounds.tolist() == [0, 1, 2, 3] and order_k == 2
+
+
+def test_balanced_cut_past_its_deadline_keeps_k_and_the_bottleneck():
+    """The Σ S² stage stops at the deadline; k runs at the least bottleneck are kept (only Σ S² may grow)."""
+    from cachefit.solvers._deadline import Deadline
+    from cachefit.testing import FakeClock
+
+    rng = np.random.default_rng(3)
+    table = LayerTable.chain(rng.integers(10**8, 10**11, 400), rng.integers(0, 10**9, 400))
+    clock = FakeClock()
+    expired = Deadline(1.0, clock=clock)
+    clock.now = 2.0
+    for k in (40, 150, 399):
+        full, _ = balanced_cut(table, 10**12, memory="liveness", k=k)
+        cut, _ = balanced_cut(table, 10**12, memory="liveness", k=k, deadline=expired)
+        sizes = [group_sizes(table, [[table.ids[v] for v in range(s, e)] for s, e in zip(b[:-1], b[1:])])
+                 for b in (full, cut)]
+        assert len(cut) == k + 1 and max(sizes[1]) == max(sizes[0])
+        assert sum(x * x for x in sizes[1]) >= sum(x * x for x in sizes[0])
+
+
+def test_split_to_k_splits_the_longest_leftmost_run_first():
+    from cachefit.solvers.greedy import split_to_k
+
+    def reference(bounds, k):  # the definition, one split at a time
+        bounds = list(bounds)
+        while len(bounds) - 1 < k:
+            lengths = np.diff(bounds)
+            index = int(np.argmax(lengths))
+            bounds.insert(index + 1, bounds[index] + int(lengths[index]) // 2)
+        return bounds
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 80))
+        inner = sorted(set(rng.integers(1, n, size=int(rng.integers(0, n))).tolist())) if n > 1 else []
+        bounds = [0, *inner, n]
+        k = int(rng.integers(len(bounds) - 1, n + 1))
+        assert split_to_k(bounds, k).tolist() == reference(bounds, k)
