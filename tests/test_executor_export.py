@@ -163,33 +163,12 @@ def test_onnx_plan_is_refused_in_one_line(tmp_path):
 
 # --- transformers models ------------------------------------------------------------------------
 
-def _transformers_model(name):
-    transformers = pytest.importorskip("transformers")
-    small = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    torch.manual_seed(0)
-    if name == "gpt2":
-        config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                         use_cache=False, bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config).eval()
-    if name == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_key_value_heads=2,
-                                                                      use_cache=False)).eval()
-    if name == "bert":
-        return transformers.BertModel(transformers.BertConfig(**small)).eval()
-    if name == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**small, num_key_value_heads=2,
-                                                                      use_cache=False)).eval()
-    config = transformers.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                        use_cache=False)
-    return transformers.MixtralForCausalLM(config).eval()
-
-
 MODELS = ["gpt2", "llama", "bert", "qwen2", "mixtral"]
 
 
 @pytest.fixture(scope="module")
-def imported(import_once):
-    return lambda name: import_once(_transformers_model, name, (2, 8))
+def imported(import_once, tiny_transformers):
+    return lambda name: import_once(tiny_transformers, name, (2, 8))
 
 
 @pytest.mark.slow

@@ -15,25 +15,6 @@ from cachefit.graphs.kv import node_prefix_bytes  # noqa: E402
 pytestmark = pytest.mark.slow
 
 BATCH, SEQ, CHUNK = 2, 16, 4
-SMALL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             use_cache=False)
-
-
-def _module(name):
-    torch.manual_seed(0)
-    if name == "gpt2":
-        config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                         use_cache=False, bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config).eval()
-    if name == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, num_key_value_heads=2)).eval()
-    if name == "llama-eager":
-        config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2)
-        config._attn_implementation = "eager"
-        return transformers.LlamaForCausalLM(config).eval()
-    config = transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=5)
-    return transformers.MistralForCausalLM(config).eval()
-
 
 #: name -> (attention core node of layer 0, KV heads, head_dim, sliding window)
 CORES = {"gpt2": ("transformer.h.0.attn", 4, 8, None), "llama": ("model.layers.0.self_attn#2", 2, 8, None),
@@ -41,8 +22,8 @@ CORES = {"gpt2": ("transformer.h.0.attn", 4, 8, None), "llama": ("model.layers.0
 
 
 @pytest.fixture(scope="module")
-def imported(import_once):
-    return lambda name: import_once(_module, name, (BATCH, SEQ))
+def imported(import_once, tiny_transformers):
+    return lambda name: import_once(tiny_transformers, name, (BATCH, SEQ))
 
 
 def _plan(graph, chunk=CHUNK):
@@ -65,8 +46,8 @@ class TestImport:
         assert graph.nodes[core].get("sliding_window") == window
         assert (graph.graph["batch"], graph.graph["seq_len"]) == (BATCH, SEQ)
 
-    def test_dtype_override_counts_kv_at_that_dtype(self):
-        module = _module("llama")
+    def test_dtype_override_counts_kv_at_that_dtype(self, tiny_transformers):
+        module = tiny_transformers("llama")
         graph = from_torch(module, torch.zeros(1, 8, dtype=torch.long), dtype="bf16")
         assert graph.nodes["model.layers.1.self_attn#2"]["kv_bytes_per_token"] == 2 * 2 * 8 * 2
 
@@ -163,8 +144,8 @@ class TestRefusals:
                                              r"recognised Hugging Face causal self-attention"):
             run(plan, module, example_inputs=(tokens,), chunk_tokens=CHUNK, iters=1, warmup=0)
 
-    def test_chunk_not_dividing_seq_len_refused(self):
-        module = _module("gpt2")
+    def test_chunk_not_dividing_seq_len_refused(self, tiny_transformers):
+        module = tiny_transformers("gpt2")
         tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
         plan = cachefit.plan(from_torch(module, tokens), "256KiB", solver="greedy")
         with pytest.raises(InputError, match=r"^`chunk_tokens` 8 must divide seq_len = 12 \(a chunk inside a "
