@@ -764,13 +764,16 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         return None
     before, after = closure
     width = max(1, room // CUT_PARTS, total // (CUT_PARTS * n))
-    work = int(_undecided(before, after, total, width).sum())
-    if work > CUT_WORK:  # wide windows (many parallel branches): wider slices, fewer and smaller flows in all
-        width *= -(-work // CUT_WORK)
-    passes = (total // width + 1) * (n + table.sources.size + CUT_SLICE_CALL)
-    if passes > CUT_SLICE_WORK:  # many slices (long narrow graphs): each costs passes over the whole graph
-        width *= -(-passes // CUT_SLICE_WORK)
     undecided = _undecided(before, after, total, width)
+    work = int(undecided.sum())
+    widened = width
+    if work > CUT_WORK:  # wide windows (many parallel branches): wider slices, fewer and smaller flows in all
+        widened *= -(-work // CUT_WORK)
+    passes = (total // widened + 1) * (n + table.sources.size + CUT_SLICE_CALL)
+    if passes > CUT_SLICE_WORK:  # many slices (long narrow graphs): each costs passes over the whole graph
+        widened *= -(-passes // CUT_SLICE_WORK)
+    if widened != width:
+        width, undecided = widened, _undecided(before, after, total, widened)
     lows = np.arange(0, total + 1, width, dtype=np.int64)
     highs = np.minimum(lows + width - 1, total)
     floors = np.zeros(lows.size, dtype=np.int64)
