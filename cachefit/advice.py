@@ -336,7 +336,7 @@ def _orders(graph, asked):
     """
     if not hasattr(asked, "stages"):
         return [graph]
-    return list(asked.stage_graphs()) if asked.stages.ok else []
+    return list(asked.stage_graphs())  # empty when the stage level failed
 
 
 def _min_capacity(orders, capacity, current, attempt):

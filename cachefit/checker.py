@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .memory import MODELS, LayerTable
+from .errors import short_repr
 from .result import Status
+from .ties import COPY_KEY, owners
 from .units import DTYPE_BYTES
 
 __all__ = ["CheckReport", "check", "check_levels"]
@@ -206,10 +208,6 @@ def check_levels(deployment):
     return tuple(reports)
 
 
-#: The node attribute that marks a table copy a stage counts in a tied node's weight_bytes.
-_COPY = "table_copy_bytes"
-
-
 def _table_bytes(graph, node, absent):
     """The bytes of what `node` shares with its owners `absent`, from the owners' side.
 
@@ -221,15 +219,15 @@ def _table_bytes(graph, node, absent):
     graph's): Σ the owners' weight_bytes.
     """
     element = DTYPE_BYTES.get(str(graph.graph.get("dtype", "")).lower())
-    owners = [graph.nodes[owner] for owner in absent]
+    tables = [graph.nodes[owner] for owner in absent]
     attrs = graph.nodes[node]
     linear = bool(element and attrs.get("op") == "linear")
     if linear and all(data.get("op") == "embedding" and data.get("num_embeddings") and data.get("embedding_dim")
-                      for data in owners):
-        return sum(int(data["num_embeddings"]) * int(data["embedding_dim"]) * element for data in owners)
+                      for data in tables):
+        return sum(int(data["num_embeddings"]) * int(data["embedding_dim"]) * element for data in tables)
     if linear and attrs.get("in_features") and attrs.get("out_features"):
         return int(attrs["in_features"]) * int(attrs["out_features"]) * element
-    return sum(int(data.get("weight_bytes") or 0) for data in owners)
+    return sum(int(data.get("weight_bytes") or 0) for data in tables)
 
 
 def _copy_violations(whole, partitions):
@@ -237,14 +235,12 @@ def _copy_violations(whole, partitions):
     stage_of = {node: index for index, group in enumerate(partitions) for node in group}
     violations = []
     for node, data in whole.nodes(data=True):
-        tied = data.get("tied_to")
-        owners = () if tied is None else (tied,) if isinstance(tied, str) else tuple(tied)
-        absent = [owner for owner in owners if owner in whole and stage_of.get(owner) != stage_of.get(node)]
+        absent = [owner for owner in owners(data) if owner in whole and stage_of.get(owner) != stage_of.get(node)]
         wanted = _table_bytes(whole, node, absent) if absent else 0
-        given = data.get(_COPY) or 0
+        given = data.get(COPY_KEY) or 0
         if given != wanted:
             violations.append(f"node {node!r} (stage {stage_of.get(node)}) counts {given} B of table copy "
-                              f"({_COPY}); its stage needs {wanted} B for the table it shares with "
+                              f"({COPY_KEY}); its stage needs {wanted} B for the table it shares with "
                               f"{', '.join(map(repr, absent)) or 'no owner in another stage'}")
         elif given > (data.get("weight_bytes") or 0):
             violations.append(f"node {node!r}: weight_bytes {data.get('weight_bytes')} B is less than its "
@@ -314,7 +310,7 @@ def _link_violations(whole, nodes, sub, index=None, operators=None):
 def _graph_violations(whole, sub, index):
     """The on-chip graph is stage `index`'s, and its graph attributes (but its own) are the model's."""
     if index is not None and sub.graph.get("stage") != index:
-        yield f"the on-chip graph's `stage` is {_short(sub.graph.get('stage'))}, not {index}"
+        yield f"the on-chip graph's `stage` is {short_repr(sub.graph.get('stage'))}, not {index}"
     keys = (set(whole.graph) | set(sub.graph) | set(_SHAPE_KEYS)) - _ON_CHIP_GRAPH_KEYS
     for key in sorted(keys):
         planned, model = sub.graph.get(key), whole.graph.get(key)
@@ -326,20 +322,15 @@ def _difference(planned, model):
     """How `planned` differs from `model`, in a few words (a dict: at its first differing key)."""
     if isinstance(planned, dict) and isinstance(model, dict):
         key = next(key for key in sorted({*planned, *model}, key=str) if planned.get(key) != model.get(key))
-        return f"differs from the model's at {key!r}: {_short(planned.get(key))}, the model's {_short(model.get(key))}"
-    return f"is {_short(planned)}, the model's {_short(model)}"
+        return f"differs from the model's at {key!r}: {short_repr(planned.get(key))}, the model's {short_repr(model.get(key))}"
+    return f"is {short_repr(planned)}, the model's {short_repr(model)}"
 
 
 def _value(key, value):
-    """`value` of the attribute `key` for a message: bytes with their unit, anything else as `_short`."""
+    """`value` of the attribute `key` for a message: bytes with their unit, anything else as `cachefit.errors.short_repr`."""
     if key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
         return f"{value} B"
-    return _short(value)
-
-
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}…"
+    return short_repr(value)
 
 
 def _node_violations(whole, nodes, sub, expanded):
@@ -378,11 +369,11 @@ def _node_violations(whole, nodes, sub, expanded):
             yield f"node {node!r} is tiled on chip, but its id is not its tiles' join (op 'concat', parent {node!r})"
             continue
         if planned.get("activation_bytes") != model.get("activation_bytes"):
-            yield f"node {node!r}: its tiles' join has activation_bytes {_short(planned.get('activation_bytes'))}, " \
+            yield f"node {node!r}: its tiles' join has activation_bytes {short_repr(planned.get('activation_bytes'))}, " \
                   f"the model's node {model.get('activation_bytes')} B"
         for key in _NODE_BYTES:
             if planned.get(key):
-                yield f"node {node!r}: its tiles' join has {key} {_short(planned[key])}, expected none"
+                yield f"node {node!r}: its tiles' join has {key} {short_repr(planned[key])}, expected none"
         parts = tiles.get(node, ())
         outputs = [sub.nodes[tile_id].get("activation_bytes") for tile_id in parts]
         if planned.get("join") == "cat" and sum(output or 0 for output in outputs) != model.get("activation_bytes"):

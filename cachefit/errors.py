@@ -6,7 +6,7 @@ already catches `ValueError` keeps working.  "No plan exists" is never an
 exception: it is a `Plan` with status ``INFEASIBLE``.
 """
 
-__all__ = ["CachefitError", "InputError"]
+__all__ = ["CachefitError", "InputError", "short_repr"]
 
 
 class CachefitError(Exception):
@@ -19,3 +19,15 @@ class InputError(CachefitError, ValueError):
     The message names the argument (in backticks) or the node and says what
     was required.
     """
+
+
+def short_repr(value):
+    """`value` as an error message shows it: its repr, cut to 50 characters and "…" beyond 60.
+
+    >>> short_repr("x" * 100)
+    "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…"
+    >>> short_repr(3)
+    '3'
+    """
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}…"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, short_repr
 
 __all__ = ["Status", "Plan", "PLAN_FORMAT", "PLAN_VERSION", "TWO_LEVEL_VERSION", "PLAN_VERSIONS", "read_plan", "check_version",
            "check_graph_attributes", "check_capacity", "graph_to_data", "graph_from_data", "write_text_atomic"]
@@ -297,7 +297,8 @@ def check_graph_attributes(attributes, *, field="graph.graph"):
 
     ``seq_len`` and ``batch`` positive integers (batch × seq_len at most
     `cachefit.limits.MAX_TOKENS`), ``context`` and ``stage`` non-negative
-    integers, ``dtype`` one of `cachefit.units.DTYPE_BYTES`, ``phase``
+    integers, ``dtype`` a name of `cachefit.units.DTYPE_BYTES` or a torch
+    dtype's name (``float64``: an imported graph), ``phase``
     ``"prefill"`` or ``"decode"``, ``config`` an object, and a transformer
     config (one with ``hidden_size``) one that
     `cachefit.graphs.transformer.normalize_config` accepts; each may be
@@ -316,7 +317,7 @@ def check_graph_attributes(attributes, *, field="graph.graph"):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum
                                   or value > MAX_TOKENS):
             raise InputError(f"plan field '{field}.{key}' must be {what} (at most {MAX_TOKENS:,}), "
-                             f"got {_brief(value)}")
+                             f"got {short_repr(value)}")
 
     integer("seq_len", 1, "a positive integer of tokens")
     integer("batch", 1, "a positive integer of sequences")
@@ -328,10 +329,10 @@ def check_graph_attributes(attributes, *, field="graph.graph"):
     dtype = attributes.get("dtype")
     if dtype is not None and (not isinstance(dtype, str) or not _DTYPE_NAME.fullmatch(dtype)):
         raise InputError(f"plan field '{field}.dtype' must name a data type ({', '.join(DTYPE_BYTES)}, or a "
-                         f"torch dtype such as float64 for an imported graph), got {_brief(dtype)}")
+                         f"torch dtype such as float64 for an imported graph), got {short_repr(dtype)}")
     phase = attributes.get("phase")
     if phase is not None and phase not in ("prefill", "decode"):
-        raise InputError(f"plan field '{field}.phase' must be 'prefill' or 'decode', got {_brief(phase)}")
+        raise InputError(f"plan field '{field}.phase' must be 'prefill' or 'decode', got {short_repr(phase)}")
     config = attributes.get("config")
     if config is not None and not isinstance(config, dict):
         raise InputError(f"plan field '{field}.config' must be an object, got {type(config).__name__}")
@@ -342,11 +343,6 @@ def check_graph_attributes(attributes, *, field="graph.graph"):
             normalize_config(config)
         except InputError as error:
             raise InputError(f"plan field '{field}.config': {error}") from None
-
-
-def _brief(value):
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}…"
 
 
 def graph_to_data(graph):

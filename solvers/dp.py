@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 
 import numpy as np
 
@@ -232,7 +231,6 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     >>> dp(from_layers([40, 30, 20, 50, 10]), 100, memory="additive", k=2).sizes
     (70, 80)
     """
-    started = time.perf_counter()
     problem = Problem.make(graph, capacity, memory=memory, chunk_fraction=chunk_fraction, k=k,
                            time_limit_s=time_limit_s, seed=seed, balance=balance)
     table = problem.table
@@ -260,7 +258,7 @@ def dp(graph, capacity, *, memory="liveness", chunk_fraction=1.0, k=None, time_l
     target = problem.k or order_k
     deadline = None
     if time_limit_s is not None:  # the plan's sizes and check come after: end the Σ S² stage before them
-        deadline = Deadline(float(problem.time_limit_s), start=started).reserve(
+        deadline = Deadline(float(problem.time_limit_s), start=problem.started).reserve(
             finish_reserve(n, float(problem.time_limit_s)))
     if problem.balance == "flops":
         result, stats = _balance_flops(intervals, bounds, target, problem.flops, problem.capacity, deadline)
