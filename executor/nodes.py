@@ -383,7 +383,6 @@ class LatentAttention(nn.Module):
         self.heads, self.causal, self.seq_len = int(attrs["num_heads"]), bool(attrs.get("causal", True)), int(seq_len)
         self.nope, self.rope_dim = int(attrs["qk_nope_head_dim"]), int(attrs["qk_rope_head_dim"])
         self.v_dim = int(attrs["v_head_dim"])
-        self.window = None
         _register_rope(self, key, self.rope_dim, self.seq_len, device)
 
     def query(self, q, positions):

@@ -121,7 +121,7 @@ class StepsModule(nn.Module):
                         and (name in taken or name in later)]
             given = [node for node in members if node in later]
             plan.append((crossing, taken, [list(group) for group in stage], given))
-        self.inner = (tuple(plan), int(chunks))
+        self.inner = (tuple(plan), int(chunks), reads)
         self.boundaries = nn.ModuleList(StageBoundary() for _ in stages[1:])
         return self
 
@@ -140,8 +140,7 @@ class StepsModule(nn.Module):
     def _forward_partition_major(self, values):
         import torch
 
-        plan, chunks = self.inner
-        reads = dict(zip(self.node_ids, self._reads))
+        plan, chunks, reads = self.inner
         for index, (crossing, taken, groups, given) in enumerate(plan):
             if index:
                 values.update(zip(crossing, self.boundaries[index - 1](*(values[name] for name in crossing))))

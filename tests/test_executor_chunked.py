@@ -55,6 +55,7 @@ class TestChunkedAttention:
         for start in range(0, 32, 4):
             chunked.position.fill_(start % 16)
             parts.append(chunked(q[start:start + 4], k[start:start + 4], v[start:start + 4]))
+            assert chunked.cursor == 0  # after every chunk (the cursor would read 4, 8, 12): not read or moved
         torch.testing.assert_close(torch.cat(parts), expected, rtol=1e-5, atol=1e-5)
         assert chunked.cursor == 0  # the Python cursor is not read or moved
 
@@ -152,13 +153,26 @@ class TestHeldBytes:
         result = run(plan, schedule=["partition-major"], iters=1, warmup=0)
         assert all(report.held.kv == 0 and report.planned_kv_bytes is None for report in result.groups)
 
-    def test_measuring_leaves_the_cursors_at_zero_and_the_run_equivalent(self):
+    def test_measuring_leaves_the_cursors_at_zero_and_the_run_equivalent(self, monkeypatch):
+        from cachefit.executor import held as held_module
+
         plan = _plan(GPT2)
         model = build(plan.graph, plan)
+        after_measuring = []
+
+        def measured(model, *args):  # the cursors right after measuring, before any timed schedule resets them
+            result = real(model, *args)
+            after_measuring.extend(m.cursor for step in model.steps for m in step.module.modules()
+                                   if isinstance(m, ChunkedAttention))
+            return result
+
+        real = held_module.measure_held
+        monkeypatch.setattr(held_module, "measure_held", measured)
         result = run(plan, model, schedule=["partition-major", "token-major"], iters=1, warmup=0)
         assert result.equivalent
         chunked = [m for step in model.steps for m in step.module.modules() if isinstance(m, ChunkedAttention)]
         assert chunked and all(module.cursor == 0 for module in chunked)
+        assert len(after_measuring) == len(chunked) and set(after_measuring) == {0}
 
     def test_json_and_table_carry_the_kv_terms(self, tmp_path):
         from rich.console import Console

@@ -350,10 +350,12 @@ class TestChunkedPrefillOnCuda:
         job = ReplaySchedule("partition-major-replay", model, runners, 4, 8)
         job.prepare()
         assert job.position is not None and all(m.position is job.position for m in chunked)
+        cursors = []
         for index, (graph, runner) in enumerate(zip(job.graphs, runners)):
             def replay(index=index, runner=runner):
                 store = dict(job.static_in[index])
                 runner.run(store)
+                cursors.extend(m.cursor for m in chunked)  # after each replay (the cursor would read 4, 8, 12)
                 for name, captured in job.static_out[index].items():
                     captured.copy_(store[name])
 
@@ -361,7 +363,8 @@ class TestChunkedPrefillOnCuda:
         job.time(warmup=1, iters=1)
         comparison = compare_outputs(job.outputs(), reference, model.dtype)
         assert comparison.equivalent, comparison
-        assert all(m.cursor == 0 for m in chunked)  # the replays never used the Python cursor
+        assert cursors and set(cursors) == {0}  # the replays never used the Python cursor
+        assert all(m.cursor == 0 for m in chunked)
         job.release()
         assert all(m.position is None for m in chunked)
 
