@@ -340,12 +340,14 @@ def reachability(table, *, deadline=None):
     return reach
 
 
-def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None, closure=None):
     """(H, T): per node, the groups needed up to and including its own, and from its own on.
 
     See the module notes.  Returns None when the reachability matrix is not
     available (too many nodes), no byte of a group is free for items, or
     `deadline` (a `cachefit.solvers._deadline.Deadline`) passes first.
+    `closure`: the (before, after) item sums of `_closure_items` for these
+    items and `reach`, when the caller has them (`all_bounds`).
     """
     if reach is None:
         reach = reachability(table)
@@ -355,14 +357,15 @@ def head_tail(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     room = int(capacity) - reserved
     if room <= 0:
         return None
-    closure = _closure_items(items, reach, deadline)
+    closure = closure or _closure_items(items, reach, deadline)
     if closure is None:
         return None
     before, after = closure
     return -((-before) // room), -((-after) // room)
 
 
-def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None,
+                    closure=None):
     """max over v of H_v + T_v − 1 (module notes); 0 when not computed.
 
     Examples
@@ -372,7 +375,8 @@ def head_tail_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, r
     >>> head_tail_bound(table, 100, memory="additive"), sum_bound(table, 100, memory="additive")
     (3, 2)
     """
-    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    result = head_tail(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline,
+                       closure=closure)
     if result is None:
         return 0
     head, tail = result
@@ -732,7 +736,7 @@ def _undecided(before, after, total, width):
     return np.cumsum(steps[:-1])
 
 
-def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None, closure=None):
     """Per slice [lo, hi] of the item bytes a down-set can hold: a lower bound on the live bytes it leaves across.
 
     Returns
@@ -759,7 +763,7 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     total = int(items.sum())
     if room <= 0 or total >= 2**62 // max(n, 1):
         return None
-    closure = _closure_items(items, reach, deadline)
+    closure = closure or _closure_items(items, reach, deadline)
     if closure is None:
         return None
     before, after = closure
@@ -797,7 +801,7 @@ def cut_floors(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
     return lows, highs, floors
 
 
-def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None):
+def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=None, deadline=None, closure=None):
     """The fewest groups that carry every cut's live outputs, a walk over the slices (module notes); 0 if not computed.
 
     Examples
@@ -807,7 +811,8 @@ def cut_bound(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=N
     >>> cut_bound(table, 100), sum_bound(table, 100)  # every cut carries a 10: 60 + 10 + 60 > 100
     (3, 2)
     """
-    profile = cut_floors(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    profile = cut_floors(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline,
+                         closure=closure)
     if profile is None:
         return 0
     lows, highs, floors = profile
@@ -867,14 +872,16 @@ def all_bounds(table, capacity, *, memory="liveness", chunk_fraction=1.0, reach=
         reach = reachability(table, deadline=deadline)
     if reach is None:
         return bounds
-    for name, bound in (("head_tail", head_tail_bound), ("span", span_bound)):
-        if late():
-            break
-        bounds[name] = bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
-                             deadline=deadline)
+    # The head–tail and cut bounds read the same closure sums (items with ancestors, with descendants): once.
+    closure = _closure_items(items, reach, deadline)
+    if closure is None:
+        return bounds
+    options = dict(memory=memory, chunk_fraction=chunk_fraction, reach=reach, deadline=deadline)
+    bounds["head_tail"] = head_tail_bound(table, capacity, closure=closure, **options)
     if not late():
-        bounds["cut"] = cut_bound(table, capacity, memory=memory, chunk_fraction=chunk_fraction, reach=reach,
-                                  deadline=deadline)
+        bounds["span"] = span_bound(table, capacity, **options)
+    if not late():
+        bounds["cut"] = cut_bound(table, capacity, closure=closure, **options)
     return bounds
 
 
