@@ -15,6 +15,8 @@ import logging
 from dataclasses import replace
 from numbers import Integral
 
+import numpy as np
+
 from .devices import parse_capacity
 from .errors import InputError
 from .memory import LayerTable, group_sizes
@@ -299,14 +301,14 @@ def _oversize_reason(graph, capacity, memory):
 
     table = as_table(graph)
     alone = alone_sizes(table, memory)
-    over = [index for index in range(table.n) if int(alone[index]) > capacity]
+    over = np.flatnonzero(alone > capacity)
     helps = ("no number of devices fits: only a larger device_capacity (or a smaller reserve) does (the stage "
              "level keeps nodes whole; tiling splits nodes for the on-chip level, and tensor parallelism is not "
              "modelled)")
-    if not over:  # each node fits alone, but not with the activations that pass it in the node order
+    if not over.size:  # each node fits alone, but not with the activations that pass it in the node order
         return f"a node with the activations live across it in the node order exceeds one device's " \
                f"{format_bytes(capacity)} ({capacity} B); {helps}"
-    index = max(over, key=lambda i: int(alone[i]))
+    index = int(over[np.argmax(alone[over])])  # the largest (the first of equal ones), as the solvers name it
     return (f"node {table.ids[index]!r} needs {format_bytes(int(alone[index]))} ({int(alone[index])} B) alone "
             f"(weights, KV cache and live activations), more than one device's {format_bytes(capacity)} "
             f"({capacity} B)" + (f"; {len(over)} node(s) exceed one device" if len(over) > 1 else "")
