@@ -307,7 +307,7 @@ def print_device_advice(stage_plan):
     Tiling is named only to say why it cannot help: the stage level keeps
     nodes whole, so a node larger than one device needs a larger device.
     """
-    from .advice import capacity_text, suggest_devices
+    from .advice import suggest_devices
     from .stages import format_device
 
     stats = stage_plan.stats
@@ -317,12 +317,12 @@ def print_device_advice(stage_plan):
     advice = suggest_devices(stage_plan.graph, devices=stats["devices"], device_capacity=total, reserve=reserve,
                              memory=stage_plan.memory, balance=stats.get("balance", "flops"))
     lines = ["advice for the stage level (each planned before it is printed):"]
+    flags = {words[0]: " ".join(words) for words, _ in advice.options()}
     if advice.devices is not None:
-        lines.append(f"  --devices {advice.devices}: the fewest devices of {format_device(total)}"
+        lines.append(f"  {flags['--devices']}: the fewest devices of {format_device(total)}"
                      + (f" less {format_bytes(reserve)} reserve" if reserve else "") + " that hold the model")
     if advice.device_capacity is not None:
-        flag = capacity_text(advice.device_capacity, slack=0)
-        lines.append(f"  --device-capacity {flag}: {advice.device_capacity:,} B per device (reserve included, "
+        lines.append(f"  {flags['--device-capacity']}: {advice.device_capacity:,} B per device (reserve included, "
                      f"within 1 % of the least) holds the model on {stats['devices']} device(s)")
     if advice.oversize_node is not None:
         lines.append(f"  node {advice.oversize_node!r} needs {format_bytes(advice.oversize_bytes)} alone, more than "
